@@ -1,0 +1,204 @@
+"""The one backend contract, its request/response types, and the registry of backends.
+
+Every backend (embedded llama.cpp, any OpenAI-compatible server, Ollama) takes a `ChatRequest`
+and returns a `ChatResult` whose usage is normalised:
+
+- `prompt_tokens`: the whole prompt, cached or not;
+- `cached_tokens`: tokens served from the prefix cache, or None when the server does not say
+  (`cached_source` says how the figure was obtained: reported by the server, or inferred);
+- `completion_tokens`: tokens generated.
+
+Backends register themselves by name (`@Backend.register("openai")`) and are built with
+`Backend.create("openai", base_url=...)`. Failures are raised as `harness.errors` classes,
+translated once at the backend's edge.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from harness.errors import ConfigError
+from harness.memory import MemoryProbe
+from harness.models.geometry import ModelGeometry
+from harness.models.templates import ChatFormat
+
+__all__ = ["Backend", "ChatRequest", "ChatResult", "ServerInfo", "Timings", "Usage"]
+
+Message = Mapping[str, str]
+B = TypeVar("B", bound="type[Backend]")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat completion to run."""
+
+    messages: Sequence[Message]
+    """The conversation, OpenAI-style `{"role": ..., "content": ...}` dicts."""
+    max_tokens: int | None = None
+    """Upper bound on generated tokens."""
+    temperature: float | None = None
+    seed: int | None = None
+    output_schema: Mapping[str, Any] | None = None
+    """JSON schema the reply must follow (structured output), when the backend supports it."""
+    grammar: str | None = None
+    """GBNF grammar (llama.cpp only); takes precedence over `output_schema` there."""
+    slot: int | None = None
+    """llama.cpp server slot to run on (`id_slot`), to keep a conversation's prefix cached."""
+    cache_prompt: bool = True
+    """Whether the server may reuse its prefix cache (off for the naive baseline)."""
+    timeout_s: float | None = None
+    """Per-request timeout in seconds (None: the backend's default)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Further body fields passed through as given (e.g. from an OpenAI Batch line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    """Tokens of the whole prompt, cached or not."""
+    completion_tokens: int
+    """Tokens generated."""
+    cached_tokens: int | None
+    """Prompt tokens served from the prefix cache; None when unknown."""
+    cached_source: str = "server"
+    """How `cached_tokens` was obtained: `server` (usage.prompt_tokens_details),
+    `llama.cpp timings` (timings.cache_n), `inferred` (estimated, e.g. from Ollama durations),
+    or `unknown`."""
+
+    @property
+    def uncached_tokens(self) -> int:
+        """Prompt tokens the server had to compute."""
+        return self.prompt_tokens - (self.cached_tokens or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where the time of one request went."""
+
+    total_ms: float
+    """Wall time seen by the client, in milliseconds."""
+    prompt_ms: float | None = None
+    """Server time spent on the prompt (prefill), in milliseconds."""
+    decode_ms: float | None = None
+    """Server time spent generating, in milliseconds."""
+    load_ms: float | None = None
+    """Server time spent loading the model for this request, in milliseconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """The reply to one `ChatRequest`."""
+
+    content: str
+    finish_reason: str | None
+    usage: Usage
+    timings: Timings
+    raw: Mapping[str, Any]
+    """The server's reply body as received (OpenAI or Ollama shape)."""
+    slot: int | None = None
+
+
+@dataclass(slots=True)
+class ServerInfo:
+    """What a started backend knows about its server."""
+
+    backend: str
+    base_url: str
+    model: str
+    server: str = "unknown"
+    """Server software and version when known, e.g. `llama.cpp b1234`, `ollama 0.12.0`."""
+    n_ctx_per_slot: int | None = None
+    """Context window of one request, in tokens."""
+    n_slots: int | None = None
+    """Requests the server runs in parallel (llama.cpp slots)."""
+    supports_slots: bool = False
+    supports_tokenize: bool = False
+    chat_format: ChatFormat | None = None
+    """The chat layout the server uses, when the harness knows it exactly."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A model server the harness can talk to. Use as `async with backend:`."""
+
+    name: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type[Backend]]] = {}
+
+    info: ServerInfo
+
+    @classmethod
+    def register(cls, name: str) -> Callable[[B], B]:
+        """Class decorator: make a backend available to `Backend.create(name)`."""
+
+        def deco(klass: B) -> B:
+            klass.name = name
+            cls._registry[name] = klass
+            return klass
+
+        return deco
+
+    @classmethod
+    def names(cls) -> list[str]:
+        _load_builtin_backends()
+        return sorted(cls._registry)
+
+    @classmethod
+    def create(cls, name: str, **options: Any) -> Backend:
+        """Build the backend registered as `name` with its options."""
+        _load_builtin_backends()
+        try:
+            klass = cls._registry[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown backend {name!r}; choose one of: {', '.join(sorted(cls._registry))}"
+            ) from None
+        return klass(**options)
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect (and for managed servers, launch); raise BackendError with what to do."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Release connections (and stop a managed server). Safe to call twice."""
+
+    @abstractmethod
+    async def health(self) -> bool:
+        """True when the server answers and is ready for requests."""
+
+    @abstractmethod
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Run one chat completion."""
+
+    async def model_geometry(self) -> ModelGeometry | None:
+        """The served model's geometry (layers, KV heads, ...), when the backend can tell."""
+        return None
+
+    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, by the server's own tokenizer (specials parsed)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot tokenize")
+
+    def memory_probe(self) -> MemoryProbe | None:
+        """A probe for the memory the served model uses, when there is one."""
+        return None
+
+    async def __aenter__(self) -> Backend:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # a failed start must not leak connections or a child process
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _load_builtin_backends() -> None:
+    # Imported for their @Backend.register side effect.
+    from harness.backends import embedded, ollama, openai  # noqa: F401

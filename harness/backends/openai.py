@@ -1,0 +1,304 @@
+"""Any server speaking OpenAI's `/v1/chat/completions` (llama.cpp, vLLM, ...), over httpx.
+
+Cached tokens come from `usage.prompt_tokens_details.cached_tokens`, else llama.cpp's
+`timings.cache_n`, else they are unknown (None). When the server is llama.cpp (it answers
+`/props`), the backend also uses its extensions: `/tokenize`, `id_slot`, `cache_prompt`, GBNF
+`grammar`.
+
+The API key is read from an environment variable (named by `api_key_env`) when the backend
+starts; it goes into the Authorization header and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, Timings, Usage
+from harness.errors import (
+    BackendError,
+    BackendUnreachable,
+    ContextOverflow,
+    ModelNotFound,
+    ProtocolError,
+    RequestTimeout,
+    TransientServerError,
+)
+from harness.models.templates import ChatFormat
+
+__all__ = ["OpenAIBackend", "map_transport_error", "raise_for_response"]
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def map_transport_error(exc: httpx.TransportError, url: str) -> BackendError:
+    """Translate an httpx transport failure into the harness's error tree."""
+    if isinstance(exc, httpx.ConnectError):
+        return BackendUnreachable(
+            f"cannot connect to {url} ({exc or 'connection refused'}); "
+            "is the server running, and is the URL right?",
+            url=url,
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return RequestTimeout(
+            f"{url} did not answer in time ({type(exc).__name__}); raise the timeout or lower "
+            "the load",
+            url=url,
+        )
+    # Resets, truncated bodies, protocol violations mid-stream: worth another try.
+    return TransientServerError(
+        f"connection to {url} failed mid-request ({type(exc).__name__}: {exc})", url=url
+    )
+
+
+def _error_message(resp: httpx.Response) -> tuple[str, dict[str, Any]]:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300], {}
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    if isinstance(err, dict):
+        return str(err.get("message", err))[:300], err
+    return str(err)[:300], {}
+
+
+def raise_for_response(resp: httpx.Response, url: str) -> None:
+    """Raise the harness error matching a non-2xx response; return for 2xx."""
+    if resp.is_success:
+        return
+    message, err = _error_message(resp)
+    code = resp.status_code
+    lowered = message.lower()
+    if err.get("type") == "exceed_context_size_error" or (
+        code == 400 and "context" in lowered and ("exceed" in lowered or "too long" in lowered)
+    ):
+        raise ContextOverflow(
+            f"prompt does not fit the context window at {url}: {message}",
+            url=url,
+            prompt_tokens=err.get("n_prompt_tokens"),
+            n_ctx=err.get("n_ctx"),
+        )
+    if code == 404 and "model" in lowered:
+        raise ModelNotFound(f"{url}: {message}", url=url)
+    if code in (401, 403):
+        raise BackendError(
+            f"{url} refused the credentials (HTTP {code}); check the API key variable", url=url
+        )
+    if code in RETRYABLE_STATUS:
+        raise TransientServerError(
+            f"{url} answered HTTP {code}: {message}", url=url, status_code=code
+        )
+    raise BackendError(f"{url} answered HTTP {code}: {message}", url=url)
+
+
+@Backend.register("openai")
+class OpenAIBackend(Backend):
+    """A client of any OpenAI-compatible chat server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout_s: float = 600.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+        chat_format: ChatFormat | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[: -len("/v1")]
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self.info = ServerInfo(
+            backend=self.name, base_url=self.base_url, model=model or "", chat_format=chat_format
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise BackendError(f"backend for {self.base_url} is not started; use `async with`")
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is None:
+            limits = httpx.Limits(
+                max_connections=self.max_connections,
+                max_keepalive_connections=self.max_connections,
+            )
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=self._headers(),
+                timeout=httpx.Timeout(self.timeout_s, connect=10.0),
+                limits=limits,
+                transport=self._transport,
+            )
+        await self._discover()
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _get(self, path: str) -> httpx.Response:
+        url = self.base_url + path
+        try:
+            return await self.client.get(path)
+        except httpx.TransportError as exc:
+            raise map_transport_error(exc, url) from exc
+
+    async def _discover(self) -> None:
+        """Learn what the server is: its models, and llama.cpp's slots and context."""
+        resp = await self._get("/v1/models")
+        raise_for_response(resp, self.base_url + "/v1/models")
+        try:
+            models = [m.get("id") for m in resp.json().get("data", [])]
+        except (ValueError, AttributeError) as exc:
+            raise ProtocolError(f"{self.base_url}/v1/models did not return a model list") from exc
+        if self.model and models and self.model not in models:
+            raise ModelNotFound(
+                f"model {self.model!r} is not served at {self.base_url}; it serves: "
+                + ", ".join(str(m) for m in models),
+                url=self.base_url,
+            )
+        if not self.info.model and models:
+            self.info.model = str(models[0])
+        props = await self._get("/props")
+        if props.status_code == 200:
+            try:
+                data = props.json()
+            except ValueError:
+                data = {}
+            self.info.server = f"llama.cpp {data.get('build_info', '')}".strip()
+            self.info.n_slots = data.get("total_slots")
+            settings = data.get("default_generation_settings", {})
+            self.info.n_ctx_per_slot = settings.get("n_ctx")
+            self.info.supports_slots = True
+            self.info.supports_tokenize = True
+            self.info.extra["props"] = {
+                k: data.get(k) for k in ("model_path", "total_slots", "build_info")
+            }
+
+    async def health(self) -> bool:
+        try:
+            resp = await self.client.get("/health")
+        except httpx.TransportError:
+            return False
+        return resp.status_code == 200
+
+    # -- requests --------------------------------------------------------------------------
+
+    def build_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body for `/v1/chat/completions`."""
+        body: dict[str, Any] = {"messages": list(request.messages)}
+        if self.model:
+            body["model"] = self.model
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.grammar is not None and self.info.supports_slots:
+            body["grammar"] = request.grammar
+        elif request.output_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": dict(request.output_schema)},
+            }
+        if self.info.supports_slots:
+            if request.slot is not None:
+                body["id_slot"] = request.slot
+            if not request.cache_prompt:
+                body["cache_prompt"] = False
+        body.update(request.extra)
+        return body
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        url = self.base_url + "/v1/chat/completions"
+        body = self.build_body(request)
+        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
+        started = time.perf_counter()
+        try:
+            resp = await self.client.post(
+                "/v1/chat/completions",
+                content=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=httpx.Timeout(timeout, connect=10.0),
+            )
+        except httpx.TransportError as exc:
+            raise map_transport_error(exc, url) from exc
+        total_ms = (time.perf_counter() - started) * 1000.0
+        raise_for_response(resp, url)
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise TransientServerError(
+                f"{url} sent a body that is not JSON (truncated?)", url=url
+            ) from exc
+        return self.parse_reply(data, total_ms, url, request.slot)
+
+    @staticmethod
+    def parse_reply(data: Any, total_ms: float, url: str, slot: int | None = None) -> ChatResult:
+        """Normalise an OpenAI chat completion body (with llama.cpp extras if present)."""
+        try:
+            choice = data["choices"][0]
+            content = choice["message"].get("content") or ""
+            usage = data.get("usage") or {}
+            prompt_tokens = int(usage["prompt_tokens"])
+            completion_tokens = int(usage.get("completion_tokens", 0))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise TransientServerError(
+                f"{url} sent a reply without choices/usage (truncated?)", url=url
+            ) from exc
+        timings = data.get("timings") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        cached: int | None
+        if details.get("cached_tokens") is not None:
+            cached, source = int(details["cached_tokens"]), "server"
+        elif timings.get("cache_n") is not None:
+            cached, source = int(timings["cache_n"]), "llama.cpp timings"
+        else:
+            cached, source = None, "unknown"
+        return ChatResult(
+            content=content,
+            finish_reason=choice.get("finish_reason"),
+            usage=Usage(prompt_tokens, completion_tokens, cached, source),
+            timings=Timings(
+                total_ms=total_ms,
+                prompt_ms=timings.get("prompt_ms"),
+                decode_ms=timings.get("predicted_ms"),
+            ),
+            raw=data,
+            slot=slot,
+        )
+
+    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if not self.info.supports_tokenize:
+            return await super().tokenize(texts)
+        url = self.base_url + "/tokenize"
+        out: list[list[int]] = []
+        for text in texts:
+            try:
+                resp = await self.client.post("/tokenize", json={"content": text})
+            except httpx.TransportError as exc:
+                raise map_transport_error(exc, url) from exc
+            raise_for_response(resp, url)
+            out.append([int(t) for t in resp.json()["tokens"]])
+        return out
