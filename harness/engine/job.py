@@ -1,0 +1,156 @@
+"""One batch job, end to end: token counter, results store, memory monitors, runner, metrics.
+
+The pytest suites and the `harness run` command both call `run_job`, so what the suites
+validate is exactly what runs the production batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.backends.base import Backend
+from harness.engine.progress import Progress
+from harness.engine.runner import Runner, RunnerConfig
+from harness.engine.store import ResultsStore
+from harness.engine.strategies import TrimPolicy, make_strategy
+from harness.engine.tokens import TokenCounter, estimate_tokenize
+from harness.memory import MemoryMonitor, MemorySample, ProcessRSSProbe
+from harness.metrics import MetricsCollector, RunMetrics, memory_slope
+from harness.models.templates import get_format
+from harness.records import RequestRecord
+from harness.workload import WorkItem
+
+__all__ = ["JobResult", "JobSpec", "open_token_counter", "run_job"]
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """How to run a batch."""
+
+    strategy: str = "stateless"
+    policy: TrimPolicy = field(default_factory=TrimPolicy)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    results_path: Path | None = None
+    """Append-only results file (resumes when it exists); None keeps results in memory only."""
+    progress: bool = True
+    desc: str = "requests"
+    memory_interval_s: float = 1.0
+    keep_records: bool = False
+    """Keep every record in `JobResult.records` (tests, quality checks; not for 170K runs)."""
+
+
+@dataclass(slots=True)
+class JobResult:
+    metrics: RunMetrics
+    memory: dict[str, Any]
+    token_counter: str
+    """Where pre-send token counts came from: `server`, `packaged-gemma3` or `estimate`."""
+    ran: int
+    skipped: int
+    """Items already in the results file (resumed)."""
+    records: list[RequestRecord] = field(default_factory=list)
+    memory_samples: dict[str, list[MemorySample]] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def open_token_counter(backend: Backend) -> AsyncIterator[TokenCounter]:
+    """A token counter for `backend`: its own tokenizer, else the packaged Gemma 3 one."""
+    fmt = backend.info.chat_format or get_format("gemma")
+    if backend.info.supports_tokenize:
+        yield TokenCounter(fmt, backend.tokenize, source="server")
+        return
+    if fmt.name == "gemma":
+        # Ollama has no tokenize endpoint; Gemma 3's vocabulary is the same at every size, so
+        # the packaged model's tokenizer (in a tiny local llama.cpp server) counts exactly.
+        from harness.backends.embedded import EmbeddedBackend
+
+        helper = EmbeddedBackend("tiny-gemma3", n_ctx=512)
+        async with helper:
+            yield TokenCounter(fmt, helper.tokenize, source="packaged-gemma3")
+        return
+    yield TokenCounter(fmt, estimate_tokenize(), source="estimate")
+
+
+def _memory_summary(monitor: MemoryMonitor | None) -> dict[str, Any] | None:
+    if monitor is None or not monitor.samples:
+        return None
+    peak = monitor.peak
+    assert peak is not None
+    points = [(s.timestamp, s.used_bytes) for s in monitor.samples]
+    return {
+        "source": peak.source,
+        "kind": peak.kind,
+        "peak_bytes": peak.used_bytes,
+        "first_bytes": monitor.samples[0].used_bytes,
+        "last_bytes": monitor.samples[-1].used_bytes,
+        "total_bytes": peak.total_bytes,
+        "samples": len(monitor.samples),
+        "failed_readings": monitor.failures,
+        "leak": memory_slope(points),
+    }
+
+
+async def run_job(
+    backend: Backend,
+    items: Sequence[WorkItem],
+    spec: JobSpec | None = None,
+    *,
+    counter: TokenCounter | None = None,
+    sinks: Sequence[Callable[[RequestRecord], None]] = (),
+) -> JobResult:
+    """Run `items` on a started `backend`; returns metrics, memory and (optionally) records."""
+    spec = spec or JobSpec()
+    strategy = make_strategy(spec.strategy, spec.policy)
+    collector = MetricsCollector()
+    records: list[RequestRecord] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if counter is None:
+            counter = await stack.enter_async_context(open_token_counter(backend))
+        store: ResultsStore | None = None
+        if spec.results_path is not None:
+            store = stack.enter_context(ResultsStore(spec.results_path))
+        pending = [it for it in items if store is None or it.custom_id not in store]
+        skipped = len(items) - len(pending)
+        progress = Progress(len(items), desc=spec.desc, enabled=spec.progress, initial=skipped)
+        stack.callback(progress.close)
+        all_sinks: list[Callable[[RequestRecord], None]] = []
+        if store is not None:
+            all_sinks.append(store.write)
+        all_sinks += [collector.add, progress.update, *sinks]
+        if spec.keep_records:
+            all_sinks.append(records.append)
+
+        monitors: dict[str, MemoryMonitor] = {}
+        server_probe = None
+        with contextlib.suppress(Exception):
+            server_probe = backend.memory_probe()
+        if server_probe is not None:
+            monitors["server"] = MemoryMonitor(server_probe, spec.memory_interval_s)
+        monitors["runner"] = MemoryMonitor(
+            ProcessRSSProbe(os.getpid(), include_children=False), spec.memory_interval_s
+        )
+        for mon in monitors.values():
+            mon.start()
+            stack.callback(mon.stop)
+
+        runner = Runner(backend, strategy, counter, config=spec.runner, sinks=all_sinks)
+        started = time.perf_counter()
+        ran = await runner.run(pending)
+        elapsed = time.perf_counter() - started
+    metrics = collector.summary(elapsed)
+    memory = {name: _memory_summary(mon) for name, mon in monitors.items()}
+    return JobResult(
+        metrics=metrics,
+        memory=memory,
+        token_counter=counter.source,
+        ran=ran,
+        skipped=skipped,
+        records=records,
+        memory_samples={name: list(mon.samples) for name, mon in monitors.items()},
+    )

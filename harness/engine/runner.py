@@ -1,0 +1,247 @@
+"""The async runner: bounded concurrency, slot affinity, retries, exactly-once recording.
+
+Each of `concurrency` workers takes the next work item, plans it with the strategy (its own
+rolling conversation, for `conversation`), and sends it. With several llama.cpp slots a worker
+stays on one slot (`id_slot`), so its prefix stays cached there. Failures:
+
+- transient (connection reset or refused, 429/5xx, timeouts, truncated bodies): retried with
+  exponential backoff and jitter, up to `RetryPolicy.max_attempts`; then recorded as the row's
+  error — except an unreachable server, which aborts the run (nothing is recorded for the rows
+  left, so the next run resumes them);
+- a context overflow reported by the server: the conversation is trimmed and the request sent
+  once more; a request too long even alone is the row's error (never sent);
+- a reply that does not parse under the output schema: sent once more, then recorded as the
+  row's error with the raw text;
+- anything else (model not found, HTTP 4xx): recorded, not retried; a missing model aborts.
+
+Every record goes to the sinks (store, metrics, progress) as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from harness.backends.base import Backend, ChatRequest
+from harness.engine.strategies import Conversation, ConversationStrategy, Strategy
+from harness.engine.tokens import TokenCounter, common_prefix_len
+from harness.errors import (
+    BackendUnreachable,
+    ContextOverflow,
+    HarnessError,
+    InputError,
+    ModelNotFound,
+)
+from harness.records import RequestRecord
+from harness.workload import WorkItem, parse_reply
+
+__all__ = ["RetryPolicy", "Runner", "RunnerConfig"]
+
+Sink = Callable[[RequestRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient failures."""
+
+    max_attempts: int = 8
+    """Tries per request, the first included."""
+    base_delay_s: float = 0.25
+    max_delay_s: float = 15.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Wait before try `attempt + 1`: half fixed, half random ("equal jitter")."""
+        d = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        return float(d / 2 + rng.uniform(0, d / 2))
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    concurrency: int = 1
+    request_timeout_s: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    parse_retries: int = 1
+    """Extra tries for a reply that does not parse under the item's output schema."""
+    use_slots: bool = True
+    """Pin each worker to a server slot when the server has slots (llama.cpp)."""
+    prefetch: int = 128
+    """Work items whose text pieces are tokenized together, ahead of sending."""
+    seed: int = 0
+    """Seed of the backoff jitter."""
+
+
+class Runner:
+    """Runs work items through a backend with a strategy; see the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        strategy: Strategy,
+        counter: TokenCounter,
+        *,
+        config: RunnerConfig | None = None,
+        sinks: Sequence[Sink] = (),
+    ) -> None:
+        self.backend = backend
+        self.strategy = strategy
+        self.counter = counter
+        self.config = config or RunnerConfig()
+        self.sinks = list(sinks)
+        self._rng = random.Random(self.config.seed)
+        self._items: Sequence[WorkItem] = ()
+        self._pos = 0
+        self._prefetched = 0
+        self._take_lock = asyncio.Lock()
+        self._last: dict[object, tuple[array[int], int]] = {}
+        self.aborted: BaseException | None = None
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self, items: Sequence[WorkItem]) -> int:
+        """Run every item once; returns how many were run. Raises on run-aborting errors."""
+        seen: set[str] = set()
+        for item in items:
+            if item.custom_id in seen:
+                raise InputError(f"custom_id {item.custom_id!r} appears twice in the work items")
+            seen.add(item.custom_id)
+        self._items, self._pos, self._prefetched = items, 0, 0
+        n_workers = max(1, min(self.config.concurrency, len(items)))
+        slots = self.backend.info.n_slots if self.backend.info.supports_slots else None
+        tasks = [
+            asyncio.create_task(self._worker(w, slots), name=f"worker-{w}")
+            for w in range(n_workers)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return self._pos
+
+    async def _take(self) -> WorkItem | None:
+        async with self._take_lock:
+            if self._pos >= len(self._items):
+                return None
+            if self._pos >= self._prefetched:
+                end = min(len(self._items), self._pos + self.config.prefetch)
+                await self.counter.prepare(it.messages for it in self._items[self._pos : end])
+                self._prefetched = end
+            item = self._items[self._pos]
+            self._pos += 1
+            return item
+
+    async def _worker(self, w: int, slots: int | None) -> None:
+        conv = Conversation()
+        slot = w % slots if slots and self.config.use_slots else None
+        while True:
+            item = await self._take()
+            if item is None:
+                return
+            rec = await self.process(item, conv, worker=w, slot=slot)
+            for sink in self.sinks:
+                sink(rec)
+
+    # -- one request -----------------------------------------------------------------------
+
+    def _reusable(self, key: object, ids: array[int]) -> int:
+        """Upper bound on prefix-cache reuse: the common prefix with what the slot held."""
+        prev = self._last.get(key)
+        if prev is None or not ids:
+            return 0
+        prev_ids, prev_completion = prev
+        lcp = common_prefix_len(ids, prev_ids)
+        if lcp == len(prev_ids):
+            lcp += min(prev_completion, len(ids) - lcp)
+        return min(lcp, len(ids) - 1)
+
+    async def process(
+        self, item: WorkItem, conv: Conversation, *, worker: int = 0, slot: int | None = None
+    ) -> RequestRecord:
+        """Plan, send, retry and parse one item; always returns its record."""
+        rec = RequestRecord(item.custom_id, "error", worker=worker, slot=slot, started=time.time())
+        retry = self.config.retry
+        key: object = ("slot", slot) if slot is not None else ("worker", worker)
+        force_trim = overflow_retried = False
+        parse_failures = transient = 0
+        while True:
+            try:
+                plan = await self.strategy.plan(conv, item, self.counter, force_trim=force_trim)
+            except ContextOverflow as exc:
+                return self._fail(rec, exc, "ContextOverflow")
+            force_trim = False
+            rec.trim = plan.trim or rec.trim
+            rec.expected_prompt_tokens = plan.prompt_tokens
+            rec.turn = conv.requests
+            request = ChatRequest(
+                messages=plan.messages,
+                max_tokens=item.max_tokens,
+                temperature=item.temperature,
+                seed=item.seed + parse_failures if item.seed is not None else None,
+                output_schema=item.output_schema,
+                grammar=item.grammar,
+                slot=slot,
+                timeout_s=self.config.request_timeout_s,
+                extra=item.extra,
+            )
+            rec.attempts += 1
+            try:
+                result = await self.backend.chat(request)
+            except ContextOverflow as exc:
+                if isinstance(self.strategy, ConversationStrategy) and not overflow_retried:
+                    overflow_retried = force_trim = True
+                    continue
+                return self._fail(rec, exc, "ContextOverflow")
+            except (BackendUnreachable, ModelNotFound) as exc:
+                transient += 1
+                if isinstance(exc, BackendUnreachable) and transient < retry.max_attempts:
+                    await asyncio.sleep(retry.delay(transient, self._rng))
+                    continue
+                raise  # the server is gone or wrong: abort the run, resume later
+            except HarnessError as exc:
+                transient += 1
+                if exc.retryable and transient < retry.max_attempts:
+                    await asyncio.sleep(retry.delay(transient, self._rng))
+                    continue
+                return self._fail(rec, exc, type(exc).__name__)
+            usage = result.usage
+            rec.reusable_tokens = self._reusable(key, plan.prompt_ids)
+            self._last[key] = (plan.prompt_ids, usage.completion_tokens)
+            rec.content = result.content
+            rec.raw = result.raw
+            rec.prompt_tokens = usage.prompt_tokens
+            rec.cached_tokens = usage.cached_tokens
+            rec.cached_source = usage.cached_source
+            rec.completion_tokens = usage.completion_tokens
+            rec.latency_ms = result.timings.total_ms
+            rec.prompt_ms = result.timings.prompt_ms
+            rec.decode_ms = result.timings.decode_ms
+            if item.output_schema is not None:
+                try:
+                    rec.parsed = parse_reply(result.content, item.output_schema)
+                except ValueError as exc:
+                    parse_failures += 1
+                    if parse_failures <= self.config.parse_retries:
+                        continue
+                    return self._fail(rec, exc, "ParseError")
+            self.strategy.commit(conv, item, plan, result.content)
+            rec.status = "ok"
+            rec.finished = time.time()
+            return rec
+
+    @staticmethod
+    def _fail(rec: RequestRecord, exc: BaseException, kind: str) -> RequestRecord:
+        rec.status = "error"
+        rec.error_type = kind
+        rec.error = str(exc)
+        if kind == "ParseError" and rec.content is not None:
+            rec.error = f"{exc}; raw reply: {rec.content[:500]!r}"
+        if isinstance(exc, ContextOverflow) and exc.prompt_tokens and not rec.prompt_tokens:
+            rec.prompt_tokens = 0
+        rec.finished = time.time()
+        return rec

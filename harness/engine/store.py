@@ -1,0 +1,142 @@
+"""The exactly-once results store: append-only JSONL keyed by `custom_id`, with resume.
+
+Each finished request (result or error) is one line in the OpenAI Batch output format (plus a
+`harness` object of measurements), written and flushed as soon as it arrives, so a crash loses
+at most the requests in flight. Opening an existing file resumes: the ids already there are
+done and are skipped; a last line cut short by a crash is dropped (that request runs again).
+The store refuses to write an id twice, so every input id ends exactly once in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from harness.errors import OutputError
+from harness.records import RequestRecord
+
+__all__ = ["ResultsStore", "read_results"]
+
+
+def read_results(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete lines of a results file (a cut-short last line is skipped)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with p.open("r", encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.endswith("\n"):
+                return  # cut short by a crash
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OutputError(f"{p}:{n}: results line is corrupt ({exc.msg})") from None
+
+
+class ResultsStore:
+    """Append-only results file. Use as a context manager, or `open()` / `close()`."""
+
+    def __init__(self, path: str | Path, *, fsync_interval_s: float = 2.0) -> None:
+        self.path = Path(path)
+        self.fsync_interval_s = fsync_interval_s
+        self.done: set[str] = set()
+        self.previous_ok = 0
+        self.previous_errors = 0
+        self.written = 0
+        self._fh: IO[str] | None = None
+        self._last_sync = 0.0
+        self._seq = 0
+
+    def open(self) -> ResultsStore:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._recover()
+            self._fh = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(
+                f"cannot open results file {self.path}: {exc.strerror or exc}"
+            ) from exc
+        return self
+
+    def _recover(self) -> None:
+        if not self.path.exists():
+            return
+        size = self.path.stat().st_size
+        good = 0
+        with self.path.open("rb") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.endswith(b"\n"):
+                    break
+                good += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    cid = obj["custom_id"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise OutputError(
+                        f"{self.path}:{n}: results line is corrupt ({exc}); move the file aside "
+                        "or fix that line to resume"
+                    ) from None
+                if cid in self.done:
+                    raise OutputError(f"{self.path}:{n}: custom_id {cid!r} appears twice")
+                self.done.add(cid)
+                if obj.get("error") is None:
+                    self.previous_ok += 1
+                else:
+                    self.previous_errors += 1
+        if good < size:
+            # The crash cut the last line short: drop it; that request will run again.
+            with self.path.open("r+b") as fh:
+                fh.truncate(good)
+        self._seq = len(self.done)
+
+    def __contains__(self, custom_id: object) -> bool:
+        return custom_id in self.done
+
+    def write(self, record: RequestRecord) -> None:
+        """Append one finished request and flush it to the OS."""
+        if self._fh is None:
+            raise OutputError(f"results file {self.path} is not open")
+        if record.custom_id in self.done:
+            raise OutputError(f"refusing to write custom_id {record.custom_id!r} twice")
+        self._seq += 1
+        line = json.dumps(
+            record.to_batch_line(self._seq), ensure_ascii=False, separators=(",", ":")
+        )
+        try:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+            now = time.monotonic()
+            if now - self._last_sync >= self.fsync_interval_s:
+                os.fsync(self._fh.fileno())
+                self._last_sync = now
+        except OSError as exc:
+            raise OutputError(
+                f"cannot append to results file {self.path}: {exc.strerror or exc}; the "
+                f"{len(self.done)} results already written are intact, run again to resume"
+            ) from exc
+        self.done.add(record.custom_id)
+        self.written += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError:
+                pass
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> ResultsStore:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

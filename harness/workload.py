@@ -1,0 +1,687 @@
+"""Workloads: prompts, candidates in (CSV, OpenAI Batch JSONL), work items, scored replies.
+
+Every reader here validates its input and raises `InputError` naming the file and line or row
+and the problem; nothing is half-read. The synthetic candidate generator is seeded, so a
+workload of any size is reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError, InputError
+
+__all__ = [
+    "DEFAULT_PROMPT_PATH",
+    "CandidateTable",
+    "PromptSpec",
+    "WorkItem",
+    "batch_line",
+    "generate_candidates",
+    "items_from_batch",
+    "items_from_table",
+    "load_prompt",
+    "parse_reply",
+    "read_batch_jsonl",
+    "read_candidates_csv",
+    "tight_grammar",
+    "write_candidates_csv",
+]
+
+DEFAULT_PROMPT_PATH = (
+    Path(__file__).resolve().parent.parent / "scenarios" / "prompts" / "recruiter.yaml"
+)
+STRUCTURED_MODES = ("grammar", "schema", "none")
+_PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_ .-]*)\}(?!\})")
+
+
+# -- work items -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One request of a batch: an id, its messages and its generation parameters."""
+
+    custom_id: str
+    messages: tuple[Mapping[str, str], ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    output_schema: Mapping[str, Any] | None = None
+    grammar: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Other body parameters (from a batch line), passed through to the server."""
+
+    @property
+    def prefix(self) -> tuple[Mapping[str, str], ...]:
+        """The leading system messages: what requests of a batch share."""
+        n = 0
+        while n < len(self.messages) and self.messages[n]["role"] == "system":
+            n += 1
+        return self.messages[:n]
+
+    @property
+    def turn(self) -> tuple[Mapping[str, str], ...]:
+        """The messages after the shared prefix (usually one user message)."""
+        return self.messages[len(self.prefix) :]
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSpec:
+    """A system prompt, a user template with `{column}` placeholders, and an output schema."""
+
+    name: str
+    system: str
+    user_template: str
+    output_schema: Mapping[str, Any] | None
+    path: str = ""
+
+    def placeholders(self) -> list[str]:
+        return _PLACEHOLDER.findall(self.user_template)
+
+    def check_columns(self, columns: Sequence[str], source: str) -> None:
+        """Raise InputError if the template names a column `columns` lacks."""
+        for name in self.placeholders():
+            if name != "columns" and name not in columns:
+                raise InputError(
+                    f"the prompt template ({self.path or self.name}) uses {{{name}}} but the "
+                    f"input has no column {name!r}; columns: {', '.join(columns)}",
+                    path=source,
+                )
+
+    def render(self, row: Mapping[str, str], id_column: str | None = None) -> str:
+        """The user message for one row."""
+        listing = "\n".join(f"{k}: {v}" for k, v in row.items() if k != id_column)
+
+        def sub(match: re.Match[str]) -> str:
+            key = match.group(1)
+            return listing if key == "columns" else str(row.get(key, ""))
+
+        text = _PLACEHOLDER.sub(sub, self.user_template)
+        return text.replace("{{", "{").replace("}}", "}").rstrip("\n")
+
+
+def load_prompt(path: str | Path | None = None) -> PromptSpec:
+    """Load a prompt file (YAML: `system`, `user_template`, optional `output_schema`, `name`)."""
+    p = Path(path) if path else DEFAULT_PROMPT_PATH
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("prompt file not found", path=str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"prompt file is not UTF-8 (byte {exc.start})", path=str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise InputError(f"prompt file is not valid YAML: {exc}", path=str(p), line=line) from None
+    if not isinstance(data, dict):
+        raise InputError(
+            "prompt file must be a mapping with `system` and `user_template`", path=str(p)
+        )
+    unknown = set(data) - {"name", "system", "user_template", "output_schema"}
+    if unknown:
+        raise InputError(
+            f"unknown key(s) in prompt file: {', '.join(sorted(unknown))}", path=str(p)
+        )
+    for key in ("system", "user_template"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise InputError(f"prompt file needs a non-empty string `{key}`", path=str(p))
+    schema = data.get("output_schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise InputError("`output_schema` must be a JSON schema object", path=str(p))
+    return PromptSpec(
+        name=str(data.get("name") or p.stem),
+        system=data["system"].rstrip("\n"),
+        user_template=data["user_template"],
+        output_schema=schema,
+        path=str(p),
+    )
+
+
+# -- structured output ------------------------------------------------------------------------
+
+
+def _gbnf_literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def tight_grammar(schema: Mapping[str, Any] | None) -> str | None:
+    """A GBNF grammar with no free whitespace for simple flat object schemas, else None.
+
+    A JSON-schema grammar leaves whitespace free, and small models then emit blanks until
+    `max_tokens` (seen with Gemma 3 270M: 0% parsed). This grammar fixes the layout:
+    `{"score": 7}` exactly. Supported property types: integer with minimum/maximum (at most
+    100 values), string with enum, boolean.
+    """
+    if not schema or schema.get("type") != "object":
+        return None
+    props = schema.get("properties") or {}
+    required = list(schema.get("required") or props)
+    if not props or set(required) != set(props):
+        return None
+    parts: list[str] = []
+    rules: list[str] = []
+    for i, (key, spec) in enumerate(props.items()):
+        sep = ", " if i else ""
+        parts.append(_gbnf_literal(f'{sep}"{key}": '))
+        rule = f"v{i}"
+        kind = spec.get("type")
+        if kind == "integer" and "minimum" in spec and "maximum" in spec:
+            lo, hi = int(spec["minimum"]), int(spec["maximum"])
+            if hi < lo or hi - lo > 100:
+                return None
+            # Longer literals first so "10" is preferred over its prefix "1".
+            values = sorted((str(v) for v in range(lo, hi + 1)), key=lambda s: (-len(s), s))
+            rules.append(f"{rule} ::= " + " | ".join(_gbnf_literal(v) for v in values))
+        elif kind == "string" and isinstance(spec.get("enum"), list):
+            rules.append(
+                f"{rule} ::= " + " | ".join(_gbnf_literal(json.dumps(v)) for v in spec["enum"])
+            )
+        elif kind == "boolean":
+            rules.append(f'{rule} ::= "true" | "false"')
+        else:
+            return None
+        parts.append(rule)
+    root = "root ::= " + _gbnf_literal("{") + " " + " ".join(parts) + " " + _gbnf_literal("}")
+    return "\n".join([root, *rules]) + "\n"
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+
+
+def parse_reply(text: str, schema: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Parse a model reply as a JSON object valid under `schema`; ValueError says why not."""
+    import jsonschema
+
+    cleaned = _FENCE.sub("", text.strip())
+    start, end = cleaned.find("{"), cleaned.rfind("}")
+    if start < 0 or end < start:
+        raise ValueError("reply holds no JSON object")
+    try:
+        value = json.loads(cleaned[start : end + 1])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"reply is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError("reply is not a JSON object")
+    if schema:
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as exc:
+            raise ValueError(f"reply does not match the output schema: {exc.message}") from None
+    return value
+
+
+# -- candidate tables (CSV) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateTable:
+    """A validated candidates CSV: its columns, id column and rows (with their line numbers)."""
+
+    path: str
+    columns: tuple[str, ...]
+    id_column: str
+    rows: tuple[dict[str, str], ...]
+    lines: tuple[int, ...]
+    """Line number in the file where each row starts (1-based; line 1 is the header)."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("input file not found", path=str(path)) from None
+    except IsADirectoryError:
+        raise InputError("input path is a directory, not a file", path=str(path)) from None
+    except PermissionError:
+        raise InputError("input file cannot be read (permission denied)", path=str(path)) from None
+    if not raw.strip():
+        raise InputError("input file is empty", path=str(path))
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"bytes that are not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the file as UTF-8",
+            path=str(path),
+            line=line,
+        ) from None
+    return text
+
+
+def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTable:
+    """Read and validate a candidates CSV. Raises InputError naming the file and line."""
+    p = Path(path)
+    text = _read_text(p)
+    try:
+        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError("input file is empty", path=str(p)) from None
+    except csv.Error as exc:
+        raise InputError(f"cannot parse the header: {exc}", path=str(p), line=1) from None
+    header = [h.strip() for h in header]
+    if not any(header):
+        raise InputError("no header row (the first line is blank)", path=str(p), line=1)
+    if id_column not in header:
+        if len(header) == 1 or all(_looks_like_value(h) for h in header):
+            raise InputError(
+                f"no header: the first line looks like data; add a header naming the columns "
+                f"(with an {id_column!r} column)",
+                path=str(p),
+                line=1,
+            )
+        raise InputError(
+            f"id column {id_column!r} is missing; the columns are: {', '.join(header)} "
+            "(choose one with --id-column)",
+            path=str(p),
+            line=1,
+        )
+    blank_cols = [i + 1 for i, h in enumerate(header) if not h]
+    if blank_cols:
+        raise InputError(
+            f"header has an empty column name at position {blank_cols[0]}", path=str(p), line=1
+        )
+    dup = {h for h in header if header.count(h) > 1}
+    if dup:
+        raise InputError(f"header repeats column(s): {', '.join(sorted(dup))}", path=str(p), line=1)
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    seen: dict[str, int] = {}
+    id_idx = header.index(id_column)
+    line_no = reader.line_num
+    try:
+        for record in reader:
+            start_line = line_no + 1
+            line_no = reader.line_num
+            if not record or all(not c.strip() for c in record):
+                continue  # blank line
+            if len(record) != len(header):
+                raise InputError(
+                    f"row has {len(record)} fields, the header has {len(header)}",
+                    path=str(p),
+                    line=start_line,
+                )
+            cid = record[id_idx].strip()
+            if not cid:
+                raise InputError(f"empty {id_column!r}", path=str(p), line=start_line)
+            if cid in seen:
+                raise InputError(
+                    f"duplicate {id_column} {cid!r} (first on line {seen[cid]})",
+                    path=str(p),
+                    line=start_line,
+                )
+            seen[cid] = start_line
+            rows.append({h: v.strip() for h, v in zip(header, record, strict=True)})
+            lines.append(start_line)
+    except csv.Error as exc:
+        raise InputError(f"cannot parse: {exc}", path=str(p), line=reader.line_num) from None
+    if not rows:
+        raise InputError("input has a header but no rows", path=str(p))
+    return CandidateTable(str(p), tuple(header), id_column, tuple(rows), tuple(lines))
+
+
+def _looks_like_value(text: str) -> bool:
+    t = text.strip()
+    return not t or t.replace(".", "", 1).isdigit() or "@" in t or len(t) > 64
+
+
+def items_from_table(
+    table: CandidateTable,
+    prompt: PromptSpec,
+    *,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    seed: int | None = 42,
+    structured: str = "grammar",
+) -> list[WorkItem]:
+    """One work item per row: the shared system prompt and the row's rendered user message.
+
+    `structured` says how the output schema is enforced: `grammar` (a tight GBNF grammar,
+    llama.cpp; falls back to the schema when no tight grammar exists), `schema` (JSON-schema
+    structured output), or `none` (free text, not parsed: pipeline and load tests).
+    """
+    if structured not in STRUCTURED_MODES:
+        raise ConfigError(
+            f"structured output {structured!r} is not one of {', '.join(STRUCTURED_MODES)}"
+        )
+    prompt.check_columns(table.columns, table.path)
+    schema = prompt.output_schema if structured != "none" else None
+    gbnf = tight_grammar(schema) if structured == "grammar" else None
+    system = {"role": "system", "content": prompt.system}
+    return [
+        WorkItem(
+            custom_id=row[table.id_column],
+            messages=(system, {"role": "user", "content": prompt.render(row, table.id_column)}),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            output_schema=schema,
+            grammar=gbnf,
+        )
+        for row in table.rows
+    ]
+
+
+# -- OpenAI Batch JSONL -----------------------------------------------------------------------
+
+
+def batch_line(custom_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """One OpenAI Batch input line."""
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": dict(body),
+    }
+
+
+_BODY_PARAMS = ("max_tokens", "temperature", "seed")
+
+
+def read_batch_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate an OpenAI Batch input file. Raises InputError naming the line."""
+    p = Path(path)
+    text = _read_text(p)
+    lines: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"invalid JSON ({exc.msg} at column {exc.colno})", path=str(p), line=n
+            ) from None
+        if not isinstance(obj, dict):
+            raise InputError("a batch line must be a JSON object", path=str(p), line=n)
+        for key in ("custom_id", "body"):
+            if key not in obj:
+                raise InputError(f"batch line is missing {key!r}", path=str(p), line=n)
+        cid = obj["custom_id"]
+        if not isinstance(cid, str) or not cid.strip():
+            raise InputError("`custom_id` must be a non-empty string", path=str(p), line=n)
+        if cid in seen:
+            raise InputError(
+                f"duplicate custom_id {cid!r} (first on line {seen[cid]})", path=str(p), line=n
+            )
+        seen[cid] = n
+        body = obj["body"]
+        msgs = body.get("messages") if isinstance(body, dict) else None
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        ):
+            raise InputError(
+                "`body.messages` must be a non-empty list of {role, content} objects",
+                path=str(p),
+                line=n,
+            )
+        url = obj.get("url", "/v1/chat/completions")
+        if url != "/v1/chat/completions":
+            raise InputError(
+                f"unsupported url {url!r} (only /v1/chat/completions)", path=str(p), line=n
+            )
+        lines.append(obj)
+    if not lines:
+        raise InputError("input has no batch lines", path=str(p))
+    return lines
+
+
+def items_from_batch(lines: Sequence[Mapping[str, Any]]) -> list[WorkItem]:
+    """Work items that send each line's body as it says (as OpenAI's Batch API does)."""
+    items: list[WorkItem] = []
+    for obj in lines:
+        body = dict(obj["body"])
+        msgs = tuple({"role": m["role"], "content": m["content"]} for m in body.pop("messages"))
+        params = {k: body.pop(k) for k in _BODY_PARAMS if k in body}
+        if "max_completion_tokens" in body and "max_tokens" not in params:
+            params["max_tokens"] = body.pop("max_completion_tokens")
+        body.pop("model", None)
+        schema = None
+        rf = body.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema")
+        grammar = body.pop("grammar", None)
+        if grammar is None and schema is not None:
+            grammar = tight_grammar(schema)
+            if grammar is not None:
+                body.pop("response_format", None)
+        items.append(
+            WorkItem(
+                custom_id=obj["custom_id"],
+                messages=msgs,
+                max_tokens=params.get("max_tokens"),
+                temperature=params.get("temperature"),
+                seed=params.get("seed"),
+                output_schema=schema,
+                grammar=grammar,
+                extra=body,
+            )
+        )
+    return items
+
+
+def item_body(item: WorkItem) -> dict[str, Any]:
+    """The chat body an item stands for (for `convert`): what `items_from_batch` reads back."""
+    body: dict[str, Any] = {"messages": [dict(m) for m in item.messages]}
+    for key in _BODY_PARAMS:
+        value = getattr(item, key)
+        if value is not None:
+            body[key] = value
+    if item.output_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": dict(item.output_schema)},
+        }
+    body.update(item.extra)
+    return body
+
+
+# -- synthetic candidates ---------------------------------------------------------------------
+
+_FIRST = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fatima",
+    "Goran",
+    "Hana",
+    "Ivan",
+    "Jia",
+    "Kofi",
+    "Lena",
+    "Marek",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tomas",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Xavier",
+    "Yara",
+    "Zane",
+    "Aiko",
+    "Bruno",
+    "Chidi",
+    "Dmitri",
+    "Esme",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Luis",
+    "Maya",
+    "Nils",
+]
+_LAST = [
+    "Almeida",
+    "Brandt",
+    "Costa",
+    "Dubois",
+    "Eriksen",
+    "Fischer",
+    "Garcia",
+    "Haddad",
+    "Ibrahim",
+    "Jansen",
+    "Kowalski",
+    "Larsen",
+    "Moreau",
+    "Nakamura",
+    "Okafor",
+    "Petrov",
+    "Quist",
+    "Rossi",
+    "Schmidt",
+    "Tanaka",
+    "Urbina",
+    "Varga",
+    "Weber",
+    "Xu",
+    "Yilmaz",
+    "Zhou",
+]
+_TITLES = (
+    "Data Engineer", "Senior Data Engineer", "Backend Engineer", "Software Engineer",
+    "Analytics Engineer", "Site Reliability Engineer", "Machine Learning Engineer",
+    "Data Analyst", "Platform Engineer", "Staff Engineer", "Engineering Manager",
+)  # fmt: skip
+_SKILLS = (
+    "Python", "Scala", "Java", "Go", "Rust", "SQL", "Spark", "Flink", "Beam", "Kafka", "Airflow",
+    "Dagster", "dbt", "Iceberg", "Delta Lake", "Parquet", "AWS", "GCP", "Azure", "Terraform",
+    "Kubernetes", "Snowflake", "BigQuery", "Postgres", "Trino", "Pandas", "Ray", "Docker",
+)  # fmt: skip
+_DOMAINS = (
+    "logistics",
+    "retail",
+    "healthcare",
+    "fintech",
+    "media",
+    "gaming",
+    "insurance",
+    "energy",
+)
+_EDU = (
+    "BSc Computer Science", "MSc Data Science", "BEng Electrical Engineering", "PhD Physics",
+    "BA Economics", "bootcamp certificate", "MSc Software Engineering", "BSc Mathematics",
+)  # fmt: skip
+_LOCATIONS = (
+    "Rotterdam",
+    "Austin",
+    "Singapore",
+    "Lisbon",
+    "Toronto",
+    "Nairobi",
+    "Warsaw",
+    "Manila",
+)
+_FEATS = (
+    "on-call lead", "mentors two engineers", "wrote design docs", "cut cloud cost by {pct}%",
+    "migrated Hive tables to Iceberg", "maintains an open-source connector",
+)  # fmt: skip
+_SCALES = ("40 GB", "300 GB", "2 TB", "8 TB", "25 TB", "1 PB")
+CANDIDATE_COLUMNS = (
+    "id", "name", "current_title", "years_experience", "data_infra_years", "skills",
+    "education", "location", "summary",
+)  # fmt: skip
+
+
+def generate_candidates(n: int, seed: int = 0, start: int = 0) -> Iterator[dict[str, str]]:
+    """`n` synthetic candidates (~100 tokens each), reproducible from `seed`; streamed."""
+    for i in range(start, start + n):
+        rng = random.Random(f"{seed}:{i}")
+        years = rng.randint(0, 18)
+        data_years = rng.randint(0, years) if years else 0
+        skills = rng.sample(_SKILLS, rng.randint(3, 9))
+        domain = rng.choice(_DOMAINS)
+        scale = rng.choice(_SCALES)
+        tool = rng.choice(skills)
+        feat = rng.choice(_FEATS).format(pct=rng.randint(5, 60))
+        summary = (
+            f"{rng.choice(_TITLES)} in {domain} for {years} years. Built pipelines with {tool} "
+            f"processing {scale} per day; {feat}."
+        )
+        yield {
+            "id": f"C{i:06d}",
+            "name": f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
+            "current_title": rng.choice(_TITLES),
+            "years_experience": str(years),
+            "data_infra_years": str(data_years),
+            "skills": ", ".join(skills),
+            "education": rng.choice(_EDU),
+            "location": rng.choice(_LOCATIONS),
+            "summary": summary,
+        }
+
+
+def write_candidates_csv(path: str | Path, n: int, seed: int = 0) -> Path:
+    """Write `n` synthetic candidates to a CSV with a header."""
+    p = Path(path)
+    with p.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CANDIDATE_COLUMNS))
+        writer.writeheader()
+        writer.writerows(generate_candidates(n, seed))
+    return p
+
+
+def sample_rows(rows: Sequence[Any], n: int | None, seed: int = 0) -> list[Any]:
+    """A reproducible sample of `n` rows in their original order (all rows when n is None)."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    if n <= 0:
+        raise ConfigError(f"--sample {n} must be positive")
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def rubric_of_tokens(n_tokens_hint: int, seed: int = 0) -> str:
+    """Filler text of roughly `n_tokens_hint` tokens (≈4 characters each) for sized workloads."""
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+        for _ in range(400)
+    ]
+    out: list[str] = []
+    size = 0
+    while size < n_tokens_hint * 4:
+        w = rng.choice(words)
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)
