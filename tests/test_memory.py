@@ -1,0 +1,398 @@
+"""Memory probes and the background monitor.
+
+ProcessRSSProbe runs on real processes (this one and short-lived children); NvmlProbe on a fake
+NVML library (there is no GPU here); OllamaPsProbe on Ollama-shaped `/api/ps` replies from
+tests/data/ollama/ through `httpx.MockTransport`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from harness.errors import BackendError, BackendUnreachable, ModelNotFound, ProtocolError
+from harness.memory import (
+    MemoryMonitor,
+    MemorySample,
+    NvmlProbe,
+    NvmlUnavailable,
+    OllamaPsProbe,
+    ProcessRSSProbe,
+    load_nvml,
+    system_memory_bytes,
+)
+
+DATA = Path(__file__).parent / "data" / "ollama"
+URL = "http://ollama.test:11434"
+MODEL = "gemma3:12b"
+GIB = 1024**3
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((DATA / name).read_text(encoding="utf-8"))
+    return data
+
+
+# -- ProcessRSSProbe ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A child Python process that sleeps until the test ends it."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_rss_of_this_process() -> None:
+    probe = ProcessRSSProbe(os.getpid(), include_children=False)
+    sample = probe.sample()
+    assert sample.used_bytes > 0
+    assert str(os.getpid()) in sample.source
+    assert sample.source == probe.source == f"rss:pid={os.getpid()}"
+    assert sample.kind == "host"
+    assert sample.total_bytes == system_memory_bytes()
+    assert sample.used_bytes < sample.total_bytes
+    assert sample.timestamp == pytest.approx(time.time(), abs=60)
+
+
+def test_rss_includes_children_when_asked(sleeper: subprocess.Popen[bytes]) -> None:
+    child_rss = psutil.Process(sleeper.pid).memory_info().rss
+    assert child_rss > 0
+    alone = ProcessRSSProbe(os.getpid(), include_children=False).sample().used_bytes
+    family = ProcessRSSProbe(os.getpid(), include_children=True).sample().used_bytes
+    assert family - alone > child_rss // 2
+
+
+def test_dead_pid_raises_backend_error() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    with pytest.raises(BackendError, match=f"pid {proc.pid}"):
+        ProcessRSSProbe(proc.pid)
+
+
+def test_process_that_exits_after_the_probe_is_made_raises_backend_error(
+    sleeper: subprocess.Popen[bytes],
+) -> None:
+    probe = ProcessRSSProbe(sleeper.pid)
+    assert probe.sample().used_bytes > 0
+    sleeper.kill()
+    sleeper.wait(timeout=10)
+    with pytest.raises(BackendError, match="exited"):
+        probe.sample()
+
+
+# -- NvmlProbe ---------------------------------------------------------------------------------
+
+
+class FakeNVMLError(Exception):
+    """Stands in for pynvml.NVMLError."""
+
+
+class FakeNvml:
+    """The few pynvml functions NvmlProbe calls, for one GPU, with fixed readings."""
+
+    def __init__(
+        self,
+        *,
+        used: int = 30 * GIB,
+        total: int = 80 * GIB,
+        procs: Sequence[tuple[int, int | None]] = (),
+        power_mw: int = 312_456,
+        energy_mj: int | None = 123_456_789,
+        name: bytes | str = b"NVIDIA H100 80GB HBM3",
+    ) -> None:
+        self.used, self.total = used, total
+        self.procs = list(procs)
+        self.power_mw, self.energy_mj, self.name = power_mw, energy_mj, name
+        self.handles: list[Any] = []
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> tuple[str, int]:
+        if index != 0:
+            raise FakeNVMLError("Invalid Argument")
+        return ("gpu", index)
+
+    def _check(self, handle: Any) -> None:
+        assert handle == ("gpu", 0), "the probe must pass the handle it got"
+        self.handles.append(handle)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> SimpleNamespace:
+        self._check(handle)
+        return SimpleNamespace(used=self.used, total=self.total, free=self.total - self.used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[SimpleNamespace]:
+        self._check(handle)
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in self.procs]
+
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        self._check(handle)
+        return self.power_mw
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        self._check(handle)
+        if self.energy_mj is None:
+            raise FakeNVMLError("Not Supported")
+        return self.energy_mj
+
+    def nvmlDeviceGetName(self, handle: Any) -> bytes | str:
+        self._check(handle)
+        return self.name
+
+
+def test_nvml_device_sample() -> None:
+    nvml = FakeNvml(used=30 * GIB, total=80 * GIB)
+    probe = NvmlProbe(0, nvml=nvml)
+    sample = probe.sample()
+    assert sample.used_bytes == 30 * GIB
+    assert sample.total_bytes == 80 * GIB == probe.total_bytes()
+    assert sample.kind == "device"
+    assert sample.source == probe.source == "nvml:gpu0"
+    assert sample.detail == {"device_used_bytes": 30 * GIB}
+    assert nvml.handles  # it read through the device handle
+
+
+def test_nvml_per_process_sample() -> None:
+    nvml = FakeNvml(used=30 * GIB, procs=[(999, 2 * GIB), (4242, 21 * GIB)])
+    probe = NvmlProbe(0, pid=4242, nvml=nvml)
+    sample = probe.sample()
+    assert sample.used_bytes == 21 * GIB
+    assert sample.source == "nvml:gpu0:pid=4242"
+    assert sample.detail["device_used_bytes"] == 30 * GIB
+    assert "per_process_unavailable" not in sample.detail
+
+
+def test_nvml_per_process_unavailable_falls_back_to_device_used() -> None:
+    # In containers the driver often cannot attribute memory: usedGpuMemory comes back None.
+    nvml = FakeNvml(used=30 * GIB, procs=[(4242, None)])
+    sample = NvmlProbe(0, pid=4242, nvml=nvml).sample()
+    assert sample.used_bytes == 30 * GIB
+    assert sample.detail["per_process_unavailable"] is True
+
+
+def test_nvml_power_in_watts_and_energy_in_joules() -> None:
+    probe = NvmlProbe(0, nvml=FakeNvml(power_mw=312_456, energy_mj=123_456_789))
+    assert probe.power_watts() == pytest.approx(312.456)
+    assert probe.energy_joules() == pytest.approx(123_456.789)
+
+
+def test_nvml_energy_unsupported_is_none() -> None:
+    assert NvmlProbe(0, nvml=FakeNvml(energy_mj=None)).energy_joules() is None
+
+
+@pytest.mark.parametrize("name", [b"NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+def test_nvml_device_name_bytes_or_str(name: bytes | str) -> None:
+    assert NvmlProbe(0, nvml=FakeNvml(name=name)).device_name() == "NVIDIA H100 80GB HBM3"
+
+
+def test_nvml_missing_device_raises_nvml_unavailable() -> None:
+    with pytest.raises(NvmlUnavailable, match="GPU 3"):
+        NvmlProbe(3, nvml=FakeNvml())
+
+
+def _nvml_present() -> bool:
+    try:
+        nvml = load_nvml()
+    except NvmlUnavailable:
+        return False
+    nvml.nvmlShutdown()
+    return True
+
+
+def test_load_nvml_without_a_gpu_raises_nvml_unavailable() -> None:
+    if _nvml_present():
+        pytest.skip("an NVIDIA driver is present here; NVML loads")
+    with pytest.raises(NvmlUnavailable, match=r"NVML|pynvml"):
+        load_nvml()
+    with pytest.raises(NvmlUnavailable):
+        NvmlProbe(0)  # the default loads the real library
+
+
+# -- OllamaPsProbe -----------------------------------------------------------------------------
+
+
+def ps_probe(
+    status: int | None = 200,
+    body: Any = None,
+    *,
+    model: str = MODEL,
+    host: str = URL,
+    error: Exception | None = None,
+) -> tuple[OllamaPsProbe, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if error is not None:
+            raise error
+        assert request.method == "GET"
+        assert request.url.path == "/api/ps"
+        if isinstance(body, str):
+            return httpx.Response(status or 200, text=body)
+        return httpx.Response(status or 200, json=body)
+
+    return OllamaPsProbe(host, model, transport=httpx.MockTransport(handler)), seen
+
+
+def test_ollama_ps_fully_loaded() -> None:
+    probe, seen = ps_probe(body=load("ps_loaded.json"))
+    try:
+        sample = probe.sample()
+    finally:
+        probe.close()
+    assert len(seen) == 1
+    assert sample.used_bytes == 11418927104  # size_vram
+    assert sample.kind == "device"
+    assert sample.source == probe.source == f"ollama:/api/ps {MODEL}"
+    assert sample.detail == {
+        "size": 11418927104,
+        "size_vram": 11418927104,
+        "spilled": False,
+        "context_length": 8192,
+    }
+
+
+def test_ollama_ps_spilled_to_system_memory() -> None:
+    probe, _ = ps_probe(body=load("ps_spilled.json"))
+    try:
+        sample = probe.sample()
+    finally:
+        probe.close()
+    assert sample.used_bytes == 7549747200
+    assert sample.detail["size"] == 14763417600
+    assert sample.detail["spilled"] is True
+    assert sample.detail["context_length"] == 32768
+
+
+@pytest.mark.parametrize(
+    ("fixture", "model"),
+    [("ps_empty.json", MODEL), ("ps_loaded.json", "llama3.1:8b"), ("ps_loaded.json", "gemma3")],
+)
+def test_ollama_ps_model_not_loaded_raises_model_not_found(fixture: str, model: str) -> None:
+    probe, _ = ps_probe(body=load(fixture), model=model)
+    with pytest.raises(ModelNotFound) as info:
+        probe.sample()
+    probe.close()
+    assert repr(model) in str(info.value)
+    assert URL in str(info.value)
+
+
+def test_ollama_ps_untagged_model_matches_latest() -> None:
+    # Ollama lists a model pulled as `gemma3` under `gemma3:latest`.
+    body = load("ps_loaded.json")
+    body["models"][0]["name"] = body["models"][0]["model"] = "gemma3:latest"
+    probe, _ = ps_probe(body=body, model="gemma3")
+    assert probe.sample().used_bytes == 11418927104
+    probe.close()
+
+
+def test_ollama_ps_unreachable_names_the_url() -> None:
+    probe, seen = ps_probe(error=httpx.ConnectError("[Errno 111] Connection refused"))
+    with pytest.raises(BackendUnreachable) as info:
+        probe.sample()
+    probe.close()
+    assert len(seen) == 1
+    assert URL in str(info.value)
+    assert info.value.url == URL
+
+
+def test_ollama_ps_http_error_raises_backend_error() -> None:
+    probe, _ = ps_probe(500, {"error": "internal"})
+    with pytest.raises(BackendError, match="500") as info:
+        probe.sample()
+    probe.close()
+    assert info.value.url == URL
+
+
+def test_ollama_ps_non_json_raises_protocol_error() -> None:
+    probe, _ = ps_probe(200, "<html>proxy login</html>")
+    with pytest.raises(ProtocolError, match="proxy login"):
+        probe.sample()
+    probe.close()
+
+
+def test_ollama_ps_host_written_like_ollama_host() -> None:
+    probe, seen = ps_probe(body=load("ps_loaded.json"), host="0.0.0.0")
+    probe.sample()
+    probe.close()
+    assert probe.host == "http://0.0.0.0:11434"
+    assert str(seen[0].url) == "http://0.0.0.0:11434/api/ps"
+
+
+# -- MemoryMonitor -----------------------------------------------------------------------------
+
+
+def fake_sample(used: int) -> MemorySample:
+    return MemorySample(used, "test", "host")
+
+
+def test_monitor_samples_a_callable_repeatedly() -> None:
+    counter = itertools.count(1)
+    with MemoryMonitor(lambda: fake_sample(next(counter)), interval_s=0.05) as monitor:
+        time.sleep(0.3)
+    n = len(monitor.samples)
+    assert n >= 3, f"only {n} samples in 0.3 s at a 0.05 s interval"
+    assert n <= 0.3 / 0.05 + 10
+    values = [s.used_bytes for s in monitor.samples]
+    assert values == sorted(values)  # taken in order, none lost
+    assert monitor.failures == 0
+    time.sleep(0.15)
+    assert len(monitor.samples) == n  # stopped means stopped
+
+
+def test_monitor_counts_failures_without_raising() -> None:
+    def broken() -> MemorySample:
+        raise BackendError("process 1234 exited; its memory cannot be read")
+
+    with MemoryMonitor(broken, interval_s=0.05) as monitor:
+        time.sleep(0.25)
+    assert monitor.failures >= 3
+    assert monitor.samples == []
+    assert monitor.peak is None
+
+
+def test_monitor_accepts_a_probe_object() -> None:
+    class Probe:
+        source = "fake"
+
+        def sample(self) -> MemorySample:
+            return fake_sample(7)
+
+    monitor = MemoryMonitor(Probe(), interval_s=10)
+    assert monitor.sample_now() == monitor.samples[0]
+    assert monitor.samples[0].used_bytes == 7
+
+
+def test_monitor_peak_is_the_largest_sample() -> None:
+    values = iter([5 * GIB, 9 * GIB, 3 * GIB])
+    monitor = MemoryMonitor(lambda: fake_sample(next(values)), interval_s=10)
+    for _ in range(3):
+        monitor.sample_now()
+    assert monitor.peak is not None
+    assert monitor.peak.used_bytes == 9 * GIB
+    assert monitor.peak is monitor.samples[1]
+
+
+def test_monitor_can_be_started_again_after_stop() -> None:
+    counter = itertools.count()
+    monitor = MemoryMonitor(lambda: fake_sample(next(counter)), interval_s=0.05)
+    with monitor:
+        time.sleep(0.2)
+    first = len(monitor.samples)
+    with monitor:
+        time.sleep(0.2)
+    assert len(monitor.samples) - first >= 3
