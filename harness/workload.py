@@ -8,6 +8,7 @@ workload of any size is reproducible.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from harness.errors import ConfigError, InputError
@@ -205,24 +207,50 @@ def tight_grammar(schema: Mapping[str, Any] | None) -> str | None:
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str) -> Any:
+    import fastjsonschema
+
+    try:
+        return fastjsonschema.compile(json.loads(schema_json))
+    except fastjsonschema.JsonSchemaDefinitionException as exc:
+        raise ConfigError(f"the output schema is not a valid JSON schema: {exc}") from None
+
+
+_VALIDATORS: dict[int, tuple[Mapping[str, Any], Any]] = {}
+
+
+def _validator_for(schema: Mapping[str, Any]) -> Any:
+    # Keyed by identity (work items share one schema object); the entry keeps it alive.
+    hit = _VALIDATORS.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        hit = (schema, _validator(json.dumps(schema, sort_keys=True)))
+        if len(_VALIDATORS) > 256:
+            _VALIDATORS.clear()
+        _VALIDATORS[id(schema)] = hit
+    return hit[1]
+
+
 def parse_reply(text: str, schema: Mapping[str, Any] | None) -> dict[str, Any]:
     """Parse a model reply as a JSON object valid under `schema`; ValueError says why not."""
-    import jsonschema
-
-    cleaned = _FENCE.sub("", text.strip())
+    cleaned = text.strip()
+    if not cleaned.startswith("{"):
+        cleaned = _FENCE.sub("", cleaned)
     start, end = cleaned.find("{"), cleaned.rfind("}")
     if start < 0 or end < start:
         raise ValueError("reply holds no JSON object")
     try:
-        value = json.loads(cleaned[start : end + 1])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"reply is not valid JSON ({exc.msg})") from None
+        value = orjson.loads(cleaned[start : end + 1])
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"reply is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ValueError("reply is not a JSON object")
     if schema:
+        import fastjsonschema
+
         try:
-            jsonschema.validate(value, schema)
-        except jsonschema.ValidationError as exc:
+            _validator_for(schema)(value)
+        except fastjsonschema.JsonSchemaValueException as exc:
             raise ValueError(f"reply does not match the output schema: {exc.message}") from None
     return value
 

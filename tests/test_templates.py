@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from harness.backends.embedded import EmbeddedServer
+from harness.backends.openai import OpenAIBackend
 from harness.engine.tokens import TokenCounter
 from harness.models.templates import Special, get_format
 
@@ -51,27 +52,14 @@ def test_server_renders_and_tokenizes_exactly_as_the_engine_counts(
             "/v1/chat/completions", json={"messages": CONVERSATION, "max_tokens": 1}
         ).json()
 
-    async def tokenize(texts: list[str]) -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=tiny_server.url or "", timeout=60) as c:
-            out = []
-            for t in texts:
-                out.append((await c.post("/tokenize", json={"content": t})).json()["tokens"])
-            return out
+    async def count() -> list[int]:
+        async with OpenAIBackend(tiny_server.url or "") as backend:
+            counter = TokenCounter(fmt, backend.tokenize, source="server")
+            ids = await counter.count(CONVERSATION)
+            # Pieces are tokenized in one call, after the specials' call.
+            assert counter.calls == 2
+            return list(ids)
 
-    counter = TokenCounter(fmt, tokenize, source="server")
-    ids = asyncio.run(counter.count(CONVERSATION))
-    assert list(ids) == [2, *server_ids]  # the server adds BOS when it tokenizes the prompt
+    ids = asyncio.run(count())
+    assert ids == [2, *server_ids]  # the server adds BOS when it tokenizes the prompt
     assert reply["usage"]["prompt_tokens"] == len(ids)
-    # Batched tokenization (pieces joined by a separator special token) gives the same ids.
-    batched = TokenCounter(fmt, tokenize, source="server")
-    asyncio.run(batched.add_texts([m["content"] for m in CONVERSATION[:3]]))
-    assert batched.calls == 2  # the specials, then one joined call for all three texts
-    for m in CONVERSATION[:3]:
-        assert list(asyncio.run(batched.text_ids(m["content"]))) == tokenize_one(
-            tiny_server, m["content"]
-        )
-
-
-def tokenize_one(server: EmbeddedServer, text: str) -> list[int]:
-    with httpx.Client(base_url=server.url or "", timeout=60) as client:
-        return list(client.post("/tokenize", json={"content": text}).json()["tokens"])

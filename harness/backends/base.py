@@ -31,7 +31,7 @@ Message = Mapping[str, str]
 B = TypeVar("B", bound="type[Backend]")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and frozen __init__ is slow
 class ChatRequest:
     """One chat completion to run."""
 
@@ -55,7 +55,7 @@ class ChatRequest:
     """Further body fields passed through as given (e.g. from an OpenAI Batch line)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and frozen __init__ is slow
 class Usage:
     """Token counts of one request."""
 
@@ -76,7 +76,7 @@ class Usage:
         return self.prompt_tokens - (self.cached_tokens or 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and frozen __init__ is slow
 class Timings:
     """Where the time of one request went."""
 
@@ -90,7 +90,7 @@ class Timings:
     """Server time spent loading the model for this request, in milliseconds."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and frozen __init__ is slow
 class ChatResult:
     """The reply to one `ChatRequest`."""
 
@@ -179,8 +179,11 @@ class Backend(ABC):
         """The served model's geometry (layers, KV heads, ...), when the backend can tell."""
         return None
 
-    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, by the server's own tokenizer (specials parsed)."""
+    async def tokenize(
+        self, texts: Sequence[str], parse_special: bool = False
+    ) -> Sequence[Sequence[int]]:
+        """Token ids of each text, by the server's own tokenizer, with no BOS added;
+        `parse_special` reads special-token text (`<start_of_turn>`) as those tokens."""
         raise NotImplementedError(f"backend {self.name!r} cannot tokenize")
 
     def memory_probe(self) -> MemoryProbe | None:

@@ -11,6 +11,7 @@ starts; it goes into the Authorization header and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -289,16 +290,29 @@ class OpenAIBackend(Backend):
             slot=slot,
         )
 
-    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    async def tokenize(
+        self, texts: Sequence[str], parse_special: bool = False
+    ) -> Sequence[Sequence[int]]:
+        """llama.cpp `/tokenize`, one text per call, a few calls at a time."""
         if not self.info.supports_tokenize:
-            return await super().tokenize(texts)
+            return await super().tokenize(texts, parse_special)
         url = self.base_url + "/tokenize"
-        out: list[list[int]] = []
-        for text in texts:
-            try:
-                resp = await self.client.post("/tokenize", json={"content": text})
-            except httpx.TransportError as exc:
-                raise map_transport_error(exc, url) from exc
+        limit = asyncio.Semaphore(8)
+
+        async def one(text: str) -> list[int]:
+            async with limit:
+                try:
+                    resp = await self.client.post(
+                        "/tokenize",
+                        json={
+                            "content": text,
+                            "add_special": False,
+                            "parse_special": parse_special,
+                        },
+                    )
+                except httpx.TransportError as exc:
+                    raise map_transport_error(exc, url) from exc
             raise_for_response(resp, url)
-            out.append([int(t) for t in resp.json()["tokens"]])
-        return out
+            return [int(t) for t in resp.json()["tokens"]]
+
+        return await asyncio.gather(*(one(t) for t in texts))

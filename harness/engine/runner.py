@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from harness.backends.base import Backend, ChatRequest
 from harness.engine.strategies import Conversation, ConversationStrategy, Strategy
-from harness.engine.tokens import TokenCounter, common_prefix_len
+from harness.engine.tokens import TokenCounter, TokenSeq, common_prefix_len
 from harness.errors import (
     BackendUnreachable,
     ContextOverflow,
@@ -96,7 +95,7 @@ class Runner:
         self._pos = 0
         self._prefetched = 0
         self._take_lock = asyncio.Lock()
-        self._last: dict[object, tuple[array[int], int]] = {}
+        self._last: dict[object, tuple[TokenSeq, int]] = {}
         self.aborted: BaseException | None = None
 
     # -- the run ---------------------------------------------------------------------------
@@ -149,7 +148,7 @@ class Runner:
 
     # -- one request -----------------------------------------------------------------------
 
-    def _reusable(self, key: object, ids: array[int]) -> int:
+    def _reusable(self, key: object, ids: TokenSeq) -> int:
         """Upper bound on prefix-cache reuse: the common prefix with what the slot held."""
         prev = self._last.get(key)
         if prev is None or not ids:
@@ -170,13 +169,12 @@ class Runner:
         force_trim = overflow_retried = False
         parse_failures = transient = 0
         while True:
-            try:
-                plan = await self.strategy.plan(conv, item, self.counter, force_trim=force_trim)
-            except ContextOverflow as exc:
-                return self._fail(rec, exc, "ContextOverflow")
+            plan = await self.strategy.plan(conv, item, self.counter, force_trim=force_trim)
             force_trim = False
             rec.trim = plan.trim or rec.trim
             rec.expected_prompt_tokens = plan.prompt_tokens
+            if plan.refused is not None:
+                return self._fail(rec, plan.refused, "ContextOverflow")
             rec.turn = conv.requests
             request = ChatRequest(
                 messages=plan.messages,

@@ -9,12 +9,16 @@ The store refuses to write an id twice, so every input id ends exactly once in t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from harness.errors import OutputError
 from harness.records import RequestRecord
@@ -49,15 +53,17 @@ class ResultsStore:
         self.previous_ok = 0
         self.previous_errors = 0
         self.written = 0
-        self._fh: IO[str] | None = None
+        self._fh: IO[bytes] | None = None
         self._last_sync = 0.0
+        self._flush_pending = False
+        self._deferred_error: OutputError | None = None
         self._seq = 0
 
     def open(self) -> ResultsStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._recover()
-            self._fh = self.path.open("a", encoding="utf-8")
+            self._fh = self.path.open("ab")
         except OSError as exc:
             raise OutputError(
                 f"cannot open results file {self.path}: {exc.strerror or exc}"
@@ -101,17 +107,59 @@ class ResultsStore:
         return custom_id in self.done
 
     def write(self, record: RequestRecord) -> None:
-        """Append one finished request and flush it to the OS."""
+        """Append one finished request; it reaches the OS at once, or (under an event loop)
+        when control returns to the loop, before the runner waits on the network again."""
         if self._fh is None:
             raise OutputError(f"results file {self.path} is not open")
+        self.raise_deferred()
         if record.custom_id in self.done:
             raise OutputError(f"refusing to write custom_id {record.custom_id!r} twice")
         self._seq += 1
-        line = json.dumps(
-            record.to_batch_line(self._seq), ensure_ascii=False, separators=(",", ":")
-        )
+        line = orjson.dumps(record.to_batch_line(self._seq), option=orjson.OPT_APPEND_NEWLINE)
         try:
-            self._fh.write(line + "\n")
+            self._fh.write(line)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot append to results file {self.path}: {exc.strerror or exc}; the "
+                f"{len(self.done)} results already written are intact, run again to resume"
+            ) from exc
+        self.done.add(record.custom_id)
+        self.written += 1
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Under an event loop, flush once control returns to it: before the runner waits on the
+        # network again, so nothing finished sits in the buffer while requests are in flight
+        # (records finished in one loop turn share one write). Without a loop, flush now.
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        try:
+            self.flush()
+        except OutputError as exc:  # raised to the runner by its next write, or by close_checked
+            self._deferred_error = exc
+
+    def raise_deferred(self) -> None:
+        """Raise a write error that happened in a deferred flush."""
+        if self._deferred_error is not None:
+            exc, self._deferred_error = self._deferred_error, None
+            raise exc
+
+    def flush(self) -> None:
+        """Hand buffered lines to the OS (a crash of this process no longer loses them), and
+        fsync every `fsync_interval_s` (a crash of the machine loses at most that much)."""
+        self._flush_pending = False
+        if self._fh is None:
+            return
+        try:
             self._fh.flush()
             now = time.monotonic()
             if now - self._last_sync >= self.fsync_interval_s:
@@ -120,23 +168,31 @@ class ResultsStore:
         except OSError as exc:
             raise OutputError(
                 f"cannot append to results file {self.path}: {exc.strerror or exc}; the "
-                f"{len(self.done)} results already written are intact, run again to resume"
+                f"{len(self.done)} results before it are intact, run again to resume"
             ) from exc
-        self.done.add(record.custom_id)
-        self.written += 1
 
-    def close(self) -> None:
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Flush, fsync and close. A write error is raised (unless another error is already
+        on its way: then it must not be masked)."""
+        error: OutputError | None = self._deferred_error
+        self._deferred_error = None
         if self._fh is not None:
             try:
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
-            except OSError:
-                pass
-            self._fh.close()
-            self._fh = None
+            except OSError as exc:
+                error = error or OutputError(
+                    f"cannot finish writing results file {self.path}: {exc.strerror or exc}"
+                )
+            finally:
+                with contextlib.suppress(OSError):
+                    self._fh.close()
+                self._fh = None
+        if error is not None and raise_errors:
+            raise error
 
     def __enter__(self) -> ResultsStore:
         return self.open()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(raise_errors=exc_type is None)

@@ -9,18 +9,17 @@
   `trim_threshold`, or every `trim_interval` requests, whichever comes first.
 
 Both strategies refuse to send a request longer than `max_context_tokens` (prompt tokens plus
-room for the reply): such a request is the row's error, raised as a local `ContextOverflow`.
+room for the reply): such a request is the row's error (`Plan.refused`), never sent.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from harness.engine.tokens import TokenCounter
+from harness.engine.tokens import TokenCounter, TokenSeq
 from harness.errors import ConfigError, ContextOverflow
 from harness.workload import WorkItem
 
@@ -89,9 +88,6 @@ class Conversation:
     requests: int = 0
     """Requests sent since the conversation (re)started."""
     trims: int = 0
-    last_ids: array[int] | None = None
-    """Prompt token ids of the last request sent on this worker (for the savings bound)."""
-    last_completion_tokens: int = 0
 
     def messages(self, turn: tuple[Message, ...]) -> list[Message]:
         out: list[Message] = list(self.prefix)
@@ -107,17 +103,19 @@ class Plan:
     """What a worker will send next."""
 
     messages: list[Message]
-    prompt_ids: array[int]
+    prompt_ids: TokenSeq
     trim: str | None = None
     """Why the conversation restarted before this request (`interval`, `threshold`,
     `overflow`), or None."""
+    refused: ContextOverflow | None = None
+    """Set when the request cannot fit even alone: it is the row's error and is not sent."""
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
 
-def _needed(ids: array[int], item: WorkItem) -> int:
+def _needed(ids: TokenSeq, item: WorkItem) -> int:
     return len(ids) + (item.max_tokens or 0)
 
 
@@ -130,22 +128,23 @@ class Strategy(ABC):
         self.policy = policy or TrimPolicy()
         self.policy.validate()
 
-    def _check_fits(self, ids: array[int], item: WorkItem) -> None:
+    def _refusal(self, ids: TokenSeq, item: WorkItem) -> ContextOverflow | None:
         needed = _needed(ids, item)
-        if needed > self.policy.max_context_tokens:
-            raise ContextOverflow(
-                f"request {item.custom_id!r} needs {needed} tokens ({len(ids)} prompt + "
-                f"{item.max_tokens or 0} reply), more than MAX_CONTEXT_TOKENS = "
-                f"{self.policy.max_context_tokens}; it was not sent",
-                prompt_tokens=len(ids),
-                n_ctx=self.policy.max_context_tokens,
-            )
+        if needed <= self.policy.max_context_tokens:
+            return None
+        return ContextOverflow(
+            f"request {item.custom_id!r} needs {needed} tokens ({len(ids)} prompt + "
+            f"{item.max_tokens or 0} reply), more than MAX_CONTEXT_TOKENS = "
+            f"{self.policy.max_context_tokens}; it was not sent",
+            prompt_tokens=len(ids),
+            n_ctx=self.policy.max_context_tokens,
+        )
 
     @abstractmethod
     async def plan(
         self, conv: Conversation, item: WorkItem, counter: TokenCounter, *, force_trim: bool = False
     ) -> Plan:
-        """The messages to send for `item` (raises ContextOverflow when it cannot fit)."""
+        """The messages to send for `item` (`Plan.refused` when it cannot fit)."""
 
     def commit(self, conv: Conversation, item: WorkItem, plan: Plan, reply: str) -> None:  # noqa: B027
         """Record a successful reply (the stateless strategy keeps nothing)."""
@@ -161,8 +160,7 @@ class StatelessStrategy(Strategy):
     ) -> Plan:
         messages = list(item.messages)
         ids = await counter.count(messages)
-        self._check_fits(ids, item)
-        return Plan(messages, ids)
+        return Plan(messages, ids, refused=self._refusal(ids, item))
 
 
 class ConversationStrategy(Strategy):
@@ -195,8 +193,7 @@ class ConversationStrategy(Strategy):
                 conv.exchanges = []
                 messages = conv.messages(turn)
                 ids = await counter.count(messages)
-        self._check_fits(ids, item)
-        return Plan(messages, ids, reason)
+        return Plan(messages, ids, reason, self._refusal(ids, item))
 
     def commit(self, conv: Conversation, item: WorkItem, plan: Plan, reply: str) -> None:
         conv.exchanges.append((item.turn, {"role": "assistant", "content": reply}))

@@ -3,8 +3,9 @@
 A prompt is a sequence of special tokens and text pieces (see `harness.models.templates`), and
 llama.cpp tokenizes each text piece on its own. So the tokens of a prompt are the tokens of its
 pieces, concatenated; the piece holding the shared rubric is tokenized once and cached, and each
-new candidate costs one short tokenization, batched with others into one `/tokenize` call
-(pieces joined by a special token, and the ids split at it).
+new candidate costs one short tokenization of its own piece, ahead of time, with special-token
+parsing off (on Gemma's vocabulary, llama.cpp's scan for its ~6,000 special tokens costs ~7 us
+per character, three times the tokenization itself; pieces never hold specials anyway).
 
 Where the tokens come from is recorded in `TokenCounter.source`:
 - `server`: the server's own `/tokenize` (llama.cpp);
@@ -15,34 +16,85 @@ Where the tokens come from is recorded in `TokenCounter.source`:
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from harness.models.templates import ChatFormat, Special
 
-__all__ = ["TokenCounter", "common_prefix_len"]
+__all__ = ["TokenCounter", "TokenSeq", "common_prefix_len"]
 
-TokenizeBatch = Callable[[list[str]], Awaitable[list[list[int]]]]
+TokenizeBatch = Callable[[list[str], bool], Awaitable[Sequence[Sequence[int]]]]
+"""`tokenize(texts, parse_special)`: token ids of each text."""
 Message = Mapping[str, str]
 
 
-def common_prefix_len(a: array[int], b: array[int]) -> int:
+class TokenSeq:
+    """A prompt's token ids as a list of cached segments, never copied into one array.
+
+    Prompts share their big segments (the rubric's ids are one array object in every prompt),
+    so the length is a sum and the common prefix of two prompts skips shared segments by
+    identity; only the first differing segment is compared token by token.
+    """
+
+    __slots__ = ("length", "segments")
+
+    def __init__(self, segments: Sequence[array[int]]) -> None:
+        self.segments = tuple(segments)
+        self.length = sum(map(len, self.segments))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain.from_iterable(self.segments)
+
+    def extended(self, more: array[int]) -> TokenSeq:
+        """This sequence followed by `more` (e.g. the generated tokens)."""
+        return TokenSeq((*self.segments, more))
+
+
+def _prefix_len(a: array[int], oa: int, b: array[int], ob: int, n: int) -> int:
+    va = np.frombuffer(a, dtype=np.int32, count=n, offset=4 * oa)
+    vb = np.frombuffer(b, dtype=np.int32, count=n, offset=4 * ob)
+    differ = va != vb
+    first = int(differ.argmax())
+    return first if differ[first] else n
+
+
+def common_prefix_len(a: TokenSeq | array[int], b: TokenSeq | array[int]) -> int:
     """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    va = np.frombuffer(a, dtype=np.int32, count=n)
-    vb = np.frombuffer(b, dtype=np.int32, count=n)
-    diff = np.flatnonzero(va != vb)
-    return int(diff[0]) if diff.size else n
+    sa = a.segments if isinstance(a, TokenSeq) else (a,)
+    sb = b.segments if isinstance(b, TokenSeq) else (b,)
+    i = j = oa = ob = total = 0
+    while i < len(sa) and j < len(sb):
+        x, y = sa[i], sb[j]
+        if oa == 0 and ob == 0 and x is y:
+            total += len(x)
+            i += 1
+            j += 1
+            continue
+        n = min(len(x) - oa, len(y) - ob)
+        if n:
+            k = _prefix_len(x, oa, y, ob, n)
+            total += k
+            if k < n:
+                return total
+            oa += n
+            ob += n
+        if oa == len(x):
+            i, oa = i + 1, 0
+        if ob == len(y):
+            j, ob = j + 1, 0
+    return total
 
 
 class TokenCounter:
-    """Token ids of chat prompts, from a piece cache filled by batched tokenization."""
+    """Token ids of chat prompts, from a cache of text pieces tokenized ahead of time."""
 
     def __init__(
         self,
@@ -51,15 +103,14 @@ class TokenCounter:
         *,
         source: str,
         cache_size: int = 4096,
-        batch_chars: int = 200_000,
     ) -> None:
         self.chat_format = chat_format
         self._tokenize = tokenize
         self.source = source
         self.cache_size = cache_size
-        self.batch_chars = batch_chars
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._special: dict[str, int] = {}
+        self._special_ids: dict[str, array[int]] = {}
         self._pinned: dict[str, array[int]] = {}
         self.calls = 0
 
@@ -69,11 +120,12 @@ class TokenCounter:
         if self._special:
             return
         names = list(self.chat_format.specials)
-        ids = await self._tokenize(names)
+        ids = await self._tokenize(names, True)
         self.calls += 1
         for i, (name, tok) in enumerate(zip(names, ids, strict=True)):
             # A tokenizer that does not know the special (the estimate) gets a stand-in id.
             self._special[name] = tok[0] if len(tok) == 1 else -(i + 1)
+            self._special_ids[name] = array("i", [self._special[name]])
 
     def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[Any]:
         return self.chat_format.render_pieces(messages, add_generation_prompt=add_generation_prompt)
@@ -84,61 +136,45 @@ class TokenCounter:
     async def prepare(
         self, conversations: Iterable[Sequence[Message]], *, add_generation_prompt: bool = True
     ) -> None:
-        """Tokenize every text piece of these prompts that is not cached yet, in few calls."""
+        """Tokenize every text piece of these prompts that is not cached yet, in one call.
+
+        A piece that occurs in several of the prompts (the shared rubric) is pinned, so a long
+        run of new candidates can never push it out of the cache.
+        """
         await self._load_specials()
         missing: list[str] = []
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         for messages in conversations:
             for text in self._text_pieces(messages, add_generation_prompt):
-                if text not in seen and self._lookup(text) is None:
-                    seen.add(text)
-                    missing.append(text)
+                count = seen.get(text)
+                if count is None:
+                    seen[text] = 1
+                    if self._lookup(text) is None:
+                        missing.append(text)
+                else:
+                    seen[text] = count + 1
         await self.add_texts(missing)
+        for text, count in seen.items():
+            if count > 1 and text not in self._pinned:
+                self.pin(text)
 
     async def add_texts(self, texts: Sequence[str]) -> None:
-        """Tokenize and cache `texts` (batched: joined by a separator special token)."""
+        """Tokenize and cache plain-text pieces (no special tokens are parsed inside them)."""
+        if not texts:
+            return
         await self._load_specials()
-        sep = self.chat_format.turn_close
-        sep_id = self._special.get(sep)
-        batch: list[str] = []
-        size = 0
-        for text in texts:
-            batch.append(text)
-            size += len(text)
-            if size >= self.batch_chars:
-                await self._run_batch(batch, sep, sep_id)
-                batch, size = [], 0
-        if batch:
-            await self._run_batch(batch, sep, sep_id)
-
-    async def _run_batch(self, texts: list[str], sep: str, sep_id: int | None) -> None:
-        results: list[list[int]]
-        if sep_id is None or sep_id < 0 or len(texts) == 1:
-            results = await self._tokenize(texts)
-            self.calls += 1
-        else:
-            joined = (await self._tokenize([sep.join(texts)]))[0]
-            self.calls += 1
-            results = []
-            cur: list[int] = []
-            for tok in joined:
-                if tok == sep_id:
-                    results.append(cur)
-                    cur = []
-                else:
-                    cur.append(tok)
-            results.append(cur)
-            if len(results) != len(texts):  # a piece held the separator's text after all
-                results = await self._tokenize(texts)
-                self.calls += 1
-        for text, ids in zip(texts, results, strict=True):
-            self._store(text, array("i", ids))
+        results = await self._tokenize(list(texts), False)
+        self.calls += 1
+        for text, tok in zip(texts, results, strict=True):
+            self._store(text, tok if isinstance(tok, array) else array("i", tok))
 
     def pin(self, text: str) -> None:
-        """Keep a piece (e.g. the rubric) out of LRU eviction."""
+        """Keep a piece (e.g. the rubric) out of LRU eviction (the 64 most recent pins)."""
         ids = self._lookup(text)
         if ids is not None:
             self._pinned[text] = ids
+            if len(self._pinned) > 64:
+                del self._pinned[next(iter(self._pinned))]
 
     def _store(self, text: str, ids: array[int]) -> None:
         self._cache[text] = ids
@@ -156,22 +192,23 @@ class TokenCounter:
 
     # -- counting --------------------------------------------------------------------------
 
-    def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> array[int]:
+    def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> TokenSeq:
         """Token ids of the rendered prompt. Its pieces must have been prepared."""
-        out: array[int] = array("i")
+        out: list[array[int]] = []
+        specials = self._special_ids
         for piece in self._pieces(messages, add_generation_prompt):
             if isinstance(piece, Special):
-                out.append(self._special[piece.text])
+                out.append(specials[piece.text])
             else:
                 ids = self._lookup(piece)
                 if ids is None:
                     raise KeyError(f"piece not tokenized yet: {piece[:40]!r}...")
-                out.extend(ids)
-        return out
+                out.append(ids)
+        return TokenSeq(out)
 
     async def count(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
-    ) -> array[int]:
+    ) -> TokenSeq:
         """Token ids of the prompt, tokenizing what is missing first."""
         try:
             return self.ids(messages, add_generation_prompt=add_generation_prompt)
@@ -192,7 +229,7 @@ class TokenCounter:
 def estimate_tokenize() -> TokenizeBatch:
     """A tokenizer of last resort: one pseudo-token per 4 characters (reports say `estimate`)."""
 
-    async def tokenize(texts: list[str]) -> list[list[int]]:
+    async def tokenize(texts: list[str], parse_special: bool = False) -> Sequence[Sequence[int]]:
         return [[hash(t[i : i + 4]) & 0x7FFFFFFF for i in range(0, len(t), 4)] for t in texts]
 
     return tokenize

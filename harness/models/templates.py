@@ -15,8 +15,9 @@ own, ended by a special token.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from harness.errors import ConfigError
@@ -35,7 +36,7 @@ Piece = str | Special
 Message = Mapping[str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity hash: formats are module constants
 class ChatFormat:
     """A chat layout: its Jinja template for llama.cpp and its piece renderer for counting."""
 
@@ -48,42 +49,36 @@ class ChatFormat:
     role_names: tuple[tuple[str, str], ...]
 
     def role(self, role: str) -> str:
+        if role == "user":  # the common case, first
+            return self.user_name
         for key, value in self.role_names:
             if key == role:
                 return value
         raise ConfigError(f"chat format {self.name!r} has no role {role!r}")
 
-    def _split_specials(self, text: str) -> Iterator[Piece]:
-        # A message that contains a special token's text is parsed as that token by the server
-        # (llama.cpp parses specials in chat prompts), so split it the same way here.
-        pattern = "(" + "|".join(re.escape(s) for s in self.specials) + ")"
-        for part in re.split(pattern, text):
-            if not part:
-                continue
-            yield Special(part) if part in self.specials else part
+    @property
+    def user_name(self) -> str:
+        return self.role_names[1][1]
+
+    def message_pieces(self, role: str, content: str) -> tuple[Piece, ...]:
+        """One message's pieces, from its turn-open token to the newline after its turn."""
+        return _message_pieces(self, role, content)
 
     def render_pieces(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
     ) -> list[Piece]:
-        """The prompt as special tokens and text pieces, in order; text pieces are merged."""
-        out: list[Piece] = []
-        if self.bos:
-            out.append(Special(self.bos))
+        """The prompt as special tokens and text pieces, in order.
+
+        Every message starts and ends with a special token or a newline piece of its own, so
+        pieces never merge across messages, and each message's pieces are memoised: the rubric
+        piece is the same string object in every prompt (its hash is computed once).
+        """
+        out: list[Piece] = [_special(self.bos)] if self.bos else []
         for msg in messages:
-            out.append(Special(self.turn_open))
-            out.extend(self._split_specials(self.role(msg["role"]) + "\n" + msg["content"]))
-            out.append(Special(self.turn_close))
-            out.append("\n")
+            out.extend(_message_pieces(self, msg["role"], msg["content"]))
         if add_generation_prompt:
-            out.append(Special(self.turn_open))
-            out.append(self.role("assistant") + "\n")
-        merged: list[Piece] = []
-        for piece in out:
-            if isinstance(piece, str) and merged and isinstance(merged[-1], str):
-                merged[-1] = merged[-1] + piece
-            else:
-                merged.append(piece)
-        return merged
+            out.extend(_generation_prompt(self))
+        return out
 
     def render_text(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
@@ -97,6 +92,36 @@ class ChatFormat:
 
 # No whitespace-trimming markers and no newline right after a block tag: llama.cpp's Jinja engine
 # trims like Hugging Face's (trim_blocks, lstrip_blocks), and these layouts need every newline.
+@functools.lru_cache(maxsize=16384)
+def _message_pieces(fmt: ChatFormat, role: str, content: str) -> tuple[Piece, ...]:
+    text = fmt.role(role) + "\n" + content
+    if not any(s in text for s in fmt.specials):
+        return (_special(fmt.turn_open), text, _special(fmt.turn_close), "\n")
+    # A message that contains a special token's text is parsed as that token by the server
+    # (llama.cpp parses specials in chat prompts), so split it the same way here.
+    out: list[Piece] = [_special(fmt.turn_open)]
+    for part in _specials_pattern(fmt.specials).split(text):
+        if part:
+            out.append(_special(part) if part in fmt.specials else part)
+    out += [_special(fmt.turn_close), "\n"]
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _special(text: str) -> Special:
+    return Special(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_prompt(fmt: ChatFormat) -> tuple[Piece, ...]:
+    return (_special(fmt.turn_open), fmt.role("assistant") + "\n")
+
+
+@functools.lru_cache(maxsize=16)
+def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+
+
 _GEMMA_JINJA = (
     "{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}"

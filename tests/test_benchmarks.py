@@ -1,0 +1,150 @@
+"""Benchmarks of the engine itself (pytest-benchmark): dispatch rate, memory over 170K requests,
+and overhead against a minimal direct client on a real server.
+
+The in-process double's numbers measure the *engine*, never a model or a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from harness.backends.embedded import EmbeddedServer
+from harness.backends.openai import OpenAIBackend
+from harness.engine import JobSpec, RunnerConfig, TrimPolicy, run_job
+from harness.engine.job import open_token_counter
+from harness.records import RequestRecord
+from harness.testing import InProcessDouble
+from harness.workload import (
+    CandidateTable,
+    WorkItem,
+    generate_candidates,
+    items_from_table,
+    load_prompt,
+)
+
+
+def rubric_items(n: int, *, structured: str = "grammar", max_tokens: int = 16) -> list[WorkItem]:
+    rows = tuple(generate_candidates(n, seed=3))
+    table = CandidateTable("generated", tuple(rows[0]), "id", rows, tuple(range(2, n + 2)))
+    return items_from_table(table, load_prompt(), max_tokens=max_tokens, structured=structured)
+
+
+def test_engine_dispatch_rate(benchmark: Any, tmp_path: Path) -> None:
+    """≥ 10,000 requests/s through the whole engine (store included) on a zero-latency double."""
+    items = rubric_items(20_000)
+    runs = iter(range(100))
+
+    def one_run() -> None:
+        spec = JobSpec(
+            strategy="stateless",
+            progress=False,
+            results_path=tmp_path / f"results-{next(runs)}.jsonl",
+            runner=RunnerConfig(concurrency=4),
+            policy=TrimPolicy(max_context_tokens=100_000),
+        )
+        result = asyncio.run(run_job(InProcessDouble(n_slots=4, simulate_cache=False), items, spec))
+        assert result.metrics.completed == len(items)
+
+    benchmark.pedantic(one_run, rounds=5, iterations=1, warmup_rounds=1)
+    rates = [len(items) / t for t in benchmark.stats.stats.data]
+    benchmark.extra_info.update(
+        requests_per_round=len(items),
+        dispatch_rps_median=statistics.median(rates),
+        dispatch_rps_best=max(rates),
+        backend="in-process double (engine overhead only; not a measurement of a server)",
+    )
+    print(
+        f"\nengine dispatch: median {statistics.median(rates):,.0f} req/s, best {max(rates):,.0f}"
+    )
+    assert statistics.median(rates) >= 10_000
+
+
+def test_170k_requests_without_leaking(benchmark: Any, tmp_path: Path) -> None:
+    """A 170,000-request run completes; runner RSS grows < 64 MB from request 10,000 on."""
+    items = rubric_items(170_000)
+    proc = psutil.Process(os.getpid())
+    rss: dict[int, int] = {}
+    done = [0]
+
+    def watch(rec: RequestRecord) -> None:
+        done[0] += 1
+        if done[0] in (10_000, 90_000, 170_000):
+            rss[done[0]] = proc.memory_info().rss
+
+    def one_run() -> None:
+        spec = JobSpec(
+            strategy="conversation",
+            progress=False,
+            results_path=tmp_path / "results.jsonl",
+            runner=RunnerConfig(concurrency=4),
+            policy=TrimPolicy(max_context_tokens=32_768, trim_interval=50),
+        )
+        result = asyncio.run(run_job(InProcessDouble(n_slots=4), items, spec, sinks=[watch]))
+        assert result.metrics.completed == 170_000
+        assert result.metrics.context_trims > 3000
+
+    benchmark.pedantic(one_run, rounds=1, iterations=1)
+    growth = rss[170_000] - rss[10_000]
+    benchmark.extra_info.update(
+        rss_at_10k=rss[10_000], rss_at_90k=rss[90_000], rss_at_170k=rss[170_000], growth=growth
+    )
+    print(
+        f"\nrunner RSS: {rss[10_000] / 2**20:.1f} MiB at 10K, "
+        f"{rss[170_000] / 2**20:.1f} MiB at 170K"
+    )
+    assert growth < 64 * 2**20
+
+
+@pytest.mark.integration
+def test_engine_keeps_up_with_a_direct_client(benchmark: Any, tiny_server: EmbeddedServer) -> None:
+    """Engine throughput ≥ 0.97 × a minimal direct httpx loop, same server, requests, concurrency.
+
+    After a warm-up round, rounds alternate (engine, direct, engine, ...) on one server; the engine
+    keeps its token counter across rounds, as a long run does after its first request.
+    """
+    items = rubric_items(40, structured="none", max_tokens=8)
+    url = tiny_server.url or ""
+
+    async def direct() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            t = time.perf_counter()
+            for it in items:
+                body = {
+                    "messages": list(it.messages),
+                    "max_tokens": 8,
+                    "temperature": 0.0,
+                    "seed": 42,
+                }
+                resp = await client.post("/v1/chat/completions", json=body)
+                resp.raise_for_status()
+            return time.perf_counter() - t
+
+    async def engine_rounds(n: int) -> list[float]:
+        out = []
+        await direct()  # warm-up: the first request computes the whole rubric (cold cache)
+        async with OpenAIBackend(url) as backend, open_token_counter(backend) as counter:
+            for _ in range(n):
+                t = time.perf_counter()
+                spec = JobSpec(progress=False, runner=RunnerConfig(concurrency=1))
+                await run_job(backend, items, spec, counter=counter)
+                out.append(time.perf_counter() - t)
+                out.append(await direct())
+        return out
+
+    times = benchmark.pedantic(lambda: asyncio.run(engine_rounds(3)), rounds=1, iterations=1)
+    engine_t, direct_t = times[0::2], times[1::2]
+    ratio = statistics.median(direct_t) / statistics.median(engine_t)
+    benchmark.extra_info.update(
+        engine_s=engine_t, direct_s=direct_t, engine_over_direct_throughput=ratio
+    )
+    print(f"\nengine/direct throughput: {ratio:.3f} (engine {engine_t}, direct {direct_t})")
+    assert ratio >= 0.97
