@@ -12,6 +12,8 @@ leak slopes) without the engine knowing about memory at all.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import psutil
 from harness.errors import BackendError, BackendUnreachable, ModelNotFound, ProtocolError
 
 __all__ = [
+    "EnergyMeter",
     "MemoryMonitor",
     "MemoryProbe",
     "MemorySample",
@@ -265,6 +268,49 @@ class OllamaPsProbe:
 
     def close(self) -> None:
         self._client.close()
+
+
+class EnergyMeter:
+    """GPU energy over a run: the NVML energy counter's difference when the GPU has one, else
+    board power sampled on a thread and integrated (trapezoids). A context manager."""
+
+    def __init__(self, probe: NvmlProbe, interval_s: float = 1.0) -> None:
+        self.probe = probe
+        self.interval_s = interval_s
+        self._start_j: float | None = None
+        self._end_j: float | None = None
+        self._power: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self._power.append((time.monotonic(), self.probe.power_watts()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> EnergyMeter:
+        self._start_j = self.probe.energy_joules()
+        self._thread = threading.Thread(target=self._loop, name="energy-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._end_j = self.probe.energy_joules()
+
+    @property
+    def watt_hours(self) -> float | None:
+        """Energy used between enter and exit, in watt-hours (None if nothing was read)."""
+        if self._start_j is not None and self._end_j is not None:
+            return (self._end_j - self._start_j) / 3600.0
+        pts = self._power
+        if len(pts) < 2:
+            return None
+        joules = sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in itertools.pairwise(pts))
+        return joules / 3600.0
 
 
 class MemoryMonitor:

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from harness.backends.base import Backend
 from harness.engine.progress import Progress
@@ -40,6 +40,8 @@ class JobSpec:
     """Append-only results file (resumes when it exists); None keeps results in memory only."""
     progress: bool = True
     desc: str = "requests"
+    progress_stream: TextIO | None = None
+    """Where progress goes (default stderr); suites pass the real stderr past pytest's capture."""
     memory_interval_s: float = 1.0
     keep_records: bool = False
     """Keep every record in `JobResult.records` (tests, quality checks; not for 170K runs)."""
@@ -117,7 +119,13 @@ async def run_job(
             store = stack.enter_context(ResultsStore(spec.results_path))
         pending = [it for it in items if store is None or it.custom_id not in store]
         skipped = len(items) - len(pending)
-        progress = Progress(len(items), desc=spec.desc, enabled=spec.progress, initial=skipped)
+        progress = Progress(
+            len(items),
+            desc=spec.desc,
+            enabled=spec.progress,
+            initial=skipped,
+            stream=spec.progress_stream,
+        )
         stack.callback(progress.close)
         all_sinks: list[Callable[[RequestRecord], None]] = []
         if store is not None:

@@ -1,0 +1,169 @@
+"""`harness.yaml`: the configuration the production run uses, per profile, written back from
+measurements (phase 5 of the roadmap).
+
+```yaml
+profiles:
+  embedded:
+    MAX_CONTEXT_TOKENS: 8192        # largest context that fits the memory budget
+    CONTEXT_TRIM_THRESHOLD: 6553    # 80% of it
+    TRIM_INTERVAL: 50               # exchanges per conversation before a restart
+    MODEL_VRAM_GB: 0.41             # model memory without KV (GB = 1e9 bytes; RAM on a CPU)
+    KV_CACHE_PER_TOKEN_MB: 0.0031   # KV bytes per token of context (MB = 1e6 bytes)
+    n_ctx: 8192
+    parallel: 1
+    provenance:
+      MAX_CONTEXT_TOKENS: {report: ..., date: ..., backend: ..., model: ...}
+```
+
+Write-back is a round trip (ruamel.yaml): comments, other profiles and unknown keys stay as
+they were, and a value that did not change is not touched (nor is its provenance), so a second
+run with the same measurements changes nothing. The engine reads these values as the defaults
+of its trim policy.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+from harness.fileio import atomic_write_text
+
+__all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG_PATH", "ProfileConfig", "load_profile", "write_back"]
+
+DEFAULT_CONFIG_PATH = Path("harness.yaml")
+CONFIG_KEYS: dict[str, type] = {
+    "MAX_CONTEXT_TOKENS": int,
+    "CONTEXT_TRIM_THRESHOLD": int,
+    "TRIM_INTERVAL": int,
+    "MODEL_VRAM_GB": float,
+    "KV_CACHE_PER_TOKEN_MB": float,
+    "n_ctx": int,
+    "parallel": int,
+}
+_HEADER = """\
+# Configuration of the production run, per profile (see harness/config.py).
+# Values are written back from measurements by `pytest suites/context_limits --write-config`
+# (and the scale suites); each carries its provenance. Edit by hand if you like: a later
+# write-back only replaces values whose measurement changed.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileConfig:
+    """The values of one profile; None where not set."""
+
+    name: str
+    values: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
+
+    y = YAML(typ="rt")
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.width = 100
+    return y
+
+
+def _load_doc(path: Path) -> Any:
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.error import YAMLError
+
+    if not path.exists():
+        return CommentedMap()
+    try:
+        doc = _yaml().load(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if doc is None:
+        return CommentedMap()
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{path}: must be a mapping with a `profiles` key")
+    unknown = set(doc) - {"profiles"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level key(s): {', '.join(sorted(map(str, unknown)))}"
+        )
+    return doc
+
+
+def load_profile(path: str | Path, profile: str) -> ProfileConfig:
+    """The values of `profile` in the config file (empty when the file or profile is absent)."""
+    p = Path(path)
+    doc = _load_doc(p)
+    prof = (doc.get("profiles") or {}).get(profile) or {}
+    if not isinstance(prof, Mapping):
+        raise ConfigError(f"{p}: profiles.{profile} must be a mapping")
+    values: dict[str, Any] = {}
+    for key, value in prof.items():
+        if key == "provenance":
+            continue
+        if key not in CONFIG_KEYS:
+            raise ConfigError(
+                f"{p}: profiles.{profile}.{key}: unknown setting; known: {', '.join(CONFIG_KEYS)}"
+            )
+        if value is not None and not isinstance(value, CONFIG_KEYS[key] | int):
+            raise ConfigError(f"{p}: profiles.{profile}.{key}: {value!r} is not a number")
+        values[str(key)] = value
+    return ProfileConfig(profile, values, dict(prof.get("provenance") or {}))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+        except (TypeError, ValueError):
+            return False
+    return bool(a == b)
+
+
+def write_back(
+    path: str | Path,
+    profile: str,
+    values: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+) -> list[str]:
+    """Set `values` in `profile` of the config file; returns the keys that changed.
+
+    Only changed values (and their provenance) are written; other profiles, comments and
+    keys are left alone. Nothing is written when nothing changed.
+    """
+    from ruamel.yaml.comments import CommentedMap
+
+    p = Path(path)
+    for key in values:
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"cannot write unknown setting {key!r} to {p}")
+    doc = _load_doc(p)
+    fresh = not p.exists()
+    profiles = doc.setdefault("profiles", CommentedMap())
+    prof = profiles.setdefault(profile, CommentedMap())
+    changed: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        value = CONFIG_KEYS[key](value)
+        if key in prof and _same(prof[key], value):
+            continue
+        prof[key] = value
+        prov = prof.setdefault("provenance", CommentedMap())
+        prov[key] = CommentedMap(provenance)
+        changed.append(key)
+    if "provenance" in prof:  # keep provenance last, after the values
+        prov = prof.pop("provenance")
+        prof["provenance"] = prov
+    if changed:
+        buf = io.StringIO()
+        _yaml().dump(doc, buf)
+        atomic_write_text(p, (_HEADER if fresh else "") + buf.getvalue())
+    return changed

@@ -1,0 +1,353 @@
+"""Scenario files (`scenarios/*.yaml`): one per phase, validated on load.
+
+A scenario names its phase, describes the workload and the strategy, and holds per-profile
+settings: which backend and model, overrides, `expected` figures (informational, from the
+roadmap) and `criteria` (what gates CI). A criterion is `"metric op threshold"`, e.g.
+`"token_savings >= 0.97"`; metrics are dotted paths into the phase's report
+(`latency_ms.p95`, `memory.peak_bytes`). Unknown keys, metrics or operators are errors naming
+the file, the key and its line.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import ConfigError
+
+__all__ = [
+    "PHASE_METRICS",
+    "Criterion",
+    "CriterionResult",
+    "ProfileSpec",
+    "Scenario",
+    "StrategySpec",
+    "WorkloadSpec",
+    "evaluate",
+    "load_scenario",
+]
+
+OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+_SCALE_METRICS = (
+    "requests", "completed", "errors", "error_rate", "elapsed_s", "throughput_rps",
+    "tokens.prompt", "tokens.cached", "tokens.completion", "token_savings",
+    "token_savings_theoretical_max", "savings_efficiency", "latency_ms.p50", "latency_ms.p95",
+    "latency_ms.p99", "context_trims", "memory.peak_bytes", "memory.peak_gb",
+    "leak.server_bytes_per_hour", "leak.runner_bytes_per_hour", "degradation.ratio",
+    "projected_170k_s", "energy_wh", "cost", "projection_error",
+)  # fmt: skip
+PHASE_METRICS: dict[str, tuple[str, ...]] = {
+    "context_limits": (
+        "base_model_memory_bytes",
+        "kv_bytes_per_token",
+        "kv_bytes_per_token_theory",
+        "kv_theory_ratio",
+        "r_squared",
+        "memory_budget_bytes",
+        "max_context_tokens",
+        "safe_context_tokens",
+        "recommended.TRIM_INTERVAL",
+        "search_steps",
+        "max_measured_bytes",
+    ),
+    "scale": _SCALE_METRICS,
+    "quality": (
+        "consistency_rate",
+        "reproducible_rate",
+        "drift_spread",
+        "parse_rate",
+        "conversation_agreement",
+        "distinct_scores",
+        "score_stdev",
+    ),
+    "reliability": (
+        "lost",
+        "duplicated",
+        "faults_injected",
+        "retried_successes",
+        "recorded_errors",
+        "accounting_gap",
+        "completed",
+    ),
+    "performance": (
+        "stateless_efficiency",
+        "engine_over_direct",
+        "cached_over_naive",
+        "prefill_tps",
+        "decode_tps",
+    ),
+}
+
+_CRITERION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkloadSpec(_Strict):
+    """What is sent."""
+
+    requests: int | None = Field(None, ge=1)
+    prompt: str | None = None
+    """Prompt file (relative to the scenario's folder), default the recruiter rubric."""
+    candidates: str = "generated"
+    """`generated` (seeded synthetic candidates) or a CSV path."""
+    seed: int = 0
+    max_tokens: int = Field(16, ge=1)
+    structured: Literal["grammar", "schema", "none"] = "grammar"
+    temperature: float = 0.0
+
+
+class StrategySpec(_Strict):
+    """How it is sent."""
+
+    name: Literal["stateless", "conversation"] = "stateless"
+    max_context_tokens: int | None = Field(None, ge=16)
+    trim_threshold: int | None = Field(None, ge=1)
+    trim_interval: int | None = Field(None, ge=1)
+    keep_last: int = Field(0, ge=0)
+    concurrency: int = Field(1, ge=1)
+
+
+class ProfileSpec(_Strict):
+    """Settings of one profile (e.g. `embedded`, `gpu-gemma3-12b`)."""
+
+    backend: Literal["embedded", "openai", "ollama"] = "embedded"
+    model: str | None = None
+    n_ctx: int | None = Field(None, ge=16)
+    parallel: int = Field(1, ge=1)
+    workload: dict[str, Any] = Field(default_factory=dict)
+    strategy: dict[str, Any] = Field(default_factory=dict)
+    sweep: list[int] | None = None
+    """Context sizes to measure (context_limits)."""
+    memory_budget: str | None = None
+    expected: dict[str, Any] = Field(default_factory=dict)
+    criteria: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Phase-specific settings (e.g. quality repeats)."""
+
+
+class Scenario(_Strict):
+    """One phase's scenario file."""
+
+    name: str
+    phase: Literal["context_limits", "scale", "quality", "reliability", "performance"]
+    description: str = ""
+    workload: WorkloadSpec = WorkloadSpec()
+    strategy: StrategySpec = StrategySpec()
+    profiles: dict[str, ProfileSpec]
+    path: str = ""
+
+    @field_validator("profiles")
+    @classmethod
+    def _some_profile(cls, value: dict[str, ProfileSpec]) -> dict[str, ProfileSpec]:
+        if not value:
+            raise ValueError("a scenario needs at least one profile")
+        return value
+
+    def profile(self, name: str) -> ProfileSpec:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.path}: no profile {name!r}; it has: {', '.join(sorted(self.profiles))}"
+            ) from None
+
+    def workload_for(self, profile: str) -> WorkloadSpec:
+        """The workload with the profile's overrides applied (validated)."""
+        merged = {**self.workload.model_dump(), **self.profile(profile).workload}
+        return _validate(WorkloadSpec, merged, self.path, f"profiles.{profile}.workload")
+
+    def strategy_for(self, profile: str) -> StrategySpec:
+        merged = {**self.strategy.model_dump(), **self.profile(profile).strategy}
+        return _validate(StrategySpec, merged, self.path, f"profiles.{profile}.strategy")
+
+    def criteria_for(self, profile: str) -> list[Criterion]:
+        return [
+            Criterion.parse(text, self.path, f"profiles.{profile}.criteria[{i}]", self.phase)
+            for i, text in enumerate(self.profile(profile).criteria)
+        ]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Mapping[str, Any], path: str, where: str) -> M:
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, path, where)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Criterion:
+    """`metric op threshold`, checked against a report."""
+
+    metric: str
+    op: str
+    threshold: float
+    source: str
+    """`<file>, profile <name>` for messages."""
+
+    @classmethod
+    def parse(cls, text: str, path: str, key: str, phase: str) -> Criterion:
+        m = _CRITERION.match(str(text))
+        if m is None:
+            raise ConfigError(
+                f"{path}: {key}: {text!r} is not a criterion; write 'metric op threshold' with "
+                f"op one of {', '.join(OPS)}"
+            )
+        metric, op, raw = m.groups()
+        known = PHASE_METRICS.get(phase, ())
+        if metric not in known:
+            raise ConfigError(
+                f"{path}: {key}: unknown metric {metric!r} for phase {phase}; known: "
+                + ", ".join(known)
+            )
+        try:
+            threshold = float(raw)
+        except ValueError:
+            raise ConfigError(f"{path}: {key}: threshold {raw!r} is not a number") from None
+        profile = key.split(".")[1] if key.startswith("profiles.") else "?"
+        return cls(metric, op, threshold, f"{path}, profile {profile}")
+
+    def check(self, report: Mapping[str, Any]) -> CriterionResult:
+        value = lookup(report, self.metric)
+        passed = value is not None and OPS[self.op](value, self.threshold)
+        return CriterionResult(self, value, bool(passed))
+
+
+@dataclass(frozen=True, slots=True)
+class CriterionResult:
+    criterion: Criterion
+    value: Any
+    passed: bool
+
+    def message(self) -> str:
+        c = self.criterion
+        shown = "missing" if self.value is None else _fmt(self.value)
+        return f"{c.metric} = {shown}, needs {c.op} {c.threshold:g} ({c.source})"
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.criterion
+        return {
+            "metric": c.metric,
+            "op": c.op,
+            "threshold": c.threshold,
+            "value": self.value,
+            "passed": self.passed,
+        }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def lookup(report: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted path of a report (None when absent)."""
+    cur: Any = report
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def evaluate(criteria: list[Criterion], report: Mapping[str, Any]) -> list[CriterionResult]:
+    return [c.check(report) for c in criteria]
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def _format_errors(exc: ValidationError, path: str, where: str = "", lines: Any = None) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"]]
+        key = ".".join(([where] if where else []) + loc)
+        line = _line_of(lines, err["loc"]) if lines is not None else None
+        at = f"{path}:{line}" if line else path
+        msg = f"unknown key {loc[-1]!r}" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{at}: {key}: {msg}")
+    return "; ".join(parts)
+
+
+def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of a key path in a ruamel round-trip document, when it can be found."""
+    line: int | None = None
+    cur = node
+    for part in loc:
+        lc = getattr(cur, "lc", None)
+        try:
+            if lc is not None and isinstance(part, str) and part in cur:
+                line = lc.key(part)[0] + 1
+            elif lc is not None and isinstance(part, int):
+                line = lc.item(part)[0] + 1
+            cur = cur[part]
+        except (KeyError, IndexError, TypeError):
+            break
+    return line
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Load and validate a scenario file; every problem is a ConfigError naming file and key."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: scenario file not found") from None
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(text)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{p}: a scenario must be a mapping with name, phase and profiles")
+    data = _plain(doc)
+    data["path"] = str(p)
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(p), lines=doc)) from None
+    for name in scenario.profiles:
+        scenario.workload_for(name)
+        scenario.strategy_for(name)
+        for i, text in enumerate(scenario.profile(name).criteria):
+            try:
+                Criterion.parse(text, str(p), f"profiles.{name}.criteria[{i}]", scenario.phase)
+            except ConfigError as exc:
+                line = _line_of(doc, ("profiles", name, "criteria", i))
+                raise ConfigError(
+                    str(exc).replace(f"{p}:", f"{p}:{line}:", 1) if line else str(exc)
+                ) from None
+    return scenario
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node

@@ -1,0 +1,99 @@
+"""Phases 2-4, 6, 7: the batch at 100 → 1K → 10K → 50K → 170K requests, through the engine.
+
+    pytest -m scale_100                                  # embedded default (Gemma 3 270M)
+    pytest -m scale_1k --harness-model tiny-gemma3 --benchmark-json out.json
+    pytest -m scale_10k --harness-backend ollama         # production: Gemma 3 12B on a GPU
+
+Each size writes `reports/performance_benchmarks_<N>.json`; with pytest-benchmark each run is
+one pedantic round whose metrics are in `extra_info`. 10K and beyond run only when `-m` names
+them. A run's time is compared with the projection from the largest smaller run's report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import pytest
+
+from harness.config import load_profile
+from harness.engine import JobSpec, RunnerConfig, run_job
+from harness.engine.job import JobResult
+from harness.memory import EnergyMeter, NvmlProbe, NvmlUnavailable
+from harness.models.registry import resolve_model
+from harness.phases import items_for, policy_for, scale_figures
+from harness.plugin import HarnessSession
+
+SIZES = [
+    pytest.param(100, "phase2_scale_100.yaml", marks=pytest.mark.scale_100, id="100"),
+    pytest.param(1_000, "phase3_scale_1k.yaml", marks=pytest.mark.scale_1k, id="1k"),
+    pytest.param(10_000, "phase4_scale_10k.yaml", marks=pytest.mark.scale_10k, id="10k"),
+    pytest.param(50_000, "phase6_scale_50k.yaml", marks=pytest.mark.scale_50k, id="50k"),
+    pytest.param(170_000, "phase7_scale_170k.yaml", marks=pytest.mark.scale_170k, id="170k"),
+]
+# Long phases run for hours on a CPU: no per-test timeout (pytest-timeout), Ctrl-C stops them.
+pytestmark = [pytest.mark.scale, pytest.mark.integration, pytest.mark.timeout(0)]
+
+
+@pytest.mark.parametrize(("size", "scenario_file"), SIZES)
+def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file: str) -> None:
+    scenario = harness.scenario(scenario_file)
+    profile = scenario.profile(harness.profile)
+    model = harness.model_for(scenario)
+    backend = harness.backend(model=model, n_ctx=profile.n_ctx, parallel=profile.parallel)
+    policy = policy_for(
+        scenario,
+        harness.profile,
+        load_profile(harness.config_path, harness.profile),
+        backend.info.n_ctx_per_slot,
+    )
+    st = scenario.strategy_for(harness.profile)
+    spec = JobSpec(
+        strategy=st.name,
+        policy=policy,
+        runner=RunnerConfig(concurrency=st.concurrency),
+        desc=f"scale {size}",
+        progress_stream=sys.__stderr__,
+    )
+    items = items_for(scenario, harness.profile, size)
+    energy: EnergyMeter | None = None
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(NvmlUnavailable):
+            energy = stack.enter_context(EnergyMeter(NvmlProbe()))
+        result: JobResult = benchmark.pedantic(
+            lambda: harness.run(run_job(backend, items, spec)), rounds=1, iterations=1
+        )
+    note = ""
+    if harness.backend_name == "embedded":
+        note = resolve_model(model).note
+    figures = scale_figures(
+        result,
+        size=size,
+        report_dir=harness.report_dir,
+        energy_wh=energy.watt_hours if energy is not None else None,
+        price_per_kwh=harness.price_per_kwh,
+        model_note=note,
+    )
+    figures["strategy"] = {
+        "name": st.name,
+        "max_context_tokens": policy.max_context_tokens,
+        "trim_threshold": policy.threshold,
+        "trim_interval": policy.trim_interval,
+        "concurrency": st.concurrency,
+    }
+    benchmark.extra_info.update(figures)
+    report = harness.report(
+        f"performance_benchmarks_{size}.json",
+        scenario,
+        figures,
+        backend=backend,
+        key=f"scale_{size}",
+    )
+    savings, theory = figures["token_savings"] or 0, figures["token_savings_theoretical_max"] or 0
+    print(
+        f"\nscale {size}: {figures['throughput_rps']:.2f} req/s, savings {savings:.1%} of "
+        f"{theory:.1%} possible, {figures['context_trims']} trims, errors {figures['errors']}",
+        file=sys.__stderr__,
+    )
+    harness.gate(report)

@@ -1,0 +1,158 @@
+"""The pytest plugin under pytester: gating messages, bad scenarios, write-back, markers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester"]
+
+SCENARIO = """\
+name: phase2_scale_100
+phase: scale
+workload:
+  requests: 30
+  structured: none
+  max_tokens: 4
+strategy:
+  name: conversation
+  trim_interval: 10
+profiles:
+  embedded:
+    criteria:
+      - error_rate <= 0
+      - token_savings >= {threshold}
+"""
+
+# A phase test as a suite writes one, on the in-process double (no server needed).
+SUITE = """\
+import pytest
+from harness.engine import JobSpec, TrimPolicy, run_job
+from harness.phases import items_for, scale_figures
+from harness.testing import InProcessDouble
+
+@pytest.mark.scale_100
+def test_phase(harness):
+    scenario = harness.scenario("phase2_scale_100.yaml")
+    items = items_for(scenario, harness.profile)
+    spec = JobSpec(strategy="conversation", policy=TrimPolicy(100_000, trim_interval=10),
+                   progress=False)
+    result = harness.run(run_job(InProcessDouble(), items, spec))
+    figures = scale_figures(result, size=len(items), report_dir=harness.report_dir)
+    report = harness.report("performance_benchmarks_30.json", scenario, figures)
+    harness.recommend({"TRIM_INTERVAL": 10, "MAX_CONTEXT_TOKENS": 100000},
+                      harness.report_dir / "performance_benchmarks_30.json", None)
+    harness.gate(report)
+
+@pytest.mark.scale_10k
+def test_long_phase():
+    raise AssertionError("a long phase must not run unless -m names it")
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    (pytester.path / "scenarios").mkdir()
+    shutil.copytree(ROOT / "scenarios" / "prompts", pytester.path / "scenarios" / "prompts")
+    pytester.makepyfile(test_phase=SUITE)
+    return pytester
+
+
+def scenario(pytester: pytest.Pytester, threshold: str) -> None:
+    path = pytester.path / "scenarios" / "phase2_scale_100.yaml"
+    path.write_text(SCENARIO.format(threshold=threshold))
+
+
+def test_a_passing_phase_writes_reports_and_prints_the_table(project: pytest.Pytester) -> None:
+    scenario(project, "0.5")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*harness reports*",
+            "*performance_benchmarks_30.json*PASS*savings*",
+            "summary: reports/summary.json",
+        ]
+    )
+    report = json.loads((project.path / "reports" / "performance_benchmarks_30.json").read_text())
+    for key in ("harness_version", "phase", "scenario", "profile", "generated_at", "machine_info",
+                "commit_info", "backend", "criteria", "passed"):  # fmt: skip
+        assert key in report
+    assert report["passed"] is True
+    assert report["scenario"] == "scenarios/phase2_scale_100.yaml"
+    assert report["context_trims"] == 2
+    summary = json.loads((project.path / "reports" / "summary.json").read_text())
+    assert summary["phases"][0]["passed"] is True
+
+
+def test_an_impossible_criterion_fails_with_the_promised_message(project: pytest.Pytester) -> None:
+    scenario(project, "1.5")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, deselected=1)
+    result.stdout.fnmatch_lines(
+        ["*token_savings = 0.*, needs >= 1.5 (scenarios/phase2_scale_100.yaml, profile embedded)*"]
+    )
+    result.stdout.no_fnmatch_line("*error_rate = *")  # only the failed criterion is listed
+    result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_a_bad_scenario_is_a_clear_error_not_a_traceback(project: pytest.Pytester) -> None:
+    path = project.path / "scenarios" / "phase2_scale_100.yaml"
+    path.write_text(SCENARIO.format(threshold="0.5").replace("token_savings", "token_saving"))
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, deselected=1)
+    result.stdout.re_match_lines(
+        [
+            r"bad scenario: scenarios/phase2_scale_100\.yaml:14: profiles\.embedded\.criteria"
+            r"\[1\]: unknown metric 'token_saving' for phase scale; known: .*token_savings"
+        ]
+    )
+    result.stdout.no_fnmatch_line("*Traceback*")
+    result.stdout.no_fnmatch_line("*harness/scenarios.py*")
+    result.stdout.no_fnmatch_line("*During handling*")
+
+
+def test_long_phases_run_only_when_named(project: pytest.Pytester) -> None:
+    scenario(project, "0.5")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "-m", "scale_10k")
+    result.assert_outcomes(failed=1, deselected=1)
+    result.stdout.fnmatch_lines(["*a long phase must not run unless -m names it*"])
+
+
+def test_write_config_writes_once_with_provenance(project: pytest.Pytester) -> None:
+    scenario(project, "0.5")
+    config = project.path / "harness.yaml"
+    config.write_text("profiles:\n  gpu-gemma3-12b:\n    TRIM_INTERVAL: 75  # from the GPU box\n")
+    first = project.runpytest_subprocess("-p", "no:cacheprovider", "--write-config")
+    first.assert_outcomes(passed=1, deselected=1)
+    first.stdout.fnmatch_lines(["config written: harness.yaml (MAX_CONTEXT_TOKENS, TRIM_INTERVAL)"])
+    text = config.read_text()
+    assert "TRIM_INTERVAL: 75  # from the GPU box" in text
+    assert "report: reports/performance_benchmarks_30.json" in text
+    second = project.runpytest_subprocess("-p", "no:cacheprovider", "--write-config")
+    second.assert_outcomes(passed=1, deselected=1)
+    second.stdout.no_fnmatch_line("config written:*")
+    assert config.read_text() == text
+    without = project.runpytest_subprocess("-p", "no:cacheprovider")
+    without.assert_outcomes(passed=1, deselected=1)
+    assert config.read_text() == text
+
+
+def test_options_are_in_one_group_with_defaults(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(
+        [
+            "LLM batch harness:",
+            "*--harness-backend=HARNESS_BACKEND*",
+            "*Default: 'embedded'*",
+            "*--memory-budget=MEMORY_BUDGET*",
+            "*--write-config*",
+        ]
+    )
+    bad = pytester.runpytest("--harness-backend", "vllm")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["*--harness-backend 'vllm': choose embedded, openai or ollama*"])
