@@ -1,7 +1,8 @@
 """The `harness` command: `serve` a model, `convert` a CSV to batch JSONL, `run` a batch.
 
 Exit codes: 0 all done; 1 finished with failed rows, or the server could not be reached;
-2 bad input or usage.
+2 bad input or usage (one line on stderr, nothing created); 130 interrupted by Ctrl-C.
+The logic of `convert` and `run` lives in `harness.batch`; this module only parses options.
 """
 
 from __future__ import annotations
@@ -9,17 +10,33 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from harness import __version__
 from harness.backends.server import ServerSettings, serve
+from harness.batch import DEFAULT_SEED, BatchOptions, output_paths
+from harness.engine.store import read_results
 from harness.errors import BackendError, ConfigError, HarnessError, InputError, OutputError
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+from harness.workload import DEFAULT_PROMPT_PATH
 
 __all__ = ["main"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # No "(default: None)": options without a default say in their help what happens.
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr (exit 2), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -32,7 +49,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "serve",
         help="run a llama.cpp server for a model on 127.0.0.1 and print its URL",
@@ -94,7 +111,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def _add_smoke(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_smoke(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "smoke",
         help="a quick real run: N requests sharing the ~4,000-token rubric (embedded default)",
@@ -135,8 +152,233 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+_RUN_DESCRIPTION = """\
+Score a candidates CSV, or run an OpenAI Batch JSONL, through a model server.
+
+INPUT ending in .jsonl or .json is a batch file: each line is sent as its body says (its own
+messages and parameters). Anything else is a CSV with a header: each row becomes the shared
+rubric (--prompt) plus the row rendered into the prompt's user template, and the reply is asked
+for as structured output (--structured).
+
+Outputs (next to INPUT, or next to --output):
+  <stem>_results.jsonl  every finished request, OpenAI Batch output lines plus a `harness`
+                        object; running the same command again resumes from it (finished ids,
+                        errors included, are skipped)
+  <stem>_scores.csv     custom_id, score, other output fields, status, error, prompt_tokens,
+                        cached_tokens, completion_tokens, latency_ms: one row per input row in
+                        input order, rewritten at the end of every run (also after Ctrl-C)
+
+Exit codes: 0 every row done; 1 rows failed or the server could not be reached; 2 bad input or
+usage (nothing is created); 130 interrupted by Ctrl-C (run the same command again to resume).
+"""
+
+
+def _add_convert(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="turn a candidates CSV into an OpenAI Batch JSONL (one request per row)",
+        formatter_class=_Formatter,
+        description="Writes one line per CSV row: {custom_id, method, url, body}, where body\n"
+        "holds the messages (shared rubric + the rendered row), max_tokens, temperature 0, seed\n"
+        "and the output schema as response_format. `harness run OUTPUT.jsonl` runs it.",
+    )
+    p.add_argument("input", metavar="INPUT.csv", help="candidates CSV with a header row")
+    p.add_argument("output", metavar="OUTPUT.jsonl", help="batch file to write (replaced)")
+    _add_input_options(p)
+    p.add_argument(
+        "--max-tokens", type=_positive_int, default=16, help="max_tokens of each request"
+    )
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--id-column",
+        default="id",
+        help="CSV column holding each row's unique id (becomes custom_id)",
+    )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        metavar="PROMPT.yaml",
+        help="prompt file (system, user_template with {column} placeholders, output_schema) "
+        f"for CSV input (default: the recruiter rubric, "
+        f"{DEFAULT_PROMPT_PATH.parent.parent.name}/prompts/{DEFAULT_PROMPT_PATH.name})",
+    )
+    p.add_argument(
+        "--sample",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="use a reproducible sample of N rows (drawn with --seed), kept in input order "
+        "(default: every row)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="seed of the --sample draw and of each request's sampling (`seed` in the body)",
+    )
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from harness.batch import convert
+
+    result = convert(
+        args.input,
+        args.output,
+        id_column=args.id_column,
+        prompt=args.prompt,
+        sample=args.sample,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
+    print(
+        f"convert: wrote {result.lines} batch lines (of {result.rows} rows) to {result.output} "
+        f"using the prompt {result.prompt}"
+    )
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from harness.batch import BACKENDS
+    from harness.engine.strategies import STRATEGIES
+    from harness.workload import STRUCTURED_MODES
+
+    d = BatchOptions(Path("-"))
+    p = sub.add_parser(
+        "run",
+        help="score a CSV or run a batch JSONL; resumable; writes a scores CSV",
+        formatter_class=_Formatter,
+        description=_RUN_DESCRIPTION,
+    )
+    p.add_argument("input", metavar="INPUT", help="candidates CSV, or batch .jsonl/.json")
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="OUT.csv",
+        help="scores CSV to write; the results go next to it as <OUT stem>_results.jsonl "
+        "(default: <INPUT stem>_scores.csv next to INPUT)",
+    )
+    p.add_argument("--backend", default=d.backend, help=f"model server: {' | '.join(BACKENDS)}")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"embedded: {', '.join(KNOWN_MODELS)} or a .gguf path (default {DEFAULT_MODEL}); "
+        "openai/ollama: the server's model name (default: the server's own choice)",
+    )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="server URL for --backend openai (required, e.g. http://127.0.0.1:8080/v1) or "
+        "ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=d.concurrency,
+        metavar="N",
+        help="requests in flight (the embedded server gets N slots of --ctx tokens each)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=d.strategy,
+        help=f"{' | '.join(sorted(STRATEGIES, reverse=True))}: one request per row with the "
+        "shared rubric (the server's prefix cache reuses it), or rolling conversations "
+        "restarted by the trim policy",
+    )
+    _add_input_options(p)
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=d.max_tokens,
+        metavar="N",
+        help="tokens per reply for CSV input (batch lines carry their own)",
+    )
+    p.add_argument(
+        "--structured",
+        default=d.structured,
+        help=f"{' | '.join(STRUCTURED_MODES)}: how CSV replies are held to the output schema: "
+        "a tight GBNF grammar (llama.cpp; others get the schema), JSON-schema structured "
+        "output, or free text. A reply that does not parse is retried once, then recorded "
+        "as the row's error",
+    )
+    p.add_argument(
+        "--ctx",
+        type=_positive_int,
+        default=d.ctx,
+        metavar="N",
+        help="context window of one request in tokens (the embedded server's context per "
+        "slot); a longer request is recorded as that row's error, not sent",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads of the embedded server (default: every core; on a machine shared "
+        "with other busy processes, fewer threads avoid llama.cpp's spin-waiting)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar or progress lines on stderr",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.batch import run_batch
+
+    options = BatchOptions(
+        input=Path(args.input),
+        output=Path(args.output) if args.output else None,
+        backend=args.backend,
+        model=args.model,
+        base_url=args.base_url,
+        concurrency=args.concurrency,
+        strategy=args.strategy,
+        sample=args.sample,
+        prompt=Path(args.prompt) if args.prompt else None,
+        id_column=args.id_column,
+        max_tokens=args.max_tokens,
+        structured=args.structured,
+        ctx=args.ctx,
+        seed=args.seed,
+        threads=args.threads,
+        progress=args.progress,
+    )
+    try:
+        result = run_batch(options)
+    except BackendError as exc:
+        _, results = output_paths(options.input, options.output)
+        kept = sum(1 for _ in read_results(results)) if results.exists() else 0
+        print(f"harness run: error: {exc}", file=sys.stderr)
+        if kept:
+            print(
+                f"harness run: {kept} results kept in {results}; run the same command again "
+                "to resume",
+                file=sys.stderr,
+            )
+        return 1
+    if result.foreign:
+        print(
+            f"harness run: note: {result.foreign} lines of {result.results_path} are for ids "
+            "not in this input; they are not in the scores CSV",
+            file=sys.stderr,
+        )
+    print(result.summary())
+    if result.interrupted:
+        print(
+            f"interrupted: {result.done + result.failed} results kept in {result.results_path}; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="harness",
         description="Validate a large local LLM batch job, then run it.",
         formatter_class=_Formatter,
@@ -145,15 +387,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_smoke(sub)
+    _add_convert(sub)
+    _add_run(sub)
     return parser
 
 
-_COMMANDS = {"serve": _cmd_serve, "smoke": _cmd_smoke}
+_COMMANDS = {
+    "serve": _cmd_serve,
+    "smoke": _cmd_smoke,
+    "convert": _cmd_convert,
+    "run": _cmd_run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser: its name and its --help
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
     except (InputError, ConfigError) as exc:
@@ -169,5 +421,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"harness {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"harness {args.command}: interrupted", file=sys.stderr)
+        hint = "; run the same command again to resume" if args.command == "run" else ""
+        print(f"harness {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

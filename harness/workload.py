@@ -44,7 +44,7 @@ __all__ = [
 DEFAULT_PROMPT_PATH = (
     Path(__file__).resolve().parent.parent / "scenarios" / "prompts" / "recruiter.yaml"
 )
-STRUCTURED_MODES = ("grammar", "schema", "none")
+STRUCTURED_MODES = ("grammar", "schema", "unconstrained", "none")
 _PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_ .-]*)\}(?!\})")
 
 
@@ -64,6 +64,9 @@ class WorkItem:
     grammar: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Other body parameters (from a batch line), passed through to the server."""
+    constrain: bool = True
+    """Whether the server is asked to enforce `output_schema`; when False the schema is only
+    used to parse the free-text reply."""
 
     @property
     def prefix(self) -> tuple[Mapping[str, str], ...]:
@@ -129,9 +132,14 @@ def load_prompt(path: str | Path | None = None) -> PromptSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        # One line: PyYAML's own message spans several, with the source quoted.
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise InputError(f"prompt file is not valid YAML: {exc}", path=str(p), line=line) from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        raise InputError(
+            f"prompt file is not valid YAML: {problem}{where}", path=str(p), line=line
+        ) from None
     if not isinstance(data, dict):
         raise InputError(
             "prompt file must be a mapping with `system` and `user_template`", path=str(p)
@@ -313,10 +321,12 @@ def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTab
     if not any(header):
         raise InputError("no header row (the first line is blank)", path=str(p), line=1)
     if id_column not in header:
-        if len(header) == 1 or all(_looks_like_value(h) for h in header):
+        # A bare number, an e-mail address or a long text is no column name: the first line
+        # is a data row (a header has no such cells, and one such cell is enough to tell).
+        if len(header) == 1 or any(h and _looks_like_value(h) for h in header):
             raise InputError(
-                f"no header: the first line looks like data; add a header naming the columns "
-                f"(with an {id_column!r} column)",
+                f"no header: the first line looks like data ({', '.join(header)[:80]}); add a "
+                f"header line naming the columns (with an {id_column!r} column)",
                 path=str(p),
                 line=1,
             )
@@ -388,7 +398,8 @@ def items_from_table(
 
     `structured` says how the output schema is enforced: `grammar` (a tight GBNF grammar,
     llama.cpp; falls back to the schema when no tight grammar exists), `schema` (JSON-schema
-    structured output), or `none` (free text, not parsed: pipeline and load tests).
+    structured output), `unconstrained` (free text, parsed against the schema afterwards), or
+    `none` (free text, not parsed: pipeline and load tests).
     """
     if structured not in STRUCTURED_MODES:
         raise ConfigError(
@@ -407,6 +418,7 @@ def items_from_table(
             seed=seed,
             output_schema=schema,
             grammar=gbnf,
+            constrain=structured != "unconstrained",
         )
         for row in table.rows
     ]

@@ -1,0 +1,727 @@
+"""The production batch tool behind `harness convert` and `harness run`.
+
+`convert` turns a candidates CSV into an OpenAI Batch input file (one chat request per row,
+carrying the shared rubric, the row's rendered message, the generation parameters and the
+output schema). `run` sends a CSV or a batch JSONL through the engine (`run_job`), keeps every
+finished request in an append-only results file (the OpenAI Batch output format plus a
+`harness` object; running the same command again resumes from it, skipping every id already
+there, errors included), and at the end of every run, also after Ctrl-C, SIGTERM or a server
+failure, writes a scores CSV from that file atomically:
+
+    custom_id, score, <other output-schema fields>, status, error,
+    prompt_tokens, cached_tokens, completion_tokens, latency_ms
+
+one row per input row, in input order (rows not run yet are absent).
+
+Everything the user gave (input file, prompt file, template placeholders, backend, strategy,
+numbers) is validated before any output is created or any server is started: a mistake raises
+`InputError` or `ConfigError` with the file, line or setting and what to do.
+
+Python API::
+
+    options = BatchOptions(Path("candidates.csv"), model="tiny-gemma3")
+    result = run_batch(options)            # or: await run_batch_async(options)
+    print(result.summary())
+
+`run_batch(..., backend=...)` runs on a backend the caller built (tests use the in-process
+double); otherwise `make_backend(options)` builds the one the options name. Ctrl-C and SIGTERM
+stop a `run_batch` cleanly (the embedded server too); SIGKILL cannot be caught, and leaves the
+embedded server (a child in its own session) running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from harness.backends.base import Backend
+from harness.engine import JobSpec, RunnerConfig, TrimPolicy, read_results, run_job
+from harness.engine.progress import format_duration
+from harness.engine.strategies import STRATEGIES
+from harness.errors import ConfigError
+from harness.fileio import atomic_write_text
+from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+from harness.records import RequestRecord
+from harness.workload import (
+    STRUCTURED_MODES,
+    CandidateTable,
+    WorkItem,
+    batch_line,
+    item_body,
+    items_from_batch,
+    items_from_table,
+    load_prompt,
+    parse_reply,
+    read_batch_jsonl,
+    read_candidates_csv,
+    sample_rows,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BATCH_SUFFIXES",
+    "METRIC_COLUMNS",
+    "BatchInput",
+    "BatchOptions",
+    "BatchResult",
+    "ConvertResult",
+    "convert",
+    "input_kind",
+    "load_input",
+    "make_backend",
+    "output_paths",
+    "run_batch",
+    "run_batch_async",
+    "score_columns",
+    "write_scores_csv",
+]
+
+BACKENDS = ("embedded", "openai", "ollama")
+"""Backends `harness run` can use."""
+BATCH_SUFFIXES = (".jsonl", ".json")
+"""Input files with these suffixes are OpenAI Batch JSONL; anything else is a CSV."""
+METRIC_COLUMNS = (
+    "status",
+    "error",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "latency_ms",
+)
+"""The scores CSV's columns after `custom_id`, `score` and the other output-schema fields."""
+DEFAULT_SEED = 42
+MIN_CTX = 16
+
+InputKind = Literal["csv", "batch"]
+
+
+def input_kind(path: str | Path) -> InputKind:
+    """`batch` for a `.jsonl` / `.json` file, else `csv`."""
+    return "batch" if Path(path).suffix.lower() in BATCH_SUFFIXES else "csv"
+
+
+def output_paths(input_path: str | Path, output: str | Path | None = None) -> tuple[Path, Path]:
+    """(scores CSV, results JSONL) of a run: `<stem>_scores.csv` and `<stem>_results.jsonl`
+    next to the input, or `output` and `<outstem>_results.jsonl` next to it."""
+    src = Path(input_path)
+    if output is None:
+        scores = src.with_name(f"{src.stem}_scores.csv")
+        results = src.with_name(f"{src.stem}_results.jsonl")
+    else:
+        scores = Path(output)
+        results = scores.with_name(f"{scores.stem}_results.jsonl")
+    for what, path in (("scores CSV", scores), ("results file", results)):
+        if _same_path(path, src):
+            raise ConfigError(
+                f"the {what} would be the input file itself ({src}); choose another --output"
+            )
+    if scores.is_dir():
+        raise ConfigError(f"--output {scores} is a directory; give a file name such as x.csv")
+    return scores, results
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """What `harness run` was asked to do (the CLI's options, one field each)."""
+
+    input: Path
+    """A candidates CSV, or an OpenAI Batch JSONL (`.jsonl` / `.json`)."""
+    output: Path | None = None
+    """The scores CSV (default `<input stem>_scores.csv` next to the input)."""
+    backend: str = "embedded"
+    model: str | None = None
+    """embedded: a model name or .gguf path (default gemma3-270m); openai/ollama: the server's
+    model name (default: the openai server's first model, or OllamaBackend's default)."""
+    base_url: str | None = None
+    """Server URL for `openai` (required) and `ollama` (default $OLLAMA_HOST or localhost)."""
+    concurrency: int = 1
+    """Requests in flight; the embedded server gets one slot per concurrent request."""
+    strategy: str = "stateless"
+    sample: int | None = None
+    """Run a reproducible sample of this many rows (drawn with `seed`), in input order."""
+    prompt: Path | None = None
+    """Prompt file for CSV input (default: the recruiter rubric)."""
+    id_column: str = "id"
+    max_tokens: int = 16
+    structured: str = "grammar"
+    """CSV input: `grammar` (tight GBNF; llama.cpp), `schema` (JSON-schema structured output)
+    or `none` (free text, not validated)."""
+    ctx: int = 8192
+    """Context window of one request in tokens: longer requests are recorded as errors
+    without being sent; the embedded server gets ctx × concurrency tokens."""
+    seed: int = DEFAULT_SEED
+    """Seed of the --sample draw and, for CSV input, of the model's sampling."""
+    threads: int | None = None
+    """CPU threads of the embedded server (None: llama.cpp's default, every core)."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the option for a setting that cannot work."""
+        names = sorted(set(BACKENDS) & set(Backend.names()))
+        if self.backend not in names:
+            raise ConfigError(
+                f"--backend {self.backend!r} is not known; choose one of: {', '.join(names)}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"--strategy {self.strategy!r} is not known; choose one of: "
+                f"{', '.join(sorted(STRATEGIES))}"
+            )
+        if self.structured not in STRUCTURED_MODES:
+            raise ConfigError(
+                f"--structured {self.structured!r} is not known; choose one of: "
+                f"{', '.join(STRUCTURED_MODES)}"
+            )
+        for flag, value, least in (
+            ("--concurrency", self.concurrency, 1),
+            ("--max-tokens", self.max_tokens, 1),
+            ("--ctx", self.ctx, MIN_CTX),
+        ):
+            if value < least:
+                raise ConfigError(f"{flag} {value} must be at least {least}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads} must be at least 1")
+        if self.threads is not None and self.backend != "embedded":
+            raise ConfigError("--threads is for --backend embedded (the server it starts)")
+        if self.sample is not None and self.sample < 1:
+            raise ConfigError(f"--sample {self.sample} must be at least 1 (or leave it out)")
+        if self.max_tokens >= self.ctx:
+            raise ConfigError(
+                f"--max-tokens {self.max_tokens} leaves no room for the prompt in --ctx {self.ctx}"
+            )
+        if self.backend == "openai" and not self.base_url:
+            raise ConfigError("--backend openai needs --base-url (e.g. http://127.0.0.1:8080/v1)")
+        if self.backend == "embedded":
+            if self.base_url:
+                raise ConfigError(
+                    "--base-url is for --backend openai or ollama; the embedded backend starts "
+                    "its own server"
+                )
+            model = self.model or DEFAULT_MODEL
+            path = Path(model).expanduser()
+            if model not in KNOWN_MODELS and not (path.suffix == ".gguf" and path.is_file()):
+                raise ConfigError(
+                    f"--model {model!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
+                    "nor an existing .gguf file"
+                )
+
+
+# -- input ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInput:
+    """A validated input: its work items (input order) and the output fields to report."""
+
+    path: Path
+    kind: InputKind
+    items: tuple[WorkItem, ...]
+    fields: tuple[str, ...]
+    """Output-schema fields for the scores CSV, `score` first (empty when there is none)."""
+    rows: int
+    """Rows (CSV) or lines (batch) in the file, before --sample."""
+
+
+def _schema_fields(schemas: Sequence[Mapping[str, Any] | None]) -> tuple[str, ...]:
+    names: list[str] = ["score"]
+    for schema in schemas:
+        props = schema.get("properties") if schema else None
+        if isinstance(props, Mapping):
+            names.extend(str(k) for k in props if str(k) not in names)
+    return tuple(names)
+
+
+def _sample_table(table: CandidateTable, n: int | None, seed: int) -> CandidateTable:
+    keep = sample_rows(range(len(table.rows)), n, seed)
+    return CandidateTable(
+        table.path,
+        table.columns,
+        table.id_column,
+        tuple(table.rows[i] for i in keep),
+        tuple(table.lines[i] for i in keep),
+    )
+
+
+def load_input(options: BatchOptions) -> BatchInput:
+    """Read and validate the input (and prompt file) into work items; raises InputError or
+    ConfigError naming the file, line or setting. Creates nothing."""
+    path = Path(options.input)
+    kind = input_kind(path)
+    if kind == "batch":
+        if options.prompt is not None:
+            raise ConfigError(
+                f"--prompt applies to CSV input only; the lines of {path} carry their own messages"
+            )
+        lines = read_batch_jsonl(path)
+        chosen = sample_rows(lines, options.sample, options.seed)
+        items = items_from_batch(chosen)
+        fields = _schema_fields([it.output_schema for it in items])
+        return BatchInput(path, kind, tuple(items), fields, len(lines))
+    table = read_candidates_csv(path, options.id_column)
+    prompt = load_prompt(options.prompt)
+    sampled = _sample_table(table, options.sample, options.seed)
+    items = items_from_table(
+        sampled,
+        prompt,
+        max_tokens=options.max_tokens,
+        temperature=0.0,
+        seed=options.seed,
+        structured=options.structured,
+    )
+    return BatchInput(
+        path, kind, tuple(items), _schema_fields([prompt.output_schema]), len(table.rows)
+    )
+
+
+# -- convert ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    input: Path
+    output: Path
+    lines: int
+    rows: int
+    """Rows in the CSV (before --sample)."""
+    prompt: str
+
+
+def convert(
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    id_column: str = "id",
+    prompt: str | Path | None = None,
+    sample: int | None = None,
+    seed: int = DEFAULT_SEED,
+    max_tokens: int = 16,
+) -> ConvertResult:
+    """Write one OpenAI Batch line per CSV row (atomically); validates everything first."""
+    src, dst = Path(input_path), Path(output_path)
+    if input_kind(src) != "csv":
+        raise ConfigError(f"convert reads a candidates CSV; {src} is already a batch JSONL")
+    if _same_path(src, dst):
+        raise ConfigError(f"the output {dst} is the input file itself; choose another name")
+    if dst.is_dir():
+        raise ConfigError(f"the output {dst} is a directory; give a file name such as x.jsonl")
+    if sample is not None and sample < 1:
+        raise ConfigError(f"--sample {sample} must be at least 1 (or leave it out)")
+    if max_tokens < 1:
+        raise ConfigError(f"--max-tokens {max_tokens} must be at least 1")
+    table = read_candidates_csv(src, id_column)
+    spec = load_prompt(prompt)
+    sampled = _sample_table(table, sample, seed)
+    # `schema`: the body carries response_format; items_from_batch turns it back into the
+    # tight grammar, so a converted file runs exactly like the CSV with --structured grammar.
+    items = items_from_table(
+        sampled, spec, max_tokens=max_tokens, temperature=0.0, seed=seed, structured="schema"
+    )
+    out = bytearray()
+    for item in items:
+        out += orjson.dumps(batch_line(item.custom_id, item_body(item)))
+        out += b"\n"
+    atomic_write_text(dst, out.decode("utf-8"))
+    return ConvertResult(src, dst, len(items), len(table.rows), spec.path or spec.name)
+
+
+# -- scores CSV -------------------------------------------------------------------------------
+
+
+def score_columns(fields: Sequence[str]) -> list[str]:
+    """The scores CSV header for these output fields."""
+    return ["custom_id", *(fields or ("score",)), *METRIC_COLUMNS]
+
+
+def _reply_object(harness: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    parsed = harness.get("parsed")
+    if isinstance(parsed, Mapping):
+        return parsed
+    content = harness.get("content")
+    if not isinstance(content, str) or not content.strip():
+        return None
+    try:
+        return parse_reply(content, None)
+    except ValueError:
+        return None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    return orjson.dumps(value).decode("utf-8")
+
+
+def _score_of(obj: Mapping[str, Any] | None) -> int | None:
+    value = obj.get("score") if obj is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(slots=True)
+class _Counts:
+    done: int = 0
+    failed: int = 0
+    scored: int = 0
+    foreign: int = 0
+    """Results lines whose custom_id is not in this input."""
+
+
+def write_scores_csv(
+    ids: Sequence[str],
+    fields: Sequence[str],
+    results_path: str | Path,
+    scores_path: str | Path,
+) -> tuple[int, int, int, int]:
+    """Write the scores CSV (atomically) from the results file, one row per finished id in
+    `ids` order. Returns (done, failed, scored, lines for ids not in `ids`)."""
+    counts = _write_scores(ids, fields, Path(results_path), Path(scores_path))
+    return counts.done, counts.failed, counts.scored, counts.foreign
+
+
+def _write_scores(
+    ids: Sequence[str], fields: Sequence[str], results: Path, scores: Path
+) -> _Counts:
+    # Streamed: each results line becomes its CSV line at once, and only that short text is
+    # kept per id (a 170,000-line results file holds every reply body; the CSV lines do not).
+    wanted = set(ids)
+    columns = score_columns(fields)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    counts = _Counts()
+    rows: dict[str, str] = {}
+    for line in read_results(results):
+        cid = line.get("custom_id")
+        if cid not in wanted:
+            counts.foreign += 1
+            continue
+        h: Mapping[str, Any] = line.get("harness") or {}
+        err = line.get("error")
+        ok = err is None
+        obj = _reply_object(h) if ok else None
+        score = _score_of(obj)
+        counts.done += ok
+        counts.failed += not ok
+        counts.scored += score is not None
+        message = ""
+        if isinstance(err, Mapping):
+            message = f"{err.get('code') or 'Error'}: {err.get('message') or ''}"
+        values = {
+            "custom_id": cid,
+            "score": score,
+            "status": "ok" if ok else "error",
+            "error": message,
+            "prompt_tokens": h.get("prompt_tokens"),
+            "cached_tokens": h.get("cached_tokens"),
+            "completion_tokens": h.get("completion_tokens"),
+            "latency_ms": h.get("latency_ms"),
+        }
+        for name in fields:
+            if name != "score":
+                values[name] = obj.get(name) if obj is not None else None
+        writer.writerow([_cell(values.get(c)) for c in columns])
+        rows[cid] = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+    writer.writerow(columns)
+    header = buf.getvalue()
+    atomic_write_text(scores, header + "".join(rows[cid] for cid in ids if cid in rows))
+    return counts
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def make_backend(options: BatchOptions) -> Backend:
+    """The backend the options name (not started). Tests replace this function."""
+    if options.backend == "embedded":
+        n = options.concurrency
+        return Backend.create(
+            "embedded",
+            model=options.model or DEFAULT_MODEL,
+            n_ctx=options.ctx * n,
+            parallel=n,
+            threads=options.threads,
+            max_connections=max(64, n),
+        )
+    if options.backend == "openai":
+        assert options.base_url is not None
+        return Backend.create(
+            "openai",
+            base_url=options.base_url,
+            model=options.model,
+            max_connections=max(64, options.concurrency),
+        )
+    opts: dict[str, Any] = {"base_url": options.base_url, "num_ctx": options.ctx}
+    if options.model:
+        opts["model"] = options.model
+    return Backend.create(options.backend, **opts)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What this run did (a sink of the engine): counts, tokens, latencies."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt: int = 0
+    cached: int = 0
+    completion: list[int] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
+    prompt_ms: list[float] = field(default_factory=list)
+    started: float | None = None
+    ended: float | None = None
+
+    def add(self, rec: RequestRecord) -> None:
+        self.requests += 1
+        self.ended = time.perf_counter()
+        if not rec.ok:
+            self.errors += 1
+            return
+        self.latency_ms.append(rec.latency_ms)
+        self.completion.append(rec.completion_tokens)
+        if rec.decode_ms is not None:
+            self.decode_ms.append(rec.decode_ms)
+        if rec.prompt_ms is not None:
+            self.prompt_ms.append(rec.prompt_ms)
+        if rec.cached_tokens is not None:
+            self.prompt += rec.prompt_tokens
+            self.cached += rec.cached_tokens
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """The outcome of `run_batch`: counts over the whole results file, figures of this run."""
+
+    input: Path
+    kind: InputKind
+    scores_path: Path
+    results_path: Path
+    total: int
+    """Rows of this input (after --sample)."""
+    done: int = 0
+    """Rows with a result (status ok) in the results file."""
+    failed: int = 0
+    """Rows recorded as errors in the results file."""
+    scored: int = 0
+    """Rows whose reply parsed as a JSON object with an integer `score`."""
+    skipped: int = 0
+    """Rows already in the results file when this run started (resumed)."""
+    ran: int = 0
+    """Requests finished by this run."""
+    foreign: int = 0
+    """Results lines for ids that are not in this input (ignored)."""
+    elapsed_s: float = 0.0
+    throughput_rps: float = 0.0
+    token_savings: float | None = None
+    """Server-reported cached prompt tokens ÷ prompt tokens, this run."""
+    mean_latency_ms: float | None = None
+    mean_decode_ms: float | None = None
+    """Mean server decode (generation) time per request, this run (llama.cpp reports it)."""
+    mean_prompt_ms: float | None = None
+    """Mean server prompt-processing (prefill) time per request, this run."""
+    mean_completion_tokens: float | None = None
+    interrupted: bool = False
+    stopped_by: signal.Signals | None = None
+    """What interrupted the run: SIGINT (Ctrl-C) or SIGTERM."""
+    server: str = ""
+
+    @property
+    def not_run(self) -> int:
+        return self.total - self.done - self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """0 all rows done; 1 rows failed or not run; 128 + the signal when interrupted
+        (130 for Ctrl-C, 143 for SIGTERM)."""
+        if self.interrupted:
+            return 128 + int(self.stopped_by or signal.SIGINT)
+        return 0 if self.done == self.total else 1
+
+    def summary(self) -> str:
+        """The one-line summary `harness run` prints."""
+
+        def ms(v: float | None) -> str:
+            return f"{v:.0f} ms" if v is not None else "n/a"
+
+        sav = f"{self.token_savings:.1%}" if self.token_savings is not None else "n/a"
+        resumed = f" ({self.skipped} resumed from earlier runs)" if self.skipped else ""
+        left = f", {self.not_run} not run" if self.not_run else ""
+        state = "interrupted" if self.interrupted else "finished"
+        return (
+            f"run {state}: {self.done} done, {self.failed} failed{left} of {self.total} rows"
+            f"{resumed}; this run: {self.ran} requests in {format_duration(self.elapsed_s)} "
+            f"({self.elapsed_s:.1f} s, {self.throughput_rps:.2f} req/s), token savings {sav} "
+            f"(server-reported cached ÷ prompt tokens), mean latency {ms(self.mean_latency_ms)}, "
+            f"mean server decode {ms(self.mean_decode_ms)} per request; "
+            f"scores: {self.scores_path}; results: {self.results_path}"
+        )
+
+
+@dataclass(slots=True)
+class _Plan:
+    options: BatchOptions
+    data: BatchInput
+    scores: Path
+    results: Path
+    skipped: int
+    tally: _Tally = field(default_factory=_Tally)
+    server: str = ""
+    counts: _Counts | None = None
+    """Set once the scores CSV is written."""
+    stopped_by: signal.Signals | None = None
+    """The signal that stopped the run, when one did (SIGINT or SIGTERM)."""
+
+    def write_scores(self) -> None:
+        """Write the scores CSV from the results file (when there is one)."""
+        if self.results.exists():
+            ids = [it.custom_id for it in self.data.items]
+            self.counts = _write_scores(ids, self.data.fields, self.results, self.scores)
+
+    def finish(self, *, interrupted: bool = False) -> BatchResult:
+        if self.counts is None:
+            self.write_scores()
+        counts = self.counts or _Counts()
+        ids = self.data.items
+        t = self.tally
+        elapsed = (t.ended or 0.0) - t.started if t.started is not None and t.ended else 0.0
+        return BatchResult(
+            input=self.data.path,
+            kind=self.data.kind,
+            scores_path=self.scores,
+            results_path=self.results,
+            total=len(ids),
+            done=counts.done,
+            failed=counts.failed,
+            scored=counts.scored,
+            skipped=self.skipped,
+            ran=t.requests,
+            foreign=counts.foreign,
+            elapsed_s=elapsed,
+            throughput_rps=t.requests / elapsed if elapsed > 0 else 0.0,
+            token_savings=t.cached / t.prompt if t.prompt else None,
+            mean_latency_ms=_mean(t.latency_ms),
+            mean_decode_ms=_mean(t.decode_ms),
+            mean_prompt_ms=_mean(t.prompt_ms),
+            mean_completion_tokens=_mean(t.completion),
+            interrupted=interrupted,
+            stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
+            server=self.server,
+        )
+
+
+def _prepare(options: BatchOptions) -> _Plan:
+    options.validate()
+    data = load_input(options)
+    scores, results = output_paths(data.path, options.output)
+    # Read the results file now: a corrupt one fails before a server starts.
+    wanted = {it.custom_id for it in data.items}
+    skipped = sum(1 for line in _results_ids(results) if line in wanted)
+    return _Plan(options, data, scores, results, skipped)
+
+
+def _results_ids(path: Path) -> Iterator[str]:
+    for line in read_results(path):
+        cid = line.get("custom_id") if isinstance(line, dict) else None
+        if isinstance(cid, str):
+            yield cid
+
+
+async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
+    options, data = plan.options, plan.data
+    try:
+        if plan.skipped < len(data.items):
+            server = backend if backend is not None else make_backend(options)
+            async with server:
+                info = server.info
+                plan.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
+                limit = options.ctx
+                if info.n_ctx_per_slot:
+                    limit = min(limit, info.n_ctx_per_slot)
+                spec = JobSpec(
+                    strategy=options.strategy,
+                    policy=TrimPolicy(max_context_tokens=limit),
+                    runner=RunnerConfig(concurrency=options.concurrency),
+                    results_path=plan.results,
+                    progress=options.progress,
+                    desc=f"run {data.path.name}",
+                )
+                plan.tally.started = time.perf_counter()
+                await run_job(server, data.items, spec, sinks=[plan.tally.add])
+    finally:
+        # Also after Ctrl-C (cancellation) or a server failure: the scores so far.
+        plan.write_scores()
+    return plan.finish()
+
+
+async def run_batch_async(options: BatchOptions, *, backend: Backend | None = None) -> BatchResult:
+    """Validate, run and write the scores CSV; see `run_batch`. Cancellation propagates (the
+    results so far are kept and the scores CSV written)."""
+    return await _execute(_prepare(options), backend)
+
+
+async def _stop_on_sigterm(plan: _Plan, backend: Backend | None) -> BatchResult:
+    # SIGTERM (`kill`, `timeout`, a service manager) stops the run like Ctrl-C: cancel, stop
+    # the server, keep the results. Python's default would end the process at once and leave
+    # the embedded server running, orphaned.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed = False
+    if task is not None:
+
+        def terminate() -> None:
+            plan.stopped_by = signal.SIGTERM
+            task.cancel()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, terminate)  # main thread, Unix only
+            installed = True
+    try:
+        return await _execute(plan, backend)
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+def run_batch(options: BatchOptions, *, backend: Backend | None = None) -> BatchResult:
+    """Validate everything, run the batch (resuming from the results file), write the scores
+    CSV. `backend`: a backend to use instead of the one the options name (not started yet).
+
+    Raises InputError / ConfigError before creating anything; BackendError when the server is
+    unreachable or wrong (the results so far are kept and the scores CSV written). Ctrl-C
+    (SIGINT) or SIGTERM stops cleanly (the server too) and returns a result with
+    `interrupted=True` (`exit_code` 130 or 143).
+    """
+    plan = _prepare(options)
+    try:
+        return asyncio.run(_stop_on_sigterm(plan, backend))
+    except KeyboardInterrupt:
+        return plan.finish(interrupted=True)
+    except asyncio.CancelledError:
+        if plan.stopped_by is None:
+            raise
+        return plan.finish(interrupted=True)
