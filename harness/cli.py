@@ -300,8 +300,8 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         default=d.structured,
         help=f"{' | '.join(STRUCTURED_MODES)}: how CSV replies are held to the output schema: "
         "a tight GBNF grammar (llama.cpp; others get the schema), JSON-schema structured "
-        "output, or free text. A reply that does not parse is retried once, then recorded "
-        "as the row's error",
+        "output, free text parsed afterwards (unconstrained), or free text not parsed (none). "
+        "A reply that does not parse is retried once, then recorded as the row's error",
     )
     p.add_argument(
         "--ctx",

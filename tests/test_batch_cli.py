@@ -264,7 +264,7 @@ BAD_INPUTS: list[tuple[str, dict[str, bytes], list[str], list[str]]] = [
         "unknown structured mode",
         {"c.csv": b"id,name\nC1,Ana\n"},
         ["run", "c.csv", "--structured", "regex"],
-        ["--structured 'regex'", "grammar, schema, none"],
+        ["--structured 'regex'", "grammar, schema, unconstrained, none"],
     ),
     (
         "--sample 0",

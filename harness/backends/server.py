@@ -9,6 +9,7 @@ and exits 3.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -136,7 +137,12 @@ def serve(settings: ServerSettings, out: TextIO = sys.stdout) -> int:
         file=out,
         flush=True,
     )
+    # A parent killed with SIGKILL cannot stop us (we run in our own session so a Ctrl-C meant
+    # for the parent does not hit us first): when the parent is gone, stop by ourselves.
+    parent = os.getppid()
     while not stop.wait(0.5):
-        pass
+        if os.getppid() != parent:
+            print("harness serve: parent process is gone; stopping", file=sys.stderr, flush=True)
+            break
     del server
     return 0
