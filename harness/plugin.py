@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
+import sys
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,10 +175,16 @@ class HarnessSession:
         self._backends: dict[tuple[Any, ...], Backend] = {}
         self._scenarios: dict[str, Scenario] = {}
         self._machine: dict[str, Any] | None = None
+        self.terminal = Terminal(config)
+        """Progress and figures for the user, shown even while pytest captures output."""
 
     def _path(self, value: str) -> Path:
         p = Path(value)
         return p if p.is_absolute() else self.root / p
+
+    def say(self, text: str) -> None:
+        """One line to the terminal, past output capture."""
+        self.terminal.write(text + "\n")
 
     # -- async plumbing ---------------------------------------------------------------------
 
@@ -234,6 +243,14 @@ class HarnessSession:
             self.run(backend.__aenter__())
             self._backends[key] = backend
         return self._backends[key]
+
+    def release(self, backend: Backend) -> None:
+        """Stop a backend before the session ends (frees its CPU threads and memory)."""
+        for key, value in list(self._backends.items()):
+            if value is backend:
+                del self._backends[key]
+                with contextlib.suppress(Exception):
+                    self.run(backend.stop())
 
     def close(self) -> None:
         for backend in self._backends.values():
@@ -322,6 +339,26 @@ class HarnessSession:
         changed = write_back(self.config_path, self.profile, values, provenance)
         self.config_changes += changed
 
+    def write_pages(self) -> Path | None:
+        """Plots that need only the reports on disk, and `index.html` linking everything."""
+        from harness.htmlreport import build_index
+        from harness.plots import plot_memory_vs_context
+
+        limits = self.report_dir / "context_limit_results.json"
+        if limits.exists():
+            data = json.loads(limits.read_text())
+            plot_memory_vs_context(
+                [(m["n_ctx"], m["memory_bytes"]) for m in data.get("measurements", [])]
+                + [(m["n_ctx"], m["memory_bytes"]) for m in data.get("search_measurements", [])],
+                data.get("kv_bytes_per_token_theory"),
+                data.get("base_model_memory_bytes"),
+                self.report_dir / "plots" / "memory_vs_context.png",
+                budget_bytes=data.get("memory_budget_bytes"),
+                max_context=data.get("max_context_tokens"),
+                title=f"Memory against context: {data.get('model', '')}",
+            )
+        return build_index(self.report_dir)
+
     def write_summary(self) -> Path | None:
         if not self.results:
             return None
@@ -347,6 +384,29 @@ class HarnessSession:
         path = self.report_dir / "summary.json"
         atomic_write_json(path, summary)
         return path
+
+
+class Terminal(io.TextIOBase):
+    """A text stream to the real terminal, past pytest's output capture (for progress on long
+    phases); `isatty()` answers for the real stderr, so tqdm draws a bar only on a terminal."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._capman = config.pluginmanager.getplugin("capturemanager")
+
+    def _outside(self) -> Any:
+        if self._capman is None:
+            return contextlib.nullcontext()
+        return self._capman.global_and_fixture_disabled()
+
+    def write(self, text: str) -> int:
+        with self._outside():
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return len(text)
+
+    def isatty(self) -> bool:
+        with self._outside():
+            return sys.stderr.isatty()
 
 
 HARNESS_KEY = pytest.StashKey[HarnessSession]()
@@ -396,7 +456,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if harness is None:
         return
     try:
-        harness.write_summary()
+        if harness.write_summary() is not None:
+            harness.write_pages()
     finally:
         harness.close()
 
@@ -409,9 +470,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     tr.section("harness reports")
     for line in summary_table(harness):
         tr.write_line(line)
-    summary = harness.report_dir / "summary.json"
-    if summary.exists():
-        tr.write_line(f"summary: {harness.relpath(summary)}")
+    for name in ("summary.json", "index.html"):
+        path = harness.report_dir / name
+        if path.exists():
+            tr.write_line(f"{name.split('.')[0]}: {harness.relpath(path)}")
     if harness.config_changes:
         changed = ", ".join(sorted(set(harness.config_changes)))
         tr.write_line(f"config written: {harness.relpath(harness.config_path)} ({changed})")

@@ -9,8 +9,6 @@ threshold (80%) and a trim interval — measured, with a fresh server per contex
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from harness.backends.embedded import EmbeddedBackend
@@ -32,10 +30,6 @@ from harness.plugin import HarnessSession
 
 SCENARIO = "phase1_context_limits.yaml"
 pytestmark = [pytest.mark.context_limits, pytest.mark.integration]
-
-
-def say(text: str) -> None:
-    print(text, file=sys.__stderr__, flush=True)  # progress past pytest's capture
 
 
 def probe_and_geometry(harness: HarnessSession, model: str) -> tuple[ContextProbe, ModelGeometry]:
@@ -79,7 +73,7 @@ def test_context_limits(harness: HarnessSession) -> None:
 
     def show(m: Measurement) -> None:
         shown = f"{m.memory_bytes / 2**20:.1f} MiB" if m.memory_bytes else f"failed: {m.error}"
-        say(f"context limits: n_ctx {m.n_ctx}: {shown} ({m.source}, {m.seconds:.1f} s)")
+        harness.say(f"context limits: n_ctx {m.n_ctx}: {shown} ({m.source}, {m.seconds:.1f} s)")
 
     budget, budget_source = memory_budget(harness, profile.memory_budget)
     measured, skipped = sweep(probe, sizes, budget, on_measure=show)
@@ -153,7 +147,7 @@ def test_context_limits(harness: HarnessSession) -> None:
     }
     report = harness.report("context_limit_results.json", scenario, figures)
     harness.recommend(recommended, harness.report_dir / "context_limit_results.json", None)
-    say(
+    harness.say(
         f"context limits: base {fit.intercept / 2**20:.1f} MiB, KV {fit.slope:.0f} B/token "
         f"(theory {theory.bytes_per_token_growing:.0f}, R² {fit.r_squared:.4f}); max context "
         f"{max_ctx} ({search.limited_by}, budget {budget / 2**20:.0f} MiB), safe {safe}, "

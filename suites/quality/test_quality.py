@@ -10,7 +10,6 @@ One test runs every check on the same server (one cold start) and writes
 from __future__ import annotations
 
 import statistics
-import sys
 from collections import Counter
 from typing import Any
 
@@ -51,7 +50,7 @@ def test_quality(harness: HarnessSession) -> None:
             runner=RunnerConfig(concurrency=1),
             keep_records=True,
             desc=f"quality: {desc}",
-            progress_stream=sys.__stderr__,
+            progress_stream=harness.terminal,
         )
         result = harness.run(run_job(backend, items, spec))
         all_records.extend(result.records)
@@ -127,11 +126,10 @@ def test_quality(harness: HarnessSession) -> None:
         "structured_output": scenario.workload_for(harness.profile).structured,
     }
     report = harness.report("quality_results.json", scenario, figures, backend=backend)
-    print(
-        f"\nquality ({model}): consistent {consistency:.0%}, reproducible {reproducible:.0%}, "
+    harness.say(
+        f"quality ({model}): consistent {consistency:.0%}, reproducible {reproducible:.0%}, "
         f"drift {drift_scores} (spread {drift_spread}), agreement {agreement}, parsed "
         f"{figures['parse_rate']:.1%}, scores {figures['score_distribution']}",
-        file=sys.__stderr__,
     )
     harness.gate(report)
 

@@ -12,7 +12,6 @@ them. A run's time is compared with the projection from the largest smaller run'
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any
 
 import pytest
@@ -54,7 +53,7 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         policy=policy,
         runner=RunnerConfig(concurrency=st.concurrency),
         desc=f"scale {size}",
-        progress_stream=sys.__stderr__,
+        progress_stream=harness.terminal,
     )
     items = items_for(scenario, harness.profile, size)
     energy: EnergyMeter | None = None
@@ -91,9 +90,8 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         key=f"scale_{size}",
     )
     savings, theory = figures["token_savings"] or 0, figures["token_savings_theoretical_max"] or 0
-    print(
-        f"\nscale {size}: {figures['throughput_rps']:.2f} req/s, savings {savings:.1%} of "
+    harness.say(
+        f"scale {size}: {figures['throughput_rps']:.2f} req/s, savings {savings:.1%} of "
         f"{theory:.1%} possible, {figures['context_trims']} trims, errors {figures['errors']}",
-        file=sys.__stderr__,
     )
     harness.gate(report)
