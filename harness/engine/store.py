@@ -57,6 +57,8 @@ class ResultsStore:
         self._last_sync = 0.0
         self._flush_pending = False
         self._deferred_error: OutputError | None = None
+        self._handed_over = 0
+        """Results known to have reached the OS (the others may sit in the write buffer)."""
         self._seq = 0
 
     def open(self) -> ResultsStore:
@@ -102,6 +104,7 @@ class ResultsStore:
             with self.path.open("r+b") as fh:
                 fh.truncate(good)
         self._seq = len(self.done)
+        self._handed_over = len(self.done)
 
     def __contains__(self, custom_id: object) -> bool:
         return custom_id in self.done
@@ -121,7 +124,7 @@ class ResultsStore:
         except OSError as exc:
             raise OutputError(
                 f"cannot append to results file {self.path}: {exc.strerror or exc}; the "
-                f"{len(self.done)} results already written are intact, run again to resume"
+                f"{self._handed_over} results written before it are intact, run again to resume"
             ) from exc
         self.done.add(record.custom_id)
         self.written += 1
@@ -161,6 +164,7 @@ class ResultsStore:
             return
         try:
             self._fh.flush()
+            self._handed_over = len(self.done)
             now = time.monotonic()
             if now - self._last_sync >= self.fsync_interval_s:
                 os.fsync(self._fh.fileno())
@@ -168,7 +172,7 @@ class ResultsStore:
         except OSError as exc:
             raise OutputError(
                 f"cannot append to results file {self.path}: {exc.strerror or exc}; the "
-                f"{len(self.done)} results before it are intact, run again to resume"
+                f"{self._handed_over} results written before it are intact, run again to resume"
             ) from exc
 
     def close(self, *, raise_errors: bool = True) -> None:

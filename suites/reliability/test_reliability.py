@@ -1,0 +1,445 @@
+"""Reliability: nothing lost, nothing duplicated, nothing leaked, whatever fails.
+
+    pytest suites/reliability          # embedded tiny-gemma3, a few minutes on 2 cores
+
+Each case counts what it injected, what the engine retried and what it recorded, and checks
+that every input id ends exactly once in the results. The last test writes
+`reports/reliability_results.json` and prints the figures table (the README's "Reliability").
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from harness.backends.embedded import EmbeddedServer
+from harness.backends.openai import OpenAIBackend
+from harness.backends.server import ServerSettings
+from harness.engine import JobSpec, RetryPolicy, RunnerConfig, run_job
+from harness.engine.store import read_results
+from harness.faults import FaultConfig, FaultProxy
+from harness.limits import EmbeddedContextProbe, fit_memory, search_max_context, sweep
+from harness.phases import items_for
+from harness.plugin import HarnessSession
+from harness.records import RequestRecord
+from harness.workload import write_candidates_csv
+
+SCENARIO = "reliability.yaml"
+PROMPT = Path(__file__).resolve().parents[2] / "scenarios" / "prompts" / "short_screen.yaml"
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+FIGURES: dict[str, dict[str, Any]] = {}
+
+
+def exactly_once(ids: list[str], expected: list[str]) -> dict[str, int]:
+    counts = Counter(ids)
+    return {
+        "lost": sum(1 for cid in expected if cid not in counts),
+        "duplicated": sum(n - 1 for n in counts.values() if n > 1),
+    }
+
+
+def failed_attempts(records: list[RequestRecord]) -> int:
+    return sum(r.attempts - 1 if r.ok else r.attempts for r in records)
+
+
+@pytest.fixture(scope="module")
+def scenario_opts(harness: HarnessSession) -> dict[str, Any]:
+    return dict(harness.scenario(SCENARIO).profile(harness.profile).options)
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    with EmbeddedServer(ServerSettings(model="tiny-gemma3", n_ctx=4096)) as srv:
+        yield srv
+
+
+def test_faults_are_retried_and_accounted_exactly(
+    harness: HarnessSession, server: EmbeddedServer, scenario_opts: dict[str, Any]
+) -> None:
+    """5% 500/503 + 1% resets + 1% stalls (+ truncated bodies) over 1,000 requests."""
+    scenario = harness.scenario(SCENARIO)
+    items = items_for(scenario, harness.profile, int(scenario_opts["fault_requests"]))
+    rates = scenario_opts["fault_rates"]
+    config = FaultConfig(**rates, stall_s=5.0, seed=11)
+    spec = JobSpec(
+        keep_records=True,
+        desc="reliability: faults",
+        progress_stream=harness.terminal,
+        runner=RunnerConfig(
+            request_timeout_s=1.5,
+            retry=RetryPolicy(max_attempts=6, base_delay_s=0.02, max_delay_s=0.2),
+        ),
+    )
+    with FaultProxy(server.url or "", config) as proxy:
+
+        async def go() -> Any:
+            async with OpenAIBackend(proxy.url) as backend:
+                return await run_job(backend, items, spec)
+
+        result = harness.run(go())
+        stats = proxy.stats
+    records = result.records
+    once = exactly_once([r.custom_id for r in records], [it.custom_id for it in items])
+    injected = stats.http_500 + stats.http_503 + stats.reset + stats.stall + stats.truncate
+    failed = failed_attempts(records)
+    retried_ok = sum(1 for r in records if r.ok and r.attempts > 1)
+    errors = sum(1 for r in records if not r.ok)
+    FIGURES["faults"] = {
+        "requests": len(items),
+        "completed": sum(r.ok for r in records),
+        "faults_injected": injected,
+        "faults_by_kind": {k: getattr(stats, k) for k in rates},
+        "failed_attempts_seen": failed,
+        "retried_successes": retried_ok,
+        "recorded_errors": errors,
+        "attempts_sent": sum(r.attempts for r in records),
+        "proxy_chat_requests": stats.faultable,
+        "accounting_gap": abs(injected - failed),
+        **once,
+    }
+    harness.say(f"reliability: faults {FIGURES['faults']}")
+    assert once == {"lost": 0, "duplicated": 0}
+    assert injected == failed, "every injected fault must be one failed attempt the engine saw"
+    assert stats.faultable == sum(r.attempts for r in records)  # chat requests seen
+    assert injected >= 50
+
+
+def test_server_killed_and_restarted_mid_run(
+    harness: HarnessSession, scenario_opts: dict[str, Any]
+) -> None:
+    scenario = harness.scenario(SCENARIO)
+    items = items_for(scenario, harness.profile, int(scenario_opts["restart_requests"]))
+    events: list[str] = []
+    with EmbeddedServer(ServerSettings(model="tiny-gemma3", n_ctx=4096)) as srv:
+        done = [0]
+
+        def restart() -> None:
+            srv.kill()
+            events.append(f"killed at {done[0]}")
+            time.sleep(1.0)
+            srv.restart()
+            events.append("restarted")
+
+        def watch(rec: RequestRecord) -> None:
+            done[0] += 1
+            if done[0] == len(items) // 3:
+                threading.Thread(target=restart, daemon=True).start()
+
+        spec = JobSpec(
+            keep_records=True,
+            desc="reliability: server restart",
+            progress_stream=harness.terminal,
+            runner=RunnerConfig(retry=RetryPolicy(max_attempts=12, base_delay_s=0.25)),
+        )
+
+        async def go() -> Any:
+            async with OpenAIBackend(srv.url or "") as backend:
+                return await run_job(backend, items, spec, sinks=[watch])
+
+        result = harness.run(go())
+    records = result.records
+    once = exactly_once([r.custom_id for r in records], [it.custom_id for it in items])
+    FIGURES["server_restart"] = {
+        "requests": len(items),
+        "completed": sum(r.ok for r in records),
+        "server_kills": 1,
+        "events": events,
+        "retried_successes": sum(1 for r in records if r.ok and r.attempts > 1),
+        "recorded_errors": sum(1 for r in records if not r.ok),
+        **once,
+    }
+    harness.say(f"reliability: server restart {FIGURES['server_restart']}")
+    assert events == [f"killed at {len(items) // 3}", "restarted"]
+    assert once == {"lost": 0, "duplicated": 0}
+    assert all(r.ok for r in records)
+
+
+def tiny_run_args() -> list[str]:
+    """`harness run` options for fast runs: tiny model, short prompt, short free-text replies."""
+    return [
+        "--backend", "embedded", "--model", "tiny-gemma3", "--prompt", str(PROMPT),
+        "--structured", "none", "--max-tokens", "4", "--ctx", "2048", "--no-progress",
+    ]  # fmt: skip
+
+
+def _harness_run(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "run", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # The server child watches its parent and stops by itself within a second; check it did.
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, "the llama.cpp child outlived its killed parent"
+
+
+def test_runner_killed_five_times_resumes_exactly_once(
+    harness: HarnessSession, tmp_path: Path, scenario_opts: dict[str, Any]
+) -> None:
+    n = int(scenario_opts["kill_requests"])
+    kills = int(scenario_opts["kills"])
+    common = tiny_run_args()
+    runs = {}
+    for name in ("interrupted", "uninterrupted"):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_candidates_csv(folder / "c.csv", n, seed=5)
+        runs[name] = folder
+    rng = random.Random(2026)
+    points = sorted(rng.sample(range(n // 10, n * 9 // 10), kills))
+    results = runs["interrupted"] / "c_results.jsonl"
+    kill_log = []
+    for point in points:
+        proc = _harness_run([str(runs["interrupted"] / "c.csv"), *common])
+        deadline = time.monotonic() + 600
+        while _lines(results) < point and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the kill point {point}"
+        _kill_tree(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        kill_log.append({"at_least": point, "lines_after_kill": _lines(results)})
+    final = _harness_run([str(runs["interrupted"] / "c.csv"), *common])
+    _, err = final.communicate(timeout=900)
+    assert final.returncode == 0, err
+    clean = _harness_run([str(runs["uninterrupted"] / "c.csv"), *common])
+    _, err = clean.communicate(timeout=900)
+    assert clean.returncode == 0, err
+
+    lines = list(read_results(results))
+    with (runs["interrupted"] / "c.csv").open(newline="") as fh:
+        expected = [row["id"] for row in csv.DictReader(fh)]
+    once = exactly_once([line["custom_id"] for line in lines], expected)
+    reference = {
+        line["custom_id"]: line["harness"]["content"]
+        for line in read_results(runs["uninterrupted"] / "c_results.jsonl")
+    }
+    differ = sum(
+        1 for line in lines if reference.get(line["custom_id"]) != line["harness"]["content"]
+    )
+    FIGURES["runner_kills"] = {
+        "requests": n,
+        "completed": sum(1 for line in lines if line["error"] is None),
+        "kills": kills,
+        "kill_points": kill_log,
+        "replies_differing_from_uninterrupted": differ,
+        **once,
+    }
+    harness.say(f"reliability: runner kills {FIGURES['runner_kills']}")
+    assert once == {"lost": 0, "duplicated": 0}
+    assert differ == 0
+
+
+def test_garbage_output_is_recorded_with_the_raw_text(
+    harness: HarnessSession, server: EmbeddedServer, scenario_opts: dict[str, Any]
+) -> None:
+    """The random tiny model, unconstrained, against the score schema: every reply fails."""
+    scenario = harness.scenario(SCENARIO)
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["score"],
+    }
+    items = [
+        dataclasses.replace(it, output_schema=schema, constrain=False)
+        for it in items_for(scenario, harness.profile, int(scenario_opts["garbage_requests"]))
+    ]
+
+    async def go() -> Any:
+        async with OpenAIBackend(server.url or "") as backend:
+            return await run_job(backend, items, JobSpec(keep_records=True, progress=False))
+
+    records = harness.run(go()).records
+    once = exactly_once([r.custom_id for r in records], [it.custom_id for it in items])
+    parse_errors = [r for r in records if r.error_type == "ParseError"]
+    FIGURES["garbage_output"] = {
+        "requests": len(items),
+        "completed": sum(r.ok for r in records),
+        "parse_errors": len(parse_errors),
+        "recorded_errors": sum(1 for r in records if not r.ok),
+        "raw_text_kept": sum(1 for r in parse_errors if "raw reply:" in (r.error or "")),
+        **once,
+    }
+    harness.say(f"reliability: garbage {FIGURES['garbage_output']}")
+    assert once == {"lost": 0, "duplicated": 0}
+    assert len(parse_errors) + sum(r.ok for r in records) == len(items)
+    assert parse_errors, "the random model produced parseable scores: the case tests nothing"
+    assert all(r.attempts == 2 for r in parse_errors)  # retried once, then recorded
+    assert all(r.content and "raw reply:" in (r.error or "") for r in parse_errors)
+
+
+def test_context_search_never_exceeds_the_budget_and_survives_a_failed_load(
+    harness: HarnessSession,
+) -> None:
+    probe = EmbeddedContextProbe("gemma3-270m")
+    measured, skipped = sweep(probe, [2048, 4096, 8192, 16384, 32768], budget=440_000_000)
+    fit = fit_memory(measured)
+    search = search_max_context(probe, measured, fit, 440_000_000, trained=32768, step=512)
+    readings = [m.memory_bytes or 0 for m in [*measured, *search.steps]]
+    # A load that cannot succeed is reported, and the next size loads on a fresh server.
+    failed = probe.measure((1 << 31) - 1)  # ~6.6 TB of KV cache: the load must fail
+    after = probe.measure(2048)
+    FIGURES["context_search"] = {
+        "budget_bytes": 440_000_000,
+        "max_measured_bytes": max(readings),
+        "servers_started": len(readings) + 2,
+        "sizes_not_started": skipped + search.skipped,
+        "max_context_tokens": search.max_context_tokens,
+        "failed_load": failed.error,
+        "reloaded_after_failure": after.ok,
+        "lost": 0,
+        "duplicated": 0,
+    }
+    harness.say(f"reliability: context search {FIGURES['context_search']}")
+    assert max(readings) <= 440_000_000
+    assert not failed.ok and failed.error
+    assert after.ok and (after.memory_bytes or 0) > 0
+
+
+def test_full_disk_and_unwritable_output(harness: HarnessSession, tmp_path: Path) -> None:
+    write_candidates_csv(tmp_path / "c.csv", 120, seed=3)
+    common = tiny_run_args()
+    # Unwritable: the output folder's parent is a file.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    bad = _harness_run([str(tmp_path / "c.csv"), "--output", str(blocker / "o.csv"), *common])
+    _, err = bad.communicate(timeout=300)
+    assert bad.returncode in (1, 2), err
+    assert str(blocker) in err and "Traceback" not in err
+    # Full disk: the results file may grow to 20 KB only (RLIMIT_FSIZE, as a full disk does).
+    limited = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "from harness.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    full = subprocess.run(
+        [sys.executable, "-c", limited, "run", str(tmp_path / "c.csv"), *common],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = tmp_path / "c_results.jsonl"
+    kept = list(read_results(results))
+    assert full.returncode == 1, full.stderr
+    assert str(results) in full.stderr and "Traceback" not in full.stderr
+    assert 0 < len(kept) < 120
+    ok = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(tmp_path / "c.csv"), *common],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ok.returncode == 0, ok.stderr
+    lines = list(read_results(results))
+    once = exactly_once([line["custom_id"] for line in lines], [f"C{i:06d}" for i in range(120)])
+    before = {line["custom_id"]: line for line in kept}
+    FIGURES["disk_full"] = {
+        "requests": 120,
+        "results_kept_at_full_disk": len(kept),
+        "error": full.stderr.strip().splitlines()[-1],
+        "completed_after_resume": sum(1 for line in lines if line["error"] is None),
+        "kept_results_unchanged": all(
+            before[line["custom_id"]] == line for line in lines if line["custom_id"] in before
+        ),
+        **once,
+    }
+    harness.say(f"reliability: disk full {FIGURES['disk_full']}")
+    assert once == {"lost": 0, "duplicated": 0}
+    assert FIGURES["disk_full"]["kept_results_unchanged"]
+
+
+def test_api_keys_never_leave_the_environment(
+    harness: HarnessSession, server: EmbeddedServer, tmp_path: Path
+) -> None:
+    key = f"sk-planted-{random.Random().getrandbits(64):016x}"
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    write_candidates_csv(tmp_path / "c.csv", 5, seed=1)
+    common = ["--prompt", str(PROMPT), "--structured", "none", "--max-tokens", "4", "--no-progress"]
+    ok = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(tmp_path / "c.csv"), "--backend", "openai",
+         "--base-url", server.url or "", *common],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(tmp_path / "c.csv"), "--backend", "openai",
+         "--base-url", "http://127.0.0.1:1", "--output", str(tmp_path / "x.csv"), *common],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert unreachable.returncode == 1 and "127.0.0.1:1" in unreachable.stderr
+    searched = [p for p in tmp_path.rglob("*") if p.is_file()]
+    if server.log_path is not None:
+        searched.append(server.log_path)
+    searched += [p for p in harness.report_dir.rglob("*") if p.is_file()]
+    leaks = [str(p) for p in searched if key.encode() in p.read_bytes()]
+    leaks += [name for name, text in (("stdout", ok.stdout), ("stderr", ok.stderr),
+              ("error", unreachable.stderr)) if key in text]  # fmt: skip
+    FIGURES["secrets"] = {"files_searched": len(searched), "leaks": leaks}
+    assert server.url is not None and server.url.startswith("http://127.0.0.1:")
+    assert leaks == []
+
+
+def test_reliability_report(harness: HarnessSession) -> None:
+    scenario = harness.scenario(SCENARIO)
+    totals = {
+        "lost": sum(f.get("lost", 0) for f in FIGURES.values()),
+        "duplicated": sum(f.get("duplicated", 0) for f in FIGURES.values()),
+        "faults_injected": FIGURES.get("faults", {}).get("faults_injected", 0),
+        "retried_successes": FIGURES.get("faults", {}).get("retried_successes", 0),
+        "recorded_errors": FIGURES.get("faults", {}).get("recorded_errors", 0),
+        "accounting_gap": FIGURES.get("faults", {}).get("accounting_gap", 0),
+        "completed": sum(f.get("completed", 0) for f in FIGURES.values()),
+    }
+    figures = {**totals, "cases": FIGURES, "cases_run": len(FIGURES)}
+    report = harness.report("reliability_results.json", scenario, figures)
+    rows = [("case", "requests", "faults/kills", "retried ok", "errors", "lost", "duplicated")]
+    for name, f in FIGURES.items():
+        rows.append(
+            (
+                name,
+                str(f.get("requests", "-")),
+                str(f.get("faults_injected", f.get("kills", f.get("server_kills", "-")))),
+                str(f.get("retried_successes", "-")),
+                str(f.get("recorded_errors", f.get("parse_errors", "-"))),
+                str(f.get("lost", 0)),
+                str(f.get("duplicated", 0)),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    harness.say("reliability figures:\n" + table)
+    (harness.report_dir / "reliability_table.txt").write_text(table + "\n")
+    assert len(FIGURES) == 7, f"cases that ran: {sorted(FIGURES)}"
+    harness.gate(report)
+    json.dumps(report)  # the report is plain JSON
