@@ -45,6 +45,7 @@ from typing import Any, Literal
 import orjson
 
 from harness.backends.base import Backend
+from harness.config import DEFAULT_CONFIG_PATH, load_profile
 from harness.engine import JobSpec, RunnerConfig, TrimPolicy, read_results, run_job
 from harness.engine.progress import format_duration
 from harness.engine.strategies import STRATEGIES
@@ -171,6 +172,14 @@ class BatchOptions:
     threads: int | None = None
     """CPU threads of the embedded server (None: llama.cpp's default, every core)."""
     progress: bool = True
+    config: Path = DEFAULT_CONFIG_PATH
+    """The measured configuration (harness.yaml): its trim settings are used when present."""
+    profile: str | None = None
+    """Profile of the config file (default: `gpu-gemma3-12b` for ollama, else `embedded`)."""
+
+    @property
+    def config_profile(self) -> str:
+        return self.profile or ("gpu-gemma3-12b" if self.backend == "ollama" else "embedded")
 
     def validate(self) -> None:
         """Raise ConfigError naming the option for a setting that cannot work."""
@@ -636,6 +645,7 @@ class _Plan:
 
 def _prepare(options: BatchOptions) -> _Plan:
     options.validate()
+    load_profile(options.config, options.config_profile)  # a bad config fails before any output
     data = load_input(options)
     scores, results = output_paths(data.path, options.output)
     # Read the results file now: a corrupt one fails before a server starts.
@@ -651,6 +661,18 @@ def _results_ids(path: Path) -> Iterator[str]:
             yield cid
 
 
+def measured_policy(options: BatchOptions, limit: int) -> TrimPolicy:
+    """The trim policy: harness.yaml's measured values (phase 5) within the request limit."""
+    cfg = load_profile(options.config, options.config_profile)
+    max_ctx = min(int(cfg.get("MAX_CONTEXT_TOKENS") or limit), limit)
+    threshold = cfg.get("CONTEXT_TRIM_THRESHOLD")
+    return TrimPolicy(
+        max_context_tokens=max_ctx,
+        trim_threshold=min(int(threshold), max_ctx) if threshold else None,
+        trim_interval=cfg.get("TRIM_INTERVAL"),
+    )
+
+
 async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
     options, data = plan.options, plan.data
     try:
@@ -664,7 +686,7 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
                     limit = min(limit, info.n_ctx_per_slot)
                 spec = JobSpec(
                     strategy=options.strategy,
-                    policy=TrimPolicy(max_context_tokens=limit),
+                    policy=measured_policy(options, limit),
                     runner=RunnerConfig(concurrency=options.concurrency),
                     results_path=plan.results,
                     progress=options.progress,

@@ -320,6 +320,18 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "with other busy processes, fewer threads avoid llama.cpp's spin-waiting)",
     )
     p.add_argument(
+        "--config",
+        default=str(d.config),
+        metavar="harness.yaml",
+        help="measured configuration: its MAX_CONTEXT_TOKENS, CONTEXT_TRIM_THRESHOLD and "
+        "TRIM_INTERVAL set the trim policy when present (written by --write-config)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="profile of the config file (default: gpu-gemma3-12b for ollama, else embedded)",
+    )
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -347,6 +359,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         progress=args.progress,
+        config=Path(args.config),
+        profile=args.profile,
     )
     try:
         result = run_batch(options)

@@ -78,6 +78,8 @@ class RequestRecord:
                 "expected_prompt_tokens": self.expected_prompt_tokens,
                 "reusable_tokens": self.reusable_tokens,
                 "latency_ms": round(self.latency_ms, 3),
+                "prompt_ms": self.prompt_ms,
+                "decode_ms": self.decode_ms,
                 "attempts": self.attempts,
                 "trim": self.trim,
                 "worker": self.worker,

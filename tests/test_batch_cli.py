@@ -26,6 +26,7 @@ from harness.backends.base import ChatRequest
 from harness.batch import BatchOptions, run_batch
 from harness.cli import main
 from harness.errors import ModelNotFound
+from harness.engine.store import read_results
 from harness.testing import InProcessDouble
 from harness.workload import (
     generate_candidates,
@@ -785,6 +786,20 @@ def test_conversation_strategy_runs_through_the_cli(in_tmp: Path, use_double: Us
     write_candidates_csv("c.csv", 6, seed=5)
     assert main(["run", "c.csv", "--strategy", "conversation", "--no-progress"]) == 0
     assert [r["status"] for r in read_csv(Path("c_scores.csv"))] == ["ok"] * 6
+
+
+def test_measured_config_sets_the_trim_policy(in_tmp: Path, use_double: UseDouble) -> None:
+    """Phase 5: values written back to harness.yaml are what `harness run` trims with."""
+    use_double()
+    write_candidates_csv("c.csv", 12, seed=5)
+    Path("harness.yaml").write_text("profiles:\n  embedded:\n    TRIM_INTERVAL: 4\n")
+    argv = ["run", "c.csv", "--strategy", "conversation", "--no-progress"]
+    assert main(argv) == 0
+    trims = [line["harness"]["trim"] for line in read_results(Path("c_results.jsonl"))]
+    assert trims.count("interval") == 2  # 12 requests, a restart every 4
+    Path("harness.yaml").write_text("profiles:\n  embedded:\n    TRIM_INTERVAL: zero\n")
+    Path("c_results.jsonl").unlink()
+    assert main(argv) == 2  # a bad config is bad input: nothing runs
 
 
 def test_python_api_with_a_backend_given(in_tmp: Path) -> None:
