@@ -25,8 +25,8 @@ from harness import batch
 from harness.backends.base import ChatRequest
 from harness.batch import BatchOptions, run_batch
 from harness.cli import main
-from harness.errors import ModelNotFound
 from harness.engine.store import read_results
+from harness.errors import ModelNotFound
 from harness.testing import InProcessDouble
 from harness.workload import (
     generate_candidates,
