@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from harness.workload import WorkItem
+from harness.workload import WorkItem, item_body
 
 __all__ = ["DirectResult", "direct_loop"]
 
@@ -54,14 +54,10 @@ class DirectResult:
 
 
 def _body(item: WorkItem, cache_prompt: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": [dict(m) for m in item.messages]}
-    if item.max_tokens is not None:
-        body["max_tokens"] = item.max_tokens
-    if item.temperature is not None:
-        body["temperature"] = item.temperature
-    if item.seed is not None:
-        body["seed"] = item.seed
+    """The item's chat body as the engine sends it to llama.cpp (a grammar, when it has one)."""
+    body = item_body(item)
     if item.grammar is not None:
+        body.pop("response_format", None)
         body["grammar"] = item.grammar
     if not cache_prompt:
         body["cache_prompt"] = False

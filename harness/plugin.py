@@ -46,6 +46,7 @@ T = TypeVar("T")
 MARKERS = {
     "integration": "runs a real embedded llama.cpp server",
     "slow": "takes more than a minute on a 2-core machine",
+    "timing": "asserts a throughput figure; noisy on shared machines, so run on purpose",
     "ollama": "needs a live Ollama server at $OLLAMA_HOST",
     "gpu": "needs an NVIDIA GPU (NVML)",
     "browser": "opens a page in headless Chromium",

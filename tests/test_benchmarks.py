@@ -38,6 +38,7 @@ def rubric_items(n: int, *, structured: str = "grammar", max_tokens: int = 16) -
     return items_from_table(table, load_prompt(), max_tokens=max_tokens, structured=structured)
 
 
+@pytest.mark.timing
 def test_engine_dispatch_rate(benchmark: Any, tmp_path: Path) -> None:
     """≥ 10,000 requests/s through the whole engine (store included) on a zero-latency double."""
     items = rubric_items(20_000)
@@ -105,6 +106,7 @@ def test_170k_requests_without_leaking(benchmark: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.timing
 def test_engine_keeps_up_with_a_direct_client(benchmark: Any, tiny_server: EmbeddedServer) -> None:
     """Engine throughput ≥ 0.97 × a minimal direct httpx loop, same server, requests, concurrency.
 
