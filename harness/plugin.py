@@ -348,13 +348,17 @@ class HarnessSession:
         limits = self.report_dir / "context_limit_results.json"
         if limits.exists():
             data = json.loads(limits.read_text())
+            budget = data.get("memory_budget_bytes")
+            peak = data.get("max_measured_bytes") or 0
+            if budget and budget > 3 * peak:
+                budget = None  # far above every reading: drawing it would flatten the plot
             plot_memory_vs_context(
                 [(m["n_ctx"], m["memory_bytes"]) for m in data.get("measurements", [])]
                 + [(m["n_ctx"], m["memory_bytes"]) for m in data.get("search_measurements", [])],
                 data.get("kv_bytes_per_token_theory"),
                 data.get("base_model_memory_bytes"),
                 self.report_dir / "plots" / "memory_vs_context.png",
-                budget_bytes=data.get("memory_budget_bytes"),
+                budget_bytes=budget,
                 max_context=data.get("max_context_tokens"),
                 title=f"Memory against context: {data.get('model', '')}",
             )
