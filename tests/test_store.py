@@ -110,3 +110,15 @@ def test_eta_uses_the_recent_window() -> None:
     assert progress.rate() == pytest.approx(10.0)
     assert progress.eta_s() == pytest.approx(80.0)
     assert format_duration(3723) == "1:02:03" and format_duration(None) == "?"
+
+
+def test_progress_draws_a_bar_with_rate_and_eta_on_a_terminal() -> None:
+    out = io.StringIO()
+    progress = Progress(50, desc="run", stream=out, tty=True)
+    for i in range(50):
+        progress.update(rec(f"x{i}"))
+    progress.close()
+    text = out.getvalue()
+    assert "run: 100%" in text and "50/50" in text
+    assert "req/s" in text and "<00:00" in text  # rate, then elapsed<remaining (the ETA)
+    assert "savings=90.0%" in text
