@@ -471,6 +471,11 @@ def make_backend(options: BatchOptions) -> Backend:
             parallel=n,
             threads=options.threads,
             max_connections=max(64, n),
+            # A rolling conversation goes back to its start at every trim. With sliding-window
+            # layers (Gemma 3) llama.cpp keeps only the last window of them and has to recompute
+            # the whole rubric then (measured: 1 of 3,888 prefix tokens reused after a trim);
+            # full-size windows keep the prefix reusable, for more KV memory per token.
+            swa_full=options.strategy == "conversation",
         )
     if options.backend == "openai":
         assert options.base_url is not None

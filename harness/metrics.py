@@ -7,7 +7,8 @@ a 170,000-request run costs a few megabytes. Definitions:
   reported cached tokens (server-reported, never estimated, unless `cached_source` says so);
 - `token_savings_theoretical_max` = Σ reusable tokens ÷ Σ prompt tokens, where a request's
   reusable tokens are the longest prefix it shares with what its slot held before (at most
-  its prompt minus one token: the server must compute at least one);
+  its prompt minus one token: the server must compute at least one); for the first request on
+  a slot, whose cache this run did not fill, the server's own report;
 - `savings_efficiency` = savings ÷ theoretical maximum;
 - `degradation` = throughput of the last tenth of completions ÷ that of the first tenth;
 - leak slopes: least-squares slope of memory samples against time, in bytes per hour.

@@ -224,17 +224,22 @@ class HarnessSession:
         return DEFAULT_MODELS[self.backend_name]
 
     def backend(
-        self, *, model: str | None = None, n_ctx: int | None = None, parallel: int = 1
+        self,
+        *,
+        model: str | None = None,
+        n_ctx: int | None = None,
+        parallel: int = 1,
+        swa_full: bool = False,
     ) -> Backend:
         """A started backend for these settings, shared for the session."""
         model = model or self.model_for()
         if n_ctx is None:
             n_ctx = int(load_profile(self.config_path, self.profile).get("n_ctx") or 8192)
-        key = (self.backend_name, model, n_ctx, parallel, self.base_url)
+        key = (self.backend_name, model, n_ctx, parallel, swa_full, self.base_url)
         if key not in self._backends:
             options: dict[str, Any] = {"model": model}
             if self.backend_name == "embedded":
-                options.update(n_ctx=n_ctx, parallel=parallel)
+                options.update(n_ctx=n_ctx, parallel=parallel, swa_full=swa_full)
             elif self.backend_name == "openai":
                 options.update(base_url=self.base_url or "http://127.0.0.1:8080")
                 options["model"] = model or None

@@ -131,6 +131,9 @@ class ProfileSpec(_Strict):
     model: str | None = None
     n_ctx: int | None = Field(None, ge=16)
     parallel: int = Field(1, ge=1)
+    swa_full: bool = False
+    """llama.cpp: full-size KV for sliding-window layers (conversation batching needs it to
+    reuse the rubric after a trim)."""
     workload: dict[str, Any] = Field(default_factory=dict)
     strategy: dict[str, Any] = Field(default_factory=dict)
     sweep: list[int] | None = None

@@ -148,11 +148,18 @@ class Runner:
 
     # -- one request -----------------------------------------------------------------------
 
-    def _reusable(self, key: object, ids: TokenSeq) -> int:
-        """Upper bound on prefix-cache reuse: the common prefix with what the slot held."""
+    def _reusable(self, key: object, ids: TokenSeq, reported: int | None) -> int:
+        """Upper bound on prefix-cache reuse: the common prefix with what the slot held.
+
+        The first request on a slot meets a cache this run did not fill (a server that earlier
+        runs warmed, or a cold one): nothing bounds it but the server's own report, so that
+        report is taken as its bound.
+        """
         prev = self._last.get(key)
-        if prev is None or not ids:
+        if not ids:
             return 0
+        if prev is None:
+            return min(reported or 0, len(ids) - 1)
         prev_ids, prev_completion = prev
         lcp = common_prefix_len(ids, prev_ids)
         if lcp == len(prev_ids):
@@ -208,7 +215,7 @@ class Runner:
                     continue
                 return self._fail(rec, exc, type(exc).__name__)
             usage = result.usage
-            rec.reusable_tokens = self._reusable(key, plan.prompt_ids)
+            rec.reusable_tokens = self._reusable(key, plan.prompt_ids, usage.cached_tokens)
             self._last[key] = (plan.prompt_ids, usage.completion_tokens)
             rec.content = result.content
             rec.raw = result.raw

@@ -40,7 +40,9 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     scenario = harness.scenario(scenario_file)
     profile = scenario.profile(harness.profile)
     model = harness.model_for(scenario)
-    backend = harness.backend(model=model, n_ctx=profile.n_ctx, parallel=profile.parallel)
+    backend = harness.backend(
+        model=model, n_ctx=profile.n_ctx, parallel=profile.parallel, swa_full=profile.swa_full
+    )
     policy = policy_for(
         scenario,
         harness.profile,
