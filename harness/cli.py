@@ -111,47 +111,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def _add_smoke(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser(
-        "smoke",
-        help="a quick real run: N requests sharing the ~4,000-token rubric (embedded default)",
-        formatter_class=_Formatter,
-        description="Starts the embedded llama.cpp server, sends N synthetic candidates with the\n"
-        "default recruiter rubric as a shared system prompt, and prints throughput and the\n"
-        "server-reported prefix-cache savings beside their theoretical maximum.",
-    )
-    p.add_argument("-n", "--requests", type=_positive_int, default=50, help="requests to send")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or .gguf path")
-    p.add_argument("--max-tokens", type=_positive_int, default=8, help="tokens per reply")
-
-
-def _cmd_smoke(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from harness.backends.embedded import EmbeddedBackend
-    from harness.engine import JobSpec, run_job
-    from harness.workload import CandidateTable, generate_candidates, items_from_table, load_prompt
-
-    rows = tuple(generate_candidates(args.requests, seed=0))
-    table = CandidateTable("generated", tuple(rows[0]), "id", rows, tuple(range(2, len(rows) + 2)))
-    items = items_from_table(table, load_prompt(), max_tokens=args.max_tokens, structured="none")
-
-    async def go() -> int:
-        async with EmbeddedBackend(args.model, n_ctx=8192) as backend:
-            result = await run_job(backend, items, JobSpec(desc="smoke"))
-        m = result.metrics
-        sav, theory = m.token_savings or 0.0, m.token_savings_theoretical_max or 0.0
-        print(
-            f"smoke: {m.completed}/{m.requests} requests on {args.model} (embedded llama.cpp, CPU) "
-            f"in {m.elapsed_s:.1f} s: {m.throughput_rps:.2f} req/s; server-reported token "
-            f"savings {sav:.1%} of prompt tokens (theoretical maximum {theory:.1%}); "
-            f"latency p50 {m.latency_ms.p50 or 0:.0f} ms; errors {m.errors}"
-        )
-        return 0 if m.errors == 0 else 1
-
-    return asyncio.run(go())
-
-
 _RUN_DESCRIPTION = """\
 Score a candidates CSV, or run an OpenAI Batch JSONL, through a model server.
 
@@ -400,7 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
-    _add_smoke(sub)
     _add_convert(sub)
     _add_run(sub)
     return parser
@@ -408,7 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "serve": _cmd_serve,
-    "smoke": _cmd_smoke,
     "convert": _cmd_convert,
     "run": _cmd_run,
 }

