@@ -51,6 +51,7 @@ from harness.engine.progress import format_duration
 from harness.engine.strategies import STRATEGIES
 from harness.errors import ConfigError
 from harness.fileio import atomic_write_text
+from harness.metrics import MetricsCollector
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.records import RequestRecord
 from harness.workload import (
@@ -491,38 +492,6 @@ def make_backend(options: BatchOptions) -> Backend:
     return Backend.create(options.backend, **opts)
 
 
-@dataclass(slots=True)
-class _Tally:
-    """What this run did (a sink of the engine): counts, tokens, latencies."""
-
-    requests: int = 0
-    errors: int = 0
-    prompt: int = 0
-    cached: int = 0
-    completion: list[int] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    decode_ms: list[float] = field(default_factory=list)
-    prompt_ms: list[float] = field(default_factory=list)
-    started: float | None = None
-    ended: float | None = None
-
-    def add(self, rec: RequestRecord) -> None:
-        self.requests += 1
-        self.ended = time.perf_counter()
-        if not rec.ok:
-            self.errors += 1
-            return
-        self.latency_ms.append(rec.latency_ms)
-        self.completion.append(rec.completion_tokens)
-        if rec.decode_ms is not None:
-            self.decode_ms.append(rec.decode_ms)
-        if rec.prompt_ms is not None:
-            self.prompt_ms.append(rec.prompt_ms)
-        if rec.cached_tokens is not None:
-            self.prompt += rec.prompt_tokens
-            self.cached += rec.cached_tokens
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -603,7 +572,15 @@ class _Plan:
     scores: Path
     results: Path
     skipped: int
-    tally: _Tally = field(default_factory=_Tally)
+    tally: MetricsCollector = field(default_factory=MetricsCollector)
+    """This run's requests (an engine sink: it keeps its counts after an interruption)."""
+    started: float | None = None
+    ended: float | None = None
+
+    def add(self, rec: RequestRecord) -> None:
+        self.tally.add(rec)
+        self.ended = time.perf_counter()
+
     server: str = ""
     counts: _Counts | None = None
     """Set once the scores CSV is written."""
@@ -622,7 +599,7 @@ class _Plan:
         counts = self.counts or _Counts()
         ids = self.data.items
         t = self.tally
-        elapsed = (t.ended or 0.0) - t.started if t.started is not None and t.ended else 0.0
+        elapsed = self.ended - self.started if self.started is not None and self.ended else 0.0
         return BatchResult(
             input=self.data.path,
             kind=self.data.kind,
@@ -637,11 +614,11 @@ class _Plan:
             foreign=counts.foreign,
             elapsed_s=elapsed,
             throughput_rps=t.requests / elapsed if elapsed > 0 else 0.0,
-            token_savings=t.cached / t.prompt if t.prompt else None,
-            mean_latency_ms=_mean(t.latency_ms),
+            token_savings=t.cached / t.prompt_with_cache_info if t.prompt_with_cache_info else None,
+            mean_latency_ms=_mean(t.latency),
             mean_decode_ms=_mean(t.decode_ms),
             mean_prompt_ms=_mean(t.prompt_ms),
-            mean_completion_tokens=_mean(t.completion),
+            mean_completion_tokens=t.completion / t.completed if t.completed else None,
             interrupted=interrupted,
             stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
             server=self.server,
@@ -697,8 +674,8 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
                     progress=options.progress,
                     desc=f"run {data.path.name}",
                 )
-                plan.tally.started = time.perf_counter()
-                await run_job(server, data.items, spec, sinks=[plan.tally.add])
+                plan.started = time.perf_counter()
+                await run_job(server, data.items, spec, sinks=[plan.add])
     finally:
         # Also after Ctrl-C (cancellation) or a server failure: the scores so far.
         plan.write_scores()

@@ -121,6 +121,10 @@ class MetricsCollector:
         self.prompt_with_cache_info = 0
         self.reusable = 0
         self.completion = 0
+        self.prompt_ms: list[float] = []
+        """Server prefill time of each completed request that reported one, in ms."""
+        self.decode_ms: list[float] = []
+        """Server generation time of each completed request that reported one, in ms."""
         self.retries = 0
         self.trims: dict[str, int] = {}
         self.errors_by_type: dict[str, int] = {}
@@ -143,6 +147,10 @@ class MetricsCollector:
         self.latency.append(rec.latency_ms)
         self.prompt += rec.prompt_tokens
         self.completion += rec.completion_tokens
+        if rec.prompt_ms is not None:
+            self.prompt_ms.append(rec.prompt_ms)
+        if rec.decode_ms is not None:
+            self.decode_ms.append(rec.decode_ms)
         self.cached_sources[rec.cached_source] = self.cached_sources.get(rec.cached_source, 0) + 1
         if rec.cached_tokens is not None:
             self.cached += rec.cached_tokens
