@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test long lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,24 @@ test: install
 	$(BIN)/python -m pytest suites/scale suites/reliability -m "scale_100 or reliability" \
 		--harness-model tiny-gemma3 --harness-report-dir reports/ci -p no:cacheprovider; rc=$$?; \
 		if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi
+
+# The long phases, run before a change to the engine, strategies, token counting or a suite is
+# called done (~2 h on 2 cores): phase 3 (1K, the projection's reference) and phase 4 (10K) on
+# the tiny model, then `harness run` on 10,000 generated rows with each strategy. Free-text
+# replies (--structured none), as in the scale phases: a small model repeats itself, the case
+# that once made the token counter lose the rubric. Everything goes to reports/long/.
+LONG := reports/long
+long: install
+	rm -rf $(LONG) && mkdir -p $(LONG)
+	$(BIN)/python -m pytest suites/scale -m "scale_1k or scale_10k" --harness-model tiny-gemma3 \
+		--harness-report-dir $(LONG) --benchmark-json $(LONG)/benchmark.json -p no:cacheprovider
+	$(BIN)/harness generate 10000 $(LONG)/candidates_10k.csv
+	for s in conversation stateless; do \
+		$(BIN)/harness run $(LONG)/candidates_10k.csv --model tiny-gemma3 --strategy $$s \
+			--structured none --max-tokens 8 --output $(LONG)/$${s}_scores.csv || exit $$?; \
+		$(BIN)/python scripts/check_once.py $(LONG)/candidates_10k.csv $(LONG)/$${s}_scores.csv \
+			|| exit $$?; \
+	done
 
 lint: install
 	$(BIN)/ruff check harness tests suites

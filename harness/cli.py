@@ -1,4 +1,5 @@
-"""The `harness` command: `serve` a model, `convert` a CSV to batch JSONL, `run` a batch.
+"""The `harness` command: `serve` a model, `convert` a CSV to batch JSONL, `generate` synthetic
+candidates, `run` a batch.
 
 Exit codes: 0 all done; 1 finished with failed rows, or the server could not be reached;
 2 bad input or usage (one line on stderr, nothing created); 130 interrupted by Ctrl-C.
@@ -198,6 +199,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="write a CSV of synthetic candidates (to try the pipeline, or load-test it)",
+        formatter_class=_Formatter,
+        description="Writes ROWS synthetic candidates (~100 tokens each: id, name, title,\n"
+        "years, skills, education, location, summary), reproducible from --seed, in the\n"
+        "columns the default prompt expects. `harness run OUTPUT.csv` scores them.",
+    )
+    p.add_argument("rows", type=_positive_int, metavar="ROWS", help="how many candidates")
+    p.add_argument("output", metavar="OUTPUT.csv", help="CSV file to write (replaced)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from harness.workload import write_candidates_csv
+
+    if Path(args.output).is_dir():
+        raise ConfigError(f"{args.output} is a directory; give a file name such as x.csv")
+    path = write_candidates_csv(args.output, args.rows, seed=args.seed)
+    print(f"generate: wrote {args.rows} candidates to {path} (seed {args.seed})")
+    return 0
+
+
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     from harness.batch import BACKENDS
     from harness.engine.strategies import STRATEGIES
@@ -360,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_convert(sub)
+    _add_generate(sub)
     _add_run(sub)
     return parser
 
@@ -367,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "serve": _cmd_serve,
     "convert": _cmd_convert,
+    "generate": _cmd_generate,
     "run": _cmd_run,
 }
 

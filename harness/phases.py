@@ -117,6 +117,8 @@ def projection_check(report_dir: Path, size: int, elapsed_s: float) -> dict[str,
             data = json.loads(path.read_text())
         except (ValueError, OSError):
             continue
+        if data.get("finished") is False:
+            continue  # a run that stopped part-way predicts nothing
         if n < size and data.get("throughput_rps") and (best is None or n > best[0]):
             best = (n, data)
     if best is None:
@@ -136,6 +138,7 @@ def scale_figures(
     result: JobResult,
     *,
     size: int,
+    planned: int | None = None,
     report_dir: Path,
     energy_wh: float | None = None,
     price_per_kwh: float = 0.30,
@@ -146,10 +149,13 @@ def scale_figures(
     server = result.memory.get("server") or {}
     runner = result.memory.get("runner") or {}
     peak = server.get("peak_bytes")
-    projection = projection_check(report_dir, size, m.elapsed_s)
+    projection = projection_check(report_dir, size, m.elapsed_s) if result.error is None else None
     return {
+        "requests_planned": planned if planned is not None else size,
         "requests": m.requests,
         "completed": m.completed,
+        "finished": result.error is None,
+        "stopped_by": result.error,
         "errors": m.errors,
         "error_rate": m.error_rate,
         "errors_by_type": m.errors_by_type,

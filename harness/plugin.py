@@ -303,10 +303,30 @@ class HarnessSession:
         *,
         backend: Backend | None = None,
         key: str | None = None,
+        stopped: str | None = None,
     ) -> dict[str, Any]:
-        """Evaluate the scenario's criteria on `figures`, write the report, remember it."""
+        """Evaluate the scenario's criteria on `figures`, write the report, remember it.
+
+        `stopped` says why the phase's run ended before its end: the report then keeps the
+        figures of what ran, and fails on a `run_finished` criterion that carries the reason.
+        """
         criteria = scenario.criteria_for(self.profile) if self.profile in scenario.profiles else []
         results = evaluate(criteria, figures)
+        rows = [r.to_dict() for r in results]
+        failed = [r.message() for r in results if not r.passed]
+        if stopped is not None:
+            rows.insert(
+                0,
+                {
+                    "metric": "run_finished",
+                    "op": "==",
+                    "threshold": 1,
+                    "value": 0,
+                    "passed": False,
+                    "reason": stopped,
+                },
+            )
+            failed.insert(0, f"run_finished = 0: {stopped}")
         path = self.report_dir / filename
         report = write_report(
             path,
@@ -315,11 +335,10 @@ class HarnessSession:
             profile=self.profile,
             backend=self.backend_info(backend),
             figures=figures,
-            criteria=[r.to_dict() for r in results],
+            criteria=rows,
             machine=self.machine(),
             commit=commit_info(self.root),
         )
-        failed = [r.message() for r in results if not r.passed]
         # Messages name the scenario relative to the project, as users wrote it.
         failed = [m.replace(scenario.path, self.relpath(Path(scenario.path))) for m in failed]
         self.results.append(PhaseResult(key or filename, path, report, failed))

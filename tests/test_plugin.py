@@ -156,3 +156,42 @@ def test_options_are_in_one_group_with_defaults(pytester: pytest.Pytester) -> No
     bad = pytester.runpytest("--harness-backend", "vllm")
     assert bad.ret != 0
     bad.stderr.fnmatch_lines(["*--harness-backend 'vllm': choose embedded, openai or ollama*"])
+
+
+# The real scale suite, its backend replaced by the double, which fails for good at request K+1.
+STOPPING_CONFTEST = """\
+from harness.errors import ModelNotFound
+from harness.plugin import HarnessSession
+from harness.testing import InProcessDouble
+
+K = 37
+
+def _fail(n, request):
+    return ModelNotFound("injected: the model went away") if n == K + 1 else None
+
+def _backend(self, **settings):
+    return InProcessDouble(fail=_fail)
+
+HarnessSession.backend = _backend
+"""
+
+
+def test_a_scale_run_stopped_part_way_still_reports_what_ran(pytester: pytest.Pytester) -> None:
+    shutil.copytree(ROOT / "scenarios", pytester.path / "scenarios")
+    shutil.copy(ROOT / "suites" / "scale" / "test_scale.py", pytester.path / "test_scale.py")
+    pytester.makeconftest(STOPPING_CONFTEST)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "scale_100")
+    result.assert_outcomes(failed=1, deselected=4)
+    result.stdout.fnmatch_lines(
+        ["*run_finished = 0: stopped after 37 of 100 requests: ModelNotFound: injected*"]
+    )
+    result.stderr.fnmatch_lines(["*scale 100: 37 of 100 requests run*STOPPED: ModelNotFound*"])
+    report = json.loads((pytester.path / "reports" / "performance_benchmarks_100.json").read_text())
+    assert report["passed"] is False
+    assert report["completed"] == 37
+    assert report["requests_planned"] == 100
+    assert report["finished"] is False
+    assert report["stopped_by"] == "ModelNotFound: injected: the model went away"
+    assert report["criteria"][0]["metric"] == "run_finished"
+    assert report["criteria"][0]["passed"] is False
+    assert report["projection"] is None

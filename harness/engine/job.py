@@ -26,7 +26,7 @@ from harness.models.templates import get_format
 from harness.records import RequestRecord
 from harness.workload import WorkItem
 
-__all__ = ["JobResult", "JobSpec", "open_token_counter", "run_job"]
+__all__ = ["JobResult", "JobSpec", "open_token_counter", "partial_result", "run_job"]
 
 
 @dataclass(slots=True)
@@ -58,6 +58,21 @@ class JobResult:
     """Items already in the results file (resumed)."""
     records: list[RequestRecord] = field(default_factory=list)
     memory_samples: dict[str, list[MemorySample]] = field(default_factory=dict)
+    error: str | None = None
+    """Why the run stopped before its end (`Type: message`); None when it ran every item."""
+
+
+_PARTIAL = "harness_partial_result"
+
+
+def partial_result(exc: BaseException) -> JobResult | None:
+    """The figures of what ran before `run_job` raised `exc` (None for other exceptions).
+
+    A run that stops part-way (an unreachable server, a bug) still has measurements: the
+    suites write them into the phase's report, marked as not finished.
+    """
+    result = getattr(exc, _PARTIAL, None)
+    return result if isinstance(result, JobResult) else None
 
 
 @contextlib.asynccontextmanager
@@ -149,16 +164,24 @@ async def run_job(
 
         runner = Runner(backend, strategy, counter, config=spec.runner, sinks=all_sinks)
         started = time.perf_counter()
-        ran = await runner.run(pending)
+        failure: Exception | None = None
+        try:
+            ran = await runner.run(pending)
+        except Exception as exc:
+            failure = exc
+            ran = collector.requests
         elapsed = time.perf_counter() - started
-    metrics = collector.summary(elapsed)
-    memory = {name: _memory_summary(mon) for name, mon in monitors.items()}
-    return JobResult(
-        metrics=metrics,
-        memory=memory,
+    result = JobResult(
+        metrics=collector.summary(elapsed),
+        memory={name: _memory_summary(mon) for name, mon in monitors.items()},
         token_counter=counter.source,
         ran=ran,
         skipped=skipped,
         records=records,
         memory_samples={name: list(mon.samples) for name, mon in monitors.items()},
+        error=f"{type(failure).__name__}: {failure}" if failure is not None else None,
     )
+    if failure is not None:
+        setattr(failure, _PARTIAL, result)
+        raise failure
+    return result

@@ -94,7 +94,14 @@ def common_prefix_len(a: TokenSeq | array[int], b: TokenSeq | array[int]) -> int
 
 
 class TokenCounter:
-    """Token ids of chat prompts, from a cache of text pieces tokenized ahead of time."""
+    """Token ids of chat prompts, from a cache of text pieces tokenized ahead of time.
+
+    Two tables hold pieces: a pin table for pieces that many prompts share (the rubric), and an
+    LRU for the rest. Both refresh on every use, so the rubric, used by every request, is never
+    the one dropped; a piece dropped from the pin table goes back to the LRU. Whatever either
+    table drops, `count()` builds each prompt from the ids it looked up or tokenized in the same
+    call, so it always returns the prompt's ids (a piece it needs is never looked up twice).
+    """
 
     def __init__(
         self,
@@ -103,15 +110,17 @@ class TokenCounter:
         *,
         source: str,
         cache_size: int = 4096,
+        pin_cap: int = 64,
     ) -> None:
         self.chat_format = chat_format
         self._tokenize = tokenize
         self.source = source
         self.cache_size = cache_size
+        self.pin_cap = pin_cap
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._special: dict[str, int] = {}
         self._special_ids: dict[str, array[int]] = {}
-        self._pinned: dict[str, array[int]] = {}
+        self._pinned: OrderedDict[str, array[int]] = OrderedDict()
         self.calls = 0
 
     # -- filling the cache -----------------------------------------------------------------
@@ -130,60 +139,73 @@ class TokenCounter:
     def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[Any]:
         return self.chat_format.render_pieces(messages, add_generation_prompt=add_generation_prompt)
 
-    def _text_pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[str]:
-        return [p for p in self._pieces(messages, add_generation_prompt) if isinstance(p, str)]
-
     async def prepare(
         self, conversations: Iterable[Sequence[Message]], *, add_generation_prompt: bool = True
     ) -> None:
         """Tokenize every text piece of these prompts that is not cached yet, in one call.
 
         A piece that occurs in several of the prompts (the shared rubric) is pinned, so a long
-        run of new candidates can never push it out of the cache.
+        run of new candidates cannot push it out of the cache. A piece repeated inside one
+        prompt (a reply the model gave twice) is not: it is shared by nothing else.
         """
         await self._load_specials()
         missing: list[str] = []
-        seen: dict[str, int] = {}
+        prompts_with: dict[str, int] = {}
         for messages in conversations:
-            for text in self._text_pieces(messages, add_generation_prompt):
-                count = seen.get(text)
+            texts = {p for p in self._pieces(messages, add_generation_prompt) if isinstance(p, str)}
+            for text in texts:
+                count = prompts_with.get(text)
                 if count is None:
-                    seen[text] = 1
+                    prompts_with[text] = 1
                     if self._lookup(text) is None:
                         missing.append(text)
                 else:
-                    seen[text] = count + 1
-        await self.add_texts(missing)
-        for text, count in seen.items():
-            if count > 1 and text not in self._pinned:
+                    prompts_with[text] = count + 1
+        await self._add(missing)
+        for text, count in prompts_with.items():
+            if count > 1:
                 self.pin(text)
 
-    async def add_texts(self, texts: Sequence[str]) -> None:
-        """Tokenize and cache plain-text pieces (no special tokens are parsed inside them)."""
+    async def _add(self, texts: Sequence[str]) -> dict[str, array[int]]:
+        """Tokenize plain-text pieces (no special tokens parsed inside), cache them, and return
+        them (the caller uses what this returns, not the cache, which may drop them at once)."""
         if not texts:
-            return
-        await self._load_specials()
+            return {}
         results = await self._tokenize(list(texts), False)
         self.calls += 1
+        out: dict[str, array[int]] = {}
         for text, tok in zip(texts, results, strict=True):
-            self._store(text, tok if isinstance(tok, array) else array("i", tok))
+            ids = tok if isinstance(tok, array) else array("i", tok)
+            out[text] = ids
+            self._store(text, ids)
+        return out
 
     def pin(self, text: str) -> None:
-        """Keep a piece (e.g. the rubric) out of LRU eviction (the 64 most recent pins)."""
-        ids = self._lookup(text)
-        if ids is not None:
-            self._pinned[text] = ids
-            if len(self._pinned) > 64:
-                del self._pinned[next(iter(self._pinned))]
+        """Keep a cached piece (e.g. the rubric) out of the LRU's eviction, among the
+        `pin_cap` most recently used pins; the least recently used pin goes back to the LRU."""
+        ids = self._cache.pop(text, None)
+        if ids is None:
+            ids = self._pinned.get(text)
+            if ids is None:
+                return
+        self._pinned[text] = ids
+        self._pinned.move_to_end(text)
+        while len(self._pinned) > self.pin_cap:
+            old, old_ids = self._pinned.popitem(last=False)
+            self._store(old, old_ids)
 
     def _store(self, text: str, ids: array[int]) -> None:
+        if text in self._pinned:
+            return
         self._cache[text] = ids
-        if len(self._cache) > self.cache_size:
+        self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
     def _lookup(self, text: str) -> array[int] | None:
         ids = self._pinned.get(text)
         if ids is not None:
+            self._pinned.move_to_end(text)
             return ids
         ids = self._cache.get(text)
         if ids is not None:
@@ -192,38 +214,39 @@ class TokenCounter:
 
     # -- counting --------------------------------------------------------------------------
 
-    def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> TokenSeq:
-        """Token ids of the rendered prompt. Its pieces must have been prepared."""
-        out: list[array[int]] = []
-        specials = self._special_ids
-        for piece in self._pieces(messages, add_generation_prompt):
-            if isinstance(piece, Special):
-                out.append(specials[piece.text])
-            else:
-                ids = self._lookup(piece)
-                if ids is None:
-                    raise KeyError(f"piece not tokenized yet: {piece[:40]!r}...")
-                out.append(ids)
-        return TokenSeq(out)
-
     async def count(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
     ) -> TokenSeq:
-        """Token ids of the prompt, tokenizing what is missing first."""
-        try:
-            return self.ids(messages, add_generation_prompt=add_generation_prompt)
-        except KeyError:
-            await self.prepare([messages], add_generation_prompt=add_generation_prompt)
-            return self.ids(messages, add_generation_prompt=add_generation_prompt)
+        """Token ids of the rendered prompt, tokenizing the pieces not cached first."""
+        if not self._special:
+            await self._load_specials()
+        specials = self._special_ids
+        out: list[array[int]] = []
+        missing: list[tuple[int, str]] = []
+        for piece in self._pieces(messages, add_generation_prompt):
+            if isinstance(piece, Special):
+                out.append(specials[piece.text])
+                continue
+            ids = self._lookup(piece)
+            if ids is None:
+                missing.append((len(out), piece))
+                ids = _EMPTY
+            out.append(ids)
+        if missing:
+            got = await self._add(list(dict.fromkeys(text for _, text in missing)))
+            for at, text in missing:
+                out[at] = got[text]
+        return TokenSeq(out)
 
     async def text_ids(self, text: str) -> array[int]:
         """Token ids of a plain text (e.g. a reply), cached."""
         ids = self._lookup(text)
         if ids is None:
-            await self.add_texts([text])
-            ids = self._lookup(text)
-        assert ids is not None
+            ids = (await self._add([text]))[text]
         return ids
+
+
+_EMPTY: array[int] = array("i")
 
 
 def estimate_tokenize() -> TokenizeBatch:

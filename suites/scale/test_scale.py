@@ -18,7 +18,7 @@ import pytest
 
 from harness.config import load_profile
 from harness.engine import JobSpec, RunnerConfig, run_job
-from harness.engine.job import JobResult
+from harness.engine.job import JobResult, partial_result
 from harness.memory import EnergyMeter, NvmlProbe, NvmlUnavailable
 from harness.models.registry import resolve_model
 from harness.phases import items_for, policy_for, scale_figures
@@ -62,15 +62,23 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     with contextlib.ExitStack() as stack:
         with contextlib.suppress(NvmlUnavailable):
             energy = stack.enter_context(EnergyMeter(NvmlProbe()))
-        result: JobResult = benchmark.pedantic(
-            lambda: harness.run(run_job(backend, items, spec)), rounds=1, iterations=1
-        )
+        try:
+            result: JobResult = benchmark.pedantic(
+                lambda: harness.run(run_job(backend, items, spec)), rounds=1, iterations=1
+            )
+        except Exception as exc:
+            # A run that stops part-way still reports what it measured, marked unfinished.
+            partial = partial_result(exc)
+            if partial is None:
+                raise
+            result = partial
     note = ""
     if harness.backend_name == "embedded":
         note = resolve_model(model).note
     figures = scale_figures(
         result,
         size=size,
+        planned=len(items),
         report_dir=harness.report_dir,
         energy_wh=energy.watt_hours if energy is not None else None,
         price_per_kwh=harness.price_per_kwh,
@@ -84,16 +92,22 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         "concurrency": st.concurrency,
     }
     benchmark.extra_info.update(figures)
+    stopped = None
+    if result.error is not None:
+        stopped = f"stopped after {result.ran} of {len(items)} requests: {result.error}"
     report = harness.report(
         f"performance_benchmarks_{size}.json",
         scenario,
         figures,
         backend=backend,
         key=f"scale_{size}",
+        stopped=stopped,
     )
     savings, theory = figures["token_savings"] or 0, figures["token_savings_theoretical_max"] or 0
     harness.say(
-        f"scale {size}: {figures['throughput_rps']:.2f} req/s, savings {savings:.1%} of "
-        f"{theory:.1%} possible, {figures['context_trims']} trims, errors {figures['errors']}",
+        f"scale {size}: {result.ran} of {len(items)} requests run, "
+        f"{figures['throughput_rps']:.2f} req/s, savings {savings:.1%} of "
+        f"{theory:.1%} possible, {figures['context_trims']} trims, errors {figures['errors']}"
+        + (f"; STOPPED: {result.error}" if result.error else ""),
     )
     harness.gate(report)
