@@ -38,15 +38,17 @@ import io
 import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
 from harness.backends.base import Backend
+from harness.backends.openai import REQUEST_PATHS
+from harness.backends.server import SERVER_FLAGS
 from harness.config import DEFAULT_CONFIG_PATH, load_profile
-from harness.engine import JobSpec, RunnerConfig, TrimPolicy, read_results, run_job
+from harness.engine import JobSpec, RunnerConfig, read_results, run_job
 from harness.engine.progress import format_duration
 from harness.engine.strategies import STRATEGIES
 from harness.errors import ConfigError
@@ -54,6 +56,7 @@ from harness.fileio import atomic_write_text
 from harness.metrics import MetricsCollector
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.records import RequestRecord
+from harness.runconfig import RunConfig, Value, resolve_run_config
 from harness.workload import (
     STRUCTURED_MODES,
     CandidateTable,
@@ -153,9 +156,11 @@ class BatchOptions:
     model name (default: the openai server's first model, or OllamaBackend's default)."""
     base_url: str | None = None
     """Server URL for `openai` (required) and `ollama` (default $OLLAMA_HOST or localhost)."""
-    concurrency: int = 1
-    """Requests in flight; the embedded server gets one slot per concurrent request."""
-    strategy: str = "stateless"
+    concurrency: int | None = None
+    """Requests in flight; the embedded server gets one slot per concurrent request. None:
+    harness.yaml's CONCURRENCY, else 1."""
+    strategy: str | None = None
+    """None: harness.yaml's STRATEGY, else stateless."""
     sample: int | None = None
     """Run a reproducible sample of this many rows (drawn with `seed`), in input order."""
     prompt: Path | None = None
@@ -165,9 +170,16 @@ class BatchOptions:
     structured: str = "grammar"
     """CSV input: `grammar` (tight GBNF; llama.cpp), `schema` (JSON-schema structured output)
     or `none` (free text, not validated)."""
-    ctx: int = 8192
-    """Context window of one request in tokens: longer requests are recorded as errors
-    without being sent; the embedded server gets ctx × concurrency tokens."""
+    ctx: int | None = None
+    """Context window of one request in tokens (one server slot; Ollama's num_ctx): longer
+    requests are recorded as errors without being sent; the embedded server gets ctx ×
+    concurrency tokens. None: harness.yaml's n_ctx (phase 1's measured context), else 8192."""
+    request_path: str | None = None
+    """llama.cpp servers: `tokens` (ids to /completion, the fastest; the embedded default),
+    `text` (the rendered prompt, as Ollama sends it) or `chat` (/v1/chat/completions)."""
+    server_flags: str | None = None
+    """The embedded server's launch flags: `ollama` (as Ollama ≥ 0.30 starts llama-server;
+    default) or `harness` (full-size sliding windows for --strategy conversation)."""
     seed: int = DEFAULT_SEED
     """Seed of the --sample draw and, for CSV input, of the model's sampling."""
     threads: int | None = None
@@ -189,7 +201,18 @@ class BatchOptions:
             raise ConfigError(
                 f"--backend {self.backend!r} is not known; choose one of: {', '.join(names)}"
             )
-        if self.strategy not in STRATEGIES:
+        if self.request_path is not None and self.request_path not in REQUEST_PATHS:
+            raise ConfigError(
+                f"--request-path {self.request_path!r} is not known; choose one of: "
+                f"{', '.join(REQUEST_PATHS)}"
+            )
+        if self.request_path is not None and self.backend == "ollama":
+            raise ConfigError("--request-path is for llama.cpp servers; Ollama has its own API")
+        if self.server_flags is not None and self.server_flags not in SERVER_FLAGS:
+            raise ConfigError(
+                f"--server-flags {self.server_flags!r}: choose {' or '.join(SERVER_FLAGS)}"
+            )
+        if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"--strategy {self.strategy!r} is not known; choose one of: "
                 f"{', '.join(sorted(STRATEGIES))}"
@@ -204,7 +227,7 @@ class BatchOptions:
             ("--max-tokens", self.max_tokens, 1),
             ("--ctx", self.ctx, MIN_CTX),
         ):
-            if value < least:
+            if value is not None and value < least:
                 raise ConfigError(f"{flag} {value} must be at least {least}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads} must be at least 1")
@@ -212,7 +235,7 @@ class BatchOptions:
             raise ConfigError("--threads is for --backend embedded (the server it starts)")
         if self.sample is not None and self.sample < 1:
             raise ConfigError(f"--sample {self.sample} must be at least 1 (or leave it out)")
-        if self.max_tokens >= self.ctx:
+        if self.ctx is not None and self.max_tokens >= self.ctx:
             raise ConfigError(
                 f"--max-tokens {self.max_tokens} leaves no room for the prompt in --ctx {self.ctx}"
             )
@@ -461,34 +484,49 @@ def _write_scores(
 # -- run --------------------------------------------------------------------------------------
 
 
+def batch_config(options: BatchOptions) -> RunConfig:
+    """The run's settings: the command line, then harness.yaml (measured on this backend),
+    then defaults (harness.runconfig). With Ollama and no --ctx, the context is the one
+    Ollama loaded (read at start), not a guess."""
+    embedded = options.backend == "embedded"
+    cli: dict[str, Any] = {
+        "backend": options.backend,
+        "model": options.model,
+        "base_url": options.base_url,
+        "n_ctx": options.ctx,
+        "concurrency": options.concurrency,
+        "parallel": options.concurrency if embedded else None,
+        "strategy": options.strategy,
+        "request_path": options.request_path,
+        "server_flags": options.server_flags,
+    }
+    cfg = resolve_run_config(
+        profile=options.config_profile,
+        config=load_profile(options.config, options.config_profile),
+        cli=cli,
+    )
+    if embedded and cfg.request_path.value is None:
+        # A production run on this server, not a prediction of Ollama's: the fastest path.
+        cfg = replace(cfg, request_path=Value("tokens", "default (harness run: the fastest)"))
+    if embedded and cfg.parallel.source == "default" and cfg.concurrency.value > 1:
+        cfg = replace(cfg, parallel=Value(cfg.concurrency.value, "= concurrency"))
+    if cfg.server_flags.value == "harness" and cfg.strategy.value == "conversation":
+        # A rolling conversation goes back to its start at every trim; full-size sliding
+        # windows keep the rubric reusable then, for more KV memory per token.
+        cfg = replace(cfg, swa_full=Value(True, "harness flags + conversation strategy"))
+    return cfg
+
+
 def make_backend(options: BatchOptions) -> Backend:
     """The backend the options name (not started). Tests replace this function."""
+    cfg = batch_config(options)
+    opts = cfg.backend_options()
     if options.backend == "embedded":
-        n = options.concurrency
-        return Backend.create(
-            "embedded",
-            model=options.model or DEFAULT_MODEL,
-            n_ctx=options.ctx * n,
-            parallel=n,
-            threads=options.threads,
-            max_connections=max(64, n),
-            # A rolling conversation goes back to its start at every trim. With sliding-window
-            # layers (Gemma 3) llama.cpp keeps only the last window of them and has to recompute
-            # the whole rubric then (measured: 1 of 3,888 prefix tokens reused after a trim);
-            # full-size windows keep the prefix reusable, for more KV memory per token.
-            swa_full=options.strategy == "conversation",
-        )
-    if options.backend == "openai":
-        assert options.base_url is not None
-        return Backend.create(
-            "openai",
-            base_url=options.base_url,
-            model=options.model,
-            max_connections=max(64, options.concurrency),
-        )
-    opts: dict[str, Any] = {"base_url": options.base_url, "num_ctx": options.ctx}
-    if options.model:
-        opts["model"] = options.model
+        opts["threads"] = options.threads
+    if options.backend == "ollama" and options.ctx is None:
+        opts["num_ctx"] = None  # use (and read) the context Ollama loads the model with
+    if not opts.get("model"):
+        opts.pop("model", None)
     return Backend.create(options.backend, **opts)
 
 
@@ -521,7 +559,11 @@ class BatchResult:
     elapsed_s: float = 0.0
     throughput_rps: float = 0.0
     token_savings: float | None = None
-    """Server-reported cached prompt tokens ÷ prompt tokens, this run."""
+    """Cached prompt tokens ÷ prompt tokens of the requests that reported them, this run."""
+    savings_source: str = "unknown"
+    """Where the cached-token figures came from (`server`, `llama.cpp timings`, ...)."""
+    uncached_per_request: float | None = None
+    """Prompt tokens the server computed per completed request, this run."""
     mean_latency_ms: float | None = None
     mean_decode_ms: float | None = None
     """Mean server decode (generation) time per request, this run (llama.cpp reports it)."""
@@ -551,15 +593,21 @@ class BatchResult:
         def ms(v: float | None) -> str:
             return f"{v:.0f} ms" if v is not None else "n/a"
 
-        sav = f"{self.token_savings:.1%}" if self.token_savings is not None else "n/a"
+        sav = f"{self.token_savings:.1%}" if self.token_savings is not None else "unknown"
+        unc = (
+            f"{self.uncached_per_request:.0f} uncached prompt tokens per request, "
+            if self.uncached_per_request is not None
+            else ""
+        )
         resumed = f" ({self.skipped} resumed from earlier runs)" if self.skipped else ""
         left = f", {self.not_run} not run" if self.not_run else ""
         state = "interrupted" if self.interrupted else "finished"
         return (
             f"run {state}: {self.done} done, {self.failed} failed{left} of {self.total} rows"
             f"{resumed}; this run: {self.ran} requests in {format_duration(self.elapsed_s)} "
-            f"({self.elapsed_s:.1f} s, {self.throughput_rps:.2f} req/s), token savings {sav} "
-            f"(server-reported cached ÷ prompt tokens), mean latency {ms(self.mean_latency_ms)}, "
+            f"({self.elapsed_s:.1f} s, {self.throughput_rps:.2f} completed req/s), {unc}"
+            f"token savings {sav} (cached ÷ prompt tokens; source: {self.savings_source}), "
+            f"mean latency {ms(self.mean_latency_ms)}, "
             f"mean server decode {ms(self.mean_decode_ms)} per request; "
             f"scores: {self.scores_path}; results: {self.results_path}"
         )
@@ -572,6 +620,7 @@ class _Plan:
     scores: Path
     results: Path
     skipped: int
+    config: RunConfig
     tally: MetricsCollector = field(default_factory=MetricsCollector)
     """This run's requests (an engine sink: it keeps its counts after an interruption)."""
     started: float | None = None
@@ -600,6 +649,7 @@ class _Plan:
         ids = self.data.items
         t = self.tally
         elapsed = self.ended - self.started if self.started is not None and self.ended else 0.0
+        m = t.summary(elapsed)
         return BatchResult(
             input=self.data.path,
             kind=self.data.kind,
@@ -613,8 +663,10 @@ class _Plan:
             ran=t.requests,
             foreign=counts.foreign,
             elapsed_s=elapsed,
-            throughput_rps=t.requests / elapsed if elapsed > 0 else 0.0,
-            token_savings=t.cached / t.prompt_with_cache_info if t.prompt_with_cache_info else None,
+            throughput_rps=m.throughput_rps,
+            token_savings=m.token_savings,
+            savings_source=m.cached_source,
+            uncached_per_request=m.uncached_tokens_per_request,
             mean_latency_ms=_mean(t.latency),
             mean_decode_ms=_mean(t.decode_ms),
             mean_prompt_ms=_mean(t.prompt_ms),
@@ -633,7 +685,7 @@ def _prepare(options: BatchOptions) -> _Plan:
     # Read the results file now: a corrupt one fails before a server starts.
     wanted = {it.custom_id for it in data.items}
     skipped = sum(1 for line in _results_ids(results) if line in wanted)
-    return _Plan(options, data, scores, results, skipped)
+    return _Plan(options, data, scores, results, skipped, config=batch_config(options))
 
 
 def _results_ids(path: Path) -> Iterator[str]:
@@ -641,18 +693,6 @@ def _results_ids(path: Path) -> Iterator[str]:
         cid = line.get("custom_id") if isinstance(line, dict) else None
         if isinstance(cid, str):
             yield cid
-
-
-def measured_policy(options: BatchOptions, limit: int) -> TrimPolicy:
-    """The trim policy: harness.yaml's measured values (phase 5) within the request limit."""
-    cfg = load_profile(options.config, options.config_profile)
-    max_ctx = min(int(cfg.get("MAX_CONTEXT_TOKENS") or limit), limit)
-    threshold = cfg.get("CONTEXT_TRIM_THRESHOLD")
-    return TrimPolicy(
-        max_context_tokens=max_ctx,
-        trim_threshold=min(int(threshold), max_ctx) if threshold else None,
-        trim_interval=cfg.get("TRIM_INTERVAL"),
-    )
 
 
 async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
@@ -663,13 +703,11 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
             async with server:
                 info = server.info
                 plan.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
-                limit = options.ctx
-                if info.n_ctx_per_slot:
-                    limit = min(limit, info.n_ctx_per_slot)
+                cfg = plan.config.capped(info.n_ctx_per_slot)
                 spec = JobSpec(
-                    strategy=options.strategy,
-                    policy=measured_policy(options, limit),
-                    runner=RunnerConfig(concurrency=options.concurrency),
+                    strategy=cfg.strategy.value,
+                    policy=cfg.policy,
+                    runner=RunnerConfig(concurrency=cfg.concurrency.value),
                     results_path=plan.results,
                     progress=options.progress,
                     desc=f"run {data.path.name}",

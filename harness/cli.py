@@ -68,7 +68,8 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--ctx",
         type=_positive_int,
         default=d.n_ctx,
-        help="context size in tokens (all slots together)",
+        help="context size in tokens of ALL slots together (llama-server's -c; each slot gets "
+        "ctx / parallel; `harness run --ctx` is per slot)",
     )
     p.add_argument("--parallel", type=_positive_int, default=d.parallel, help="server slots")
     p.add_argument("--host", default=d.host, help="address to listen on (loopback by default)")
@@ -85,12 +86,29 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--cache-ram-mib",
         type=_positive_int,
-        default=d.cache_ram_mib,
-        help="llama.cpp host prompt cache in MiB (0: off)",
+        default=None,
+        help="llama.cpp host prompt cache in MiB (0: off; default: llama-server's, 8192)",
     )
     p.add_argument("--batch", type=_positive_int, default=d.n_batch, help="logical batch size")
     p.add_argument("--ubatch", type=_positive_int, default=d.n_ubatch, help="physical batch size")
     p.add_argument("--swa-full", action="store_true", help="full-size KV for sliding-window layers")
+    p.add_argument(
+        "--context-shift",
+        action="store_true",
+        help="when a sequence fills its context, drop old tokens instead of failing",
+    )
+    p.add_argument(
+        "--keep", type=_positive_int, default=0, help="tokens a context shift keeps at the start"
+    )
+    p.add_argument(
+        "--flash-attn", default=d.flash_attn, choices=["auto", "on", "off"], help="flash attention"
+    )
+    p.add_argument(
+        "--flags",
+        default=d.flags,
+        choices=["harness", "ollama"],
+        help="label of the launch mode these flags make (reports show it)",
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -107,6 +125,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         n_batch=args.batch,
         n_ubatch=args.ubatch,
         swa_full=args.swa_full,
+        ctx_shift=args.context_shift,
+        n_keep=args.keep,
+        flash_attn=args.flash_attn,
+        flags=args.flags,
     )
     settings.validate()
     return serve(settings)
@@ -224,6 +246,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from harness.backends.openai import REQUEST_PATHS
+    from harness.backends.server import SERVER_FLAGS
     from harness.batch import BACKENDS
     from harness.engine.strategies import STRATEGIES
     from harness.workload import STRUCTURED_MODES
@@ -260,16 +284,34 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--concurrency",
         type=_positive_int,
-        default=d.concurrency,
+        default=None,
         metavar="N",
-        help="requests in flight (the embedded server gets N slots of --ctx tokens each)",
+        help="requests in flight (the embedded server gets N slots of --ctx tokens each) "
+        "(default: harness.yaml's CONCURRENCY, else 1)",
     )
     p.add_argument(
         "--strategy",
-        default=d.strategy,
+        default=None,
         help=f"{' | '.join(sorted(STRATEGIES, reverse=True))}: one request per row with the "
         "shared rubric (the server's prefix cache reuses it), or rolling conversations "
-        "restarted by the trim policy",
+        "restarted by the trim policy (default: harness.yaml's STRATEGY, else stateless)",
+    )
+    p.add_argument(
+        "--request-path",
+        default=None,
+        choices=list(REQUEST_PATHS),
+        help="how requests reach a llama.cpp server: tokens (the prompt's token ids to "
+        "/completion: no template or tokenizing on the server), text (the rendered prompt, as "
+        "Ollama sends it) or chat (/v1/chat/completions) (default: tokens for the embedded "
+        "server, chat for --backend openai)",
+    )
+    p.add_argument(
+        "--server-flags",
+        default=None,
+        choices=list(SERVER_FLAGS),
+        help="how the embedded server is started: ollama (the llama-server flags Ollama >= 0.30 "
+        "uses) or harness (full-size sliding windows for --strategy conversation) (default: "
+        "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)",
     )
     _add_input_options(p)
     p.add_argument(
@@ -290,10 +332,11 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--ctx",
         type=_positive_int,
-        default=d.ctx,
+        default=None,
         metavar="N",
-        help="context window of one request in tokens (the embedded server's context per "
-        "slot); a longer request is recorded as that row's error, not sent",
+        help="context window of ONE request in tokens (one server slot; Ollama's num_ctx); a "
+        "longer request is recorded as that row's error, not sent (default: harness.yaml's "
+        "n_ctx from phase 1; Ollama: the context it loaded the model with; else 8192)",
     )
     p.add_argument(
         "--threads",
@@ -340,6 +383,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         structured=args.structured,
         ctx=args.ctx,
+        request_path=args.request_path,
+        server_flags=args.server_flags,
         seed=args.seed,
         threads=args.threads,
         progress=args.progress,

@@ -43,6 +43,10 @@ CONFIG_KEYS: dict[str, type] = {
     "KV_CACHE_PER_TOKEN_MB": float,
     "n_ctx": int,
     "parallel": int,
+    "CONCURRENCY": int,
+    "STRATEGY": str,
+    "REQUEST_PATH": str,
+    "SERVER_FLAGS": str,
 }
 _HEADER = """\
 # Configuration of the production run, per profile (see harness/config.py).
@@ -112,7 +116,14 @@ def load_profile(path: str | Path, profile: str) -> ProfileConfig:
             raise ConfigError(
                 f"{p}: profiles.{profile}.{key}: unknown setting; known: {', '.join(CONFIG_KEYS)}"
             )
-        if value is not None and not isinstance(value, CONFIG_KEYS[key] | int):
+        want = CONFIG_KEYS[key]
+        if value is not None and want is str and not isinstance(value, str):
+            raise ConfigError(f"{p}: profiles.{profile}.{key}: {value!r} is not a word")
+        if (
+            value is not None
+            and want is not str
+            and (isinstance(value, bool) or not isinstance(value, want | int))
+        ):
             raise ConfigError(f"{p}: profiles.{profile}.{key}: {value!r} is not a number")
         values[str(key)] = value
     return ProfileConfig(profile, values, dict(prof.get("provenance") or {}))

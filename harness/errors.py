@@ -13,6 +13,7 @@ wrong *and what to do about it*::
         ├── RequestTimeout          the server took too long            (retryable)
         ├── TransientServerError    429 / 5xx / reset / truncated body  (retryable)
         ├── ProtocolError           the reply is not what the API promises
+        │   └── NoAPI                   no such API at the URL (a wrong path)
         ├── ModelNotFound           the server does not have the model
         ├── ContextOverflow         the prompt is longer than the context window
         └── LoadFailure             the server could not start or load the model
@@ -32,6 +33,7 @@ __all__ = [
     "InputError",
     "LoadFailure",
     "ModelNotFound",
+    "NoAPI",
     "OutOfMemory",
     "OutputError",
     "ProtocolError",
@@ -100,6 +102,11 @@ class TransientServerError(BackendError):
 
 class ProtocolError(BackendError):
     """The server answered, but not in the shape its API promises."""
+
+
+class NoAPI(ProtocolError):
+    """The URL answers, but not with the API asked for (a plain `404 page not found`: a base
+    URL with a wrong path, such as one ending in `/v1` for Ollama's native API)."""
 
 
 class ModelNotFound(BackendError):

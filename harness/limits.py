@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from harness.backends.embedded import EmbeddedServer
-from harness.backends.server import ServerSettings
+from harness.backends.server import ServerSettings, ollama_settings
 from harness.errors import ConfigError, LoadFailure
+from harness.memory import local_gpu_probe
 from harness.metrics import linear_fit
 
 __all__ = [
@@ -85,18 +86,37 @@ class ContextProbe(Protocol):
 
 
 class EmbeddedContextProbe:
-    """A llama.cpp child process per size; memory is its resident set (RSS)."""
+    """A llama.cpp child process per size, started with the flags the run will use (Ollama's
+    by default); memory is its resident set (RSS). `n_ctx` is the context of one request."""
 
-    def __init__(self, model: str, *, parallel: int = 1, settle_s: float = 0.3) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        parallel: int = 1,
+        server_flags: str = "ollama",
+        swa_full: bool = False,
+        settle_s: float = 0.3,
+    ) -> None:
         self.model = model
         self.parallel = parallel
+        self.server_flags = server_flags
+        self.swa_full = swa_full
         self.settle_s = settle_s
+
+    def settings(self, n_ctx: int) -> ServerSettings:
+        if self.server_flags == "ollama":
+            return ollama_settings(self.model, n_ctx, num_parallel=self.parallel)
+        return ServerSettings(
+            model=self.model,
+            n_ctx=n_ctx * self.parallel,
+            parallel=self.parallel,
+            swa_full=self.swa_full,
+        )
 
     def measure(self, n_ctx: int) -> Measurement:
         started = time.perf_counter()
-        server = EmbeddedServer(
-            ServerSettings(model=self.model, n_ctx=n_ctx, parallel=self.parallel)
-        )
+        server = EmbeddedServer(self.settings(n_ctx))
         try:
             server.start()
             time.sleep(self.settle_s)
@@ -113,12 +133,15 @@ class EmbeddedContextProbe:
 
 
 class OllamaContextProbe:
-    """Ollama reloads the model for a new `num_ctx`; memory from `/api/ps` (`size`), and a
-    model that does not fit GPU memory (`size_vram < size`) counts as not fitting."""
+    """Ollama reloads the model for a new `num_ctx`. Memory is read from the GPU (NVML, the
+    device's used memory) when Ollama runs on this machine's GPU, with `/api/ps` (`size`,
+    Ollama's own accounting) beside it; else from `/api/ps` alone. A model that does not fit GPU
+    memory (`size_vram < size`) counts as not fitting."""
 
-    def __init__(self, model: str, base_url: str | None = None) -> None:
+    def __init__(self, model: str, base_url: str | None = None, *, nvml: Any | None = None) -> None:
         self.model = model
         self.base_url = base_url
+        self.nvml = nvml
 
     def measure(self, n_ctx: int) -> Measurement:
         from harness.backends.base import ChatRequest
@@ -135,21 +158,30 @@ class OllamaContextProbe:
                     sample = probe.sample()
                 finally:
                     probe.close()
-                return {"used": sample.used_bytes, **sample.detail, "source": sample.source}
+                info = {"used": sample.used_bytes, **sample.detail, "source": sample.source}
+                gpu = local_gpu_probe(backend.base_url, nvml=self.nvml)
+                if gpu is not None:
+                    reading = gpu.sample()
+                    info["nvml_used_bytes"] = reading.used_bytes
+                    info["nvml_source"] = reading.source
+                    info["nvml_device"] = gpu.device_name()
+                return info
 
         try:
             info = asyncio.run(load())
         except LoadFailure as exc:
             return Measurement(n_ctx, None, "ollama", ok=False, error=str(exc))
         spilled = bool(info.get("spilled"))
+        nvml_used = info.get("nvml_used_bytes")
+        keys = ("size", "size_vram", "context_length", "nvml_used_bytes", "nvml_device")
         return Measurement(
             n_ctx,
-            int(info["size"]),
-            str(info["source"]),
+            int(nvml_used) if nvml_used is not None else int(info["size"]),
+            str(info["nvml_source"]) if nvml_used is not None else str(info["source"]),
             ok=not spilled,
             error="model spilled to system memory (size_vram < size)" if spilled else None,
             seconds=time.perf_counter() - started,
-            detail={k: info[k] for k in ("size", "size_vram", "context_length") if k in info},
+            detail={k: info[k] for k in keys if k in info} | {"ollama_source": info["source"]},
         )
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "NvmlUnavailable",
     "OllamaPsProbe",
     "ProcessRSSProbe",
+    "is_loopback_url",
+    "local_gpu_probe",
     "normalise_ollama_host",
     "system_memory_bytes",
 ]
@@ -148,17 +150,31 @@ class NvmlProbe:
         name = self.nvml.nvmlDeviceGetName(self._handle)
         return name.decode() if isinstance(name, bytes) else str(name)
 
+    def processes(self) -> list[dict[str, Any]] | None:
+        """GPU memory of each compute process on the device (None when the driver cannot
+        tell: `usedGpuMemory` is None in many containers)."""
+        try:
+            procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except Exception:
+            return None
+        out = [
+            {"pid": int(p.pid), "used_bytes": int(p.usedGpuMemory)}
+            for p in procs
+            if getattr(p, "usedGpuMemory", None) is not None
+        ]
+        return out if out or not procs else None
+
     def sample(self) -> MemorySample:
         info = self.nvml.nvmlDeviceGetMemoryInfo(self._handle)
         used = int(info.used)
         detail: dict[str, Any] = {"device_used_bytes": used}
+        procs = self.processes()
+        if procs is not None:
+            detail["processes"] = procs
         if self.pid is not None:
-            procs = self.nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-            mine = [p for p in procs if int(p.pid) == self.pid]
-            # usedGpuMemory is None when the driver cannot attribute memory (e.g. in containers).
-            attributed = [int(p.usedGpuMemory) for p in mine if p.usedGpuMemory is not None]
-            if attributed:
-                used = sum(attributed)
+            mine = [p["used_bytes"] for p in procs or [] if p["pid"] == self.pid]
+            if mine:
+                used = sum(mine)
             else:
                 detail["per_process_unavailable"] = True
         return MemorySample(used, self.source, "device", total_bytes=int(info.total), detail=detail)
@@ -176,6 +192,30 @@ class NvmlProbe:
             return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)) / 1000.0
         except Exception:
             return None
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when `url` points at this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = httpx.URL(url if "://" in url else f"http://{url}").host
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_gpu_probe(base_url: str, *, nvml: Any | None = None) -> NvmlProbe | None:
+    """An NVML probe of GPU 0 when the server at `base_url` runs on this machine and this
+    machine has an NVIDIA GPU; None otherwise (a remote server's GPU cannot be read here)."""
+    if not is_loopback_url(base_url):
+        return None
+    try:
+        return NvmlProbe(0, nvml=nvml)
+    except NvmlUnavailable:
+        return None
 
 
 OLLAMA_DEFAULT_PORT = 11434
@@ -255,6 +295,8 @@ class OllamaPsProbe:
         )
 
     def sample(self) -> MemorySample:
+        """The model's whole footprint (`size`): a model that spills to system memory does not
+        get smaller, its GPU share (`size_vram`) does. Both are Ollama's own accounting."""
         entry = self.loaded()
         size = int(entry.get("size", 0))
         size_vram = int(entry.get("size_vram", 0))
@@ -264,7 +306,7 @@ class OllamaPsProbe:
             "spilled": size_vram < size,
             "context_length": entry.get("context_length"),
         }
-        return MemorySample(size_vram, self.source, "device", detail=detail)
+        return MemorySample(size, self.source, "device", detail=detail)
 
     def close(self) -> None:
         self._client.close()

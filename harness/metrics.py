@@ -93,6 +93,16 @@ class RunMetrics:
     token_savings_theoretical_max: float | None
     savings_efficiency: float | None
     cached_source: str
+    uncached_tokens_per_request: float | None
+    """Prompt tokens the server computed per completed request that reported its cache: the
+    figure that compares across strategies (conversation batching re-sends its history, which
+    raises `token_savings` without saving work)."""
+    cached_coverage: float | None
+    """Share of completed requests whose server reported cached tokens."""
+    cached_sources: dict[str, int]
+    """Completed requests by the source of their cached-token figure."""
+    context_shifts: int
+    """Requests the server answered after shifting its context (dropping tokens)."""
     latency_ms: LatencyStats
     context_trims: int
     trims_by_reason: dict[str, int]
@@ -129,6 +139,8 @@ class MetricsCollector:
         self.trims: dict[str, int] = {}
         self.errors_by_type: dict[str, int] = {}
         self.cached_sources: dict[str, int] = {}
+        self.with_cache_info = 0
+        self.context_shifts = 0
 
     def add(self, rec: RequestRecord) -> None:
         self.requests += 1
@@ -138,6 +150,8 @@ class MetricsCollector:
         self.retries += max(0, rec.attempts - 1)
         if rec.trim:
             self.trims[rec.trim] = self.trims.get(rec.trim, 0) + 1
+        if rec.context_shifted:
+            self.context_shifts += 1
         if not rec.ok:
             self.errors += 1
             key = rec.error_type or "Error"
@@ -153,6 +167,7 @@ class MetricsCollector:
             self.decode_ms.append(rec.decode_ms)
         self.cached_sources[rec.cached_source] = self.cached_sources.get(rec.cached_source, 0) + 1
         if rec.cached_tokens is not None:
+            self.with_cache_info += 1
             self.cached += rec.cached_tokens
             self.prompt_with_cache_info += rec.prompt_tokens
             self.reusable += rec.reusable_tokens
@@ -180,7 +195,8 @@ class MetricsCollector:
             self.reusable / self.prompt_with_cache_info if self.prompt_with_cache_info else None
         )
         efficiency = savings / theory if savings is not None and theory else None
-        rps = self.requests / elapsed_s if elapsed_s > 0 else 0.0
+        # Completed requests only: an error or a refusal finishes at once and is no work done.
+        rps = self.completed / elapsed_s if elapsed_s > 0 else 0.0
         source = max(self.cached_sources, key=lambda k: self.cached_sources[k], default="unknown")
         return RunMetrics(
             requests=self.requests,
@@ -201,6 +217,14 @@ class MetricsCollector:
             token_savings_theoretical_max=theory,
             savings_efficiency=efficiency,
             cached_source=source,
+            uncached_tokens_per_request=(
+                (self.prompt_with_cache_info - self.cached) / self.with_cache_info
+                if self.with_cache_info
+                else None
+            ),
+            cached_coverage=self.with_cache_info / self.completed if self.completed else None,
+            cached_sources=dict(self.cached_sources),
+            context_shifts=self.context_shifts,
             latency_ms=LatencyStats(
                 p50=percentile(lat, 50),
                 p95=percentile(lat, 95),

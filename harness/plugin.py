@@ -6,8 +6,7 @@
 - Markers, registered for `--strict-markers`; the long scale phases (`scale_10k`, `scale_50k`,
   `scale_170k`) run only when `-m` names them.
 - The run session (`HarnessSession`) is built in `pytest_configure` and kept in
-  `config.stash`; fixtures hand it to tests: `harness` (the session), `harness_backend` (the
-  backend, started once per session), `memory_probe`.
+  `config.stash`; the `harness` fixture hands it to tests.
 - Reports: a suite calls `harness.report(...)`, which evaluates the scenario's criteria, writes
   the phase's JSON report and remembers it; `harness.gate(report)` fails the test with one
   line per failed criterion (`token_savings = 0.931, needs >= 0.970 (scenarios/x.yaml,
@@ -22,7 +21,7 @@ import contextlib
 import io
 import json
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,11 +31,10 @@ import pytest
 from harness import __version__
 from harness.backends.base import Backend
 from harness.config import DEFAULT_CONFIG_PATH, load_profile, write_back
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError
 from harness.fileio import atomic_write_json
-from harness.memory import MemoryProbe
-from harness.models.registry import DEFAULT_MODEL
 from harness.report import commit_info, machine_info, now_iso, write_report
+from harness.runconfig import RunConfig, resolve_run_config
 from harness.scenarios import Scenario, evaluate, load_scenario
 
 __all__ = ["HARNESS_KEY", "MARKERS", "HarnessSession"]
@@ -63,7 +61,6 @@ MARKERS = {
 }
 LONG_MARKERS = ("scale_10k", "scale_50k", "scale_170k")
 DEFAULT_PROFILES = {"embedded": "embedded", "openai": "embedded", "ollama": "gpu-gemma3-12b"}
-DEFAULT_MODELS = {"embedded": DEFAULT_MODEL, "ollama": "gemma3:12b", "openai": ""}
 
 
 def _backend_name(text: str) -> str:
@@ -87,9 +84,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--harness-backend",
         type=_backend_name,
-        default="embedded",
+        default=None,
         help="model server: embedded (llama.cpp started here), openai, ollama. "
-        "Default: %(default)r",
+        "Default: the scenario profile's backend, else 'embedded'",
     )
     group.addoption(
         "--harness-model",
@@ -129,17 +126,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="electricity price for the cost estimate (GPU runs). Default: %(default)r",
     )
     group.addoption(
+        "--harness-memory-budget",
         "--memory-budget",
+        dest="memory_budget",
         default=None,
-        help="memory budget of the context-limit search (12GB, 11.5GiB, 80%%). "
-        "Default: the GPU's total, else the scenario's, else this machine's RAM",
+        help="memory budget of the context-limit search (12GB, 11.5GiB, 80%%); "
+        "--memory-budget is the old name. Default: the scenario's, else the GPU's total "
+        "(NVML), else this machine's RAM",
     )
     group.addoption(
+        "--harness-write-config",
         "--write-config",
+        dest="write_config",
         action="store_true",
         default=False,
-        help="write measured values back to the active profile of the config file. "
-        "Default: %(default)r",
+        help="write measured values back to the active profile of the config file, for the "
+        "phases that passed; --write-config is the old name. Default: %(default)r",
     )
 
 
@@ -160,7 +162,10 @@ class HarnessSession:
         opt = config.option
         self.config = config
         self.root = Path(str(config.rootpath))
-        self.backend_name: str = opt.harness_backend
+        self.backend_option: str | None = opt.harness_backend
+        self.backend_name: str = self.backend_option or "embedded"
+        """The backend named on the command line (else embedded); a scenario profile may name
+        another (see `run_config`)."""
         self.model_option: str | None = opt.harness_model
         self.base_url: str | None = opt.harness_base_url
         self.profile: str = opt.harness_profile or DEFAULT_PROFILES[self.backend_name]
@@ -214,38 +219,34 @@ class HarnessSession:
             pytest.fail(f"bad scenario: {problem}", pytrace=False)
         return self._scenarios[filename]
 
-    def model_for(self, scenario: Scenario | None = None) -> str:
-        if self.model_option:
-            return self.model_option
-        if scenario is not None and self.profile in scenario.profiles:
-            model = scenario.profile(self.profile).model
-            if model:
-                return model
-        return DEFAULT_MODELS[self.backend_name]
+    def run_config(self, scenario: Scenario | None = None, **cli: Any) -> RunConfig:
+        """The run's settings for a scenario: the command line, then harness.yaml (measured
+        on the same backend), then the scenario's profile, then defaults (harness.runconfig).
+        `cli` overrides what a suite sets itself (a sweep's slots, say)."""
+        given = {
+            "backend": self.backend_option,
+            "model": self.model_option,
+            "base_url": self.base_url,
+        }
+        return resolve_run_config(
+            profile=self.profile,
+            config=load_profile(self.config_path, self.profile),
+            scenario=scenario,
+            cli={**given, **cli},
+        )
 
-    def backend(
-        self,
-        *,
-        model: str | None = None,
-        n_ctx: int | None = None,
-        parallel: int = 1,
-        swa_full: bool = False,
-    ) -> Backend:
+    def model_for(self, scenario: Scenario | None = None) -> str:
+        return self.run_config(scenario).model.value
+
+    def backend(self, cfg: RunConfig) -> Backend:
         """A started backend for these settings, shared for the session."""
-        model = model or self.model_for()
-        if n_ctx is None:
-            n_ctx = int(load_profile(self.config_path, self.profile).get("n_ctx") or 8192)
-        key = (self.backend_name, model, n_ctx, parallel, swa_full, self.base_url)
+        name = cfg.backend.value
+        options = cfg.backend_options()
+        if name == "openai" and not options.get("base_url"):
+            options["base_url"] = "http://127.0.0.1:8080"
+        key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in self._backends:
-            options: dict[str, Any] = {"model": model}
-            if self.backend_name == "embedded":
-                options.update(n_ctx=n_ctx, parallel=parallel, swa_full=swa_full)
-            elif self.backend_name == "openai":
-                options.update(base_url=self.base_url or "http://127.0.0.1:8080")
-                options["model"] = model or None
-            else:
-                options.update(base_url=self.base_url, num_ctx=n_ctx)
-            backend = Backend.create(self.backend_name, **options)
+            backend = Backend.create(name, **options)
             self.run(backend.__aenter__())
             self._backends[key] = backend
         return self._backends[key]
@@ -271,14 +272,25 @@ class HarnessSession:
         if backend is None:
             return {"name": self.backend_name, "model": self.model_for()}
         info = backend.info
-        return {
+        out = {
             "name": info.backend,
             "model": info.model,
             "server": info.server,
             "base_url": info.base_url,
             "n_ctx_per_slot": info.n_ctx_per_slot,
             "n_slots": info.n_slots,
+            "request_path": info.extra.get("request_path", "native"),
         }
+        for key in ("server_flags", "llama_server_args", "llama_cpp"):
+            if key in info.extra:
+                out[key] = info.extra[key]
+        if info.backend == "embedded":
+            out["note"] = (
+                f"the embedded server runs {info.extra.get('llama_cpp', 'llama.cpp')}; Ollama "
+                "runs its own pinned llama.cpp build. CPU memory readings do not predict GPU "
+                "buffers or layer offload."
+            )
+        return out
 
     # -- reports ----------------------------------------------------------------------------
 
@@ -548,23 +560,3 @@ def summary_table(harness: HarnessSession) -> list[str]:
 def harness(pytestconfig: pytest.Config) -> HarnessSession:
     """The run session: options, scenarios, backends, report writing and gating."""
     return pytestconfig.stash[HARNESS_KEY]
-
-
-@pytest.fixture(scope="session")
-def harness_backend(harness: HarnessSession) -> Iterator[Backend]:
-    """The backend chosen by the options, started once per session (skips when unreachable)."""
-    try:
-        yield harness.backend()
-    except HarnessError as exc:
-        if harness.backend_name == "embedded":
-            raise
-        pytest.skip(f"{harness.backend_name} backend unavailable: {exc}")
-
-
-@pytest.fixture
-def memory_probe(harness_backend: Backend) -> MemoryProbe:
-    """The served model's memory probe (RSS, Ollama /api/ps)."""
-    probe = harness_backend.memory_probe()
-    if probe is None:
-        pytest.skip(f"backend {harness_backend.name!r} has no memory probe")
-    return probe

@@ -48,6 +48,8 @@ class RequestRecord:
     status_code: int | None = None
     raw: Mapping[str, Any] | None = None
     """The server's reply body."""
+    context_shifted: bool = False
+    """The server shifted its context (dropped tokens) to answer: a trim failure."""
 
     @property
     def ok(self) -> bool:
@@ -82,6 +84,7 @@ class RequestRecord:
                 "decode_ms": self.decode_ms,
                 "attempts": self.attempts,
                 "trim": self.trim,
+                "context_shifted": self.context_shifted,
                 "worker": self.worker,
                 "slot": self.slot,
                 "turn": self.turn,

@@ -49,6 +49,8 @@ _SCALE_METRICS = (
     "latency_ms.p99", "context_trims", "memory.peak_bytes", "memory.peak_gb",
     "leak.server_bytes_per_hour", "leak.runner_bytes_per_hour", "degradation.ratio",
     "projected_170k_s", "energy_wh", "cost", "projection_error",
+    "uncached_tokens_per_request", "cached_coverage", "cached_tokens_source", "context_shifts",
+    "memory.spilled", "finished",
 )  # fmt: skip
 PHASE_METRICS: dict[str, tuple[str, ...]] = {
     "context_limits": (
@@ -63,6 +65,9 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "recommended.TRIM_INTERVAL",
         "search_steps",
         "max_measured_bytes",
+        "within_budget",
+        "prefix_reuse_at_workload",
+        "prefix_reuse_min",
     ),
     "scale": _SCALE_METRICS,
     "quality": (
@@ -132,8 +137,14 @@ class ProfileSpec(_Strict):
     n_ctx: int | None = Field(None, ge=16)
     parallel: int = Field(1, ge=1)
     swa_full: bool = False
-    """llama.cpp: full-size KV for sliding-window layers (conversation batching needs it to
-    reuse the rubric after a trim)."""
+    """llama.cpp: full-size KV for sliding-window layers (keeps the rubric reusable after a
+    conversation's trim, for more KV memory per token). Not one of Ollama's flags."""
+    server_flags: Literal["ollama", "harness"] | None = None
+    """How the embedded server is started: `ollama` (the llama-server flags Ollama ≥ 0.30
+    uses: what production runs) or `harness` (its own tuning). Default: ollama."""
+    request_path: Literal["chat", "text", "tokens"] | None = None
+    """How requests reach a llama.cpp server: `chat` (/v1/chat/completions), `text` (the
+    prompt rendered as text to /completion, as Ollama sends it) or `tokens` (token ids)."""
     workload: dict[str, Any] = Field(default_factory=dict)
     strategy: dict[str, Any] = Field(default_factory=dict)
     sweep: list[int] | None = None
@@ -203,7 +214,8 @@ class Criterion:
 
     metric: str
     op: str
-    threshold: float
+    threshold: float | str
+    """A number, or a word for `==` / `!=` (e.g. `cached_tokens_source == server`)."""
     source: str
     """`<file>, profile <name>` for messages."""
 
@@ -222,17 +234,35 @@ class Criterion:
                 f"{path}: {key}: unknown metric {metric!r} for phase {phase}; known: "
                 + ", ".join(known)
             )
+        threshold: float | str
         try:
             threshold = float(raw)
         except ValueError:
-            raise ConfigError(f"{path}: {key}: threshold {raw!r} is not a number") from None
+            if op not in ("==", "!=") or not re.fullmatch(r"[A-Za-z][\w.\-]*", raw):
+                raise ConfigError(
+                    f"{path}: {key}: threshold {raw!r} is not a number (a word only goes with "
+                    "== or !=)"
+                ) from None
+            threshold = raw
         profile = key.split(".")[1] if key.startswith("profiles.") else "?"
         return cls(metric, op, threshold, f"{path}, profile {profile}")
 
     def check(self, report: Mapping[str, Any]) -> CriterionResult:
         value = lookup(report, self.metric)
-        passed = value is not None and OPS[self.op](value, self.threshold)
-        return CriterionResult(self, value, bool(passed))
+        if isinstance(self.threshold, str):
+            passed = value is not None and OPS[self.op](str(value), self.threshold)
+        else:
+            passed = (
+                value is not None
+                and not isinstance(value, str)
+                and OPS[self.op](value, self.threshold)
+            )
+        reason = None
+        if value is None:
+            reasons = report.get("unknown_reasons")
+            if isinstance(reasons, Mapping):
+                reason = reasons.get(self.metric) or reasons.get(self.metric.split(".")[0])
+        return CriterionResult(self, value, bool(passed), reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,21 +270,30 @@ class CriterionResult:
     criterion: Criterion
     value: Any
     passed: bool
+    reason: str | None = None
+    """Why the value is unknown, when the report says (e.g. not reported by this server)."""
 
     def message(self) -> str:
         c = self.criterion
-        shown = "missing" if self.value is None else _fmt(self.value)
-        return f"{c.metric} = {shown}, needs {c.op} {c.threshold:g} ({c.source})"
+        if self.value is None:
+            shown = f"unknown ({self.reason})" if self.reason else "missing"
+        else:
+            shown = _fmt(self.value)
+        threshold = c.threshold if isinstance(c.threshold, str) else f"{c.threshold:g}"
+        return f"{c.metric} = {shown}, needs {c.op} {threshold} ({c.source})"
 
     def to_dict(self) -> dict[str, Any]:
         c = self.criterion
-        return {
+        out = {
             "metric": c.metric,
             "op": c.op,
             "threshold": c.threshold,
             "value": self.value,
             "passed": self.passed,
         }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
 
 def _fmt(value: Any) -> str:

@@ -162,7 +162,7 @@ class InProcessDouble(Backend):
         if request.max_tokens is not None and len(completion) > request.max_tokens:
             completion = completion[: request.max_tokens]
         self._slots[slot] = ids.extended(completion)
-        usage = Usage(len(ids), len(completion), cached, "server")
+        usage = Usage(len(ids), len(completion), cached, "double")
         raw = {
             "choices": [{"message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": len(completion)},

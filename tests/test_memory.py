@@ -2,7 +2,7 @@
 
 ProcessRSSProbe runs on real processes (this one and short-lived children); NvmlProbe on a fake
 NVML library (there is no GPU here); OllamaPsProbe on Ollama-shaped `/api/ps` replies from
-tests/data/ollama/ through `httpx.MockTransport`.
+tests/data/ollama/recorded/ (bodies recorded from real servers) through `httpx.MockTransport`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from harness.memory import (
     system_memory_bytes,
 )
 
-DATA = Path(__file__).parent / "data" / "ollama"
+DATA = Path(__file__).parent / "data" / "ollama" / "recorded"
 URL = "http://ollama.test:11434"
 MODEL = "gemma3:12b"
 GIB = 1024**3
@@ -162,7 +162,7 @@ def test_nvml_device_sample() -> None:
     assert sample.total_bytes == 80 * GIB == probe.total_bytes()
     assert sample.kind == "device"
     assert sample.source == probe.source == "nvml:gpu0"
-    assert sample.detail == {"device_used_bytes": 30 * GIB}
+    assert sample.detail == {"device_used_bytes": 30 * GIB, "processes": []}
     assert nvml.handles  # it read through the device handle
 
 
@@ -248,42 +248,58 @@ def ps_probe(
     return OllamaPsProbe(host, model, transport=httpx.MockTransport(handler)), seen
 
 
+LOADED = "ps_all_vram_gemma3n_e2b_v0.11.5.json"  # recorded: size_vram == size
+SPILLED = "ps_spilled_mistral_7b_v0.11.6.json"  # recorded: size_vram < size
+
+
 def test_ollama_ps_fully_loaded() -> None:
-    probe, seen = ps_probe(body=load("ps_loaded.json"))
+    body = load(LOADED)
+    entry = body["models"][0]
+    probe, seen = ps_probe(body=body, model=entry["name"])
     try:
         sample = probe.sample()
     finally:
         probe.close()
     assert len(seen) == 1
-    assert sample.used_bytes == 11418927104  # size_vram
+    assert sample.used_bytes == entry["size"] == entry["size_vram"]
     assert sample.kind == "device"
-    assert sample.source == probe.source == f"ollama:/api/ps {MODEL}"
+    assert sample.source == probe.source == f"ollama:/api/ps {entry['name']}"
     assert sample.detail == {
-        "size": 11418927104,
-        "size_vram": 11418927104,
+        "size": entry["size"],
+        "size_vram": entry["size_vram"],
         "spilled": False,
-        "context_length": 8192,
+        "context_length": entry["context_length"],
     }
 
 
 def test_ollama_ps_spilled_to_system_memory() -> None:
-    probe, _ = ps_probe(body=load("ps_spilled.json"))
+    probe, _ = ps_probe(body=load(SPILLED), model="mistral:7b")
     try:
         sample = probe.sample()
     finally:
         probe.close()
-    assert sample.used_bytes == 7549747200
-    assert sample.detail["size"] == 14763417600
+    # The whole footprint: a spilled model does not shrink, its GPU share does.
+    assert sample.used_bytes == 8329906176
+    assert sample.detail["size_vram"] == 7206864896
     assert sample.detail["spilled"] is True
-    assert sample.detail["context_length"] == 32768
+    assert sample.detail["context_length"] == 16384
+
+
+def test_ollama_ps_without_context_length() -> None:
+    # An older server (nirmato/nirmato-ollama#13): no context_length in /api/ps.
+    probe, _ = ps_probe(body=load("ps_all_vram_gemma3_no_context_length.json"), model="gemma3")
+    sample = probe.sample()
+    probe.close()
+    assert sample.detail["context_length"] is None
+    assert sample.detail["spilled"] is False
 
 
 @pytest.mark.parametrize(
-    ("fixture", "model"),
-    [("ps_empty.json", MODEL), ("ps_loaded.json", "llama3.1:8b"), ("ps_loaded.json", "gemma3")],
+    ("body", "model"),
+    [({"models": []}, MODEL), (LOADED, "llama3.1:8b"), (SPILLED, "gemma3")],
 )
-def test_ollama_ps_model_not_loaded_raises_model_not_found(fixture: str, model: str) -> None:
-    probe, _ = ps_probe(body=load(fixture), model=model)
+def test_ollama_ps_model_not_loaded_raises_model_not_found(body: Any, model: str) -> None:
+    probe, _ = ps_probe(body=load(body) if isinstance(body, str) else body, model=model)
     with pytest.raises(ModelNotFound) as info:
         probe.sample()
     probe.close()
@@ -292,11 +308,10 @@ def test_ollama_ps_model_not_loaded_raises_model_not_found(fixture: str, model: 
 
 
 def test_ollama_ps_untagged_model_matches_latest() -> None:
-    # Ollama lists a model pulled as `gemma3` under `gemma3:latest`.
-    body = load("ps_loaded.json")
-    body["models"][0]["name"] = body["models"][0]["model"] = "gemma3:latest"
+    # Ollama lists a model pulled as `gemma3` under `gemma3:latest` (as the recording shows).
+    body = load("ps_all_vram_gemma3_no_context_length.json")
     probe, _ = ps_probe(body=body, model="gemma3")
-    assert probe.sample().used_bytes == 11418927104
+    assert probe.sample().used_bytes == 5964735424
     probe.close()
 
 
@@ -326,7 +341,7 @@ def test_ollama_ps_non_json_raises_protocol_error() -> None:
 
 
 def test_ollama_ps_host_written_like_ollama_host() -> None:
-    probe, seen = ps_probe(body=load("ps_loaded.json"), host="0.0.0.0")
+    probe, seen = ps_probe(body=load(SPILLED), host="0.0.0.0", model="mistral:7b")
     probe.sample()
     probe.close()
     assert probe.host == "http://0.0.0.0:11434"

@@ -1,8 +1,12 @@
-"""OllamaBackend and CacheInference against Ollama-shaped replies (tests/data/ollama/).
+"""OllamaBackend on replies recorded from real Ollama servers (tests/data/ollama/recorded/).
 
-Every test but the last runs on `httpx.MockTransport`: the official `ollama` client does the HTTP,
-the mock answers with fixture bodies and records what was sent. The last test talks to a real
-Ollama server when one answers at $OLLAMA_HOST, and skips otherwise.
+Every body comes from a public recording; `SOURCES.md` beside them names each one's source
+(repository, commit, line, or issue). Bodies that no public recording has were derived from
+Ollama's source and are named `derived_*`; one body whose repository the index does not name is
+`unattributed_*`. Where a test changes a field of a recorded body (a version, a count), it says
+so beside the change. Every test but the last runs on `httpx.MockTransport`: the official
+`ollama` client's transport does the HTTP, the mock answers with recorded bodies and records what
+was sent. The last test talks to a real Ollama server when one answers at $OLLAMA_HOST.
 """
 
 from __future__ import annotations
@@ -18,45 +22,44 @@ import httpx
 import pytest
 
 from harness.backends.base import Backend, ChatRequest
-from harness.backends.ollama import CacheInference, OllamaBackend
+from harness.backends.ollama import OllamaBackend, parse_version, prompt_count_complete
 from harness.errors import (
     BackendError,
     BackendUnreachable,
+    ConfigError,
+    ContextOverflow,
     LoadFailure,
     ModelNotFound,
+    NoAPI,
     OutOfMemory,
     ProtocolError,
     RequestTimeout,
     TransientServerError,
 )
 from harness.memory import OllamaPsProbe, normalise_ollama_host
-from harness.models.kv import kv_theory
+from harness.models.geometry import geometry_from_metadata
+from harness.models.kv import UnknownGeometry, kv_theory
 
-DATA = Path(__file__).parent / "data" / "ollama"
+DATA = Path(__file__).parent / "data" / "ollama" / "recorded"
 MODEL = "gemma3:12b"
 URL = "http://ollama.test:11434"
 KIB = 1024
-
 SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {
-        "label": {"type": "string", "enum": ["billing", "shipping", "other"]},
-        "confidence": {"type": "number"},
-        "rationale": {"type": "string"},
-    },
-    "required": ["label", "confidence", "rationale"],
+    "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}},
+    "required": ["score"],
 }
 MESSAGES = [
-    {"role": "system", "content": "Classify the support ticket."},
-    {"role": "user", "content": "I was charged twice for order 1182."},
+    {"role": "system", "content": "Score the candidate from 1 to 10."},
+    {"role": "user", "content": "Ten years of Spark and Kafka."},
 ]
 
 T = TypeVar("T")
 
 
-def load(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((DATA / name).read_text(encoding="utf-8"))
-    return data
+def load(name: str) -> Any:
+    text = (DATA / name).read_text(encoding="utf-8")
+    return json.loads(text) if name.endswith(".json") else text
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -68,16 +71,17 @@ Route = Reply | list[Reply] | Callable[[httpx.Request], httpx.Response]
 
 
 class FakeOllama:
-    """A MockTransport handler: fixture replies by `METHOD /path`, every request recorded.
+    """A MockTransport handler: recorded replies by `METHOD /path`, every request recorded.
 
-    A route is `(status, body)`, an exception to raise (a transport failure), a list of those
-    answered in turn (the last one repeats), or a function of the request.
+    A route is `(status, body)` (a dict is sent as JSON, a str as plain text), an exception to
+    raise (a transport failure), a list of those answered in turn (the last one repeats), or a
+    function of the request. Unknown paths get Go's plain `404 page not found`, as Ollama's do.
     """
 
     def __init__(self, routes: dict[str, Route] | None = None) -> None:
         self.routes: dict[str, Route] = {
-            "GET /api/version": (200, load("version.json")),
-            "POST /api/show": (200, load("show_gemma3_12b.json")),
+            "GET /api/version": (200, load("version_0.11.6.json")),
+            "POST /api/show": (200, load("show_gemma3_1b.json")),
             **(routes or {}),
         }
         self.requests: list[httpx.Request] = []
@@ -87,7 +91,7 @@ class FakeOllama:
         key = f"{request.method} {request.url.path}"
         route = self.routes.get(key)
         if route is None:
-            return httpx.Response(404, text="404 page not found")
+            return httpx.Response(404, text=load("error_404_plain.txt"))
         if callable(route) and not isinstance(route, Exception):
             return route(request)
         if isinstance(route, list):
@@ -109,12 +113,9 @@ class FakeOllama:
 
 def make_backend(fake: FakeOllama, **options: Any) -> OllamaBackend:
     transport = httpx.MockTransport(fake)
+    options.setdefault("num_ctx", 8192)
     return OllamaBackend(
-        MODEL,
-        base_url=URL,
-        transport=transport,
-        sync_transport=transport,
-        **options,
+        MODEL, base_url=URL, transport=transport, sync_transport=transport, **options
     )
 
 
@@ -124,220 +125,196 @@ async def started(fake: FakeOllama, **options: Any) -> OllamaBackend:
     return backend
 
 
-# -- lifecycle ----------------------------------------------------------------------------------
+def chat_with(fake: FakeOllama, **options: Any) -> Any:
+    async def scenario() -> Any:
+        backend = await started(fake, **options)
+        return await backend.chat(ChatRequest(MESSAGES, max_tokens=8))
+
+    return run(scenario())
+
+
+# -- lifecycle and requests ---------------------------------------------------------------------
 
 
 def test_backend_is_registered_as_ollama() -> None:
     backend = Backend.create("ollama", model=MODEL, base_url=URL)
     assert isinstance(backend, OllamaBackend)
-    assert backend.info.backend == "ollama"
     assert backend.info.chat_format is not None  # gemma models get the gemma layout
 
 
-def test_start_reads_version_and_show() -> None:
+def test_start_reads_version_and_show_and_knows_what_prompt_eval_count_means() -> None:
     fake = FakeOllama()
-
-    async def scenario() -> tuple[bool, bool, bool]:
-        backend = make_backend(fake)
-        before = await backend.health()
-        await backend.start()
-        during = await backend.health()
-        await backend.stop()
-        await backend.stop()  # safe twice
-        return before, during, await backend.health()
-
-    before, during, after = run(scenario())
-    assert (before, during, after) == (False, True, False)
-    assert fake.paths()[:2] == ["GET /api/version", "POST /api/show"]
-    assert fake.bodies("POST /api/show") == [{"model": MODEL}]
-    assert all(str(r.url).startswith(URL + "/api/") for r in fake.requests)
+    backend = run(started(fake))
+    assert fake.paths() == ["GET /api/version", "POST /api/show"]
+    assert backend.info.server == "ollama 0.11.6"
+    assert backend.version == (0, 11, 6)
+    assert backend.info.extra["prompt_eval_count_counts_cached"] is True
 
 
-def test_start_records_server_version() -> None:
-    backend = make_backend(FakeOllama())
-    run(backend.start())
-    assert backend.info.server == "ollama 0.12.3"
-    assert backend.info.base_url == URL
-    assert backend.info.model == MODEL
+@pytest.mark.parametrize(
+    ("text", "version", "complete"),
+    [
+        ("0.11.6", (0, 11, 6), True),
+        ("0.30.0", (0, 30, 0), False),  # new tokens only (ollama#16414)
+        ("0.30.1", (0, 30, 1), True),
+        ("0.33.0-rc2", (0, 33, 0), True),
+        ("0.0.0", (0, 0, 0), True),  # ollama.com's /api/version (OBL demos/ollama_api_get.md)
+        ("?", None, False),
+    ],
+)
+def test_version_decides_whether_the_prompt_count_is_complete(
+    text: str, version: tuple[int, int, int] | None, complete: bool
+) -> None:
+    assert parse_version(text) == version
+    assert prompt_count_complete(version) is complete
 
 
-# -- requests ----------------------------------------------------------------------------------
-
-
-def test_chat_sends_options_keep_alive_and_format() -> None:
-    fake = FakeOllama({"POST /api/chat": (200, load("chat_cold.json"))})
-    request = ChatRequest(MESSAGES, max_tokens=256, temperature=0.0, seed=42, output_schema=SCHEMA)
+def test_chat_sends_truncate_false_options_keep_alive_and_format() -> None:
+    fake = FakeOllama({"POST /api/chat": (200, load("chat_qwen2.5vl_3b_nonstream_turn1.json"))})
 
     async def scenario() -> None:
-        backend = await started(fake, num_ctx=8192, keep_alive="30m")
-        await backend.chat(request)
+        backend = await started(fake, num_ctx=16384)
+        await backend.chat(
+            ChatRequest(MESSAGES, max_tokens=16, temperature=0.0, seed=7, output_schema=SCHEMA)
+        )
 
     run(scenario())
-    [body] = fake.bodies("POST /api/chat")
+    (body,) = fake.bodies("POST /api/chat")
+    assert body["truncate"] is False  # else Ollama cuts a long prompt and answers 200
+    assert body["stream"] is False
     assert body["model"] == MODEL
     assert body["messages"] == MESSAGES
-    # temperature 0.0 is falsy but must still be sent.
-    assert body["options"] == {"num_ctx": 8192, "num_predict": 256, "temperature": 0.0, "seed": 42}
-    assert body["keep_alive"] == "30m"
+    assert body["options"] == {"num_ctx": 16384, "num_predict": 16, "temperature": 0.0, "seed": 7}
     assert body["format"] == SCHEMA
-    assert body["stream"] is False
+    assert body["keep_alive"] == "30m"
 
 
-def test_chat_without_schema_or_limits_sends_no_format_and_merges_extra_options() -> None:
-    fake = FakeOllama({"POST /api/chat": (200, load("chat_cold.json"))})
-    request = ChatRequest(MESSAGES, extra={"options": {"top_k": 1, "num_predict": 16}})
+def test_a_recorded_reply_without_the_cached_field_leaves_cached_unknown() -> None:
+    recorded = load("chat_qwen2.5vl_3b_nonstream_turn1.json")
+    result = chat_with(FakeOllama({"POST /api/chat": (200, recorded)}))
+    assert result.content == "Understood."
+    assert result.usage.prompt_tokens == recorded["prompt_eval_count"] == 44
+    assert result.usage.completion_tokens == recorded["eval_count"]
+    assert result.usage.cached_tokens is None
+    assert result.usage.cached_source == "unknown"  # never estimated from durations
+    assert result.usage.prompt_tokens_complete is True
+    assert result.timings.prompt_ms == pytest.approx(recorded["prompt_eval_duration"] / 1e6)
+    assert result.timings.decode_ms == pytest.approx(recorded["eval_duration"] / 1e6)
+    assert result.timings.load_ms == pytest.approx(recorded["load_duration"] / 1e6)
+    assert result.finish_reason == "stop"
+    assert result.raw == recorded
 
-    async def scenario() -> None:
-        backend = await started(fake, keep_alive=-1)
-        await backend.chat(request)
 
-    run(scenario())
-    [body] = fake.bodies("POST /api/chat")
-    assert "format" not in body
-    assert body["options"] == {"top_k": 1, "num_predict": 16}
-    assert body["keep_alive"] == -1
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "unattributed_chat_qwen2.5_7b_prompt_eval_cached_count_v0.34.0.json",
+        "derived_chat_metrics_prompt_eval_cached_count.json",
+    ],
+)
+def test_prompt_eval_cached_count_is_read_from_the_body_as_server_figures(fixture: str) -> None:
+    body = load(fixture)
+    fake = FakeOllama(
+        {
+            "GET /api/version": (200, {"version": "0.34.0"}),  # as the 0.34.0 recording says
+            "POST /api/chat": (200, body),
+        }
+    )
+    result = chat_with(fake)
+    assert result.usage.cached_tokens == body["prompt_eval_cached_count"]
+    assert result.usage.cached_source == "server"
+    assert result.usage.prompt_tokens == body["prompt_eval_count"]  # all tokens after 0.30.0
+    assert result.usage.prompt_tokens_complete is True
+
+
+def test_on_0_30_0_the_count_is_new_tokens_only_and_cannot_reveal_a_cut() -> None:
+    recorded = load("chat_qwen2.5vl_3b_nonstream_turn2.json")
+    fake = FakeOllama(
+        {
+            "GET /api/version": (200, {"version": "0.30.0"}),  # replayed as 0.30.0
+            "POST /api/chat": (200, recorded),
+        }
+    )
+    result = chat_with(fake)
+    assert result.usage.prompt_tokens_complete is False
+    assert result.usage.cached_tokens is None
+
+
+def test_a_streamed_final_chunk_without_content_parses() -> None:
+    recorded = load("chat_gemma3_1b_stream_final_warm_cached_prefix.json")
+    result = chat_with(FakeOllama({"POST /api/chat": (200, recorded)}))
+    assert result.content == ""
+    assert result.usage.prompt_tokens == recorded["prompt_eval_count"]
 
 
 def test_chat_before_start_is_refused() -> None:
-    backend = make_backend(FakeOllama())
     with pytest.raises(BackendError, match="not started"):
-        run(backend.chat(ChatRequest(MESSAGES)))
+        run(make_backend(FakeOllama()).chat(ChatRequest(MESSAGES)))
 
 
-def test_usage_and_timings_are_normalised_cold_then_warm() -> None:
-    cold_body, warm_body = load("chat_cold.json"), load("chat_warm.json")
-    fake = FakeOllama({"POST /api/chat": [(200, cold_body), (200, warm_body)]})
-
-    async def scenario() -> list[Any]:
-        backend = await started(fake)
-        return [await backend.chat(ChatRequest(MESSAGES)) for _ in range(2)]
-
-    cold, warm = run(scenario())
-
-    assert json.loads(cold.content)["label"] == "billing"
-    assert cold.finish_reason == "stop"
-    assert cold.usage.prompt_tokens == 1843
-    assert cold.usage.completion_tokens == 41
-    assert cold.usage.cached_tokens == 0  # the first request sets the cold rate
-    assert cold.usage.cached_source == "inferred"
-    assert cold.timings.prompt_ms == pytest.approx(921.5)
-    assert cold.timings.decode_ms == pytest.approx(3201.187904)
-    assert cold.timings.load_ms == pytest.approx(4210.338476)
-    assert cold.timings.total_ms > 0
-    assert cold.raw["total_duration"] == cold_body["total_duration"]
-
-    # 24.5 ms at the cold 500 000 ns/token computes 49 tokens: the other 1813 were reused.
-    assert warm.usage.prompt_tokens == 1862
-    assert warm.usage.completion_tokens == 44
-    assert warm.usage.cached_tokens == 1813
-    assert warm.usage.uncached_tokens == 49
-    assert warm.usage.cached_source == "inferred"
-    assert warm.timings.prompt_ms == pytest.approx(24.5)
-    assert warm.timings.load_ms == pytest.approx(81.21395)
-    assert json.loads(warm.content)["label"] == "shipping"
+def test_without_num_ctx_the_loaded_context_is_read_from_api_ps() -> None:
+    ps = load("ps_spilled_mistral_7b_v0.11.6.json")
+    ps["models"][0]["name"] = ps["models"][0]["model"] = MODEL  # the recorded entry, renamed
+    fake = FakeOllama({"POST /api/generate": (200, {"done": True}), "GET /api/ps": (200, ps)})
+    backend = run(started(fake, num_ctx=None))
+    assert fake.paths()[-2:] == ["POST /api/generate", "GET /api/ps"]
+    assert backend.info.n_ctx_per_slot == 16384
+    assert backend.info.extra["context_source"] == "ollama:/api/ps context_length"
 
 
-def test_reply_without_prompt_durations_leaves_cached_unknown() -> None:
-    body = load("chat_warm.json")
-    del body["prompt_eval_duration"]
-    result = make_backend(FakeOllama()).parse_reply(body, total_ms=12.0)
-    assert result.usage.prompt_tokens == 1862
-    assert result.usage.cached_tokens is None
-    assert result.usage.cached_source == "unknown"
-    assert result.timings.prompt_ms is None
-    assert result.timings.decode_ms == pytest.approx(3214.960117)
+def test_a_server_whose_api_ps_has_no_context_length_leaves_the_context_unknown() -> None:
+    ps = load("ps_all_vram_gemma3_no_context_length.json")
+    fake = FakeOllama({"POST /api/generate": (200, {"done": True}), "GET /api/ps": (200, ps)})
+    backend = OllamaBackend(
+        "gemma3", base_url=URL, transport=httpx.MockTransport(fake), num_ctx=None
+    )
+    run(backend.start())
+    assert backend.info.n_ctx_per_slot is None
+    assert "unknown" in backend.info.extra["context_source"]
 
 
-# -- cache inference ---------------------------------------------------------------------------
+# -- geometry ------------------------------------------------------------------------------------
 
 
-def test_cache_inference_first_request_is_cold() -> None:
-    inf = CacheInference()
-    assert inf.observe(1000, 500_000_000) == 0
-    assert inf.cold_ns_per_token == pytest.approx(500_000.0)
-
-
-def test_cache_inference_faster_request_infers_cached_tokens() -> None:
-    inf = CacheInference()
-    inf.observe(1000, 500_000_000)  # 500 000 ns/token
-    # 1200 tokens in 100 ms: 200 computed at the cold rate, 1000 reused.
-    assert inf.observe(1200, 100_000_000) == 1000
-    # The estimate is not lowered by a cached request.
-    assert inf.cold_ns_per_token == pytest.approx(500_000.0)
-
-
-def test_cache_inference_clamps_to_one_computed_token() -> None:
-    inf = CacheInference()
-    inf.observe(1000, 500_000_000)
-    # 1 µs: computed rounds to 0, but Ollama always evaluates at least the last token.
-    assert inf.observe(800, 1_000) == 799
-
-
-def test_cache_inference_slower_request_resets_the_estimate() -> None:
-    inf = CacheInference()
-    inf.observe(1000, 500_000_000)  # 500 000 ns/token: not truly cold, as it turns out
-    assert inf.observe(1000, 800_000_000) == 0  # slower: taken as cold
-    assert inf.cold_ns_per_token == pytest.approx(800_000.0)
-    # Later figures use the new rate: 80 ms at 800 000 ns/token computes 100 of 1000.
-    assert inf.observe(1000, 80_000_000) == 900
-
-
-@pytest.mark.parametrize(("prompt_tokens", "prompt_ns"), [(1000, None), (1000, 0), (0, 5_000)])
-def test_cache_inference_without_figures_says_nothing(
-    prompt_tokens: int, prompt_ns: int | None
-) -> None:
-    inf = CacheInference()
-    assert inf.observe(prompt_tokens, prompt_ns) is None
-    assert inf.cold_ns_per_token is None  # nothing learnt either
-
-
-# -- geometry ----------------------------------------------------------------------------------
-
-
-def test_model_geometry_from_show() -> None:
-    fake = FakeOllama()
-
-    async def scenario() -> Any:
-        backend = await started(fake)
-        return await backend.model_geometry()
-
-    geom = run(scenario())
-    assert geom is not None
-    assert geom.architecture == "gemma3"
-    assert geom.n_layers == 48
-    assert geom.n_heads == 16
-    assert geom.n_kv_heads == 8
-    # The fixture has no attention.key_length/value_length: Ollama's default 256 applies.
-    assert geom.key_length == 256
-    assert geom.value_length == 256
-    assert geom.context_length == 131072
-    assert geom.embedding_length == 3840
-    assert geom.sliding_window == 1024
-    # sliding_window_pattern is null: gemma3's period of 6 puts a global layer at 5, 11, ..., 47.
-    assert geom.global_layers == (5, 11, 17, 23, 29, 35, 41, 47)
-    assert len(geom.local_layers) == 40
+def test_model_geometry_from_a_recorded_gemma3_show() -> None:
+    geom = run(run_geometry(FakeOllama()))
+    # gemma3:1b (OBL demos/show.md): 26 layers, 1 KV head, key/value 256, window 512.
+    assert (geom.architecture, geom.n_layers, geom.n_kv_heads) == ("gemma3", 26, 1)
+    assert (geom.key_length, geom.value_length, geom.sliding_window) == (256, 256, 512)
+    assert geom.global_layers == (5, 11, 17, 23)
+    theory = kv_theory(geom)
+    assert theory.bytes_per_token_growing == 4 * 1 * (256 + 256) * 2
     assert geom.source == f"ollama:/api/show {MODEL}"
 
-    theory = kv_theory(geom)  # f16 K and V: 8 heads × (256 + 256) × 2 B = 8 KiB per layer
-    assert theory.bytes_per_token_all_layers == 384 * KIB
-    assert theory.bytes_per_token_growing == 64 * KIB
-    assert theory.bytes_per_token_local == 320 * KIB
-    assert theory.sliding_window == 1024
+
+async def run_geometry(fake: FakeOllama) -> Any:
+    backend = await started(fake)
+    return await backend.model_geometry()
 
 
-def test_model_geometry_uses_key_length_when_show_has_it() -> None:
-    show = load("show_gemma3_12b.json")
-    show["model_info"]["gemma3.attention.key_length"] = 128
-    fake = FakeOllama({"POST /api/show": (200, show)})
+def test_a_null_per_layer_array_is_an_error_naming_the_key() -> None:
+    show = load("show_gemma3_1b.json")
+    show["model_info"]["gemma3.attention.head_count_kv"] = None  # as /api/show sends arrays
+    with pytest.raises(ConfigError, match=r"'gemma3\.attention\.head_count_kv' came as null"):
+        run(run_geometry(FakeOllama({"POST /api/show": (200, show)})))
 
-    async def scenario() -> Any:
-        backend = await started(fake)
-        return await backend.model_geometry()
 
-    geom = run(scenario())
-    assert geom is not None
-    assert (geom.key_length, geom.value_length) == (128, 128)
-    assert kv_theory(geom).bytes_per_token_all_layers == 192 * KIB
+def test_the_recorded_null_tokenizer_arrays_do_not_matter() -> None:
+    info = load("show_gemma3_1b.json")["model_info"]
+    assert info["tokenizer.ggml.tokens"] is None
+    assert geometry_from_metadata(info, source="t").n_layers == 26
+
+
+@pytest.mark.parametrize("arch", ["gemma3n", "gemma4", "deepseek2"])
+def test_architectures_the_theory_does_not_model_are_unknown(arch: str) -> None:
+    info = {
+        k.replace("gemma3.", f"{arch}."): v
+        for k, v in load("show_gemma3_1b.json")["model_info"].items()
+    }
+    info["general.architecture"] = arch
+    geom = geometry_from_metadata(info, source="t")
+    with pytest.raises(UnknownGeometry, match=f"does not model the '{arch}'"):
+        kv_theory(geom)
 
 
 def test_model_geometry_before_start_is_refused() -> None:
@@ -348,26 +325,56 @@ def test_model_geometry_before_start_is_refused() -> None:
 # -- errors ------------------------------------------------------------------------------------
 
 
-def test_missing_model_at_start_raises_model_not_found() -> None:
-    fake = FakeOllama({"POST /api/show": (404, load("error_model_not_found.json"))})
+def test_a_plain_404_page_says_no_ollama_api_at_the_url_not_pull() -> None:
+    fake = FakeOllama({"GET /api/version": (404, load("error_404_plain.txt"))})
+    backend = OllamaBackend(MODEL, base_url=URL + "/v1", transport=httpx.MockTransport(fake))
+    with pytest.raises(NoAPI) as info:
+        run(backend.start())
+    message = str(info.value)
+    assert f"no Ollama API at {URL}/v1" in message
+    assert "wrong path" in message
+    assert "ollama pull" not in message
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "derived_error_404_model_not_found.json",
+        "derived_error_404_model_not_found_try_pulling.json",
+    ],
+)
+def test_missing_model_raises_model_not_found_with_the_pull_command(fixture: str) -> None:
+    fake = FakeOllama({"POST /api/show": (404, load(fixture))})
     with pytest.raises(ModelNotFound) as info:
         run(make_backend(fake).start())
-    message = str(info.value)
-    assert f"ollama pull {MODEL}" in message
-    assert "not found, try pulling it first" in message
-    assert info.value.url == URL
+    assert f"ollama pull {MODEL}" in str(info.value)
     assert not info.value.retryable
 
 
-def test_missing_model_at_chat_raises_model_not_found() -> None:
-    fake = FakeOllama({"POST /api/chat": (404, load("error_model_not_found.json"))})
-
-    async def scenario() -> None:
-        backend = await started(fake)
-        await backend.chat(ChatRequest(MESSAGES))
-
-    with pytest.raises(ModelNotFound, match="ollama pull"):
-        run(scenario())
+@pytest.mark.parametrize(
+    ("body", "prompt_tokens", "n_ctx"),
+    [
+        (load("derived_error_400_prompt_too_long.json"), None, 8192),
+        (load("derived_error_400_input_length_exceeds.json"), None, 8192),
+        # llama-server's own wording, which Ollama relays when truncate is false.
+        (
+            {
+                "error": "request (9000 tokens) exceeds the available context size (8192 tokens), "
+                "try increasing it"
+            },
+            9000,
+            8192,
+        ),
+    ],
+)
+def test_context_length_errors_are_context_overflow(
+    body: dict[str, Any], prompt_tokens: int | None, n_ctx: int
+) -> None:
+    with pytest.raises(ContextOverflow) as info:
+        chat_with(FakeOllama({"POST /api/chat": (400, body)}))
+    assert info.value.prompt_tokens == prompt_tokens
+    assert info.value.n_ctx == n_ctx
+    assert "num_ctx 8192" in str(info.value)
 
 
 def test_connection_refused_raises_backend_unreachable_naming_the_url() -> None:
@@ -375,70 +382,34 @@ def test_connection_refused_raises_backend_unreachable_naming_the_url() -> None:
     with pytest.raises(BackendUnreachable) as info:
         run(make_backend(fake).start())
     assert URL in str(info.value)
-    assert info.value.url == URL
     assert info.value.retryable
 
 
 def test_read_timeout_raises_request_timeout() -> None:
-    fake = FakeOllama({"POST /api/chat": httpx.ReadTimeout("timed out")})
-
-    async def scenario() -> None:
-        backend = await started(fake)
-        await backend.chat(ChatRequest(MESSAGES))
-
     with pytest.raises(RequestTimeout) as info:
-        run(scenario())
-    assert URL in str(info.value)
+        chat_with(FakeOllama({"POST /api/chat": httpx.ReadTimeout("timed out")}))
     assert info.value.retryable
 
 
-@pytest.mark.parametrize("fixture", ["error_out_of_memory.json", "error_requires_more_memory.json"])
-def test_server_out_of_memory_raises_out_of_memory(fixture: str) -> None:
-    fake = FakeOllama({"POST /api/chat": (500, load(fixture))})
-
-    async def scenario() -> None:
-        backend = await started(fake)
-        await backend.chat(ChatRequest(MESSAGES))
-
+def test_server_out_of_memory_raises_out_of_memory() -> None:
+    body = load("error_500_requires_more_system_memory.json")
     with pytest.raises(OutOfMemory) as info:
-        run(scenario())
+        chat_with(FakeOllama({"POST /api/chat": (500, body)}))
     assert isinstance(info.value, LoadFailure)
-    assert not info.value.retryable  # the same load would fail the same way
-    assert load(fixture)["error"] in str(info.value)
-    assert "num_ctx" in str(info.value)
+    assert not info.value.retryable
+    assert body["error"] in str(info.value)
 
 
 def test_server_busy_raises_retryable_transient_error() -> None:
-    fake = FakeOllama({"POST /api/chat": (503, load("error_server_busy.json"))})
-
-    async def scenario() -> None:
-        backend = await started(fake)
-        await backend.chat(ChatRequest(MESSAGES))
-
     with pytest.raises(TransientServerError) as info:
-        run(scenario())
+        chat_with(FakeOllama({"POST /api/chat": (503, load("derived_error_503_server_busy.json"))}))
     assert info.value.status_code == 503
     assert info.value.retryable
-    assert "server busy" in str(info.value)
-
-
-def test_unauthorised_is_a_plain_backend_error() -> None:
-    fake = FakeOllama({"POST /api/chat": (401, {"error": "unauthorized"})})
-
-    async def scenario() -> None:
-        backend = await started(fake)
-        await backend.chat(ChatRequest(MESSAGES))
-
-    with pytest.raises(BackendError) as info:
-        run(scenario())
-    assert type(info.value) is BackendError
-    assert "401" in str(info.value)
-    assert not info.value.retryable
 
 
 def test_non_json_version_raises_protocol_error() -> None:
     fake = FakeOllama({"GET /api/version": (200, "<html>It works!</html>")})
-    with pytest.raises(ProtocolError, match="unexpected reply"):
+    with pytest.raises(ProtocolError):
         run(make_backend(fake).start())
 
 
@@ -465,7 +436,7 @@ def test_host_is_read_as_ollama_reads_it(host: str, expected: str) -> None:
 def test_ollama_host_env_without_port_reaches_port_11434(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0")
     fake = FakeOllama()
-    backend = OllamaBackend(MODEL, transport=httpx.MockTransport(fake))
+    backend = OllamaBackend(MODEL, transport=httpx.MockTransport(fake), num_ctx=8192)
     run(backend.start())
     assert backend.base_url == "http://0.0.0.0:11434"
     assert {r.url.port for r in fake.requests} == {11434}
@@ -477,8 +448,10 @@ def test_default_host_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_memory_probe_reads_api_ps_through_the_sync_transport() -> None:
-    fake = FakeOllama({"GET /api/ps": (200, load("ps_spilled.json"))})
-    probe = make_backend(fake).memory_probe()
+    fake = FakeOllama({"GET /api/ps": (200, load("ps_spilled_mistral_7b_v0.11.6.json"))})
+    probe = OllamaBackend(
+        "mistral:7b", base_url=URL, sync_transport=httpx.MockTransport(fake)
+    ).memory_probe()
     try:
         sample = probe.sample()
     finally:
@@ -486,7 +459,8 @@ def test_memory_probe_reads_api_ps_through_the_sync_transport() -> None:
     assert isinstance(probe, OllamaPsProbe)
     assert fake.paths() == ["GET /api/ps"]
     assert str(fake.requests[0].url) == f"{URL}/api/ps"
-    assert sample.used_bytes == 7549747200
+    assert sample.used_bytes == 8329906176  # `size`: the whole footprint, spilled or not
+    assert sample.detail["size_vram"] == 7206864896
     assert sample.detail["spilled"] is True
 
 

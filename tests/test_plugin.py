@@ -148,9 +148,9 @@ def test_options_are_in_one_group_with_defaults(pytester: pytest.Pytester) -> No
         [
             "LLM batch harness:",
             "*--harness-backend=HARNESS_BACKEND*",
-            "*Default: 'embedded'*",
-            "*--memory-budget=MEMORY_BUDGET*",
-            "*--write-config*",
+            "*Default: the scenario profile's backend, else*",
+            "*--harness-memory-budget=MEMORY_BUDGET*",
+            "*--harness-write-config, --write-config*",
         ]
     )
     bad = pytester.runpytest("--harness-backend", "vllm")
@@ -169,7 +169,7 @@ K = 37
 def _fail(n, request):
     return ModelNotFound("injected: the model went away") if n == K + 1 else None
 
-def _backend(self, **settings):
+def _backend(self, cfg):
     return InProcessDouble(fail=_fail)
 
 HarnessSession.backend = _backend

@@ -16,7 +16,7 @@ translated once at the backend's edge.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -53,6 +53,9 @@ class ChatRequest:
     """Per-request timeout in seconds (None: the backend's default)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further body fields passed through as given (e.g. from an OpenAI Batch line)."""
+    prompt_ids: Iterable[int] | None = None
+    """The prompt's token ids as the engine counted them (BOS first), for backends whose
+    request path sends ids instead of messages (llama.cpp's `/completion`)."""
 
 
 @dataclass(slots=True)  # not frozen: built for every request, and frozen __init__ is slow
@@ -66,9 +69,12 @@ class Usage:
     cached_tokens: int | None
     """Prompt tokens served from the prefix cache; None when unknown."""
     cached_source: str = "server"
-    """How `cached_tokens` was obtained: `server` (usage.prompt_tokens_details),
-    `llama.cpp timings` (timings.cache_n), `inferred` (estimated, e.g. from Ollama durations),
-    or `unknown`."""
+    """How `cached_tokens` was obtained: `server` (usage.prompt_tokens_details, Ollama's
+    prompt_eval_cached_count), `llama.cpp timings` (timings.cache_n), `double` (a test
+    double's simulation, not a measurement), or `unknown`."""
+    prompt_tokens_complete: bool = True
+    """False when the server's prompt count does not cover the whole prompt (Ollama 0.30.0
+    counted only new tokens): such a count cannot reveal a truncated prompt."""
 
     @property
     def uncached_tokens(self) -> int:
@@ -101,6 +107,9 @@ class ChatResult:
     raw: Mapping[str, Any]
     """The server's reply body as received (OpenAI or Ollama shape)."""
     slot: int | None = None
+    context_shifted: bool = False
+    """The server dropped tokens from the sequence to go on (llama.cpp's context shift: its
+    reply says `truncated`). The prompt the model saw was not the prompt that was sent."""
 
 
 @dataclass(slots=True)
@@ -188,6 +197,11 @@ class Backend(ABC):
 
     def memory_probe(self) -> MemoryProbe | None:
         """A probe for the memory the served model uses, when there is one."""
+        return None
+
+    def gpu_probe(self) -> MemoryProbe | None:
+        """An NVML probe of the GPU the server runs on, when it runs on this machine's GPU
+        (read from the device, not from the server's own accounting); None otherwise."""
         return None
 
     async def __aenter__(self) -> Backend:

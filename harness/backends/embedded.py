@@ -24,8 +24,14 @@ import httpx
 
 from harness.backends.base import Backend
 from harness.backends.openai import OpenAIBackend
-from harness.backends.server import LISTEN_PREFIX, LOAD_FAILED_PREFIX, ServerSettings
-from harness.errors import BackendError, LoadFailure, OutOfMemory
+from harness.backends.server import (
+    LISTEN_PREFIX,
+    LOAD_FAILED_PREFIX,
+    ServerSettings,
+    llamacpp_build,
+    ollama_settings,
+)
+from harness.errors import BackendError, ConfigError, LoadFailure, OutOfMemory
 from harness.memory import ProcessRSSProbe
 from harness.models.geometry import ModelGeometry, geometry_from_gguf
 from harness.models.registry import DEFAULT_MODEL, resolve_model
@@ -206,12 +212,27 @@ class EmbeddedBackend(OpenAIBackend):
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         swa_full: bool = False,
+        server_flags: str = "harness",
+        request_path: str | None = None,
         settings: ServerSettings | None = None,
         log_dir: str | Path | None = None,
         timeout_s: float = 600.0,
         max_connections: int = 64,
         **_: Any,
     ) -> None:
+        if settings is None and server_flags == "ollama":
+            if swa_full:
+                raise ConfigError(
+                    "swa_full is not among the flags Ollama starts llama-server with; drop it, "
+                    "or use the harness's own server flags"
+                )
+            settings = ollama_settings(
+                model or DEFAULT_MODEL,
+                max(16, n_ctx // parallel),
+                num_parallel=parallel,
+                kv_cache_type=cache_type_k if cache_type_k != "f16" else None,
+                threads=threads,
+            )
         self.settings = settings or ServerSettings(
             model=model or DEFAULT_MODEL,
             n_ctx=n_ctx,
@@ -220,17 +241,28 @@ class EmbeddedBackend(OpenAIBackend):
             cache_type_k=cache_type_k,
             cache_type_v=cache_type_v,
             swa_full=swa_full,
+            flags=server_flags,
         )
+        self.settings.validate()
         self.server = EmbeddedServer(self.settings, log_dir=log_dir)
         self.spec = resolve_model(self.settings.model)
+        if request_path is None:
+            # Production's form under Ollama's flags (Go renders gemma3's template and sends
+            # text); the fastest form under the harness's own.
+            request_path = "text" if self.settings.flags == "ollama" else "tokens"
         super().__init__(
             "http://127.0.0.1:0",
             api_key_env=None,
             timeout_s=timeout_s,
             max_connections=max_connections,
             chat_format=self.spec.chat_format,
+            request_path=request_path,
+            n_keep=self.settings.n_keep if self.settings.ctx_shift else None,
         )
         self.info.model = self.settings.model
+        self.info.extra["server_flags"] = self.settings.flags
+        self.info.extra["llama_server_args"] = self.settings.llama_server_args()
+        self.info.extra["llama_cpp"] = llamacpp_build()
 
     async def start(self) -> None:
         if not self.server.alive():
@@ -255,3 +287,6 @@ class EmbeddedBackend(OpenAIBackend):
 
     def memory_probe(self) -> ProcessRSSProbe:
         return self.server.memory_probe()
+
+    def gpu_probe(self) -> None:
+        return None  # the embedded server is xllamacpp's CPU build

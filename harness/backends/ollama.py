@@ -1,20 +1,28 @@
-"""Ollama on its native API, through the official `ollama` client.
+"""Ollama on its native API, through the official `ollama` client's transport.
 
-- Requests carry `options` (`num_ctx`, `num_predict`, `temperature`, `seed`), `keep_alive`, and
-  `format` (a JSON schema) for structured output.
-- Model geometry comes from `/api/show` (`gemma3.*` keys; a missing `key_length` defaults to 256
-  as Ollama does); load state and memory from `/api/ps` (`size`, `size_vram`, `context_length`).
-- In most Ollama versions `prompt_eval_count` counts *all* prompt tokens, cached ones included,
-  so cached tokens are not reported. They are **inferred** here: the first request of a prompt
-  family runs cold and gives a prefill rate (tokens per nanosecond of `prompt_eval_duration`);
-  a later request that took less time than its prompt would need at that rate is taken to have
-  reused the difference. `Usage.cached_source` says `inferred` for such figures.
+- Requests go to `/api/chat` with `options` (`num_ctx`, `num_predict`, `temperature`, `seed`),
+  `keep_alive`, `format` (a JSON schema) for structured output, and `truncate: false`: Ollama
+  otherwise cuts a prompt longer than the context and answers 200 as if nothing happened
+  (ollama#9221); with it, the overflow comes back as an error, mapped to `ContextOverflow`.
+- Replies are read from the body itself: the `ollama` client's response models drop fields
+  they do not know, such as `prompt_eval_cached_count`, the cached prompt tokens newer servers
+  (0.33.x, Sept. 2026) report. That figure is `server`-sourced; a reply without it has cached
+  tokens `unknown` (never estimated from durations).
+- `prompt_eval_count` changed meaning across versions (ollama#16414, #16428): omitted when the
+  whole prompt was cached (before mid-2024), newly evaluated tokens only in 0.30.0, every prompt
+  token (cached included) from 0.30.1 on. The version comes from `/api/version`; only where it
+  counts every token can the engine compare it with its own count to catch a cut prompt.
+- With no `num_ctx`, the model is loaded at start and its context read from `/api/ps`
+  (`context_length`): Ollama's default is 4,096 tokens below 24 GiB of VRAM, less than the
+  rubric plus a candidate.
+- Geometry from `/api/show` (`gemma3.*` keys); memory from `/api/ps` (`size`, `size_vram`).
 
-The client takes an injectable httpx transport, so the logic is tested on recorded responses.
+The client takes an injectable httpx transport, so the logic is tested on recorded replies.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,15 +35,16 @@ from harness.errors import (
     BackendError,
     ContextOverflow,
     ModelNotFound,
+    NoAPI,
     OutOfMemory,
     ProtocolError,
     TransientServerError,
 )
-from harness.memory import OllamaPsProbe, normalise_ollama_host
+from harness.memory import MemoryProbe, OllamaPsProbe, local_gpu_probe, normalise_ollama_host
 from harness.models.geometry import ModelGeometry, geometry_from_metadata
 from harness.models.templates import get_format
 
-__all__ = ["CacheInference", "OllamaBackend"]
+__all__ = ["DEFAULT_HOST", "OllamaBackend", "parse_version", "prompt_count_complete"]
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 _NS_PER_MS = 1_000_000.0
@@ -49,33 +58,24 @@ _OOM_MARKERS = (
     "requires more system memory",
     "unable to allocate",
 )
+# "the prompt is longer than the context length currently available to the model" (Ollama's
+# own check), "the input length exceeds the context length" (older), and llama-server's
+# "request (N tokens) exceeds the available context size (M tokens)" relayed with truncate off.
+_CONTEXT_MARKERS = ("longer than the context length", "exceeds the context length",
+                    "exceeds the available context size")  # fmt: skip
+_LLAMA_OVERFLOW = re.compile(r"request \((\d+) tokens\) exceeds the available context size \((\d+)")
 
 
-class CacheInference:
-    """Infers cached prompt tokens from Ollama's durations (see the module docstring).
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """`0.33.0-rc2` → (0, 33, 0); None when it is not a version."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", text.strip())
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
-    The cold prefill cost is the *slowest* (highest ns per prompt token) seen: the first
-    request's, raised by any later request that took longer per token, since such a request
-    cannot have reused much. Inferred cached tokens are clamped to `[0, prompt_tokens - 1]`.
-    """
 
-    def __init__(self) -> None:
-        self.cold_ns_per_token: float | None = None
-
-    def observe(self, prompt_tokens: int, prompt_eval_ns: int | None) -> int | None:
-        if not prompt_eval_ns or prompt_tokens <= 0:
-            return None
-        ns_per_token = prompt_eval_ns / prompt_tokens
-        if self.cold_ns_per_token is None:
-            self.cold_ns_per_token = ns_per_token
-            return 0
-        if ns_per_token > self.cold_ns_per_token:
-            # Slower than our cold estimate: this one was (nearly) cold; learn from it.
-            self.cold_ns_per_token = ns_per_token
-            return 0
-        computed = prompt_eval_ns / self.cold_ns_per_token
-        cached = round(prompt_tokens - computed)
-        return max(0, min(prompt_tokens - 1, cached))
+def prompt_count_complete(version: tuple[int, int, int] | None) -> bool:
+    """Whether `prompt_eval_count` counts every prompt token, cached ones included, on this
+    server version: not in 0.30.0 (new tokens only), nor when the version is unknown."""
+    return version is not None and version != (0, 30, 0)
 
 
 @Backend.register("ollama")
@@ -108,7 +108,7 @@ class OllamaBackend(Backend):
         self._transport = transport
         self._sync_transport = sync_transport
         self._client: Any = None
-        self.cache_inference = CacheInference()
+        self.version: tuple[int, int, int] | None = None
         self.info = ServerInfo(
             backend=self.name,
             base_url=self.base_url,
@@ -130,33 +130,58 @@ class OllamaBackend(Backend):
         if isinstance(exc, ConnectionError):
             return map_transport_error(httpx.ConnectError(str(exc)), url)
         if isinstance(exc, ollama.ResponseError):
-            msg = str(exc.error)
-            low = msg.lower()
-            code = exc.status_code
-            if code == 404 or "not found" in low:
-                return ModelNotFound(
-                    f"Ollama at {url} has no model {self.model!r} ({msg}); "
-                    f"run `ollama pull {self.model}`",
-                    url=url,
-                )
-            if any(marker in low for marker in _OOM_MARKERS):
-                return OutOfMemory(
-                    f"Ollama at {url} ran out of memory loading {self.model!r} ({msg}); "
-                    "lower num_ctx",
-                    url=url,
-                )
-            if "context" in low and ("exceed" in low or "too long" in low):
-                return ContextOverflow(f"Ollama at {url}: {msg}", url=url)
-            if code in (429, 500, 502, 503, 504) or code < 0:
-                return TransientServerError(
-                    f"Ollama at {url} answered {code}: {msg}", url=url, status_code=code
-                )
-            return BackendError(f"Ollama at {url} answered {code}: {msg}", url=url)
+            return self._status_error(exc.status_code, str(exc.error))
         if isinstance(exc, ValueError):
             return ProtocolError(f"Ollama at {url} sent an unexpected reply: {exc}", url=url)
         return BackendError(f"Ollama at {url}: {type(exc).__name__}: {exc}", url=url)
 
+    def _status_error(self, code: int, msg: str) -> BackendError:
+        url = self.base_url
+        low = msg.lower()
+        if code == 404 and "model" not in low:
+            # Go's plain-text `404 page not found`: this URL is not Ollama's API root.
+            return NoAPI(
+                f"no Ollama API at {url} (it answered {code} {msg.strip()!r}: wrong path? give "
+                "the server's root, e.g. http://127.0.0.1:11434, without /v1 or /api)",
+                url=url,
+            )
+        if code == 404 or ("model" in low and "not found" in low):
+            return ModelNotFound(
+                f"Ollama at {url} has no model {self.model!r} ({msg}); "
+                f"run `ollama pull {self.model}`",
+                url=url,
+            )
+        if any(marker in low for marker in _OOM_MARKERS):
+            return OutOfMemory(
+                f"Ollama at {url} ran out of memory loading {self.model!r} ({msg}); lower num_ctx",
+                url=url,
+            )
+        if any(marker in low for marker in _CONTEXT_MARKERS):
+            m = _LLAMA_OVERFLOW.search(msg)
+            return ContextOverflow(
+                f"Ollama at {url}: {msg} (num_ctx {self.info.n_ctx_per_slot})",
+                url=url,
+                prompt_tokens=int(m[1]) if m else None,
+                n_ctx=int(m[2]) if m else self.info.n_ctx_per_slot,
+            )
+        if code in (429, 500, 502, 503, 504) or code < 0:
+            return TransientServerError(
+                f"Ollama at {url} answered {code}: {msg}", url=url, status_code=code
+            )
+        return BackendError(f"Ollama at {url} answered {code}: {msg}", url=url)
+
     # -- lifecycle -------------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """A request through the official client's transport; the body as sent, as a dict."""
+        try:
+            resp = await self._client._request_raw(method, path, **kwargs)
+            data = resp.json()
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        if not isinstance(data, dict):
+            raise ProtocolError(f"Ollama at {self.base_url}{path} sent {data!r:.200}")
+        return data
 
     async def start(self) -> None:
         import ollama
@@ -166,12 +191,30 @@ class OllamaBackend(Backend):
             if self._transport is not None:
                 kwargs["transport"] = self._transport
             self._client = ollama.AsyncClient(host=self.base_url, **kwargs)
-        try:
-            version = await self._client._request_raw("GET", "/api/version")
-            self.info.server = f"ollama {version.json().get('version', '?')}"
-            await self._client.show(self.model)
-        except Exception as exc:
-            raise self._translate(exc) from exc
+        version = str((await self._request("GET", "/api/version")).get("version", "?"))
+        self.version = parse_version(version)
+        self.info.server = f"ollama {version}"
+        self.info.extra["prompt_eval_count_counts_cached"] = prompt_count_complete(self.version)
+        await self._request("POST", "/api/show", json={"model": self.model})
+        if self.num_ctx is None:
+            await self._load_and_read_context()
+
+    async def _load_and_read_context(self) -> None:
+        """Load the model (an empty generate) and read its context from `/api/ps`."""
+        await self._request(
+            "POST", "/api/generate", json={"model": self.model, "keep_alive": self.keep_alive}
+        )
+        ps = await self._request("GET", "/api/ps")
+        names = {self.model, f"{self.model}:latest"}
+        for entry in ps.get("models") or []:
+            if isinstance(entry, Mapping) and names & {entry.get("name"), entry.get("model")}:
+                ctx = entry.get("context_length")
+                if isinstance(ctx, int) and ctx > 0:
+                    self.info.n_ctx_per_slot = ctx
+                    self.info.extra["context_source"] = "ollama:/api/ps context_length"
+                else:
+                    self.info.extra["context_source"] = "unknown (/api/ps has no context_length)"
+                return
 
     async def stop(self) -> None:
         if self._client is not None:
@@ -204,34 +247,43 @@ class OllamaBackend(Backend):
             opts.update(extra_opts)
         return opts
 
+    def build_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body for `/api/chat`."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [dict(m) for m in request.messages],
+            "stream": False,
+            "options": self.options(request),
+            "truncate": False,
+        }
+        if request.output_schema:
+            body["format"] = dict(request.output_schema)
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        return body
+
     async def chat(self, request: ChatRequest) -> ChatResult:
         if self._client is None:
             raise BackendError(f"Ollama backend for {self.base_url} is not started")
         started = time.perf_counter()
-        try:
-            resp = await self._client.chat(
-                model=self.model,
-                messages=[dict(m) for m in request.messages],
-                options=self.options(request),
-                format=dict(request.output_schema) if request.output_schema else None,
-                keep_alive=self.keep_alive,
-                stream=False,
-            )
-        except Exception as exc:
-            raise self._translate(exc) from exc
+        data = await self._request("POST", "/api/chat", json=self.build_body(request))
         total_ms = (time.perf_counter() - started) * 1000.0
-        return self.parse_reply(resp.model_dump(), total_ms)
+        return self.parse_reply(data, total_ms)
 
     def parse_reply(self, data: Mapping[str, Any], total_ms: float) -> ChatResult:
-        """Normalise an Ollama `/api/chat` body; cached tokens are inferred (see module doc)."""
+        """Normalise an Ollama `/api/chat` body (see the module docstring for the counts)."""
         try:
             content = (data.get("message") or {}).get("content") or ""
-            prompt_tokens = int(data.get("prompt_eval_count") or 0)
+            evaluated = data.get("prompt_eval_count")
+            prompt_tokens = int(evaluated or 0)
             completion_tokens = int(data.get("eval_count") or 0)
+            raw_cached = data.get("prompt_eval_cached_count")
+            cached = int(raw_cached) if raw_cached is not None else None
         except (TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"Ollama at {self.base_url} sent a malformed reply") from exc
-        prompt_ns = data.get("prompt_eval_duration")
-        cached = self.cache_inference.observe(prompt_tokens, prompt_ns)
+        complete = prompt_count_complete(self.version) and evaluated is not None
+        if cached is not None and not prompt_count_complete(self.version):
+            prompt_tokens += cached  # 0.30.0 counted new tokens only
 
         def ms(key: str) -> float | None:
             value = data.get(key)
@@ -244,7 +296,8 @@ class OllamaBackend(Backend):
                 prompt_tokens,
                 completion_tokens,
                 cached,
-                "inferred" if cached is not None else "unknown",
+                "server" if cached is not None else "unknown",
+                prompt_tokens_complete=complete,
             ),
             timings=Timings(
                 total_ms=total_ms,
@@ -258,12 +311,12 @@ class OllamaBackend(Backend):
     async def model_geometry(self) -> ModelGeometry | None:
         if self._client is None:
             raise BackendError(f"Ollama backend for {self.base_url} is not started")
-        try:
-            show = await self._client.show(self.model)
-        except Exception as exc:
-            raise self._translate(exc) from exc
-        info = show.modelinfo or {}
+        show = await self._request("POST", "/api/show", json={"model": self.model})
+        info = show.get("model_info") or {}
         return geometry_from_metadata(info, source=f"ollama:/api/show {self.model}")
 
     def memory_probe(self) -> OllamaPsProbe:
         return OllamaPsProbe(self.base_url, self.model, transport=self._sync_transport)
+
+    def gpu_probe(self) -> MemoryProbe | None:
+        return local_gpu_probe(self.base_url)

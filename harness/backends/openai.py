@@ -3,7 +3,15 @@
 Cached tokens come from `usage.prompt_tokens_details.cached_tokens`, else llama.cpp's
 `timings.cache_n`, else they are unknown (None). When the server is llama.cpp (it answers
 `/props`), the backend also uses its extensions: `/tokenize`, `id_slot`, `cache_prompt`, GBNF
-`grammar`.
+`grammar`, and its own `/completion` endpoint, which the request path chooses:
+
+- `chat`: `/v1/chat/completions` with the messages; the server renders its chat template and
+  tokenizes the whole prompt (the rubric too) on every request;
+- `text`: `/completion` with the prompt rendered here as text (special tokens as text) — what
+  Ollama ≥ 0.30 sends its llama-server for models whose template Go renders (gemma3);
+- `tokens`: `/completion` with the prompt as the engine's own token ids: no template, no
+  tokenization on the server. The fastest path; it needs the engine's exact count
+  (`ChatRequest.prompt_ids`).
 
 The API key is read from an environment variable (named by `api_key_env`) when the backend
 starts; it goes into the Authorization header and nowhere else.
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,17 +33,22 @@ from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, 
 from harness.errors import (
     BackendError,
     BackendUnreachable,
+    ConfigError,
     ContextOverflow,
     ModelNotFound,
     ProtocolError,
     RequestTimeout,
     TransientServerError,
 )
+from harness.memory import MemoryProbe, local_gpu_probe
 from harness.models.templates import ChatFormat
 
-__all__ = ["OpenAIBackend", "map_transport_error", "raise_for_response"]
+__all__ = ["REQUEST_PATHS", "OpenAIBackend", "map_transport_error", "raise_for_response"]
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+REQUEST_PATHS = ("chat", "text", "tokens")
+"""How a request reaches a llama.cpp server (see the module docstring)."""
+_STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
 def map_transport_error(exc: httpx.TransportError, url: str) -> BackendError:
@@ -111,7 +125,16 @@ class OpenAIBackend(Backend):
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
         chat_format: ChatFormat | None = None,
+        request_path: str = "chat",
+        n_keep: int | None = None,
     ) -> None:
+        if request_path not in REQUEST_PATHS:
+            raise ConfigError(
+                f"request path {request_path!r}: choose one of {', '.join(REQUEST_PATHS)}"
+            )
+        self.request_path = request_path
+        self.n_keep = n_keep
+        """`n_keep` sent with `/completion` requests (Ollama sends its num_keep)."""
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[: -len("/v1")]
@@ -195,6 +218,22 @@ class OpenAIBackend(Backend):
             self.info.extra["props"] = {
                 k: data.get(k) for k in ("model_path", "total_slots", "build_info")
             }
+        if self.request_path != "chat":
+            if not self.info.supports_slots:
+                raise ConfigError(
+                    f"request path {self.request_path!r} needs a llama.cpp server (its "
+                    f"/completion endpoint); {self.base_url} is not one: use --request-path chat"
+                )
+            if self.info.chat_format is None:
+                raise ConfigError(
+                    f"request path {self.request_path!r} renders the prompt here, but the chat "
+                    f"template of {self.info.model!r} is not known to the harness: use "
+                    "--request-path chat"
+                )
+        self.info.extra["request_path"] = self.request_path
+
+    def gpu_probe(self) -> MemoryProbe | None:
+        return local_gpu_probe(self.base_url)
 
     async def health(self) -> bool:
         try:
@@ -231,29 +270,121 @@ class OpenAIBackend(Backend):
         body.update(request.extra)
         return body
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        url = self.base_url + "/v1/chat/completions"
-        body = self.build_body(request)
-        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
-        started = time.perf_counter()
+    def build_completion_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body for llama.cpp's `/completion` (the `text` and `tokens` paths)."""
+        prompt: Any
+        if self.request_path == "tokens" and request.prompt_ids is not None:
+            prompt = list(request.prompt_ids)
+        else:  # the text path, or a request whose ids were not counted (sent as text)
+            fmt = self.info.chat_format
+            assert fmt is not None  # checked at start
+            prompt = fmt.render_text(request.messages)  # the server adds BOS
+        body: dict[str, Any] = {"prompt": prompt, "cache_prompt": request.cache_prompt}
+        if request.max_tokens is not None:
+            body["n_predict"] = request.max_tokens
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.grammar is not None:
+            body["grammar"] = request.grammar
+        elif request.output_schema is not None:
+            body["json_schema"] = dict(request.output_schema)
+        if request.slot is not None:
+            body["id_slot"] = request.slot
+        if self.n_keep:
+            body["n_keep"] = self.n_keep
+        extra = dict(request.extra)
+        if "max_tokens" in extra:  # batch lines say max_tokens; /completion says n_predict
+            body["n_predict"] = extra.pop("max_tokens")
+        body.update(extra)
+        return body
+
+    async def _post(self, path: str, body: dict[str, Any], timeout_s: float) -> Any:
+        url = self.base_url + path
         try:
             resp = await self.client.post(
-                "/v1/chat/completions",
+                path,
                 content=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
-                timeout=httpx.Timeout(timeout, connect=10.0),
+                timeout=httpx.Timeout(timeout_s, connect=10.0),
             )
         except httpx.TransportError as exc:
             raise map_transport_error(exc, url) from exc
-        total_ms = (time.perf_counter() - started) * 1000.0
         raise_for_response(resp, url)
         try:
-            data = resp.json()
+            return resp.json()
         except ValueError as exc:
             raise TransientServerError(
                 f"{url} sent a body that is not JSON (truncated?)", url=url
             ) from exc
-        return self.parse_reply(data, total_ms, url, request.slot)
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
+        started = time.perf_counter()
+        if self.request_path == "chat":
+            data = await self._post("/v1/chat/completions", self.build_body(request), timeout)
+            total_ms = (time.perf_counter() - started) * 1000.0
+            return self.parse_reply(
+                data, total_ms, self.base_url + "/v1/chat/completions", request.slot
+            )
+        data = await self._post("/completion", self.build_completion_body(request), timeout)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        return self.parse_completion(data, total_ms, self.base_url + "/completion", request.slot)
+
+    @staticmethod
+    def parse_completion(
+        data: Any, total_ms: float, url: str, slot: int | None = None
+    ) -> ChatResult:
+        """Normalise a llama.cpp `/completion` body: the prompt is `cache_n + prompt_n`."""
+        try:
+            timings = data["timings"]
+            cached = int(timings["cache_n"])
+            prompt_tokens = cached + int(timings["prompt_n"])
+            completion_tokens = int(data.get("tokens_predicted", 0))
+            content = str(data.get("content") or "")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TransientServerError(
+                f"{url} sent a reply without content/timings (truncated?)", url=url
+            ) from exc
+        finish = _STOP_TYPES.get(str(data.get("stop_type")), data.get("stop_type"))
+        # Results files keep the reply as an OpenAI chat completion (the Batch output format),
+        # with llama.cpp's timings beside it; /completion also echoes the whole prompt, which
+        # is not kept (4,000 tokens of rubric in every results line).
+        raw = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": data.get("model", ""),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            },
+            "timings": timings,
+            "truncated": bool(data.get("truncated")),
+        }
+        return ChatResult(
+            content=content,
+            finish_reason=finish,
+            usage=Usage(prompt_tokens, completion_tokens, cached, "llama.cpp timings"),
+            timings=Timings(
+                total_ms=total_ms,
+                prompt_ms=timings.get("prompt_ms"),
+                decode_ms=timings.get("predicted_ms"),
+            ),
+            raw=raw,
+            slot=slot,
+            context_shifted=bool(data.get("truncated")),
+        )
 
     @staticmethod
     def parse_reply(data: Any, total_ms: float, url: str, slot: int | None = None) -> ChatResult:

@@ -103,6 +103,7 @@ def _memory_summary(monitor: MemoryMonitor | None) -> dict[str, Any] | None:
     return {
         "source": peak.source,
         "kind": peak.kind,
+        "spilled": any(bool(s.detail.get("spilled")) for s in monitor.samples),
         "peak_bytes": peak.used_bytes,
         "first_bytes": monitor.samples[0].used_bytes,
         "last_bytes": monitor.samples[-1].used_bytes,
@@ -155,6 +156,11 @@ async def run_job(
             server_probe = backend.memory_probe()
         if server_probe is not None:
             monitors["server"] = MemoryMonitor(server_probe, spec.memory_interval_s)
+        gpu_probe = None
+        with contextlib.suppress(Exception):
+            gpu_probe = backend.gpu_probe()
+        if gpu_probe is not None:
+            monitors["gpu"] = MemoryMonitor(gpu_probe, spec.memory_interval_s)
         monitors["runner"] = MemoryMonitor(
             ProcessRSSProbe(os.getpid(), include_children=False), spec.memory_interval_s
         )

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from harness.backends.base import Backend, ChatRequest
+from harness.backends.base import Backend, ChatRequest, Usage
 from harness.engine.strategies import Conversation, ConversationStrategy, Strategy
 from harness.engine.tokens import TokenCounter, TokenSeq, common_prefix_len
 from harness.errors import (
@@ -34,11 +34,17 @@ from harness.errors import (
     HarnessError,
     InputError,
     ModelNotFound,
+    NoAPI,
 )
 from harness.records import RequestRecord
 from harness.workload import WorkItem, parse_reply
 
-__all__ = ["RetryPolicy", "Runner", "RunnerConfig"]
+__all__ = ["TRUNCATION_TOLERANCE", "RetryPolicy", "Runner", "RunnerConfig"]
+
+TRUNCATION_TOLERANCE = 16
+"""Prompt tokens a server may count short of the engine's count before the prompt is taken
+to be truncated (or 1% of the prompt, whichever is more): chat templates differ by a few
+tokens (a BOS, a newline)."""
 
 Sink = Callable[[RequestRecord], None]
 
@@ -193,6 +199,7 @@ class Runner:
                 slot=slot,
                 timeout_s=self.config.request_timeout_s,
                 extra=item.extra,
+                prompt_ids=plan.prompt_ids,
             )
             rec.attempts += 1
             try:
@@ -202,7 +209,7 @@ class Runner:
                     overflow_retried = force_trim = True
                     continue
                 return self._fail(rec, exc, "ContextOverflow")
-            except (BackendUnreachable, ModelNotFound) as exc:
+            except (BackendUnreachable, ModelNotFound, NoAPI) as exc:
                 transient += 1
                 if isinstance(exc, BackendUnreachable) and transient < retry.max_attempts:
                     await asyncio.sleep(retry.delay(transient, self._rng))
@@ -215,6 +222,15 @@ class Runner:
                     continue
                 return self._fail(rec, exc, type(exc).__name__)
             usage = result.usage
+            shortfall = self._truncated(plan.prompt_tokens, usage)
+            if shortfall is not None or result.context_shifted:
+                # The model did not see the prompt that was sent: never a result.
+                rec.prompt_tokens = usage.prompt_tokens
+                rec.context_shifted = result.context_shifted
+                self._last.pop(key, None)
+                return self._fail(
+                    rec, shortfall or self._shifted(plan.prompt_tokens), "ContextOverflow"
+                )
             rec.reusable_tokens = self._reusable(key, plan.prompt_ids, usage.cached_tokens)
             self._last[key] = (plan.prompt_ids, usage.completion_tokens)
             rec.content = result.content
@@ -238,6 +254,33 @@ class Runner:
             rec.status = "ok"
             rec.finished = time.time()
             return rec
+
+    def _truncated(self, expected: int, usage: Usage) -> ContextOverflow | None:
+        """A server that counted fewer prompt tokens than were sent cut the prompt (Ollama
+        does so silently when `truncate` is not false). Chat templates may differ from the
+        engine's by a few tokens, so a shortfall counts past `TRUNCATION_TOLERANCE`."""
+        if not usage.prompt_tokens_complete or not usage.prompt_tokens or not expected:
+            return None
+        if usage.prompt_tokens >= expected - max(TRUNCATION_TOLERANCE, expected // 100):
+            return None
+        n_ctx = self.backend.info.n_ctx_per_slot
+        return ContextOverflow(
+            f"the prompt was truncated: the server counted {usage.prompt_tokens} prompt tokens "
+            f"of the {expected} sent (num_ctx / n_ctx {n_ctx}); raise the context "
+            "(num_ctx, OLLAMA_CONTEXT_LENGTH) or shorten the prompt",
+            prompt_tokens=expected,
+            n_ctx=n_ctx,
+        )
+
+    def _shifted(self, expected: int) -> ContextOverflow:
+        n_ctx = self.backend.info.n_ctx_per_slot
+        return ContextOverflow(
+            f"the server shifted its context (dropped tokens) on a {expected}-token prompt "
+            f"with n_ctx {n_ctx}: the trim policy let the conversation outgrow the context; "
+            "lower CONTEXT_TRIM_THRESHOLD or TRIM_INTERVAL",
+            prompt_tokens=expected,
+            n_ctx=n_ctx,
+        )
 
     @staticmethod
     def _fail(rec: RequestRecord, exc: BaseException, kind: str) -> RequestRecord:

@@ -15,7 +15,13 @@ from typing import Any
 from harness.errors import ConfigError
 from harness.models.gguf_kv import read_gguf_kv
 
-__all__ = ["ModelGeometry", "geometry_from_gguf", "geometry_from_metadata", "read_gguf_metadata"]
+__all__ = [
+    "KV_MODELLED",
+    "ModelGeometry",
+    "geometry_from_gguf",
+    "geometry_from_metadata",
+    "read_gguf_metadata",
+]
 
 # Ollama leaves `attention.key_length` out for some models and then uses this default.
 DEFAULT_HEAD_DIM = 256
@@ -23,6 +29,7 @@ DEFAULT_HEAD_DIM = 256
 # Architectures that interleave sliding-window ("local") layers with full ("global") ones, and the
 # period of the pattern: in llama.cpp, layer `il` is global when `il % period == period - 1`.
 SLIDING_WINDOW_PERIOD: dict[str, int] = {"gemma3": 6, "gemma2": 2, "gemma3n": 5}
+_REQUIRED = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +68,25 @@ class ModelGeometry:
         return tuple(i for i in range(self.n_layers) if i not in glob)
 
 
+KV_MODELLED = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite"}
+)
+"""Architectures whose KV cache is `n_kv_heads × (key + value)` per token on every layer (or
+on the global layers, with sliding windows). Others (gemma3n's layers share KV caches, gemma4,
+multi-head latent attention, ...) get no theory: `kv_theory` says unknown, never a wrong number."""
+
+
 def _get(meta: Mapping[str, Any], arch: str, key: str, default: Any = None) -> Any:
-    value = meta.get(f"{arch}.{key}", default)
+    full = f"{arch}.{key}"
+    if full in meta and meta[full] is None:
+        # Ollama's /api/show sends per-layer arrays as null: the value is there but unreadable.
+        if default is _REQUIRED:
+            raise ConfigError(
+                f"metadata key {full!r} came as null (Ollama's /api/show leaves per-layer arrays "
+                "out); the geometry cannot be read from it: give the model's GGUF instead"
+            )
+        return None if default is _REQUIRED else default
+    value = meta.get(full, None if default is _REQUIRED else default)
     if isinstance(value, list | tuple) and value:
         # Per-layer arrays (e.g. head_count_kv on some models): take the first; we only model
         # uniform layers and say so in the geometry's source.
@@ -80,14 +104,20 @@ def geometry_from_metadata(meta: Mapping[str, Any], *, source: str) -> ModelGeom
         raise ConfigError(f"{source}: metadata has no 'general.architecture' key")
 
     def need(key: str) -> int:
-        value = _get(meta, arch, key)
+        try:
+            value = _get(meta, arch, key, _REQUIRED)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         if value is None:
             raise ConfigError(f"{source}: metadata has no '{arch}.{key}' key")
         return int(value)
 
     n_layers = need("block_count")
     n_heads = need("attention.head_count")
-    n_kv_heads = int(_get(meta, arch, "attention.head_count_kv", n_heads))
+    if f"{arch}.attention.head_count_kv" in meta:
+        n_kv_heads = need("attention.head_count_kv")  # null is an error, not n_heads
+    else:
+        n_kv_heads = n_heads
     embedding = need("embedding_length")
     default_dim = DEFAULT_HEAD_DIM if arch.startswith("gemma") else embedding // n_heads
     key_length = int(_get(meta, arch, "attention.key_length", default_dim))

@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.errors import ConfigError
-from harness.models.geometry import ModelGeometry
+from harness.models.geometry import KV_MODELLED, ModelGeometry
 
-__all__ = ["CACHE_TYPE_BYTES", "KVTheory", "kv_theory"]
+__all__ = ["CACHE_TYPE_BYTES", "KVTheory", "UnknownGeometry", "kv_theory"]
+
+
+class UnknownGeometry(ConfigError):
+    """The model's architecture is one the KV theory does not model."""
+
 
 # Bytes per element of each llama.cpp KV cache type (block-quantised types carry a scale).
 CACHE_TYPE_BYTES: dict[str, float] = {
@@ -63,6 +68,11 @@ def kv_theory(
 ) -> KVTheory:
     """Theoretical KV bytes per token for `geom` with the given cache types (default f16)."""
     cache_type_v = cache_type_v or cache_type_k
+    if geom.architecture not in KV_MODELLED:
+        raise UnknownGeometry(
+            f"the KV theory does not model the {geom.architecture!r} architecture "
+            f"({geom.source}): its KV bytes per token are unknown, not estimated"
+        )
     for setting, value in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
         if value not in CACHE_TYPE_BYTES:
             known = ", ".join(sorted(CACHE_TYPE_BYTES))

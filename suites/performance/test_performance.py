@@ -64,13 +64,15 @@ def test_performance(harness: HarnessSession) -> None:
     scenario = harness.scenario(SCENARIO)
     profile = scenario.profile(harness.profile)
     opts: dict[str, Any] = profile.options
-    model = harness.model_for(scenario)
-    per_slot = profile.n_ctx or 8192
+    # The direct loop sends chat bodies: the engine takes the same path, so they compare.
+    cfg = harness.run_config(scenario, parallel=1, concurrency=1, request_path="chat")
+    model = cfg.model.value
+    per_slot = cfg.n_ctx.value
     n = int(opts.get("requests", 20))
     pool = items_for(scenario, harness.profile, n * (int(opts.get("rounds", 2)) + 1) + 100)
     calibration_items = items_for(scenario, harness.profile, 400)[-5:]  # not in the runs
 
-    backend = harness.backend(model=model, n_ctx=per_slot, parallel=1)
+    backend = harness.backend(cfg)
     cal = harness.run(
         calibrate(
             backend,
@@ -144,7 +146,9 @@ def test_performance(harness: HarnessSession) -> None:
     sweep: list[dict[str, Any]] = []
     sweep_n = int(opts.get("sweep_requests", 12))
     for slots in opts.get("sweep", [1, 2, 4]):
-        be: Backend = harness.backend(model=model, n_ctx=per_slot * slots, parallel=slots)
+        be: Backend = harness.backend(
+            harness.run_config(scenario, parallel=slots, concurrency=slots, request_path="chat")
+        )
         items = pool[1 : 1 + sweep_n * 2][::2][:sweep_n]
         harness.run(direct_loop(be.info.base_url, pool[:slots], concurrency=slots))  # warm slots
         res = harness.run(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from harness.engine import JobSpec, RunnerConfig, TrimPolicy, run_job
+from harness.engine import JobSpec, RunnerConfig, run_job
 from harness.fileio import atomic_write_text
 from harness.phases import items_for
 from harness.plugin import HarnessSession
@@ -35,10 +35,10 @@ def test_quality(harness: HarnessSession) -> None:
     scenario = harness.scenario(SCENARIO)
     profile = scenario.profile(harness.profile)
     opts: dict[str, Any] = profile.options
-    model = harness.model_for(scenario)
-    backend = harness.backend(model=model, n_ctx=profile.n_ctx)
-    n_ctx = backend.info.n_ctx_per_slot or profile.n_ctx or 8192
-    policy = TrimPolicy(max_context_tokens=n_ctx, trim_threshold=n_ctx - 64)
+    cfg = harness.run_config(scenario)
+    model = cfg.model.value
+    backend = harness.backend(cfg)
+    policy = cfg.capped(backend.info.n_ctx_per_slot).policy
     pool = items_for(scenario, harness.profile, int(opts.get("candidates", 50)) + 1)
     control, candidates = pool[0], pool[1:]
     all_records: list[RequestRecord] = []

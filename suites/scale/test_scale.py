@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from harness.config import load_profile
 from harness.engine import JobSpec, RunnerConfig, run_job
 from harness.engine.job import JobResult, partial_result
-from harness.memory import EnergyMeter, NvmlProbe, NvmlUnavailable
+from harness.memory import EnergyMeter, NvmlProbe
 from harness.models.registry import resolve_model
-from harness.phases import items_for, policy_for, scale_figures
+from harness.phases import items_for, scale_figures
 from harness.plugin import HarnessSession
 
 SIZES = [
@@ -38,30 +37,24 @@ pytestmark = [pytest.mark.scale, pytest.mark.integration, pytest.mark.timeout(0)
 @pytest.mark.parametrize(("size", "scenario_file"), SIZES)
 def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file: str) -> None:
     scenario = harness.scenario(scenario_file)
-    profile = scenario.profile(harness.profile)
-    model = harness.model_for(scenario)
-    backend = harness.backend(
-        model=model, n_ctx=profile.n_ctx, parallel=profile.parallel, swa_full=profile.swa_full
-    )
-    policy = policy_for(
-        scenario,
-        harness.profile,
-        load_profile(harness.config_path, harness.profile),
-        backend.info.n_ctx_per_slot,
-    )
-    st = scenario.strategy_for(harness.profile)
+    cfg = harness.run_config(scenario)
+    backend = harness.backend(cfg)
+    cfg = cfg.capped(backend.info.n_ctx_per_slot)
+    policy = cfg.policy
     spec = JobSpec(
-        strategy=st.name,
+        strategy=cfg.strategy.value,
         policy=policy,
-        runner=RunnerConfig(concurrency=st.concurrency),
+        runner=RunnerConfig(concurrency=cfg.concurrency.value),
         desc=f"scale {size}",
         progress_stream=harness.terminal,
     )
     items = items_for(scenario, harness.profile, size)
+    # Energy only when the server runs on this machine's GPU (read from that GPU).
     energy: EnergyMeter | None = None
+    gpu = backend.gpu_probe()
     with contextlib.ExitStack() as stack:
-        with contextlib.suppress(NvmlUnavailable):
-            energy = stack.enter_context(EnergyMeter(NvmlProbe()))
+        if isinstance(gpu, NvmlProbe):
+            energy = stack.enter_context(EnergyMeter(gpu))
         try:
             result: JobResult = benchmark.pedantic(
                 lambda: harness.run(run_job(backend, items, spec)), rounds=1, iterations=1
@@ -73,8 +66,8 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
                 raise
             result = partial
     note = ""
-    if harness.backend_name == "embedded":
-        note = resolve_model(model).note
+    if cfg.backend.value == "embedded":
+        note = resolve_model(cfg.model.value).note
     figures = scale_figures(
         result,
         size=size,
@@ -83,14 +76,21 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         energy_wh=energy.watt_hours if energy is not None else None,
         price_per_kwh=harness.price_per_kwh,
         model_note=note,
+        server_name=backend.info.server,
     )
     figures["strategy"] = {
-        "name": st.name,
+        "name": cfg.strategy.value,
         "max_context_tokens": policy.max_context_tokens,
         "trim_threshold": policy.threshold,
         "trim_interval": policy.trim_interval,
-        "concurrency": st.concurrency,
+        "concurrency": cfg.concurrency.value,
     }
+    figures["config"] = cfg.to_dict()
+    figures["energy_source"] = (
+        f"{gpu.source} ({gpu.device_name()}): NVML energy counter or sampled power"
+        if energy is not None and isinstance(gpu, NvmlProbe)
+        else None
+    )
     benchmark.extra_info.update(figures)
     stopped = None
     if result.error is not None:

@@ -1,5 +1,5 @@
-"""What the phase suites share: workloads from scenarios, trim policies from scenario and
-config, and the figures each phase report carries. Suites stay thin; the logic lives here.
+"""What the phase suites share: workloads from scenarios, the shape of a workload's prompts,
+and the figures of a scale report. Suites stay thin; the logic lives here.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.config import ProfileConfig
 from harness.engine.job import JobResult
-from harness.engine.strategies import TrimPolicy
 from harness.engine.tokens import TokenCounter
+from harness.metrics import RunMetrics
 from harness.scenarios import Scenario
 from harness.workload import (
     CandidateTable,
+    PromptSpec,
     WorkItem,
     generate_candidates,
     items_from_table,
@@ -27,8 +27,8 @@ from harness.workload import (
 __all__ = [
     "context_shape",
     "items_for",
-    "policy_for",
     "projection_check",
+    "prompt_for",
     "recommended_trim_interval",
     "scale_figures",
 ]
@@ -37,11 +37,17 @@ GB = 1e9
 MB = 1e6
 
 
+def prompt_for(scenario: Scenario, profile: str) -> PromptSpec:
+    """The scenario's prompt file (relative to the scenario), default the recruiter rubric."""
+    wl = scenario.workload_for(profile)
+    return load_prompt(Path(scenario.path).parent / wl.prompt if wl.prompt else None)
+
+
 def items_for(scenario: Scenario, profile: str, n: int | None = None) -> list[WorkItem]:
     """The scenario's work items (its workload with the profile's overrides)."""
     wl = scenario.workload_for(profile)
     base = Path(scenario.path).parent
-    prompt = load_prompt(base / wl.prompt if wl.prompt else None)
+    prompt = prompt_for(scenario, profile)
     count = n or wl.requests or 100
     if wl.candidates == "generated":
         rows = tuple(generate_candidates(count, seed=wl.seed))
@@ -58,30 +64,6 @@ def items_for(scenario: Scenario, profile: str, n: int | None = None) -> list[Wo
         temperature=wl.temperature,
         seed=wl.seed,
         structured=wl.structured,
-    )
-
-
-def policy_for(
-    scenario: Scenario, profile: str, config: ProfileConfig, n_ctx_per_slot: int | None
-) -> TrimPolicy:
-    """Trim policy: measured config values first, then the scenario's, capped by the server.
-
-    The roadmap's phase 5 replaces guessed values by measured ones, so values written back to
-    the config file win over the scenario's initial settings.
-    """
-    st = scenario.strategy_for(profile)
-    max_ctx = config.get("MAX_CONTEXT_TOKENS") or st.max_context_tokens or n_ctx_per_slot or 8192
-    if n_ctx_per_slot:
-        max_ctx = min(int(max_ctx), n_ctx_per_slot)
-    threshold = config.get("CONTEXT_TRIM_THRESHOLD") or st.trim_threshold
-    if threshold is not None:
-        threshold = min(int(threshold), int(max_ctx))
-    interval = config.get("TRIM_INTERVAL") or st.trim_interval
-    return TrimPolicy(
-        max_context_tokens=int(max_ctx),
-        trim_threshold=threshold,
-        trim_interval=interval,
-        keep_last=st.keep_last,
     )
 
 
@@ -143,12 +125,17 @@ def scale_figures(
     energy_wh: float | None = None,
     price_per_kwh: float = 0.30,
     model_note: str = "",
+    server_name: str = "the server",
 ) -> dict[str, Any]:
     """The figures of a scale report (performance_benchmarks_<N>.json)."""
     m = result.metrics
     server = result.memory.get("server") or {}
+    gpu = result.memory.get("gpu") or {}
     runner = result.memory.get("runner") or {}
-    peak = server.get("peak_bytes")
+    # Read from the device when the server is on this machine's GPU; else what the server
+    # (its process RSS, Ollama's /api/ps) says.
+    primary = gpu or server
+    peak = primary.get("peak_bytes")
     projection = projection_check(report_dir, size, m.elapsed_s) if result.error is None else None
     return {
         "requests_planned": planned if planned is not None else size,
@@ -167,6 +154,11 @@ def scale_figures(
         "token_savings_theoretical_max": m.token_savings_theoretical_max,
         "savings_efficiency": m.savings_efficiency,
         "cached_tokens_source": m.cached_source,
+        "cached_sources": m.cached_sources,
+        "cached_coverage": m.cached_coverage,
+        "uncached_tokens_per_request": m.uncached_tokens_per_request,
+        "context_shifts": m.context_shifts,
+        "unknown_reasons": _unknown_reasons(m, server_name),
         "token_counts_source": result.token_counter,
         "latency_ms": {
             "p50": m.latency_ms.p50,
@@ -180,8 +172,13 @@ def scale_figures(
         "memory": {
             "peak_bytes": peak,
             "peak_gb": peak / GB if peak is not None else None,
-            "source": server.get("source"),
-            "kind": server.get("kind"),
+            "source": primary.get("source"),
+            "kind": primary.get("kind"),
+            "spilled": bool(server.get("spilled")),
+            "server_peak_bytes": server.get("peak_bytes"),
+            "server_source": server.get("source"),
+            "gpu_peak_bytes": gpu.get("peak_bytes"),
+            "gpu_source": gpu.get("source"),
             "runner_peak_bytes": runner.get("peak_bytes"),
         },
         "leak": {
@@ -199,3 +196,15 @@ def scale_figures(
         "price_per_kwh": price_per_kwh,
         "model_note": model_note,
     }
+
+
+def _unknown_reasons(m: RunMetrics, server: str) -> dict[str, str]:
+    """Why figures are unknown, for the criteria's messages."""
+    reasons: dict[str, str] = {}
+    if not m.cached_coverage:
+        why = f"cached prompt tokens not reported by {server}"
+        if server.startswith("ollama"):
+            why += " (Ollama reports prompt_eval_cached_count from 0.33.x on)"
+        for key in ("token_savings", "savings_efficiency", "uncached_tokens_per_request"):
+            reasons[key] = why
+    return reasons

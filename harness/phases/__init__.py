@@ -1,0 +1,23 @@
+"""Phase logic the suites call: each suite parametrizes, calls a phase function and gates.
+
+- `common`: workloads from scenarios, the figures of a scale report, projections;
+- `context_limits`: phase 1's figures, recommended configuration and the other KV layout.
+"""
+
+from harness.phases.common import (
+    context_shape,
+    items_for,
+    projection_check,
+    prompt_for,
+    recommended_trim_interval,
+    scale_figures,
+)
+
+__all__ = [
+    "context_shape",
+    "items_for",
+    "projection_check",
+    "prompt_for",
+    "recommended_trim_interval",
+    "scale_figures",
+]
