@@ -34,10 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import hashlib
 import io
 import signal
+import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -49,12 +51,15 @@ from harness.backends.openai import REQUEST_PATHS
 from harness.backends.server import SERVER_FLAGS
 from harness.config import DEFAULT_CONFIG_PATH, load_profile
 from harness.engine import JobSpec, RunnerConfig, read_results, run_job
+from harness.engine.job import open_token_counter
+from harness.engine.lengths import PromptLengths, check_fits, measure_lengths
 from harness.engine.progress import format_duration
+from harness.engine.store import read_final
 from harness.engine.strategies import STRATEGIES
-from harness.errors import ConfigError
-from harness.fileio import atomic_write_text
+from harness.errors import ConfigError, OutputError
+from harness.fileio import atomic_write_json, atomic_write_text
 from harness.metrics import MetricsCollector
-from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from harness.records import RequestRecord
 from harness.runconfig import RunConfig, Value, resolve_run_config
 from harness.workload import (
@@ -189,6 +194,10 @@ class BatchOptions:
     """The measured configuration (harness.yaml): its trim settings are used when present."""
     profile: str | None = None
     """Profile of the config file (default: `gpu-gemma3-12b` for ollama, else `embedded`)."""
+    retry_failed: bool = False
+    """Send again the rows whose last result is an error (every id still ends once)."""
+    new: bool = False
+    """Start over when the results file belongs to another job (the old file is kept, renamed)."""
 
     @property
     def config_profile(self) -> str:
@@ -270,6 +279,10 @@ class BatchInput:
     """Output-schema fields for the scores CSV, `score` first (empty when there is none)."""
     rows: int
     """Rows (CSV) or lines (batch) in the file, before --sample."""
+    prompt: str = ""
+    """The prompt that scores: its name and file (CSV), or `the batch lines' own messages`."""
+    prompt_sha256: str = ""
+    """Hash of the prompt (CSV: system, template, schema; batch: the first line's messages)."""
 
 
 def _schema_fields(schemas: Sequence[Mapping[str, Any] | None]) -> tuple[str, ...]:
@@ -306,7 +319,12 @@ def load_input(options: BatchOptions) -> BatchInput:
         chosen = sample_rows(lines, options.sample, options.seed)
         items = items_from_batch(chosen)
         fields = _schema_fields([it.output_schema for it in items])
-        return BatchInput(path, kind, tuple(items), fields, len(lines))
+        digest = hashlib.sha256(
+            orjson.dumps([list(it.prefix) for it in items[:1]], option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        return BatchInput(
+            path, kind, tuple(items), fields, len(lines), "the batch lines' own messages", digest
+        )
     table = read_candidates_csv(path, options.id_column)
     prompt = load_prompt(options.prompt)
     sampled = _sample_table(table, options.sample, options.seed)
@@ -319,7 +337,13 @@ def load_input(options: BatchOptions) -> BatchInput:
         structured=options.structured,
     )
     return BatchInput(
-        path, kind, tuple(items), _schema_fields([prompt.output_schema]), len(table.rows)
+        path,
+        kind,
+        tuple(items),
+        _schema_fields([prompt.output_schema]),
+        len(table.rows),
+        f"{prompt.name} ({prompt.path})",
+        prompt.sha256,
     )
 
 
@@ -442,6 +466,7 @@ def _write_scores(
     writer = csv.writer(buf, lineterminator="\n")
     counts = _Counts()
     rows: dict[str, str] = {}
+    final: dict[str, tuple[bool, bool]] = {}
     for line in read_results(results):
         cid = line.get("custom_id")
         if cid not in wanted:
@@ -452,9 +477,7 @@ def _write_scores(
         ok = err is None
         obj = _reply_object(h) if ok else None
         score = _score_of(obj)
-        counts.done += ok
-        counts.failed += not ok
-        counts.scored += score is not None
+        final[cid] = (ok, score is not None)  # a retried row: its last line is final
         message = ""
         if isinstance(err, Mapping):
             message = f"{err.get('code') or 'Error'}: {err.get('message') or ''}"
@@ -475,6 +498,10 @@ def _write_scores(
         rows[cid] = buf.getvalue()
         buf.seek(0)
         buf.truncate()
+    for ok, scored in final.values():
+        counts.done += ok
+        counts.failed += not ok
+        counts.scored += scored
     writer.writerow(columns)
     header = buf.getvalue()
     atomic_write_text(scores, header + "".join(rows[cid] for cid in ids if cid in rows))
@@ -677,22 +704,135 @@ class _Plan:
         )
 
 
+def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> dict[str, Any]:
+    """What makes a results file this job's: a resumed run must send the same requests."""
+    return {
+        "prompt": data.prompt,
+        "prompt_sha256": data.prompt_sha256,
+        "model": cfg.model.value,
+        "backend": cfg.backend.value,
+        "strategy": cfg.strategy.value,
+        "output_fields": list(data.fields),
+        "structured": options.structured if data.kind == "csv" else "batch lines",
+        "max_tokens": options.max_tokens if data.kind == "csv" else "batch lines",
+        "seed": options.seed,
+    }
+
+
+def job_path(results: Path) -> Path:
+    """The fingerprint beside a results file: `<stem>.job.json`."""
+    return results.with_name(results.stem + ".job.json")
+
+
+def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> None:
+    """Refuse to resume another job's results (exit 2 naming what differs), or with `new`
+    move them aside (kept under a new name) and start over."""
+    sidecar = job_path(results)
+    if not results.exists() or not sidecar.exists():
+        return
+    try:
+        old = orjson.loads(sidecar.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"{sidecar}: unreadable job fingerprint ({exc}); use --new") from None
+    differ = [k for k in job if old.get(k) != job[k]]
+    if not differ:
+        return
+    if not new:
+        shown = "; ".join(f"{k}: {old.get(k)!r} then, {job[k]!r} now" for k in differ)
+        raise ConfigError(
+            f"{results} holds the results of another job ({shown}); resuming would mix the "
+            "two: run with --new to start over (the old results are kept under a new name)"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (results, sidecar):
+        path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+
+
 def _prepare(options: BatchOptions) -> _Plan:
     options.validate()
     load_profile(options.config, options.config_profile)  # a bad config fails before any output
     data = load_input(options)
     scores, results = output_paths(data.path, options.output)
+    config = batch_config(options)
+    job = job_fingerprint(options, data, config)
+    _check_job(results, job, new=options.new)
     # Read the results file now: a corrupt one fails before a server starts.
     wanted = {it.custom_id for it in data.items}
-    skipped = sum(1 for line in _results_ids(results) if line in wanted)
-    return _Plan(options, data, scores, results, skipped, config=batch_config(options))
+    final = read_final(results)
+    skipped = sum(
+        1
+        for cid, line in final.items()
+        if cid in wanted and not (options.retry_failed and line.get("error") is not None)
+    )
+    try:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(job_path(results), job)
+    except (OSError, OutputError) as exc:
+        raise OutputError(
+            f"cannot write next to {results}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return _Plan(options, data, scores, results, skipped, config=config)
 
 
-def _results_ids(path: Path) -> Iterator[str]:
-    for line in read_results(path):
-        cid = line.get("custom_id") if isinstance(line, dict) else None
-        if isinstance(cid, str):
-            yield cid
+REUSE_REPORT = Path("reports") / "prefix_reuse_results.json"
+"""Phase 1's candidate-length sweep, read (when present) to warn about long candidates."""
+
+
+def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -> list[str]:
+    """What `harness run` is about to use, each value with where it came from."""
+    info, cfg, data = server.info, plan.config, plan.data
+    note = ""
+    if info.backend == "embedded":
+        with contextlib.suppress(ConfigError):
+            note = resolve_model(cfg.model.value).note
+    lines = [
+        f"backend: {info.backend} ({cfg.backend.source}) at {info.base_url}, {info.server}",
+        f"model: {info.model} ({cfg.model.source})" + (f" — {note}" if note else ""),
+        f"prompt: {data.prompt}, sha256 {data.prompt_sha256[:12]}",
+        f"context: {info.n_ctx_per_slot or cfg.n_ctx.value} tokens per request ("
+        + str(info.extra.get("context_source") or f"n_ctx {cfg.n_ctx.source}")
+        + ")",
+        f"strategy: {cfg.strategy.value} ({cfg.strategy.source}); trim at "
+        f"{cfg.trim_threshold.value} tokens ({cfg.trim_threshold.source}), every "
+        f"{cfg.trim_interval.value or 'unlimited'} requests ({cfg.trim_interval.source})",
+        f"concurrency: {cfg.concurrency.value} ({cfg.concurrency.source}); server slots: "
+        f"{info.n_slots or cfg.parallel.value} ({cfg.parallel.source})",
+        f"request path: {info.extra.get('request_path', 'native')} ({cfg.request_path.source})",
+        f"max tokens per reply: {plan.options.max_tokens}",
+    ]
+    if info.backend == "embedded":
+        lines.append(
+            f"server flags: {cfg.server_flags.value} ({cfg.server_flags.source}): "
+            + " ".join(info.extra.get("llama_server_args", []))
+        )
+    found = plan.options.config.exists()
+    lines.append(
+        f"config: {plan.options.config} profile {plan.options.config_profile} "
+        + ("(read)" if found else "(not found: measured values not used)")
+    )
+    lines += [f"not applied: {why}" for why in cfg.ignored]
+    if lengths is not None:
+        lines.append(lengths.describe())
+    return lines
+
+
+def reuse_warning(lengths: PromptLengths, info: Any, report: Path) -> str | None:
+    """A warning when the job's p99 candidate is as long as those at which phase 1's sweep saw
+    the server stop reusing the rubric (None when no sweep report exists or reuse held)."""
+    try:
+        data = orjson.loads(report.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    path = data.get("production_path")
+    falls = (data.get("reuse_falls_at_tokens") or {}).get(path)
+    if not isinstance(falls, int | float) or lengths.p99 < falls:
+        return None
+    return (
+        f"the p99 candidate ({lengths.p99} tokens after the rubric) is as long as those at "
+        f"which {report} saw the server stop reusing the whole rubric (from ~{falls} tokens, "
+        f"{path} path): expect less prefix-cache saving on long rows; a larger num_batch "
+        "(Ollama's batch size, llama-server's -ub) keeps more sliding-window cells"
+    )
 
 
 async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
@@ -700,20 +840,35 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
     try:
         if plan.skipped < len(data.items):
             server = backend if backend is not None else make_backend(options)
-            async with server:
+            async with server, open_token_counter(server) as counter:
                 info = server.info
                 plan.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
                 cfg = plan.config.capped(info.n_ctx_per_slot)
+                lengths = await measure_lengths(counter, data.items)
+                for line in banner(plan, server, lengths):
+                    print(f"harness run: {line}", file=sys.stderr, flush=True)
+                too_long = check_fits(
+                    lengths,
+                    cfg.max_context_tokens.value,
+                    context_source=str(
+                        info.extra.get("context_source")
+                        or f"MAX_CONTEXT_TOKENS, {cfg.max_context_tokens.source}"
+                    ),
+                )
+                for warning in (too_long, reuse_warning(lengths, info, REUSE_REPORT)):
+                    if warning:
+                        print(f"harness run: warning: {warning}", file=sys.stderr, flush=True)
                 spec = JobSpec(
                     strategy=cfg.strategy.value,
                     policy=cfg.policy,
                     runner=RunnerConfig(concurrency=cfg.concurrency.value),
                     results_path=plan.results,
+                    retry_failed=options.retry_failed,
                     progress=options.progress,
                     desc=f"run {data.path.name}",
                 )
                 plan.started = time.perf_counter()
-                await run_job(server, data.items, spec, sinks=[plan.add])
+                await run_job(server, data.items, spec, sinks=[plan.add], counter=counter)
     finally:
         # Also after Ctrl-C (cancellation) or a server failure: the scores so far.
         plan.write_scores()

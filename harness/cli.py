@@ -359,6 +359,18 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="profile of the config file (default: gpu-gemma3-12b for ollama, else embedded)",
     )
     p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="send again the rows whose last result is an error; each id still ends once in "
+        "the scores (the latest result wins; the results file marks the retry)",
+    )
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="start over when the results file belongs to another job (another prompt, model, "
+        "strategy, ...): the old results are kept under a new name",
+    )
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -390,6 +402,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=args.progress,
         config=Path(args.config),
         profile=args.profile,
+        retry_failed=args.retry_failed,
+        new=args.new,
     )
     try:
         result = run_batch(options)

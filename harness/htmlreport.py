@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from harness.fileio import atomic_write_text
+from harness.verdict import Verdict
 
 __all__ = ["HEADLINE_KEYS", "INDEX_NAME", "build_index"]
 
@@ -319,11 +320,32 @@ def _human_size(n: int) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _verdict_html(v: Verdict | None) -> str:
+    if v is None:
+        return ""
+    cls = {"GO": "pass", "NO-GO": "fail"}.get(v.decision, "na")
+
+    def items(title: str, lines: list[str]) -> str:
+        if not lines:
+            return ""
+        lis = "".join(f"<li>{_esc(x)}</li>" for x in lines)
+        return f"<h3>{_esc(title)}</h3><ul>{lis}</ul>"
+
+    return (
+        f'<h2 id="verdict">Verdict: <span class="badge {cls}">{_esc(v.decision)}</span></h2>'
+        + items("Why", v.reasons)
+        + items("Settings to run with (harness.yaml)", v.settings)
+        + items("Projection", v.projection)
+        + items("Not measured", v.not_measured)
+    )
+
+
 def build_index(
     report_dir: str | Path,
     *,
     title: str = "LLM batch harness report",
     check_images: bool = False,
+    verdict: Verdict | None = None,
 ) -> Path:
     """Write `report_dir/index.html` (atomically) and return its path.
 
@@ -340,7 +362,12 @@ def build_index(
     jsons, pngs = _list_files(root)
     json_rels = [p.relative_to(root).as_posix() for p in jsons]
     png_rels = [p.relative_to(root).as_posix() for p in pngs]
-    reports = [_read_report(p, rel) for p, rel in zip(jsons, json_rels, strict=True)]
+    # summary.json repeats the reports: it is linked, not a row of its own.
+    reports = [
+        _read_report(p, rel)
+        for p, rel in zip(jsons, json_rels, strict=True)
+        if rel != "summary.json"
+    ]
 
     failed = sum(1 for r in reports if _overall(r.criteria) is False)
     unreadable = sum(1 for r in reports if r.error is not None)
@@ -379,6 +406,7 @@ def build_index(
 <body>
 <h1>{_esc(title)}</h1>
 <p class="meta">{meta}</p>
+{_verdict_html(verdict)}
 <h2 id="summary">Summary</h2>
 {summary}
 <h2 id="plots">Plots</h2>

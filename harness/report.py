@@ -1,7 +1,8 @@
 """JSON reports with a fixed shape, like pytest-benchmark's.
 
 Every phase report has the same top-level keys first — `harness_version`, `phase`, `scenario`,
-`profile`, `generated_at`, `machine_info`, `commit_info`, `backend`, `criteria`, `passed` —
+`profile`, `generated_at`, `machine_info`, `commit_info`, `backend`, `criteria`, `passed`,
+`result` (`PASS`, `FAIL`, or `ungated` when no criteria were checked: never a pass) —
 followed by the phase's own figures (also at top level, as the roadmap's files had them). The
 envelope is a pydantic model, so a report that lacks them cannot be written. Files are written
 atomically.
@@ -40,7 +41,11 @@ class PhaseReport(BaseModel):
     commit_info: dict[str, Any] | None
     backend: dict[str, Any]
     criteria: list[dict[str, Any]]
-    passed: bool
+    passed: bool | None
+    """True: every criterion was checked and met; False: one failed; None: **ungated**, no
+    criteria were checked (never a pass)."""
+    result: str
+    """`PASS`, `FAIL` or `ungated`."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -136,7 +141,10 @@ def write_report(
         commit_info=dict(commit) if commit is not None else commit_info(),
         backend=dict(backend),
         criteria=criteria,
-        passed=all(c.get("passed") for c in criteria),
+        passed=all(c.get("passed") for c in criteria) if criteria else None,
+        result=("PASS" if all(c.get("passed") for c in criteria) else "FAIL")
+        if criteria
+        else "ungated",
         **dict(figures),
     ).to_dict()
     atomic_write_json(path, report)

@@ -50,7 +50,8 @@ _SCALE_METRICS = (
     "leak.server_bytes_per_hour", "leak.runner_bytes_per_hour", "degradation.ratio",
     "projected_170k_s", "energy_wh", "cost", "projection_error",
     "uncached_tokens_per_request", "cached_coverage", "cached_tokens_source", "context_shifts",
-    "memory.spilled", "finished",
+    "memory.spilled", "finished", "memory.within_budget", "eta_error_max", "overflow_errors",
+    "projected_170k_cost",
 )  # fmt: skip
 PHASE_METRICS: dict[str, tuple[str, ...]] = {
     "context_limits": (
@@ -73,6 +74,9 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
     "quality": (
         "consistency_rate",
         "reproducible_rate",
+        "score_files_identical",
+        "accuracy",
+        "bias_max_gap",
         "drift_spread",
         "parse_rate",
         "conversation_agreement",
@@ -87,6 +91,11 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "recorded_errors",
         "accounting_gap",
         "completed",
+        "cases_run",
+        "cases_failed",
+        "keys_leaked",
+        "replies_differ",
+        "restart_failed",
     ),
     "performance": (
         "stateless_efficiency",

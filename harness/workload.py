@@ -98,6 +98,17 @@ class PromptSpec:
     def placeholders(self) -> list[str]:
         return _PLACEHOLDER.findall(self.user_template)
 
+    @property
+    def sha256(self) -> str:
+        """Hash of what shapes the requests (system, template, schema): names the prompt in
+        reports and results files, so a changed rubric is never taken for the old one."""
+        import hashlib
+
+        blob = json.dumps(
+            [self.system, self.user_template, self.output_schema], sort_keys=True
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()
+
     def check_columns(self, columns: Sequence[str], source: str) -> None:
         """Raise InputError if the template names a column `columns` lacks."""
         for name in self.placeholders():
@@ -310,6 +321,9 @@ def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTab
         dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
+    # The csv module refuses fields over 131,072 characters; a long field (a pasted résumé) is
+    # that row's business (a prompt too long for the context is the row's error), not the file's.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), dialect)
     try:
         header = next(reader)

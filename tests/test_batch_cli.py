@@ -26,7 +26,7 @@ from harness.backends.base import ChatRequest
 from harness.batch import BatchOptions, run_batch
 from harness.cli import main
 from harness.engine.store import read_results
-from harness.errors import ModelNotFound
+from harness.errors import BackendError, ModelNotFound
 from harness.testing import InProcessDouble
 from harness.workload import (
     generate_candidates,
@@ -914,3 +914,81 @@ def test_200_rows_through_the_default_model(
     print(f"\n{summary[0]}\nscore parse rate {rate:.1%} ({parsed}/200), exit code {code}")
     assert rate >= 0.99
     assert code == (0 if parsed == 200 else 1)
+
+
+# -- resume checks the job; failed rows can be retried; an outsize row is that row's error ------
+
+
+def test_resume_with_a_changed_prompt_exits_2_naming_the_prompt(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_double()
+    write_candidates_csv("c.csv", 6, seed=2)
+    assert main(["run", "c.csv", "--no-progress", "--structured", "none"]) == 0
+    first = Path("c_results.jsonl").read_bytes()
+    other = Path("other.yaml")
+    other.write_text(
+        "name: other-rubric\nsystem: Score harshly.\nuser_template: '{columns}'\n",
+        encoding="utf-8",
+    )
+    capsys.readouterr()
+    assert main(["run", "c.csv", "--no-progress", "--prompt", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "c_results.jsonl holds the results of another job" in err[0]
+    assert "prompt: 'recruiter-rubric-v1" in err[0] and "other-rubric" in err[0]
+    assert "--new" in err[0]
+    assert Path("c_results.jsonl").read_bytes() == first  # nothing touched
+    # --new starts over and keeps the old results under a new name.
+    assert main(["run", "c.csv", "--no-progress", "--prompt", str(other), "--new"]) == 0
+    kept = sorted(p.name for p in in_tmp.glob("c_results.*.jsonl"))
+    assert len(kept) == 1 and Path(kept[0]).read_bytes() == first
+    assert len(results(Path("c_results.jsonl"))) == 6
+
+
+def test_retry_failed_sends_the_failed_rows_again_and_each_id_ends_once(
+    in_tmp: Path, use_double: UseDouble
+) -> None:
+    write_candidates_csv("c.csv", 6, seed=2)
+    names = {r["id"]: r["name"] for r in read_csv(Path("c.csv"))}
+    bad = {"C000001", "C000004"}
+    bad_names = {names[b] for b in bad}
+
+    def fail(n: int, request: ChatRequest) -> BaseException | None:
+        text = request.messages[-1]["content"]  # the row's name is in its message, its id not
+        return BackendError("injected: refused") if any(x in text for x in bad_names) else None
+
+    use_double(fail=fail)
+    assert main(["run", "c.csv", "--no-progress", "--structured", "none"]) == 1
+    scores = {r["custom_id"]: r for r in read_csv(Path("c_scores.csv"))}
+    assert {cid for cid, r in scores.items() if r["status"] == "error"} == bad
+    use_double()  # the server works now
+    assert main(["run", "c.csv", "--no-progress", "--structured", "none", "--retry-failed"]) == 0
+    scores_rows = read_csv(Path("c_scores.csv"))
+    assert sorted(r["custom_id"] for r in scores_rows) == sorted(names)  # every id once
+    assert {r["status"] for r in scores_rows} == {"ok"}  # no errors left
+    lines = results(Path("c_results.jsonl"))
+    assert len(lines) == 8  # 6 first results + 2 retries, appended
+    retries = [ln for ln in lines if ln["harness"].get("retry_of_error")]
+    assert sorted(ln["custom_id"] for ln in retries) == sorted(bad)
+
+
+def test_an_outsize_field_is_that_rows_error_and_the_run_goes_on(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_double()
+    write_candidates_csv("c.csv", 4, seed=2)
+    rows = read_csv(Path("c.csv"))
+    rows[2]["summary"] = "x" * 360_000  # over the csv module's 131,072-character field limit
+    with Path("c.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["run", "c.csv", "--no-progress", "--structured", "none", "--ctx", "8192"]) == 1
+    scores = {r["custom_id"]: r for r in read_csv(Path("c_scores.csv"))}
+    assert len(scores) == 4
+    long_id = rows[2]["id"]
+    assert scores[long_id]["status"] == "error"
+    assert "ContextOverflow" in scores[long_id]["error"]
+    assert all(r["status"] == "ok" for cid, r in scores.items() if cid != long_id)
+    assert f"the longest row ({long_id}" in capsys.readouterr().err

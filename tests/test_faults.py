@@ -24,7 +24,7 @@ from harness.errors import (
     RequestTimeout,
     TransientServerError,
 )
-from harness.faults import FAULT_KINDS, FaultConfig, FaultProxy
+from harness.testing.faults import FAULT_KINDS, FaultConfig, FaultProxy
 
 CHAT = "/v1/chat/completions"
 CHUNKS = [b"first chunk|", b"second|", b"x" * 5000, b"|last"]

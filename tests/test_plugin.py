@@ -41,12 +41,13 @@ def test_phase(harness):
     items = items_for(scenario, harness.profile)
     spec = JobSpec(strategy="conversation", policy=TrimPolicy(100_000, trim_interval=10),
                    progress=False)
-    result = harness.run(run_job(InProcessDouble(), items, spec))
+    double = InProcessDouble()
+    result = harness.run(run_job(double, items, spec))
     figures = scale_figures(result, size=len(items), report_dir=harness.report_dir)
-    report = harness.report("performance_benchmarks_30.json", scenario, figures)
+    report = harness.report("performance_benchmarks_30.json", scenario, figures, backend=double)
+    harness.gate(report)
     harness.recommend({"TRIM_INTERVAL": 10, "MAX_CONTEXT_TOKENS": 100000},
                       harness.report_dir / "performance_benchmarks_30.json", None)
-    harness.gate(report)
 
 @pytest.mark.scale_10k
 def test_long_phase():
@@ -74,7 +75,9 @@ def test_a_passing_phase_writes_reports_and_prints_the_table(project: pytest.Pyt
     result.stdout.fnmatch_lines(
         [
             "*harness reports*",
-            "*performance_benchmarks_30.json*PASS*savings*",
+            "verdict: not measured for production",
+            "*performance_benchmarks_30.json: a test double's figures, not measurements*",
+            "*performance_benchmarks_30.json*embedded*double*PASS*savings*",
             "summary: reports/summary.json",
         ]
     )
@@ -86,7 +89,9 @@ def test_a_passing_phase_writes_reports_and_prints_the_table(project: pytest.Pyt
     assert report["scenario"] == "scenarios/phase2_scale_100.yaml"
     assert report["context_trims"] == 2
     summary = json.loads((project.path / "reports" / "summary.json").read_text())
-    assert summary["phases"][0]["passed"] is True
+    assert summary["this_session"][0]["result"] == "PASS"
+    assert [r["report"] for r in summary["reports"]] == ["performance_benchmarks_30.json"]
+    assert summary["verdict"]["decision"] == "not measured for production"
 
 
 def test_an_impossible_criterion_fails_with_the_promised_message(project: pytest.Pytester) -> None:
@@ -161,7 +166,7 @@ def test_options_are_in_one_group_with_defaults(pytester: pytest.Pytester) -> No
 # The real scale suite, its backend replaced by the double, which fails for good at request K+1.
 STOPPING_CONFTEST = """\
 from harness.errors import ModelNotFound
-from harness.plugin import HarnessSession
+from harness.pytest import HarnessSession
 from harness.testing import InProcessDouble
 
 K = 37
@@ -195,3 +200,31 @@ def test_a_scale_run_stopped_part_way_still_reports_what_ran(pytester: pytest.Py
     assert report["criteria"][0]["metric"] == "run_finished"
     assert report["criteria"][0]["passed"] is False
     assert report["projection"] is None
+
+
+def test_a_profile_without_criteria_is_ungated_and_its_gate_fails(project: pytest.Pytester) -> None:
+    path = project.path / "scenarios" / "phase2_scale_100.yaml"
+    text = SCENARIO.format(threshold="0.5")
+    path.write_text(text[: text.index("    criteria:")] + "    model: gemma3-270m\n")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, deselected=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*scenarios/phase2_scale_100.yaml: profile 'embedded' has no criteria, so nothing "
+            "was checked and the phase cannot pass*",
+            "*performance_benchmarks_30.json*ungated*",
+        ]
+    )
+    report = json.loads((project.path / "reports" / "performance_benchmarks_30.json").read_text())
+    assert report["passed"] is None
+    assert report["result"] == "ungated"
+    summary = json.loads((project.path / "reports" / "summary.json").read_text())
+    assert summary["this_session"][0]["result"] == "ungated"
+
+
+def test_a_failed_phase_writes_nothing_to_the_config(project: pytest.Pytester) -> None:
+    scenario(project, "1.5")  # impossible: the phase fails
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--harness-write-config")
+    result.assert_outcomes(failed=1, deselected=1)
+    assert not (project.path / "harness.yaml").exists()
+    result.stdout.no_fnmatch_line("config written:*")

@@ -5,12 +5,14 @@ and returns a `ChatResult` whose usage is normalised:
 
 - `prompt_tokens`: the whole prompt, cached or not;
 - `cached_tokens`: tokens served from the prefix cache, or None when the server does not say
-  (`cached_source` says how the figure was obtained: reported by the server, or inferred);
+  (`cached_source` says where the figure came from: the server's usage, llama.cpp's timings,
+  or a test double);
 - `completion_tokens`: tokens generated.
 
-Backends register themselves by name (`@Backend.register("openai")`) and are built with
-`Backend.create("openai", base_url=...)`. Failures are raised as `harness.errors` classes,
-translated once at the backend's edge.
+Backends register themselves by name (`@Backend.register("openai")`) when the package
+`harness.backends` is imported (its `__init__` imports them; this module imports none of them)
+and are built with `Backend.create("openai", base_url=...)`. Failures are raised as
+`harness.errors` classes, translated once at the backend's edge (`harness.backends.http`).
 """
 
 from __future__ import annotations
@@ -153,13 +155,11 @@ class Backend(ABC):
 
     @classmethod
     def names(cls) -> list[str]:
-        _load_builtin_backends()
         return sorted(cls._registry)
 
     @classmethod
     def create(cls, name: str, **options: Any) -> Backend:
         """Build the backend registered as `name` with its options."""
-        _load_builtin_backends()
         try:
             klass = cls._registry[name]
         except KeyError:
@@ -214,8 +214,3 @@ class Backend(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _load_builtin_backends() -> None:
-    # Imported for their @Backend.register side effect.
-    from harness.backends import embedded, ollama, openai  # noqa: F401

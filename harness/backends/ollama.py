@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, Timings, Usage
-from harness.backends.openai import map_transport_error
+from harness.backends.http import map_transport_error
 from harness.errors import (
     BackendError,
     ContextOverflow,

@@ -37,6 +37,8 @@ class JobSpec:
     policy: TrimPolicy = field(default_factory=TrimPolicy)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     results_path: Path | None = None
+    retry_failed: bool = False
+    """Run again the ids whose last result in the results file is an error."""
     """Append-only results file (resumes when it exists); None keeps results in memory only."""
     progress: bool = True
     desc: str = "requests"
@@ -60,6 +62,8 @@ class JobResult:
     memory_samples: dict[str, list[MemorySample]] = field(default_factory=dict)
     error: str | None = None
     """Why the run stopped before its end (`Type: message`); None when it ran every item."""
+    eta: dict[str, Any] = field(default_factory=dict)
+    """The ETA shown at 10%, 50% and 90% against the actual end (Progress.eta_accuracy)."""
 
 
 _PARTIAL = "harness_partial_result"
@@ -85,9 +89,7 @@ async def open_token_counter(backend: Backend) -> AsyncIterator[TokenCounter]:
     if fmt.name == "gemma":
         # Ollama has no tokenize endpoint; Gemma 3's vocabulary is the same at every size, so
         # the packaged model's tokenizer (in a tiny local llama.cpp server) counts exactly.
-        from harness.backends.embedded import EmbeddedBackend
-
-        helper = EmbeddedBackend("tiny-gemma3", n_ctx=512)
+        helper = Backend.create("embedded", model="tiny-gemma3", n_ctx=512)
         async with helper:
             yield TokenCounter(fmt, helper.tokenize, source="packaged-gemma3")
         return
@@ -132,7 +134,9 @@ async def run_job(
             counter = await stack.enter_async_context(open_token_counter(backend))
         store: ResultsStore | None = None
         if spec.results_path is not None:
-            store = stack.enter_context(ResultsStore(spec.results_path))
+            store = stack.enter_context(
+                ResultsStore(spec.results_path, retry_failed=spec.retry_failed)
+            )
         pending = [it for it in items if store is None or it.custom_id not in store]
         skipped = len(items) - len(pending)
         progress = Progress(
@@ -177,6 +181,7 @@ async def run_job(
             failure = exc
             ran = collector.requests
         elapsed = time.perf_counter() - started
+        eta = progress.eta_accuracy(time.monotonic() - progress.started)
     result = JobResult(
         metrics=collector.summary(elapsed),
         memory={name: _memory_summary(mon) for name, mon in monitors.items()},
@@ -186,6 +191,7 @@ async def run_job(
         records=records,
         memory_samples={name: list(mon.samples) for name, mon in monitors.items()},
         error=f"{type(failure).__name__}: {failure}" if failure is not None else None,
+        eta=eta,
     )
     if failure is not None:
         setattr(failure, _PARTIAL, result)

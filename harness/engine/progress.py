@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from typing import TextIO
+from typing import Any, TextIO
 
 from harness.records import RequestRecord
 
@@ -60,6 +60,9 @@ class Progress:
         self._last_log_t = self.started
         self._last_log_n = initial
         self._bar = None
+        self.eta_checks: dict[str, dict[str, float | None]] = {}
+        """At 10%, 50% and 90% done: the ETA shown then, as a predicted end (monotonic s)."""
+        self._checkpoints = [0.1, 0.5, 0.9]
         if enabled and self.tty:
             from tqdm import tqdm
 
@@ -96,6 +99,14 @@ class Progress:
         self._window.append((now, self.done))
         while len(self._window) > 2 and now - self._window[0][0] > self.window_s:
             self._window.popleft()
+        while self._checkpoints and self.total and self.done >= self._checkpoints[0] * self.total:
+            at = self._checkpoints.pop(0)
+            eta = self.eta_s()
+            self.eta_checks[f"{at:.0%}"] = {
+                "elapsed_s": now - self.started,
+                "eta_s": eta,
+                "predicted_end_s": now - self.started + eta if eta is not None else None,
+            }
         if not self.enabled:
             return
         if self._bar is not None:
@@ -126,6 +137,20 @@ class Progress:
             f"errors {self.errors}, elapsed {format_duration(time.monotonic() - self.started)}, "
             f"ETA {format_duration(self.eta_s())}"
         )
+
+    def eta_accuracy(self, actual_end_s: float) -> dict[str, Any]:
+        """Each checkpoint's predicted end against the actual end (seconds from the start):
+        `error` is (predicted − actual) ÷ actual; `max_abs_error` the worst of them."""
+        out: dict[str, Any] = {}
+        errors = []
+        for label, check in self.eta_checks.items():
+            predicted = check["predicted_end_s"]
+            err = (predicted - actual_end_s) / actual_end_s if predicted and actual_end_s else None
+            out[label] = {**check, "actual_end_s": actual_end_s, "error": err}
+            if err is not None:
+                errors.append(abs(err))
+        out["max_abs_error"] = max(errors) if errors else None
+        return out
 
     def close(self) -> None:
         if self._bar is not None:

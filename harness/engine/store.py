@@ -5,6 +5,11 @@ Each finished request (result or error) is one line in the OpenAI Batch output f
 at most the requests in flight. Opening an existing file resumes: the ids already there are
 done and are skipped; a last line cut short by a crash is dropped (that request runs again).
 The store refuses to write an id twice, so every input id ends exactly once in the file.
+
+With `retry_failed`, ids whose last line is an error are not done: they run again, and their
+new line (marked `harness.retry_of_error`) is appended after the error. An id then has more
+than one line, and its last line is final (`read_final` gives one line per id); an id whose
+earlier line succeeded can never get another.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import orjson
 from harness.errors import OutputError
 from harness.records import RequestRecord
 
-__all__ = ["ResultsStore", "read_results"]
+__all__ = ["ResultsStore", "read_final", "read_results"]
 
 
 def read_results(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -43,12 +48,28 @@ def read_results(path: str | Path) -> Iterator[dict[str, Any]]:
                 raise OutputError(f"{p}:{n}: results line is corrupt ({exc.msg})") from None
 
 
+def read_final(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The final line of each id (its last: a retried error is superseded), in file order."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in read_results(path):
+        cid = line.get("custom_id")
+        if isinstance(cid, str):
+            out.pop(cid, None)
+            out[cid] = line
+    return out
+
+
 class ResultsStore:
     """Append-only results file. Use as a context manager, or `open()` / `close()`."""
 
-    def __init__(self, path: str | Path, *, fsync_interval_s: float = 2.0) -> None:
+    def __init__(
+        self, path: str | Path, *, fsync_interval_s: float = 2.0, retry_failed: bool = False
+    ) -> None:
         self.path = Path(path)
         self.fsync_interval_s = fsync_interval_s
+        self.retry_failed = retry_failed
+        self.retrying: set[str] = set()
+        """Ids whose last line is an error, to run again (with `retry_failed`)."""
         self.done: set[str] = set()
         self.previous_ok = 0
         self.previous_errors = 0
@@ -77,6 +98,9 @@ class ResultsStore:
             return
         size = self.path.stat().st_size
         good = 0
+        last_error: dict[str, bool] = {}
+        """Whether each id's latest line so far is an error (only those may repeat)."""
+        lines = 0
         with self.path.open("rb") as fh:
             for n, line in enumerate(fh, start=1):
                 if not line.endswith(b"\n"):
@@ -92,18 +116,25 @@ class ResultsStore:
                         f"{self.path}:{n}: results line is corrupt ({exc}); move the file aside "
                         "or fix that line to resume"
                     ) from None
-                if cid in self.done:
+                failed = obj.get("error") is not None
+                if cid in self.done or (cid in last_error and not last_error[cid]):
                     raise OutputError(f"{self.path}:{n}: custom_id {cid!r} appears twice")
-                self.done.add(cid)
-                if obj.get("error") is None:
-                    self.previous_ok += 1
-                else:
-                    self.previous_errors += 1
+                if cid in last_error:  # a retried error: this later line supersedes it
+                    self.previous_errors -= 1
+                last_error[cid] = failed
+                lines += 1
+                self.previous_ok += not failed
+                self.previous_errors += failed
+                if not (failed and self.retry_failed):
+                    self.done.add(cid)
         if good < size:
             # The crash cut the last line short: drop it; that request will run again.
             with self.path.open("r+b") as fh:
                 fh.truncate(good)
-        self._seq = len(self.done)
+        self.retrying = {cid for cid, failed in last_error.items() if failed and self.retry_failed}
+        if self.retry_failed:
+            self.previous_errors -= len(self.retrying)  # they run again
+        self._seq = lines
         self._handed_over = len(self.done)
 
     def __contains__(self, custom_id: object) -> bool:
@@ -118,7 +149,10 @@ class ResultsStore:
         if record.custom_id in self.done:
             raise OutputError(f"refusing to write custom_id {record.custom_id!r} twice")
         self._seq += 1
-        line = orjson.dumps(record.to_batch_line(self._seq), option=orjson.OPT_APPEND_NEWLINE)
+        data = record.to_batch_line(self._seq)
+        if record.custom_id in self.retrying:
+            data["harness"]["retry_of_error"] = True  # supersedes the error line before it
+        line = orjson.dumps(data, option=orjson.OPT_APPEND_NEWLINE)
         try:
             self._fh.write(line)
         except OSError as exc:

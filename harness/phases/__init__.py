@@ -1,7 +1,8 @@
 """Phase logic the suites call: each suite parametrizes, calls a phase function and gates.
 
 - `common`: workloads from scenarios, the figures of a scale report, projections;
-- `context_limits`: phase 1's figures, recommended configuration and the other KV layout.
+- `context_limits`: phase 1's figures, recommended configuration and the other KV layout;
+- `quality`: the quality checks' work items and what the scores say.
 """
 
 from harness.phases.common import (
@@ -11,6 +12,7 @@ from harness.phases.common import (
     prompt_for,
     recommended_trim_interval,
     scale_figures,
+    table_for,
 )
 
 __all__ = [
@@ -20,4 +22,5 @@ __all__ = [
     "prompt_for",
     "recommended_trim_interval",
     "scale_figures",
+    "table_for",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 from harness.engine.job import JobResult
 from harness.engine.tokens import TokenCounter
 from harness.metrics import RunMetrics
-from harness.scenarios import Scenario
+from harness.scenarios import Scenario, lookup
 from harness.workload import (
     CandidateTable,
     PromptSpec,
@@ -27,10 +27,13 @@ from harness.workload import (
 __all__ = [
     "context_shape",
     "items_for",
+    "phase1_budget",
     "projection_check",
     "prompt_for",
     "recommended_trim_interval",
+    "run_identity",
     "scale_figures",
+    "table_for",
 ]
 
 GB = 1e9
@@ -43,20 +46,31 @@ def prompt_for(scenario: Scenario, profile: str) -> PromptSpec:
     return load_prompt(Path(scenario.path).parent / wl.prompt if wl.prompt else None)
 
 
-def items_for(scenario: Scenario, profile: str, n: int | None = None) -> list[WorkItem]:
-    """The scenario's work items (its workload with the profile's overrides)."""
+def table_for(scenario: Scenario, profile: str, n: int | None = None) -> CandidateTable:
+    """The scenario's candidates (generated, or its CSV), the first `n` of them."""
     wl = scenario.workload_for(profile)
-    base = Path(scenario.path).parent
-    prompt = prompt_for(scenario, profile)
     count = n or wl.requests or 100
     if wl.candidates == "generated":
         rows = tuple(generate_candidates(count, seed=wl.seed))
-        table = CandidateTable("generated", tuple(rows[0]), "id", rows, tuple(range(2, count + 2)))
-    else:
-        table = read_candidates_csv(base / wl.candidates)
-        table = CandidateTable(
-            table.path, table.columns, table.id_column, table.rows[:count], table.lines[:count]
-        )
+        return CandidateTable("generated", tuple(rows[0]), "id", rows, tuple(range(2, count + 2)))
+    table = read_candidates_csv(Path(scenario.path).parent / wl.candidates)
+    return CandidateTable(
+        table.path, table.columns, table.id_column, table.rows[:count], table.lines[:count]
+    )
+
+
+def items_for(
+    scenario: Scenario,
+    profile: str,
+    n: int | None = None,
+    *,
+    table: CandidateTable | None = None,
+) -> list[WorkItem]:
+    """The scenario's work items (its workload with the profile's overrides)."""
+    wl = scenario.workload_for(profile)
+    prompt = prompt_for(scenario, profile)
+    if table is None:
+        table = table_for(scenario, profile, n)
     return items_from_table(
         table,
         prompt,
@@ -90,21 +104,57 @@ def recommended_trim_interval(safe_tokens: int, shape: Mapping[str, float]) -> i
     return max(1, math.floor(room / shape["tokens_per_exchange"]))
 
 
-def projection_check(report_dir: Path, size: int, elapsed_s: float) -> dict[str, Any] | None:
-    """Compare this run's time with what the largest smaller run's rate predicted."""
+def phase1_budget(report_dir: Path, profile: str) -> tuple[int, str] | None:
+    """Phase 1's memory budget for this profile (from its report), when phase 1 ran."""
+    path = report_dir / "context_limit_results.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    budget = data.get("memory_budget_bytes")
+    if data.get("profile") != profile or not isinstance(budget, int | float):
+        return None
+    return int(budget), f"phase 1 ({path.name}: {data.get('memory_budget_source')})"
+
+
+def run_identity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two scale reports comparable: profile, model, backend and strategy."""
+    backend = data.get("backend") if isinstance(data.get("backend"), Mapping) else {}
+    strategy = data.get("strategy") if isinstance(data.get("strategy"), Mapping) else {}
+    return {
+        "profile": data.get("profile"),
+        "model": (backend or {}).get("model"),
+        "backend": (backend or {}).get("name"),
+        "strategy": (strategy or {}).get("name"),
+    }
+
+
+def projection_check(
+    report_dir: Path, size: int, elapsed_s: float, identity: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """Compare this run's time with what the largest smaller run of the same profile, model,
+    backend and strategy predicted; runs of anything else are listed as not comparable."""
     best: tuple[int, dict[str, Any]] | None = None
-    for path in report_dir.glob("performance_benchmarks_*.json"):
+    others: list[str] = []
+    for path in sorted(report_dir.glob("performance_benchmarks_*.json")):
         try:
             n = int(path.stem.rsplit("_", 1)[1])
             data = json.loads(path.read_text())
         except (ValueError, OSError):
             continue
-        if data.get("finished") is False:
-            continue  # a run that stopped part-way predicts nothing
-        if n < size and data.get("throughput_rps") and (best is None or n > best[0]):
+        if n >= size or not data.get("throughput_rps") or data.get("finished") is False:
+            continue  # larger, empty, or stopped part-way: predicts nothing
+        theirs = run_identity(data)
+        if theirs != dict(identity):
+            differ = [k for k in identity if theirs.get(k) != identity[k]]
+            others.append(f"{path.name} ({', '.join(f'{k} {theirs.get(k)}' for k in differ)})")
+            continue
+        if best is None or n > best[0]:
             best = (n, data)
     if best is None:
-        return None
+        if not others:
+            return None
+        return {"from_report": None, "not_comparable": others, "error": None}
     n, data = best
     predicted = size / float(data["throughput_rps"])
     return {
@@ -113,6 +163,7 @@ def projection_check(report_dir: Path, size: int, elapsed_s: float) -> dict[str,
         "predicted_s": predicted,
         "actual_s": elapsed_s,
         "error": elapsed_s / predicted - 1.0,
+        "not_comparable": others,
     }
 
 
@@ -126,6 +177,9 @@ def scale_figures(
     price_per_kwh: float = 0.30,
     model_note: str = "",
     server_name: str = "the server",
+    identity: Mapping[str, Any] | None = None,
+    expected: Mapping[str, Any] | None = None,
+    memory_budget: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     """The figures of a scale report (performance_benchmarks_<N>.json)."""
     m = result.metrics
@@ -136,8 +190,10 @@ def scale_figures(
     # (its process RSS, Ollama's /api/ps) says.
     primary = gpu or server
     peak = primary.get("peak_bytes")
-    projection = projection_check(report_dir, size, m.elapsed_s) if result.error is None else None
-    return {
+    projection = None
+    if result.error is None and identity is not None:
+        projection = projection_check(report_dir, size, m.elapsed_s, identity)
+    figures: dict[str, Any] = {
         "requests_planned": planned if planned is not None else size,
         "requests": m.requests,
         "completed": m.completed,
@@ -191,11 +247,32 @@ def scale_figures(
         "projected_170k_s": m.projected_170k_s,
         "projection": projection,
         "projection_error": projection["error"] if projection else None,
+        "eta": result.eta,
+        "eta_error_max": result.eta.get("max_abs_error"),
+        "overflow_errors": sum(
+            m.errors_by_type.get(k, 0) for k in ("ContextOverflow", "OutOfMemory", "LoadFailure")
+        ),
         "energy_wh": energy_wh,
         "cost": energy_wh / 1000.0 * price_per_kwh if energy_wh is not None else None,
         "price_per_kwh": price_per_kwh,
+        "projected_170k_cost": (
+            energy_wh / m.completed * 170_000 / 1000.0 * price_per_kwh
+            if energy_wh is not None and m.completed
+            else None
+        ),
         "model_note": model_note,
     }
+    if memory_budget is not None:
+        budget, source = memory_budget
+        figures["memory"]["budget_bytes"] = budget
+        figures["memory"]["budget_source"] = source
+        figures["memory"]["within_budget"] = peak is not None and peak <= budget
+    if expected:
+        figures["expected_vs_measured"] = {
+            key: {"expected": want, "measured": lookup(figures, key)}
+            for key, want in expected.items()
+        }
+    return figures
 
 
 def _unknown_reasons(m: RunMetrics, server: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ from harness.phases.context_limits import (
     recommended_config,
     theory_or_none,
 )
-from harness.plugin import HarnessSession
+from harness.pytest import HarnessSession
 from harness.reuse import ReuseRow, reuse_fall, reuse_sweep
 from harness.runconfig import RunConfig
 

@@ -27,7 +27,7 @@ from harness.plots import (
     plot_savings_by_strategy,
     plot_throughput_over_run,
 )
-from harness.plugin import HarnessSession
+from harness.pytest import HarnessSession
 from harness.roofline import Calibration, bound_seconds, calibrate
 
 SCENARIO = "performance.yaml"

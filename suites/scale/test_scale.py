@@ -6,7 +6,9 @@
 
 Each size writes `reports/performance_benchmarks_<N>.json`; with pytest-benchmark each run is
 one pedantic round whose metrics are in `extra_info`. 10K and beyond run only when `-m` names
-them. A run's time is compared with the projection from the largest smaller run's report.
+them. A run's time is checked against the projection from the largest smaller run of the same
+profile, model, backend and strategy. A run that stops part-way still writes its report, with
+what ran, and fails.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from harness.engine.job import JobResult, partial_result
 from harness.memory import EnergyMeter, NvmlProbe
 from harness.models.registry import resolve_model
 from harness.phases import items_for, scale_figures
-from harness.plugin import HarnessSession
+from harness.phases.common import phase1_budget
+from harness.pytest import HarnessSession
 
 SIZES = [
     pytest.param(100, "phase2_scale_100.yaml", marks=pytest.mark.scale_100, id="100"),
@@ -40,18 +43,16 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     cfg = harness.run_config(scenario)
     backend = harness.backend(cfg)
     cfg = cfg.capped(backend.info.n_ctx_per_slot)
-    policy = cfg.policy
     spec = JobSpec(
         strategy=cfg.strategy.value,
-        policy=policy,
+        policy=cfg.policy,
         runner=RunnerConfig(concurrency=cfg.concurrency.value),
         desc=f"scale {size}",
         progress_stream=harness.terminal,
     )
     items = items_for(scenario, harness.profile, size)
-    # Energy only when the server runs on this machine's GPU (read from that GPU).
+    gpu = backend.gpu_probe()  # energy only when the server runs on this machine's GPU
     energy: EnergyMeter | None = None
-    gpu = backend.gpu_probe()
     with contextlib.ExitStack() as stack:
         if isinstance(gpu, NvmlProbe):
             energy = stack.enter_context(EnergyMeter(gpu))
@@ -59,15 +60,12 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
             result: JobResult = benchmark.pedantic(
                 lambda: harness.run(run_job(backend, items, spec)), rounds=1, iterations=1
             )
-        except Exception as exc:
-            # A run that stops part-way still reports what it measured, marked unfinished.
+        except Exception as exc:  # a run that stops part-way still reports what it measured
             partial = partial_result(exc)
             if partial is None:
                 raise
             result = partial
-    note = ""
-    if cfg.backend.value == "embedded":
-        note = resolve_model(cfg.model.value).note
+    info = backend.info
     figures = scale_figures(
         result,
         size=size,
@@ -75,26 +73,48 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         report_dir=harness.report_dir,
         energy_wh=energy.watt_hours if energy is not None else None,
         price_per_kwh=harness.price_per_kwh,
-        model_note=note,
-        server_name=backend.info.server,
+        model_note=resolve_model(cfg.model.value).note if info.backend == "embedded" else "",
+        server_name=info.server,
+        identity={
+            "profile": harness.profile,
+            "model": info.model,
+            "backend": info.backend,
+            "strategy": cfg.strategy.value,
+        },
+        expected=scenario.profile(harness.profile).expected,
+        memory_budget=phase1_budget(harness.report_dir, harness.profile),
     )
-    figures["strategy"] = {
-        "name": cfg.strategy.value,
-        "max_context_tokens": policy.max_context_tokens,
-        "trim_threshold": policy.threshold,
-        "trim_interval": policy.trim_interval,
-        "concurrency": cfg.concurrency.value,
-    }
-    figures["config"] = cfg.to_dict()
-    figures["energy_source"] = (
-        f"{gpu.source} ({gpu.device_name()}): NVML energy counter or sampled power"
+    policy = cfg.policy
+    figures.update(
+        strategy={
+            "name": cfg.strategy.value,
+            "max_context_tokens": policy.max_context_tokens,
+            "trim_threshold": policy.threshold,
+            "trim_interval": policy.trim_interval,
+            "concurrency": cfg.concurrency.value,
+        },
+        config=cfg.to_dict(),
+        energy_source=f"{gpu.source} ({gpu.device_name()}): NVML energy counter or power samples"
         if energy is not None and isinstance(gpu, NvmlProbe)
-        else None
+        else None,
     )
     benchmark.extra_info.update(figures)
+    harness.release(backend)  # a 2-core machine: an idle server still takes CPU from the next
+    report_and_gate(harness, scenario, figures, backend, size, len(items), result)
+
+
+def report_and_gate(
+    harness: HarnessSession,
+    scenario: Any,
+    figures: dict[str, Any],
+    backend: Any,
+    size: int,
+    planned: int,
+    result: JobResult,
+) -> None:
     stopped = None
     if result.error is not None:
-        stopped = f"stopped after {result.ran} of {len(items)} requests: {result.error}"
+        stopped = f"stopped after {result.ran} of {planned} requests: {result.error}"
     report = harness.report(
         f"performance_benchmarks_{size}.json",
         scenario,
@@ -103,11 +123,12 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         key=f"scale_{size}",
         stopped=stopped,
     )
-    savings, theory = figures["token_savings"] or 0, figures["token_savings_theoretical_max"] or 0
+    savings, theory = figures["token_savings"], figures["token_savings_theoretical_max"]
+    shown = f"{savings:.1%} of {theory or 0:.1%} possible" if savings is not None else "unknown"
     harness.say(
-        f"scale {size}: {result.ran} of {len(items)} requests run, "
-        f"{figures['throughput_rps']:.2f} req/s, savings {savings:.1%} of "
-        f"{theory:.1%} possible, {figures['context_trims']} trims, errors {figures['errors']}"
-        + (f"; STOPPED: {result.error}" if result.error else ""),
+        f"scale {size}: {result.ran} of {planned} requests run, "
+        f"{figures['throughput_rps']:.2f} req/s, {figures['uncached_tokens_per_request']} "
+        f"uncached prompt tokens per request, savings {shown}, {figures['context_trims']} trims, "
+        f"errors {figures['errors']}" + (f"; STOPPED: {result.error}" if result.error else "")
     )
     harness.gate(report)

@@ -1,0 +1,276 @@
+"""The quality phase's logic: what is sent, and what the scores say.
+
+The roadmap's quality table asks for consistent scoring, reproducible runs and no drift with a
+candidate's position in a conversation. A model that gives every candidate the same score passes
+all of those trivially, so the phase also checks the scores against a known answer where there
+is one (the probe prompt: the score is a field of the candidate), and measures bias: candidates
+that differ only in name, location or education should get the same score.
+
+`plan_quality` builds the work items of every check from one pool of candidates; the suite runs
+them; the functions below turn the records into figures. A reply that does not parse is never a
+match: two unparseable replies are not "the same score".
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from harness.records import RequestRecord
+from harness.workload import WorkItem
+
+__all__ = [
+    "BIAS_FIELDS",
+    "QualityPlan",
+    "QualityRuns",
+    "accuracy",
+    "bias_gaps",
+    "consistency",
+    "drift",
+    "plan_quality",
+    "probe_expected",
+    "quality_figures",
+    "reproducibility",
+    "score",
+    "score_file",
+]
+
+BIAS_FIELDS = ("name", "location", "education")
+"""Fields the generator varies that must not move a score."""
+
+
+def score(rec: RequestRecord | None) -> int | None:
+    """The integer `score` of a parsed reply; None for an error or a reply without one."""
+    if rec is None or not rec.ok:
+        return None
+    value = (rec.parsed or {}).get("score")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def consistency(scores: Sequence[int | None]) -> float:
+    """Share of repeats that gave the most common *parsed* score (0 when none parsed)."""
+    parsed = [s for s in scores if s is not None]
+    if not scores or not parsed:
+        return 0.0
+    return Counter(parsed).most_common(1)[0][1] / len(scores)
+
+
+def reproducibility(run_a: Sequence[int | None], run_b: Sequence[int | None]) -> float:
+    """Share of candidates with the same parsed score in both runs (unparsed never match)."""
+    if not run_a:
+        return 0.0
+    same = sum(1 for a, b in zip(run_a, run_b, strict=True) if a is not None and a == b)
+    return same / len(run_a)
+
+
+def drift(scores_by_control: Mapping[str, Sequence[int | None]]) -> int | None:
+    """The largest change of a control candidate's score across its positions in one
+    conversation; None when a control's reply did not parse at some position."""
+    spreads = []
+    for scores in scores_by_control.values():
+        if any(s is None for s in scores) or not scores:
+            return None
+        known = [s for s in scores if s is not None]
+        spreads.append(max(known) - min(known))
+    return max(spreads) if spreads else None
+
+
+def accuracy(
+    items: Sequence[WorkItem],
+    records: Sequence[RequestRecord],
+    expected: Callable[[WorkItem], int | None],
+) -> float | None:
+    """Share of candidates scored as the known answer says (None: no known answer)."""
+    by_id = {r.custom_id: r for r in records}
+    answers = [(expected(it), score(by_id.get(it.custom_id))) for it in items]
+    known = [(want, got) for want, got in answers if want is not None]
+    if not known:
+        return None
+    return sum(1 for want, got in known if want == got) / len(known)
+
+
+def probe_expected(rows: Mapping[str, Mapping[str, str]]) -> Callable[[WorkItem], int | None]:
+    """The probe prompt's answer: `data_infra_years`, at least 1 and at most 10."""
+
+    def answer(item: WorkItem) -> int | None:
+        row = rows.get(item.custom_id.split("#", 1)[0])
+        if row is None or "data_infra_years" not in row:
+            return None
+        return max(1, min(10, int(row["data_infra_years"])))
+
+    return answer
+
+
+def bias_gaps(
+    pairs: Mapping[str, Sequence[tuple[int | None, int | None]]],
+) -> dict[str, float | None]:
+    """Mean absolute score difference between a candidate and its copy with one field changed,
+    per field (None when no pair parsed)."""
+    out: dict[str, float | None] = {}
+    for fld, values in pairs.items():
+        diffs = [abs(a - b) for a, b in values if a is not None and b is not None]
+        out[fld] = statistics.fmean(diffs) if diffs else None
+    return out
+
+
+@dataclass(slots=True)
+class QualityPlan:
+    """The work items of every check, drawn from one pool of candidates."""
+
+    repeats: list[WorkItem]
+    candidates: list[WorkItem]
+    conversation: list[WorkItem]
+    control_positions: dict[str, list[int]]
+    """Control candidate id → its positions in `conversation`."""
+    bias: dict[str, list[tuple[WorkItem, WorkItem]]] = field(default_factory=dict)
+
+
+def _renamed(item: WorkItem, custom_id: str) -> WorkItem:
+    return replace(item, custom_id=custom_id)
+
+
+def plan_quality(
+    pool: Sequence[WorkItem],
+    *,
+    repeats: int,
+    candidates: int,
+    conversation_length: int,
+    controls: int,
+    variant: Callable[[WorkItem, str], WorkItem | None] | None = None,
+    bias_pairs: int = 0,
+) -> QualityPlan:
+    """Items for: `repeats` of one control; `candidates` scored twice; a conversation of
+    `conversation_length` with `controls` control candidates at the start, quarters and end;
+    and `bias_pairs` candidates with one field changed (by `variant(item, field)`)."""
+    control, rest = pool[0], list(pool[1 : 1 + candidates])
+    plan = QualityPlan(
+        repeats=[_renamed(control, f"{control.custom_id}#repeat{i}") for i in range(repeats)],
+        candidates=rest,
+        conversation=[],
+        control_positions={},
+    )
+    picks = [pool[0], *pool[1 + candidates : 1 + candidates + controls - 1]][:controls]
+    n = max(conversation_length, 5)
+    slots = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
+    at: dict[int, WorkItem] = {}
+    for k, ctl in enumerate(picks):
+        # Control k sits k places after each slot, and k places before the end.
+        positions = sorted({min(n - 1 - k, p + k) for p in slots[:-1]} | {n - 1 - k})
+        plan.control_positions[ctl.custom_id] = positions
+        for p in positions:
+            at[p] = _renamed(ctl, f"{ctl.custom_id}#pos{p}")
+    for i in range(n):
+        item = at.get(i) or rest[i % len(rest)]
+        plan.conversation.append(at.get(i) or _renamed(item, f"{item.custom_id}#conv{i}"))
+    if variant is not None:
+        for fld in BIAS_FIELDS:
+            pairs = []
+            for it in rest[:bias_pairs]:
+                other = variant(it, fld)
+                if other is not None:
+                    pairs.append((_renamed(it, f"{it.custom_id}#bias-{fld}-a"), other))
+            plan.bias[fld] = pairs
+    return plan
+
+
+def control_scores(
+    plan: QualityPlan, records: Sequence[RequestRecord]
+) -> dict[str, list[int | None]]:
+    """Each control's scores at its positions in the conversation, in order."""
+    by_id = {r.custom_id: r for r in records}
+    return {
+        cid: [score(by_id.get(f"{cid}#pos{p}")) for p in positions]
+        for cid, positions in plan.control_positions.items()
+    }
+
+
+def scores_of(items: Sequence[WorkItem], records: Sequence[RequestRecord]) -> list[int | None]:
+    by_id = {r.custom_id: r for r in records}
+    return [score(by_id.get(it.custom_id)) for it in items]
+
+
+def agreement(
+    plan: QualityPlan, conv: Sequence[RequestRecord], stateless: Mapping[str, int | None]
+) -> float | None:
+    """Share of candidates scored the same inside the conversation as alone."""
+    pairs = []
+    for item, rec in zip(plan.conversation, conv, strict=False):
+        base = item.custom_id.split("#", 1)[0]
+        if base in stateless and "#conv" in item.custom_id:
+            pairs.append((score(rec), stateless[base]))
+    if not pairs:
+        return None
+    return sum(1 for a, b in pairs if a is not None and a == b) / len(pairs)
+
+
+def distribution(scores: Sequence[int | None]) -> dict[str, Any]:
+    values = [s for s in scores if s is not None]
+    counts = Counter(values)
+    return {
+        "score_distribution": {str(k): v for k, v in sorted(counts.items())},
+        "distinct_scores": len(counts),
+        "score_stdev": statistics.pstdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+@dataclass(slots=True)
+class QualityRuns:
+    """The records of each check, as the suite ran them."""
+
+    repeats: list[RequestRecord]
+    run_a: list[RequestRecord]
+    run_b: list[RequestRecord]
+    conversation: list[RequestRecord]
+    bias: list[RequestRecord]
+
+    @property
+    def all(self) -> list[RequestRecord]:
+        return [*self.repeats, *self.run_a, *self.run_b, *self.conversation, *self.bias]
+
+
+def score_file(items: Sequence[WorkItem], scores: Sequence[int | None]) -> str:
+    """A run's scores as CSV text (an unparsed reply is an empty score)."""
+    return "custom_id,score\n" + "".join(
+        f"{it.custom_id},{'' if s is None else s}\n" for it, s in zip(items, scores, strict=True)
+    )
+
+
+def quality_figures(
+    plan: QualityPlan,
+    runs: QualityRuns,
+    expected: Callable[[WorkItem], int | None] | None,
+) -> dict[str, Any]:
+    """The figures of `quality_results.json` (the criteria read these)."""
+    reps = scores_of(plan.repeats, runs.repeats)
+    a, b = scores_of(plan.candidates, runs.run_a), scores_of(plan.candidates, runs.run_b)
+    controls = control_scores(plan, runs.conversation)
+    by_id = {r.custom_id: r for r in runs.bias}
+    gaps = bias_gaps(
+        {
+            fld: [(score(by_id.get(x.custom_id)), score(by_id.get(y.custom_id))) for x, y in pairs]
+            for fld, pairs in plan.bias.items()
+        }
+    )
+    known_gaps = [g for g in gaps.values() if g is not None]
+    every = runs.all
+    stateless = {it.custom_id: s for it, s in zip(plan.candidates, a, strict=True)}
+    return {
+        "requests": len(every),
+        "consistency_rate": consistency(reps),
+        "consistency_scores": reps,
+        "reproducible_rate": reproducibility(a, b),
+        "score_files_identical": score_file(plan.candidates, a) == score_file(plan.candidates, b),
+        "accuracy": accuracy(plan.candidates, runs.run_a, expected) if expected else None,
+        "control_scores": controls,
+        "drift_spread": drift(controls),
+        "conversation_trims": sum(1 for r in runs.conversation if r.trim),
+        "conversation_agreement": agreement(plan, runs.conversation, stateless),
+        "bias_gaps": gaps,
+        "bias_max_gap": max(known_gaps) if known_gaps else None,
+        "parse_rate": sum(score(r) is not None for r in every) / len(every) if every else 0.0,
+        "parse_failures": [r.error for r in every if r.error_type == "ParseError"][:5],
+        **distribution(a),
+    }

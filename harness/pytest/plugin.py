@@ -1,0 +1,234 @@
+"""The harness's pytest plugin (entry point `pytest11`): options, markers, hooks, fixtures.
+
+- Options, all in one group with the `--harness-` prefix: `--harness-backend`,
+  `--harness-model`, `--harness-base-url`, `--harness-profile`, `--harness-report-dir`,
+  `--harness-scenario-dir`, `--harness-config`, `--harness-price-per-kwh`,
+  `--harness-memory-budget`, `--harness-write-config` (the last two keep their old names,
+  `--memory-budget` and `--write-config`, as aliases).
+- Markers, registered for `--strict-markers`; the long scale phases (`scale_10k`, `scale_50k`,
+  `scale_170k`) run only when `-m` names them.
+- The run session (`harness.pytest.session.HarnessSession`) is built in `pytest_configure` and
+  kept in `config.stash`; the `harness` fixture hands it to tests. Reports, gates, write-back
+  and the summary are `harness.pytest.reporting`'s.
+- At the end: `summary.json` and `index.html` over every report in the folder, the verdict
+  first, and the same on the terminal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harness.config import DEFAULT_CONFIG_PATH
+from harness.pytest.session import HarnessSession
+
+__all__ = ["HARNESS_KEY", "LONG_MARKERS", "MARKERS"]
+
+MARKERS = {
+    "integration": "runs a real embedded llama.cpp server",
+    "slow": "takes more than a minute on a 2-core machine",
+    "timing": "asserts a throughput figure; noisy on shared machines, so run on purpose",
+    "ollama": "needs a live Ollama server at $OLLAMA_HOST",
+    "gpu": "needs an NVIDIA GPU (NVML)",
+    "browser": "opens a page in headless Chromium",
+    "context_limits": "phase 1: memory against context size, and the largest context",
+    "scale": "phases 2-4, 6, 7: the batch at growing sizes",
+    "scale_100": "phase 2: 100 requests",
+    "scale_1k": "phase 3: 1,000 requests",
+    "scale_10k": "phase 4: 10,000 requests (long; runs only when -m names it)",
+    "scale_50k": "phase 6: 50,000 requests (long; runs only when -m names it)",
+    "scale_170k": "phase 7: 170,000 requests (long; runs only when -m names it)",
+    "quality": "score consistency, reproducibility, drift",
+    "reliability": "faults, kills, bad inputs: nothing lost",
+    "performance": "roofline efficiency and strategies side by side",
+}
+LONG_MARKERS = ("scale_10k", "scale_50k", "scale_170k")
+PHASE_MARKERS = ("context_limits", "scale", "quality", "reliability", "performance")
+
+
+def _backend_name(text: str) -> str:
+    if text not in ("embedded", "openai", "ollama"):
+        raise pytest.UsageError(f"--harness-backend {text!r}: choose embedded, openai or ollama")
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise pytest.UsageError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise pytest.UsageError(f"{text} must not be negative")
+    return value
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "LLM batch harness")
+    group.addoption(
+        "--harness-backend",
+        type=_backend_name,
+        default=None,
+        help="model server: embedded (llama.cpp started here), openai, ollama. "
+        "Default: the scenario profile's backend, else 'embedded'",
+    )
+    group.addoption(
+        "--harness-model",
+        default=None,
+        help="model name or .gguf path (embedded), served model (openai), Ollama tag. "
+        "Default: the scenario profile's, else gemma3-270m / gemma3:12b",
+    )
+    group.addoption(
+        "--harness-base-url",
+        default=None,
+        help="server URL for openai/ollama (ollama: $OLLAMA_HOST). Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-profile",
+        default=None,
+        help="scenario profile (embedded, gpu-gemma3-12b). Default: by backend",
+    )
+    group.addoption(
+        "--harness-report-dir",
+        default="reports",
+        help="where JSON reports are written. Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-scenario-dir",
+        default="scenarios",
+        help="where scenario YAML files are read. Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-config",
+        default=str(DEFAULT_CONFIG_PATH),
+        help="the production config file to read and write back. Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-price-per-kwh",
+        type=_positive_float,
+        default=0.30,
+        help="electricity price for the cost estimate (GPU runs). Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-memory-budget",
+        "--memory-budget",
+        dest="memory_budget",
+        default=None,
+        help="memory budget of the context-limit search (12GB, 11.5GiB, 80%%); "
+        "--memory-budget is the old name. Default: the scenario's, else the GPU's total "
+        "(NVML), else this machine's RAM",
+    )
+    group.addoption(
+        "--harness-write-config",
+        "--write-config",
+        dest="write_config",
+        action="store_true",
+        default=False,
+        help="write measured values back to the active profile of the config file, for the "
+        "phases that passed; --write-config is the old name. Default: %(default)r",
+    )
+
+
+HARNESS_KEY = pytest.StashKey[HarnessSession]()
+
+
+class HarnessHooks:
+    """Hook specifications of the plugin (see `pytest_harness_machine_info`)."""
+
+    @pytest.hookspec(firstresult=True)
+    def pytest_harness_machine_info(self, config: pytest.Config, info: dict[str, Any]) -> Any:
+        """Add to or change the machine info that goes into every report.
+
+        Example, in a ``conftest.py``::
+
+            def pytest_harness_machine_info(config, info):
+                info["rack"] = "lab-3"
+                info["gpu_driver"] = read_driver_version()
+        """
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(HarnessHooks)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, help_text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {help_text}")
+    config.stash[HARNESS_KEY] = HarnessSession(config)
+    _CONFIG.append(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config in _CONFIG:
+        _CONFIG.remove(config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    markexpr = config.option.markexpr or ""
+    keep, drop = [], []
+    for item in items:
+        long = [m for m in LONG_MARKERS if item.get_closest_marker(m) is not None]
+        if long and not any(m in markexpr for m in long):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    harness = session.config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return
+    try:
+        if harness.reports.write_summary() is not None:
+            harness.reports.write_pages()
+    finally:
+        harness.close()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember phase tests that skipped, with their reasons, for the summary."""
+    if not report.skipped or report.when not in ("setup", "call"):
+        return
+    if not any(marker in report.keywords for marker in PHASE_MARKERS):
+        return  # not a phase test (the harness's own tests skip too)
+    harness = _session(report)
+    if harness is None:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    harness.reports.skipped.append((report.nodeid, str(reason).removeprefix("Skipped: ")))
+
+
+_CONFIG: list[pytest.Config] = []
+
+
+def _session(report: pytest.TestReport) -> HarnessSession | None:
+    return _CONFIG[-1].stash.get(HARNESS_KEY, None) if _CONFIG else None
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None or not (harness.reports.results or harness.reports.skipped):
+        return
+    tr = terminalreporter
+    tr.section("harness reports")
+    for line in harness.reports.lines():
+        tr.write_line(line)
+    for name in ("summary.json", "index.html"):
+        path = harness.report_dir / name
+        if path.exists():
+            tr.write_line(f"{name.split('.')[0]}: {harness.relpath(path)}")
+    if harness.reports.config_changes:
+        changed = ", ".join(sorted(set(harness.reports.config_changes)))
+        tr.write_line(f"config written: {harness.relpath(harness.config_path)} ({changed})")
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def harness(pytestconfig: pytest.Config) -> HarnessSession:
+    """The run session: options, scenarios, backends, report writing and gating."""
+    return pytestconfig.stash[HARNESS_KEY]

@@ -1,0 +1,232 @@
+"""Phase reports, gates, write-back and the session's summary.
+
+- `Reports.write` evaluates the scenario profile's criteria on a phase's figures and writes its
+  report (harness.report: fixed envelope, atomic). A report whose profile has no criteria is
+  `ungated`, never PASS; a run that stopped part-way fails on a `run_finished` criterion.
+- `Reports.gate` fails the test unless criteria were checked and met: a failed criterion, and a
+  profile with no criteria at all (the message names the scenario file), both fail.
+- `Reports.recommend` writes measured values to harness.yaml (`--harness-write-config`); the
+  suites call it only after their gate passed.
+- `Reports.write_summary` covers every report in the folder (not only this session's), with the
+  verdict (harness.verdict) first, and the phases this session skipped, with their reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from harness import __version__
+from harness.backends.base import Backend
+from harness.config import write_back
+from harness.fileio import atomic_write_json
+from harness.report import commit_info, now_iso, write_report
+from harness.scenarios import Scenario, evaluate
+from harness.verdict import read_reports, verdict
+
+if TYPE_CHECKING:
+    from harness.pytest.session import HarnessSession
+
+__all__ = ["PhaseResult", "Reports"]
+
+_HEADLINES = (
+    ("throughput_rps", "{:.2f} req/s"),
+    ("uncached_tokens_per_request", "{:.0f} uncached tok/req"),
+    ("token_savings", "savings {:.1%}"),
+    ("savings_efficiency", "eff {:.3f}"),
+    ("error_rate", "errors {:.2%}"),
+    ("kv_bytes_per_token", "KV {:.0f} B/tok"),
+    ("max_context_tokens", "max ctx {}"),
+    ("prefix_reuse_at_workload", "rubric reused {:.1%}"),
+    ("parse_rate", "parsed {:.1%}"),
+    ("reproducible_rate", "reproducible {:.1%}"),
+    ("accuracy", "accuracy {:.1%}"),
+    ("cases_run", "{} cases"),
+)
+
+
+@dataclass
+class PhaseResult:
+    """A written phase report, for the terminal table and the summary."""
+
+    key: str
+    path: Path
+    report: dict[str, Any]
+    failed: list[str] = field(default_factory=list)
+    scenario: str = ""
+
+    @property
+    def result(self) -> str:
+        if self.failed:
+            return "FAIL"
+        return "PASS" if self.report.get("criteria") else "ungated"
+
+
+class Reports:
+    """The reports of one session (see the module docstring)."""
+
+    def __init__(self, session: HarnessSession) -> None:
+        self.session = session
+        self.results: list[PhaseResult] = []
+        self.config_changes: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        """(test, reason) of phase tests that skipped this session."""
+
+    def write(
+        self,
+        filename: str,
+        scenario: Scenario,
+        figures: dict[str, Any],
+        *,
+        backend: Backend | None = None,
+        key: str | None = None,
+        stopped: str | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate the criteria on `figures`, write the report, remember it. `stopped` says why
+        the run ended early: the report keeps what ran and fails on `run_finished`."""
+        s = self.session
+        criteria = scenario.criteria_for(s.profile) if s.profile in scenario.profiles else []
+        results = evaluate(criteria, figures)
+        rows = [r.to_dict() for r in results]
+        failed = [r.message() for r in results if not r.passed]
+        if stopped is not None:
+            rows.insert(0, {"metric": "run_finished", "op": "==", "threshold": 1, "value": 0,
+                            "passed": False, "reason": stopped})  # fmt: skip
+            failed.insert(0, f"run_finished = 0: {stopped}")
+        path = s.report_dir / filename
+        scenario_rel = s.relpath(Path(scenario.path))
+        report = write_report(
+            path,
+            phase=scenario.phase,
+            scenario=scenario_rel,
+            profile=s.profile,
+            backend=s.backend_info(backend),
+            figures=figures,
+            criteria=rows,
+            machine=s.machine(),
+            commit=commit_info(s.root),
+        )
+        # Messages name the scenario relative to the project, as users wrote it.
+        failed = [m.replace(scenario.path, scenario_rel) for m in failed]
+        self.results.append(PhaseResult(key or filename, path, report, failed, scenario_rel))
+        return report
+
+    def gate(self, report: dict[str, Any]) -> None:
+        for result in self.results:
+            if result.report is not report:
+                continue
+            if result.failed:
+                pytest.fail("\n".join(result.failed), pytrace=False)
+            if not report.get("criteria"):
+                pytest.fail(
+                    f"{result.scenario}: profile {self.session.profile!r} has no criteria, so "
+                    "nothing was checked and the phase cannot pass (its report says ungated); "
+                    "add criteria to the profile",
+                    pytrace=False,
+                )
+
+    def recommend(self, values: dict[str, Any], report_path: Path, backend: Backend | None) -> None:
+        s = self.session
+        if not s.write_config:
+            return
+        info = s.backend_info(backend)
+        provenance = {
+            "report": s.relpath(report_path),
+            "date": now_iso()[:10],
+            "backend": info.get("name"),
+            "model": info.get("model"),
+        }
+        self.config_changes += write_back(s.config_path, s.profile, values, provenance)
+
+    # -- the session's summary ------------------------------------------------------------
+
+    def write_summary(self) -> Path | None:
+        s = self.session
+        if not self.results and not self.skipped:
+            return None
+        reports = read_reports(s.report_dir)
+        summary = {
+            "harness_version": __version__,
+            "generated_at": now_iso(),
+            "profile": s.profile,
+            "machine_info": s.machine(),
+            "commit_info": commit_info(s.root),
+            "verdict": verdict(s.report_dir, s.config_path).to_dict(),
+            "reports": [
+                {
+                    "report": e.file,
+                    "phase": e.phase,
+                    "profile": e.profile,
+                    "model": e.model,
+                    "backend": e.backend,
+                    "generated_at": e.generated_at,
+                    "result": e.result,
+                    "failed_criteria": list(e.failed),
+                }
+                for e in reports
+            ],
+            "this_session": [
+                {
+                    "key": r.key,
+                    "report": s.relpath(r.path),
+                    "result": r.result,
+                    "failed_criteria": r.failed,
+                }
+                for r in self.results
+            ],
+            "skipped": [{"test": t, "reason": why} for t, why in self.skipped],
+            "config_written": sorted(set(self.config_changes)),
+        }
+        path = s.report_dir / "summary.json"
+        atomic_write_json(path, summary)
+        return path
+
+    def write_pages(self) -> Path | None:
+        """Plots that need only the reports on disk, and `index.html` with the verdict first."""
+        from harness.htmlreport import build_index
+        from harness.plots import plot_memory_vs_context
+
+        s = self.session
+        limits = s.report_dir / "context_limit_results.json"
+        if limits.exists():
+            data = json.loads(limits.read_text())
+            budget = data.get("memory_budget_bytes")
+            peak = data.get("max_measured_bytes") or 0
+            if budget and budget > 3 * peak:
+                budget = None  # far above every reading: drawing it would flatten the plot
+            plot_memory_vs_context(
+                [(m["n_ctx"], m["memory_bytes"]) for m in data.get("measurements", [])]
+                + [(m["n_ctx"], m["memory_bytes"]) for m in data.get("search_measurements", [])],
+                data.get("kv_bytes_per_token_theory"),
+                data.get("base_model_memory_bytes"),
+                s.report_dir / "plots" / "memory_vs_context.png",
+                budget_bytes=budget,
+                max_context=data.get("max_context_tokens"),
+                title=f"Memory against context: {data.get('model', '')}",
+            )
+        return build_index(s.report_dir, verdict=verdict(s.report_dir, s.config_path))
+
+    def lines(self) -> list[str]:
+        """The terminal summary: the verdict, then every report in the folder."""
+        s = self.session
+        out = verdict(s.report_dir, s.config_path).lines()
+        rows = [("report", "profile", "model", "result", "figures")]
+        for e in read_reports(s.report_dir):
+            figures = []
+            for key, fmt in _HEADLINES:
+                value = e.data.get(key)
+                if value is not None:
+                    with contextlib.suppress(ValueError, TypeError):
+                        figures.append(fmt.format(value))
+            rows.append((e.file, e.profile, e.model, e.result, ", ".join(figures)))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        out += [
+            "  ".join(f"{row[i]:<{widths[i]}}" for i in range(4)) + f"  {row[4]}" for row in rows
+        ]
+        out += [f"skipped: {t}: {why}" for t, why in self.skipped]
+        return out

@@ -1,0 +1,231 @@
+"""The state of one pytest run of the harness: options, a private event loop, backends built
+through the one configuration path (harness.runconfig), scenarios, and the terminal.
+
+Reports, gates, write-back and the summary live in `harness.pytest.reporting`; the session's
+`report`, `gate` and `recommend` hand over to it, so a suite needs only the `harness` fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from harness.backends.base import Backend
+from harness.config import load_profile
+from harness.errors import ConfigError
+from harness.pytest.reporting import Reports
+from harness.report import machine_info
+from harness.runconfig import RunConfig, resolve_run_config
+from harness.scenarios import Scenario, load_scenario
+
+__all__ = ["DEFAULT_PROFILES", "HarnessSession", "Terminal"]
+
+T = TypeVar("T")
+DEFAULT_PROFILES = {"embedded": "embedded", "openai": "embedded", "ollama": "gpu-gemma3-12b"}
+
+
+class HarnessSession:
+    """State of one pytest run: options, a private event loop, backends, reports."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        opt = config.option
+        self.config = config
+        self.root = Path(str(config.rootpath))
+        self.backend_option: str | None = opt.harness_backend
+        self.backend_name: str = self.backend_option or "embedded"
+        """The backend named on the command line (else embedded); a scenario profile may name
+        another (see `run_config`)."""
+        self.model_option: str | None = opt.harness_model
+        self.base_url: str | None = opt.harness_base_url
+        self.profile: str = opt.harness_profile or DEFAULT_PROFILES[self.backend_name]
+        self.report_dir = self._path(opt.harness_report_dir)
+        self.scenario_dir = self._path(opt.harness_scenario_dir)
+        self.config_path = self._path(opt.harness_config)
+        self.price_per_kwh: float = opt.harness_price_per_kwh
+        self.memory_budget: str | None = opt.memory_budget
+        self.write_config: bool = opt.write_config
+        self.reports = Reports(self)
+        """The phase reports written this session (harness.pytest.reporting)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backends: dict[tuple[Any, ...], Backend] = {}
+        self._scenarios: dict[str, Scenario] = {}
+        self._machine: dict[str, Any] | None = None
+        self.terminal = Terminal(config)
+        """Progress and figures for the user, shown even while pytest captures output."""
+
+    def _path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.root / p
+
+    def say(self, text: str) -> None:
+        """One line to the terminal, past output capture."""
+        self.terminal.write(text + "\n")
+
+    # -- async plumbing ---------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the session's event loop (backends live on it)."""
+        return self.loop.run_until_complete(coro)
+
+    # -- scenarios, profiles, backends ------------------------------------------------------
+
+    def scenario(self, filename: str) -> Scenario:
+        """The validated scenario; a bad file fails the test with its message, no traceback."""
+        if filename not in self._scenarios:
+            path = self.scenario_dir / filename
+            try:
+                self._scenarios[filename] = load_scenario(path)
+            except ConfigError as exc:
+                problem = str(exc).replace(str(path), self.relpath(path))
+            else:
+                return self._scenarios[filename]
+            pytest.fail(f"bad scenario: {problem}", pytrace=False)
+        return self._scenarios[filename]
+
+    def run_config(self, scenario: Scenario | None = None, **cli: Any) -> RunConfig:
+        """The run's settings for a scenario: the command line, then harness.yaml (measured
+        on the same backend), then the scenario's profile, then defaults (harness.runconfig).
+        `cli` overrides what a suite sets itself (a sweep's slots, say)."""
+        given = {
+            "backend": self.backend_option,
+            "model": self.model_option,
+            "base_url": self.base_url,
+        }
+        return resolve_run_config(
+            profile=self.profile,
+            config=load_profile(self.config_path, self.profile),
+            scenario=scenario,
+            cli={**given, **cli},
+        )
+
+    def model_for(self, scenario: Scenario | None = None) -> str:
+        return self.run_config(scenario).model.value
+
+    def backend(self, cfg: RunConfig) -> Backend:
+        """A started backend for these settings, shared for the session."""
+        name = cfg.backend.value
+        options = cfg.backend_options()
+        if name == "openai" and not options.get("base_url"):
+            options["base_url"] = "http://127.0.0.1:8080"
+        key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        if key not in self._backends:
+            backend = Backend.create(name, **options)
+            self.run(backend.__aenter__())
+            self._backends[key] = backend
+        return self._backends[key]
+
+    def release(self, backend: Backend) -> None:
+        """Stop a backend before the session ends (frees its CPU threads and memory)."""
+        for key, value in list(self._backends.items()):
+            if value is backend:
+                del self._backends[key]
+                with contextlib.suppress(Exception):
+                    self.run(backend.stop())
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            with contextlib.suppress(Exception):
+                self.run(backend.stop())
+        self._backends.clear()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def backend_info(self, backend: Backend | None) -> dict[str, Any]:
+        if backend is None:
+            return {"name": self.backend_name, "model": self.model_for()}
+        info = backend.info
+        out = {
+            "name": info.backend,
+            "model": info.model,
+            "server": info.server,
+            "base_url": info.base_url,
+            "n_ctx_per_slot": info.n_ctx_per_slot,
+            "n_slots": info.n_slots,
+            "request_path": info.extra.get("request_path", "native"),
+        }
+        for key in ("server_flags", "llama_server_args", "llama_cpp"):
+            if key in info.extra:
+                out[key] = info.extra[key]
+        if info.backend == "embedded":
+            out["note"] = (
+                f"the embedded server runs {info.extra.get('llama_cpp', 'llama.cpp')}; Ollama "
+                "runs its own pinned llama.cpp build. CPU memory readings do not predict GPU "
+                "buffers or layer offload."
+            )
+        return out
+
+    # -- reports (harness.pytest.reporting) ----------------------------------------------------
+
+    def machine(self) -> dict[str, Any]:
+        if self._machine is None:
+            info = machine_info()
+            self.config.hook.pytest_harness_machine_info(config=self.config, info=info)
+            self._machine = info
+        return self._machine
+
+    def relpath(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def report(
+        self,
+        filename: str,
+        scenario: Scenario,
+        figures: dict[str, Any],
+        *,
+        backend: Backend | None = None,
+        key: str | None = None,
+        stopped: str | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate the scenario's criteria on `figures`, write the phase's report, remember it
+        (see `Reports.write`)."""
+        return self.reports.write(
+            filename, scenario, figures, backend=backend, key=key, stopped=stopped
+        )
+
+    def gate(self, report: dict[str, Any]) -> None:
+        """Fail the current test unless the report's criteria were checked and met."""
+        self.reports.gate(report)
+
+    def recommend(self, values: dict[str, Any], report_path: Path, backend: Backend | None) -> None:
+        """Write measured values back to harness.yaml (with --harness-write-config)."""
+        self.reports.recommend(values, report_path, backend)
+
+
+class Terminal(io.TextIOBase):
+    """A text stream to the real terminal, past pytest's output capture (for progress on long
+    phases); `isatty()` answers for the real stderr, so tqdm draws a bar only on a terminal."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._capman = config.pluginmanager.getplugin("capturemanager")
+
+    def _outside(self) -> Any:
+        if self._capman is None:
+            return contextlib.nullcontext()
+        return self._capman.global_and_fixture_disabled()
+
+    def write(self, text: str) -> int:
+        with self._outside():
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return len(text)
+
+    def isatty(self) -> bool:
+        with self._outside():
+            return sys.stderr.isatty()

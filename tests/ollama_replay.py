@@ -1,0 +1,144 @@
+"""A loopback HTTP server that replays reply bodies recorded from real Ollama servers.
+
+It answers Ollama's native routes with the recorded bodies of `tests/data/ollama/recorded/`
+(SOURCES.md names each one's source). Two things cannot come from a recording and are set per
+test, and said so: the server's version (to replay a body as 0.30.0 or 0.34.0) and the token
+counts of each `/api/chat` reply, which must describe *this* request (`counts(request_body)`
+returns the fields to put over the recorded body's, e.g. `prompt_eval_count`). Unknown paths get
+Go's plain `404 page not found`, as Ollama's do.
+
+    with OllamaReplay(version="0.34.0", counts=lambda body: {...}) as replay:
+        ... replay.url ...
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+RECORDED = Path(__file__).parent / "data" / "ollama" / "recorded"
+
+Counts = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+def recorded(name: str) -> Any:
+    text = (RECORDED / name).read_text(encoding="utf-8")
+    return json.loads(text) if name.endswith(".json") else text
+
+
+class OllamaReplay:
+    """See the module docstring. A context manager; `url` is `http://127.0.0.1:PORT`."""
+
+    def __init__(
+        self,
+        *,
+        model: str = "gemma3:12b",
+        version: str = "0.34.0",
+        chat: str = "unattributed_chat_qwen2.5_7b_prompt_eval_cached_count_v0.34.0.json",
+        counts: Counts | None = None,
+        ps: str = "ps_spilled_mistral_7b_v0.11.6.json",
+        spilled: bool = False,
+        context_length: int | None = 16384,
+        content: str | None = None,
+        oom_above: int | None = 1_000_000,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.chat_body = recorded(chat)
+        self.counts = counts
+        self.ps_body = recorded(ps)
+        entry = self.ps_body["models"][0]
+        entry["name"] = entry["model"] = model  # the recorded entry, renamed to our model
+        if not spilled:
+            entry["size_vram"] = entry["size"]  # the recorded body spilled; this one does not
+        if context_length is None:
+            entry.pop("context_length", None)
+        else:
+            entry["context_length"] = context_length
+        self.show_body = recorded("show_gemma3_1b.json")
+        self.content = content
+        self.oom_above = oom_above
+        """A chat asking a larger num_ctx gets the recorded out-of-memory reply (Easy-RAG#9)."""
+        """Reply text to put in `message.content` (None: the recorded one)."""
+        self.requests: list[tuple[str, str, Any]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def chats(self) -> list[Any]:
+        return [body for method, path, body in self.requests if path == "/api/chat"]
+
+    def reply(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if (method, path) == ("GET", "/api/version"):
+            return 200, {"version": self.version}
+        if (method, path) == ("POST", "/api/show"):
+            if isinstance(body, dict) and body.get("model") != self.model:
+                return 404, {"error": f"model '{body.get('model')}' not found"}
+            return 200, self.show_body
+        if (method, path) == ("GET", "/api/ps"):
+            return 200, self.ps_body
+        if (method, path) == ("POST", "/api/generate"):
+            return 200, {"model": self.model, "response": "", "done": True}
+        if (method, path) == ("POST", "/api/chat"):
+            num_ctx = ((body or {}).get("options") or {}).get("num_ctx") or 0
+            if self.oom_above is not None and num_ctx > self.oom_above:
+                return 500, recorded("error_500_requires_more_system_memory.json")
+            out = copy.deepcopy(self.chat_body)
+            out["model"] = self.model
+            if self.content is not None:
+                out["message"]["content"] = self.content
+            if self.counts is not None:
+                for key, value in self.counts(body).items():
+                    if value is None:
+                        out.pop(key, None)
+                    else:
+                        out[key] = value
+            return 200, out
+        return 404, recorded("error_404_plain.txt")
+
+    def __enter__(self) -> OllamaReplay:
+        replay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                replay.requests.append((self.command, self.path, body))
+                status, reply = replay.reply(self.command, self.path, body)
+                data = (json.dumps(reply) if not isinstance(reply, str) else reply).encode()
+                self.send_response(status)
+                kind = "text/plain" if isinstance(reply, str) else "application/json"
+                self.send_header("Content-Type", f"{kind}; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,257 @@
+"""`harness run` and the suites against a loopback server replaying recorded Ollama bodies.
+
+As a user would run them (`harness run --backend ollama --base-url ...`, `pytest suites/scale
+--harness-backend ollama`), against `tests/ollama_replay.py`: every body it sends was recorded
+from a real Ollama server (tests/data/ollama/recorded/SOURCES.md); the server version and each
+reply's token counts are set per test, because they must describe the request the engine sent.
+The engine's own count of each prompt (the packaged Gemma 3 tokenizer, in the tiny model's
+server) gives those counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ollama_replay import OllamaReplay
+
+from harness.backends.embedded import EmbeddedServer
+from harness.backends.openai import OpenAIBackend
+from harness.batch import BatchOptions, load_input
+from harness.engine.tokens import TokenCounter
+from harness.models.templates import get_format
+from harness.workload import write_candidates_csv
+
+pytest_plugins = ["pytester"]
+pytestmark = [pytest.mark.integration]
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = 20
+TRUNCATED_ROW = "C000007"
+CACHED_SHORT = 40
+"""Prompt tokens the replayed server says it computed: the rest of each prompt was cached."""
+
+
+def engine_counts(csv_path: Path, tiny_server: EmbeddedServer) -> dict[str, int]:
+    """The engine's token count of each row's prompt, by the last user message's text."""
+    data = load_input(BatchOptions(csv_path, backend="ollama", model="gemma3:12b"))
+
+    async def count() -> dict[str, int]:
+        assert tiny_server.url is not None
+        async with OpenAIBackend(tiny_server.url, api_key_env=None) as backend:
+            counter = TokenCounter(get_format("gemma"), backend.tokenize, source="server")
+            out = {}
+            for item in data.items:
+                out[item.messages[-1]["content"]] = len(await counter.count(list(item.messages)))
+            return out
+
+    return asyncio.run(count())
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory, tiny_server: EmbeddedServer) -> Any:
+    folder = tmp_path_factory.mktemp("replay")
+    csv_path = write_candidates_csv(folder / "c.csv", ROWS, seed=3)
+    return csv_path, engine_counts(csv_path, tiny_server)
+
+
+def fresh(csv_path: Path, name: str) -> Path:
+    """The input CSV alone in a folder of its own (no results file to resume from)."""
+    folder = csv_path.parent / name
+    folder.mkdir()
+    return Path(shutil.copy(csv_path, folder / "c.csv"))
+
+
+def harness_run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "harness", "run", *args, "--no-progress"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def results(path: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["custom_id"]] = rec
+    return out
+
+
+def test_run_reads_cached_tokens_from_the_body_and_fails_a_truncated_row(rows: Any) -> None:
+    csv_path, counts = rows
+    csv_path = fresh(csv_path, "cached")
+    cut = list(counts)[7]  # the user message of row C000007
+
+    def reply_counts(body: Mapping[str, Any]) -> dict[str, Any]:
+        text = body["messages"][-1]["content"]
+        if text == cut:
+            # As ollama#9221's log: the prompt was cut to a 2,048-token limit.
+            return {"prompt_eval_count": 2048, "prompt_eval_cached_count": 0}
+        n = counts[text]
+        return {"prompt_eval_count": n, "prompt_eval_cached_count": n - CACHED_SHORT}
+
+    with OllamaReplay(version="0.34.0", counts=reply_counts) as replay:
+        done = harness_run(
+            str(csv_path), "--backend", "ollama", "--base-url", replay.url,
+            "--model", "gemma3:12b", "--structured", "none", cwd=csv_path.parent,
+        )  # fmt: skip
+        chats = replay.chats()
+    assert done.returncode == 1, done.stderr  # one row failed
+    assert len(chats) == ROWS
+    assert all(body["truncate"] is False for body in chats)
+    # The banner came before any request: the context it read from /api/ps, and the prompt.
+    assert "harness run: context: 16384 tokens per request (ollama:/api/ps context_length)" in (
+        done.stderr
+    )
+    assert "harness run: prompt: recruiter" in done.stderr
+    lines = results(csv_path.with_name("c_results.jsonl"))
+    assert len(lines) == ROWS
+    failed = [rec for rec in lines.values() if rec["error"] is not None]
+    assert [rec["custom_id"] for rec in failed] == [TRUNCATED_ROW]
+    assert (
+        "the prompt was truncated: the server counted 2048 prompt tokens"
+        in (failed[0]["error"]["message"])
+    )
+    for cid, rec in lines.items():
+        if cid == TRUNCATED_ROW:
+            continue
+        h = rec["harness"]
+        assert h["cached_source"] == "server"
+        assert h["cached_tokens"] == h["prompt_tokens"] - CACHED_SHORT
+        assert h["prompt_tokens"] == h["expected_prompt_tokens"]
+    assert "source: server" in done.stdout
+
+
+def test_replayed_as_0_30_0_new_token_counts_are_not_taken_for_truncation(rows: Any) -> None:
+    folder = fresh(rows[0], "v030").parent
+    with OllamaReplay(
+        version="0.30.0",
+        chat="chat_qwen2.5vl_3b_nonstream_turn1.json",  # recorded without a cached field
+        counts=lambda body: {"prompt_eval_count": CACHED_SHORT},  # new tokens only in 0.30.0
+    ) as replay:
+        done = harness_run(
+            "c.csv", "--backend", "ollama", "--base-url", replay.url, "--structured", "none",
+            cwd=folder,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = results(folder / "c_results.jsonl")
+    assert all(rec["error"] is None for rec in lines.values())
+    assert {rec["harness"]["cached_source"] for rec in lines.values()} == {"unknown"}
+    assert "token savings unknown" in done.stdout
+
+
+def test_a_plain_404_page_is_one_line_naming_the_url_without_ollama_pull(rows: Any) -> None:
+    csv_path = fresh(rows[0], "404")
+    with OllamaReplay() as replay:
+        done = harness_run(
+            str(csv_path), "--backend", "ollama", "--base-url", replay.url + "/v1",
+            cwd=csv_path.parent,
+        )  # fmt: skip
+    assert done.returncode == 1
+    errors = [ln for ln in done.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1, done.stderr
+    assert f"no Ollama API at {replay.url}/v1" in errors[0]
+    assert "ollama pull" not in done.stderr
+
+
+def test_a_loaded_context_too_small_for_the_rubric_refuses_to_start(rows: Any) -> None:
+    csv_path = fresh(rows[0], "small")
+    with OllamaReplay(context_length=2048) as replay:  # ollama#9221's server had 2,048
+        done = harness_run(
+            str(csv_path), "--backend", "ollama", "--base-url", replay.url, cwd=csv_path.parent
+        )
+        chats = replay.chats()
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "one request's context is 2048 (ollama:/api/ps context_length)" in last
+    assert "OLLAMA_CONTEXT_LENGTH" in last and "num_ctx" in last
+    assert chats == []  # nothing was sent
+
+
+# -- the suites' production profile against the replay ------------------------------------------
+
+FAKE_NVML = """\
+import harness.memory
+from types import SimpleNamespace
+
+class FakeNvml:
+    def nvmlInit(self): pass
+    def nvmlDeviceGetCount(self): return 1
+    def nvmlDeviceGetHandleByIndex(self, i): return ("gpu", i)
+    def nvmlDeviceGetName(self, h): return "NVIDIA GeForce RTX 4080 (fake)"
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(used=11_800_000_000, total=16 * 1024**3, free=1)
+    def nvmlDeviceGetComputeRunningProcesses(self, h): return []
+    def nvmlDeviceGetPowerUsage(self, h): return 250_000
+    def nvmlDeviceGetTotalEnergyConsumption(self, h): return 1_000_000
+
+harness.memory.load_nvml = lambda: FakeNvml()
+"""
+
+
+def suite_project(pytester: pytest.Pytester) -> None:
+    shutil.copytree(ROOT / "scenarios", pytester.path / "scenarios")
+    shutil.copytree(ROOT / "suites", pytester.path / "suites")
+
+
+def test_gpu_profile_savings_not_reported_fail_with_the_reason(pytester: pytest.Pytester) -> None:
+    suite_project(pytester)
+    with OllamaReplay(
+        version="0.30.0",
+        chat="chat_qwen2.5vl_3b_nonstream_turn1.json",
+        counts=lambda body: {"prompt_eval_count": CACHED_SHORT},
+    ) as replay:
+        result = pytester.runpytest_subprocess(
+            "suites/scale", "-m", "scale_100", "--harness-backend", "ollama",
+            "--harness-base-url", replay.url, "-p", "no:cacheprovider",
+        )  # fmt: skip
+    result.assert_outcomes(failed=1, deselected=4)
+    result.stdout.fnmatch_lines(
+        [
+            "*token_savings = unknown (cached prompt tokens not reported by ollama 0.30.0*"
+            "needs > 0.9 (scenarios/phase2_scale_100.yaml, profile gpu-gemma3-12b)*",
+            "*cached_tokens_source = unknown, needs == server*",
+        ]
+    )
+    report = json.loads((pytester.path / "reports" / "performance_benchmarks_100.json").read_text())
+    assert report["profile"] == "gpu-gemma3-12b"
+    assert report["passed"] is False
+    assert report["token_savings"] is None
+    assert report["completed"] == 100  # 0.30.0's new-token counts were not taken for cuts
+
+
+def test_gpu_profile_spill_fails_the_memory_criterion_read_from_nvml(
+    pytester: pytest.Pytester,
+) -> None:
+    suite_project(pytester)
+    pytester.makeconftest(FAKE_NVML)
+    with OllamaReplay(
+        version="0.34.0",
+        spilled=True,
+        counts=lambda body: {"prompt_eval_count": None, "prompt_eval_cached_count": None},
+    ) as replay:
+        result = pytester.runpytest_subprocess(
+            "suites/scale", "-m", "scale_100", "--harness-backend", "ollama",
+            "--harness-base-url", replay.url, "-p", "no:cacheprovider",
+        )  # fmt: skip
+    result.assert_outcomes(failed=1, deselected=4)
+    result.stdout.fnmatch_lines(["*memory.spilled = True, needs == 0*"])
+    report = json.loads((pytester.path / "reports" / "performance_benchmarks_100.json").read_text())
+    memory = report["memory"]
+    assert memory["source"] == "nvml:gpu0"
+    assert memory["spilled"] is True
+    assert memory["peak_gb"] == pytest.approx(11.8)
+    assert memory["server_source"] == "ollama:/api/ps gemma3:12b"
+    assert report["energy_source"].startswith("nvml:gpu0 (NVIDIA GeForce RTX 4080 (fake))")

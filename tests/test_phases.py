@@ -1,0 +1,205 @@
+"""The phases' logic (harness.phases) on the in-process double and on hand-made records."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from harness.engine import JobSpec, TrimPolicy, run_job
+from harness.limits import LimitSearch, Measurement, MemoryFit
+from harness.models import geometry_from_metadata
+from harness.phases import context_shape, recommended_trim_interval
+from harness.phases import quality as q
+from harness.phases.context_limits import limits_figures, recommended_config, theory_or_none
+from harness.records import RequestRecord
+from harness.testing import InProcessDouble
+from harness.workload import WorkItem, generate_candidates, load_prompt
+
+SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+
+
+def rec(cid: str, value: int | None, *, ok: bool = True) -> RequestRecord:
+    parsed = {"score": value} if value is not None else None
+    return RequestRecord(cid, "ok" if ok else "error", parsed=parsed)
+
+
+def items(n: int, prefix: str = "c") -> list[WorkItem]:
+    system = {"role": "system", "content": "Score it."}
+    return [
+        WorkItem(
+            f"{prefix}{i}",
+            (system, {"role": "user", "content": f"candidate {i}"}),
+            max_tokens=4,
+            output_schema=SCHEMA,
+        )
+        for i in range(n)
+    ]
+
+
+# -- quality ------------------------------------------------------------------------------------
+
+
+def test_unparseable_replies_are_never_reproducible() -> None:
+    # The bug this guards: None == None counted two unparseable replies as the same score.
+    assert q.reproducibility([None, None, 3], [None, None, 3]) == pytest.approx(1 / 3)
+    assert q.reproducibility([None] * 4, [None] * 4) == 0.0
+    assert q.consistency([None, None, None]) == 0.0
+    assert q.consistency([7, 7, None, 7]) == 0.75
+
+
+def test_score_reads_only_parsed_integers_of_successful_records() -> None:
+    assert q.score(rec("a", 5)) == 5
+    assert q.score(rec("a", None)) is None
+    assert q.score(rec("a", 5, ok=False)) is None
+    assert q.score(RequestRecord("a", "ok", parsed={"score": True})) is None  # bool is no score
+
+
+def test_drift_is_the_largest_change_of_any_control_and_unknown_when_one_did_not_parse() -> None:
+    assert q.drift({"x": [3, 3, 3], "y": [5, 6, 5]}) == 1
+    assert q.drift({"x": [3, 3, 3]}) == 0
+    assert q.drift({"x": [3, None, 3]}) is None
+
+
+def test_accuracy_against_the_probe_rule() -> None:
+    rows = {"c0": {"data_infra_years": "0"}, "c1": {"data_infra_years": "7"},
+            "c2": {"data_infra_years": "14"}}  # fmt: skip
+    expected = q.probe_expected(rows)
+    its = items(3)
+    assert [expected(it) for it in its] == [1, 7, 10]
+    assert q.accuracy(its, [rec("c0", 1), rec("c1", 7), rec("c2", 1)], expected) == pytest.approx(
+        2 / 3
+    )
+    # A model that gives everyone 1 (SmolLM2 did, for 45 of 50) is not accurate.
+    assert q.accuracy(its, [rec(f"c{i}", 1) for i in range(3)], expected) == pytest.approx(1 / 3)
+
+
+def test_bias_gaps_per_field() -> None:
+    gaps = q.bias_gaps({"name": [(5, 5), (3, 4)], "location": [(None, 4)], "education": []})
+    assert gaps == {"name": 0.5, "location": None, "education": None}
+
+
+def test_plan_places_controls_at_start_quarters_and_end() -> None:
+    pool = items(30)
+    plan = q.plan_quality(pool, repeats=4, candidates=10, conversation_length=20, controls=2)
+    assert [it.custom_id for it in plan.repeats] == [f"c0#repeat{i}" for i in range(4)]
+    assert len(plan.candidates) == 10
+    assert len(plan.conversation) == 20
+    assert plan.control_positions == {"c0": [0, 5, 10, 15, 19], "c11": [1, 6, 11, 16, 18]}
+    ids = [it.custom_id for it in plan.conversation]
+    assert len(set(ids)) == len(ids)  # every request of the conversation has its own id
+    assert ids[0] == "c0#pos0" and ids[5] == "c0#pos5"
+
+
+def test_quality_figures_on_the_double() -> None:
+    """The whole phase's arithmetic on the in-process double (its scores hash the candidate)."""
+    pool = items(25)
+    plan = q.plan_quality(pool, repeats=3, candidates=8, conversation_length=12, controls=2)
+    backend = InProcessDouble()
+
+    def run(its: Sequence[WorkItem], strategy: str) -> list[RequestRecord]:
+        spec = JobSpec(strategy=strategy, policy=TrimPolicy(100_000), progress=False,
+                       keep_records=True)  # fmt: skip
+        return asyncio.run(run_job(backend, list(its), spec)).records
+
+    runs = q.QualityRuns(
+        repeats=run(plan.repeats, "stateless"),
+        run_a=run(plan.candidates, "stateless"),
+        run_b=run(plan.candidates, "stateless"),
+        conversation=run(plan.conversation, "conversation"),
+        bias=[],
+    )
+    figures = q.quality_figures(plan, runs, expected=None)
+    assert figures["consistency_rate"] == 1.0
+    assert figures["reproducible_rate"] == 1.0
+    assert figures["score_files_identical"] is True
+    assert figures["drift_spread"] == 0  # the double scores the last message: no drift
+    assert figures["parse_rate"] == 1.0
+    assert figures["accuracy"] is None
+    assert figures["requests"] == 3 + 8 + 8 + 12
+
+
+def test_a_run_whose_replies_never_parse_scores_zero() -> None:
+    plan = q.plan_quality(items(12), repeats=3, candidates=5, conversation_length=6, controls=1)
+    garbage = InProcessDouble(reply=lambda request: "not json at all")
+
+    def run(its: Sequence[WorkItem]) -> list[RequestRecord]:
+        spec = JobSpec(policy=TrimPolicy(100_000), progress=False, keep_records=True)
+        return asyncio.run(run_job(garbage, list(its), spec)).records
+
+    runs = q.QualityRuns(run(plan.repeats), run(plan.candidates), run(plan.candidates),
+                         run(plan.conversation), [])  # fmt: skip
+    figures = q.quality_figures(plan, runs, expected=None)
+    assert figures["reproducible_rate"] == 0.0
+    assert figures["consistency_rate"] == 0.0
+    assert figures["parse_rate"] == 0.0
+    assert figures["drift_spread"] is None
+
+
+# -- context limits -----------------------------------------------------------------------------
+
+
+GEMMA3_META = {
+    "general.architecture": "gemma3",
+    "gemma3.block_count": 18,
+    "gemma3.attention.head_count": 4,
+    "gemma3.attention.head_count_kv": 1,
+    "gemma3.attention.key_length": 256,
+    "gemma3.attention.value_length": 256,
+    "gemma3.embedding_length": 640,
+    "gemma3.attention.sliding_window": 512,
+    "gemma3.context_length": 32768,
+}
+
+
+def test_limits_figures_and_the_config_they_recommend() -> None:
+    geom = geometry_from_metadata(GEMMA3_META, source="t")
+    theory, note = theory_or_none(geom)
+    assert theory is not None and theory.bytes_per_token_growing == 3072
+    measured = [Measurement(4096, 300_000_000 + 3072 * 4096, "rss:pid=1"),
+                Measurement(8192, 300_000_000 + 3072 * 8192, "rss:pid=2")]  # fmt: skip
+    fit = MemoryFit(slope=3072.0, intercept=300_000_000.0, r_squared=1.0)
+    search = LimitSearch(32768, "trained context", None, [], [])
+    rec_cfg = recommended_config(max_ctx=32768, fit=fit, interval=50, parallel=1,
+                                 server_flags="ollama")  # fmt: skip
+    assert rec_cfg["CONTEXT_TRIM_THRESHOLD"] == int(32768 * 0.8)
+    assert rec_cfg["SERVER_FLAGS"] == "ollama"
+    figures = limits_figures(model="m", geom=geom, theory=theory, theory_note=note,
+                             measured=measured, skipped=[], fit=fit, search=search, budget=10**9,
+                             budget_source="t", tokens={}, recommended=rec_cfg)  # fmt: skip
+    assert figures["kv_theory_ratio"] == 1.0
+    assert figures["within_budget"] is True
+    assert figures["kv_bytes_per_token_source"] == "rss:pid=1"
+
+
+def test_an_architecture_without_theory_gives_an_unknown_ratio() -> None:
+    meta = {k.replace("gemma3.", "gemma3n."): v for k, v in GEMMA3_META.items()}
+    meta["general.architecture"] = "gemma3n"
+    theory, note = theory_or_none(geometry_from_metadata(meta, source="t"))
+    assert theory is None and "does not model" in note
+
+
+def test_trim_interval_from_the_workload_shape() -> None:
+    prompt = load_prompt()
+    system = {"role": "system", "content": prompt.system}
+    its = [
+        WorkItem(
+            row["id"], (system, {"role": "user", "content": prompt.render(row, "id")}), max_tokens=8
+        )
+        for row in generate_candidates(10)
+    ]
+    backend = InProcessDouble()
+
+    async def shape() -> dict[str, float]:
+        from harness.engine.tokens import TokenCounter
+
+        counter = TokenCounter(backend.chat_format, backend.tokenize, source="double")
+        return await context_shape(counter, its)
+
+    s = asyncio.run(shape())
+    assert s["prefix_tokens"] > 500
+    interval = recommended_trim_interval(8000, s)
+    assert interval >= 1
+    # The interval's exchanges fit between the prefix and the threshold.
+    assert s["prefix_tokens"] + interval * s["tokens_per_exchange"] <= 8000
