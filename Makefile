@@ -55,7 +55,7 @@ long: install
 	for s in conversation stateless; do \
 		$(BIN)/harness run $(LONG)/candidates_10k.csv --model tiny-gemma3 --strategy $$s \
 			--structured none --max-tokens 8 --output $(LONG)/$${s}_scores.csv || exit $$?; \
-		$(BIN)/python scripts/check_once.py $(LONG)/candidates_10k.csv $(LONG)/$${s}_scores.csv \
+		$(BIN)/python scripts/check_once.py $(LONG)/candidates_10k.csv $(LONG)/$${s}_scores_results.jsonl \
 			|| exit $$?; \
 	done
 

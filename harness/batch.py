@@ -75,6 +75,7 @@ from harness.workload import (
     read_batch_jsonl,
     read_candidates_csv,
     sample_rows,
+    tokens_for_schema,
 )
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "ConvertResult",
     "convert",
     "input_kind",
+    "job_spec",
     "load_input",
     "make_backend",
     "output_paths",
@@ -171,7 +173,8 @@ class BatchOptions:
     prompt: Path | None = None
     """Prompt file for CSV input (default: the recruiter rubric)."""
     id_column: str = "id"
-    max_tokens: int = 16
+    max_tokens: int | None = None
+    """Reply tokens for CSV input; None: what the output schema needs (`tokens_for_schema`)."""
     structured: str = "grammar"
     """CSV input: `grammar` (tight GBNF; llama.cpp), `schema` (JSON-schema structured output)
     or `none` (free text, not validated)."""
@@ -198,6 +201,13 @@ class BatchOptions:
     """Send again the rows whose last result is an error (every id still ends once)."""
     new: bool = False
     """Start over when the results file belongs to another job (the old file is kept, renamed)."""
+
+    @property
+    def openai_url(self) -> str | None:
+        """--base-url, else OPENAI_BASE_URL (as the openai client reads it)."""
+        import os
+
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
 
     @property
     def config_profile(self) -> str:
@@ -244,12 +254,15 @@ class BatchOptions:
             raise ConfigError("--threads is for --backend embedded (the server it starts)")
         if self.sample is not None and self.sample < 1:
             raise ConfigError(f"--sample {self.sample} must be at least 1 (or leave it out)")
-        if self.ctx is not None and self.max_tokens >= self.ctx:
+        if self.ctx is not None and self.max_tokens is not None and self.max_tokens >= self.ctx:
             raise ConfigError(
                 f"--max-tokens {self.max_tokens} leaves no room for the prompt in --ctx {self.ctx}"
             )
-        if self.backend == "openai" and not self.base_url:
-            raise ConfigError("--backend openai needs --base-url (e.g. http://127.0.0.1:8080/v1)")
+        if self.backend == "openai" and not self.openai_url:
+            raise ConfigError(
+                "--backend openai needs --base-url or OPENAI_BASE_URL (e.g. "
+                "http://127.0.0.1:8080/v1)"
+            )
         if self.backend == "embedded":
             if self.base_url:
                 raise ConfigError(
@@ -258,6 +271,11 @@ class BatchOptions:
                 )
             model = self.model or DEFAULT_MODEL
             path = Path(model).expanduser()
+            if model not in KNOWN_MODELS and ":" in model and not path.suffix == ".gguf":
+                raise ConfigError(
+                    f"--model {model!r} looks like an Ollama tag: add --backend ollama (the "
+                    f"embedded backend runs {', '.join(KNOWN_MODELS)} or a .gguf file)"
+                )
             if model not in KNOWN_MODELS and not (path.suffix == ".gguf" and path.is_file()):
                 raise ConfigError(
                     f"--model {model!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
@@ -331,7 +349,7 @@ def load_input(options: BatchOptions) -> BatchInput:
     items = items_from_table(
         sampled,
         prompt,
-        max_tokens=options.max_tokens,
+        max_tokens=options.max_tokens or tokens_for_schema(prompt.output_schema),
         temperature=0.0,
         seed=options.seed,
         structured=options.structured,
@@ -368,7 +386,8 @@ def convert(
     prompt: str | Path | None = None,
     sample: int | None = None,
     seed: int = DEFAULT_SEED,
-    max_tokens: int = 16,
+    max_tokens: int | None = None,
+    model: str | None = None,
 ) -> ConvertResult:
     """Write one OpenAI Batch line per CSV row (atomically); validates everything first."""
     src, dst = Path(input_path), Path(output_path)
@@ -380,10 +399,11 @@ def convert(
         raise ConfigError(f"the output {dst} is a directory; give a file name such as x.jsonl")
     if sample is not None and sample < 1:
         raise ConfigError(f"--sample {sample} must be at least 1 (or leave it out)")
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"--max-tokens {max_tokens} must be at least 1")
     table = read_candidates_csv(src, id_column)
     spec = load_prompt(prompt)
+    max_tokens = max_tokens or tokens_for_schema(spec.output_schema)
     sampled = _sample_table(table, sample, seed)
     # `schema`: the body carries response_format; items_from_batch turns it back into the
     # tight grammar, so a converted file runs exactly like the CSV with --structured grammar.
@@ -392,7 +412,10 @@ def convert(
     )
     out = bytearray()
     for item in items:
-        out += orjson.dumps(batch_line(item.custom_id, item_body(item)))
+        body = item_body(item)
+        if model:
+            body = {"model": model, **body}  # OpenAI's Batch API requires body.model
+        out += orjson.dumps(batch_line(item.custom_id, body))
         out += b"\n"
     atomic_write_text(dst, out.decode("utf-8"))
     return ConvertResult(src, dst, len(items), len(table.rows), spec.path or spec.name)
@@ -519,7 +542,7 @@ def batch_config(options: BatchOptions) -> RunConfig:
     cli: dict[str, Any] = {
         "backend": options.backend,
         "model": options.model,
-        "base_url": options.base_url,
+        "base_url": options.openai_url if options.backend == "openai" else options.base_url,
         "n_ctx": options.ctx,
         "concurrency": options.concurrency,
         "parallel": options.concurrency if embedded else None,
@@ -648,6 +671,8 @@ class _Plan:
     results: Path
     skipped: int
     config: RunConfig
+    job: dict[str, Any]
+    """The job's fingerprint, written beside the results when the run starts."""
     tally: MetricsCollector = field(default_factory=MetricsCollector)
     """This run's requests (an engine sink: it keeps its counts after an interruption)."""
     started: float | None = None
@@ -714,7 +739,9 @@ def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> 
         "strategy": cfg.strategy.value,
         "output_fields": list(data.fields),
         "structured": options.structured if data.kind == "csv" else "batch lines",
-        "max_tokens": options.max_tokens if data.kind == "csv" else "batch lines",
+        "max_tokens": data.items[0].max_tokens
+        if data.kind == "csv" and data.items
+        else "batch lines",
         "seed": options.seed,
     }
 
@@ -748,6 +775,16 @@ def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> None:
         path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
 
 
+def _write_job(results: Path, job: dict[str, Any]) -> None:
+    try:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(job_path(results), job)
+    except (OSError, OutputError) as exc:
+        raise OutputError(
+            f"cannot write next to {results}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
 def _prepare(options: BatchOptions) -> _Plan:
     options.validate()
     load_profile(options.config, options.config_profile)  # a bad config fails before any output
@@ -764,14 +801,28 @@ def _prepare(options: BatchOptions) -> _Plan:
         for cid, line in final.items()
         if cid in wanted and not (options.retry_failed and line.get("error") is not None)
     )
-    try:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(job_path(results), job)
-    except (OSError, OutputError) as exc:
-        raise OutputError(
-            f"cannot write next to {results}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
-    return _Plan(options, data, scores, results, skipped, config=config)
+    return _Plan(options, data, scores, results, skipped, config=config, job=job)
+
+
+def job_spec(
+    cfg: RunConfig,
+    *,
+    results: Path | None,
+    desc: str,
+    progress: bool = True,
+    retry_failed: bool = False,
+) -> JobSpec:
+    """The engine's job for a resolved configuration (already capped to the server's
+    context): `harness run` and `harness api` run the same."""
+    return JobSpec(
+        strategy=cfg.strategy.value,
+        policy=cfg.policy,
+        runner=RunnerConfig(concurrency=cfg.concurrency.value),
+        results_path=results,
+        retry_failed=retry_failed,
+        progress=progress,
+        desc=desc,
+    )
 
 
 REUSE_REPORT = Path("reports") / "prefix_reuse_results.json"
@@ -798,7 +849,15 @@ def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -
         f"concurrency: {cfg.concurrency.value} ({cfg.concurrency.source}); server slots: "
         f"{info.n_slots or cfg.parallel.value} ({cfg.parallel.source})",
         f"request path: {info.extra.get('request_path', 'native')} ({cfg.request_path.source})",
-        f"max tokens per reply: {plan.options.max_tokens}",
+        "max tokens per reply: "
+        + (
+            f"{plan.options.max_tokens} (command line)"
+            if plan.options.max_tokens
+            else f"{data.items[0].max_tokens if data.items else '-'} "
+            "(computed from the output schema)"
+            if data.kind == "csv"
+            else "each batch line's own"
+        ),
     ]
     if info.backend == "embedded":
         lines.append(
@@ -818,11 +877,15 @@ def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -
 
 def reuse_warning(lengths: PromptLengths, info: Any, report: Path) -> str | None:
     """A warning when the job's p99 candidate is as long as those at which phase 1's sweep saw
-    the server stop reusing the rubric (None when no sweep report exists or reuse held)."""
+    the server stop reusing the rubric (None when no sweep report of this backend and model
+    exists, or reuse held)."""
     try:
         data = orjson.loads(report.read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return None
+    measured = data.get("backend") if isinstance(data.get("backend"), dict) else {}
+    if (measured.get("name"), measured.get("model")) != (info.backend, info.model):
+        return None  # another server's sweep says nothing about this one
     path = data.get("production_path")
     falls = (data.get("reuse_falls_at_tokens") or {}).get(path)
     if not isinstance(falls, int | float) or lengths.p99 < falls:
@@ -858,15 +921,14 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
                 for warning in (too_long, reuse_warning(lengths, info, REUSE_REPORT)):
                     if warning:
                         print(f"harness run: warning: {warning}", file=sys.stderr, flush=True)
-                spec = JobSpec(
-                    strategy=cfg.strategy.value,
-                    policy=cfg.policy,
-                    runner=RunnerConfig(concurrency=cfg.concurrency.value),
-                    results_path=plan.results,
-                    retry_failed=options.retry_failed,
-                    progress=options.progress,
+                spec = job_spec(
+                    cfg,
+                    results=plan.results,
                     desc=f"run {data.path.name}",
+                    progress=options.progress,
+                    retry_failed=options.retry_failed,
                 )
+                _write_job(plan.results, plan.job)
                 plan.started = time.perf_counter()
                 await run_job(server, data.items, spec, sinks=[plan.add], counter=counter)
     finally:

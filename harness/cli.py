@@ -1,5 +1,5 @@
 """The `harness` command: `serve` a model, `convert` a CSV to batch JSONL, `generate` synthetic
-candidates, `run` a batch.
+candidates, `run` a batch, `doctor` a setup, `api`: OpenAI's Batch API over the engine.
 
 Exit codes: 0 all done; 1 finished with failed rows, or the server could not be reached;
 2 bad input or usage (one line on stderr, nothing created); 130 interrupted by Ctrl-C.
@@ -168,7 +168,16 @@ def _add_convert(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("output", metavar="OUTPUT.jsonl", help="batch file to write (replaced)")
     _add_input_options(p)
     p.add_argument(
-        "--max-tokens", type=_positive_int, default=16, help="max_tokens of each request"
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        help="max_tokens of each request (default: what the prompt's output schema needs)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="body.model of each line (OpenAI's Batch API requires it; `harness run` uses its "
+        "own --model)",
     )
 
 
@@ -213,6 +222,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         sample=args.sample,
         seed=args.seed,
         max_tokens=args.max_tokens,
+        model=args.model,
     )
     print(
         f"convert: wrote {result.lines} batch lines (of {result.rows} rows) to {result.output} "
@@ -245,6 +255,60 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_doctor(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check a setup before a long run: server, model, context, cached tokens, GPU, disk",
+        formatter_class=_Formatter,
+        description="Checks, one line each (ok / FAIL / note), with what to fix:\n"
+        "  the server answers and has the model; one request's context holds the rubric, the\n"
+        "  longest candidate and the reply with a 20% margin; the server reports cached prompt\n"
+        "  tokens; an NVIDIA GPU is visible (for a server on this machine); there is disk room\n"
+        "  for the results. INPUT is your candidates CSV (default: 200 generated ones).\n"
+        "Exit 0 when nothing failed, 1 otherwise.",
+    )
+    p.add_argument("input", nargs="?", default=None, metavar="INPUT", help="candidates CSV")
+    p.add_argument("--backend", default="embedded", help="embedded | openai | ollama")
+    p.add_argument("--model", default=None, help="the model (default: the backend's)")
+    p.add_argument("--base-url", default=None, metavar="URL", help="the server's URL")
+    p.add_argument("--ctx", type=_positive_int, default=None, metavar="N",
+                   help="context of one request (default: as harness run resolves it)")  # fmt: skip
+    _add_input_options(p)
+    p.add_argument("--max-tokens", type=_positive_int, default=16, metavar="N")
+    p.add_argument("--config", default="harness.yaml", metavar="harness.yaml")
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from harness.doctor import doctor
+    from harness.workload import write_candidates_csv
+
+    with tempfile.TemporaryDirectory(prefix="harness-doctor-") as tmp:
+        src = Path(args.input) if args.input else write_candidates_csv(Path(tmp) / "c.csv", 200)
+        options = BatchOptions(
+            input=src,
+            backend=args.backend,
+            model=args.model,
+            base_url=args.base_url,
+            ctx=args.ctx,
+            id_column=args.id_column,
+            prompt=Path(args.prompt) if args.prompt else None,
+            sample=args.sample,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            config=Path(args.config),
+            progress=False,
+        )
+        options.validate()
+        checks = doctor(options)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.status == "FAIL"]
+    print(f"doctor: {len(failed)} of {len(checks)} checks failed" if failed else "doctor: all ok")
+    return 1 if failed else 0
+
+
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     from harness.backends.openai import REQUEST_PATHS
     from harness.backends.server import SERVER_FLAGS
@@ -272,14 +336,15 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--model",
         default=None,
         help=f"embedded: {', '.join(KNOWN_MODELS)} or a .gguf path (default {DEFAULT_MODEL}); "
-        "openai/ollama: the server's model name (default: the server's own choice)",
+        "ollama: a tag (default gemma3:12b); openai: the served model (default: the server's "
+        "first)",
     )
     p.add_argument(
         "--base-url",
         default=None,
         metavar="URL",
-        help="server URL for --backend openai (required, e.g. http://127.0.0.1:8080/v1) or "
-        "ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434)",
+        help="server URL for --backend openai (default: $OPENAI_BASE_URL; e.g. "
+        "http://127.0.0.1:8080/v1) or ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434)",
     )
     p.add_argument(
         "--concurrency",
@@ -317,9 +382,10 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--max-tokens",
         type=_positive_int,
-        default=d.max_tokens,
+        default=None,
         metavar="N",
-        help="tokens per reply for CSV input (batch lines carry their own)",
+        help="tokens per reply for CSV input (batch lines carry their own) (default: what the "
+        "prompt's output schema needs: its longest answer + 8, 256 when a field is free text)",
     )
     p.add_argument(
         "--structured",
@@ -446,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_generate(sub)
     _add_run(sub)
+    _add_doctor(sub)
+    sub.add_parser(
+        "api",
+        help="serve OpenAI's Files and Batches API over the engine on 127.0.0.1 "
+        "(`harness api --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -454,12 +527,19 @@ _COMMANDS = {
     "convert": _cmd_convert,
     "generate": _cmd_generate,
     "run": _cmd_run,
+    "doctor": _cmd_doctor,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    if args_list[:1] == ["api"]:
+        # `harness api` has its own parser (harness.api.cli): the service's options.
+        from harness.api import main as api_main
+
+        return api_main(args_list[1:])
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(args_list)
     if extra:  # reported by the subcommand's parser: its name and its --help
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")

@@ -51,7 +51,8 @@ class MemorySample:
     source: str
     """Where the number came from, e.g. `rss:pid=4242`, `nvml:gpu0`, `ollama:/api/ps gemma3:12b`."""
     kind: str
-    """`host` (system RAM) or `device` (GPU memory)."""
+    """`host` (system RAM, read from the process), `device` (GPU memory, read from the
+    device), or `ollama` (Ollama's own accounting of a loaded model, not a reading)."""
     total_bytes: int | None = None
     """Capacity of the resource measured (device total, system RAM), when known."""
     timestamp: float = field(default_factory=time.time)
@@ -306,7 +307,9 @@ class OllamaPsProbe:
             "spilled": size_vram < size,
             "context_length": entry.get("context_length"),
         }
-        return MemorySample(size, self.source, "device", detail=detail)
+        # Ollama's own accounting of the model (GPU part and, when spilled, system memory):
+        # not a device reading.
+        return MemorySample(size, self.source, "ollama", detail=detail)
 
     def close(self) -> None:
         self._client.close()
@@ -342,6 +345,13 @@ class EnergyMeter:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._end_j = self.probe.energy_joules()
+
+    @property
+    def method(self) -> str:
+        """How `watt_hours` was obtained: the energy counter, or power samples integrated."""
+        if self._start_j is not None and self._end_j is not None:
+            return "NVML energy counter"
+        return f"NVML power, {len(self._power)} samples integrated"
 
     @property
     def watt_hours(self) -> float | None:

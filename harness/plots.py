@@ -36,9 +36,11 @@ from harness.fileio import atomic_write_bytes
 from harness.metrics import linear_fit
 
 __all__ = [
+    "BreakdownRow",
     "EfficiencyRow",
     "MemoryPoint",
     "SavingsRow",
+    "plot_breakdown",
     "plot_efficiency",
     "plot_memory_vs_context",
     "plot_savings_by_strategy",
@@ -295,6 +297,8 @@ def plot_throughput_over_run(
     window_s: float | None = None,
     start_s: float = 0.0,
     title: str = "Throughput and latency over the run",
+    window_requests: int | None = None,
+    roofline_rps: float | None = None,
 ) -> Path:
     """Rolling throughput (req/s) above per-request latency (ms), sharing a time axis.
 
@@ -340,7 +344,21 @@ def plot_throughput_over_run(
     window = _num(window_s)
     if window is None or window <= 0:
         window = span / 20 if span > 0 else 1.0
-    if span > 0:
+    if span > 0 and window_requests and len(times) > window_requests:
+        # Windows of requests, not of seconds: k completions over the time they took, so a
+        # slow run (2 req/s) draws no spikes of 0 and 2x the mean.
+        k = int(window_requests)
+        rates = k / np.maximum(times[k:] - times[:-k], 1e-9)
+        ax_rps.plot(times[k:], rates, color="tab:blue", label=f"over the last {k} requests")
+        median = float(np.median(rates))
+        ax_rps.axhline(median, color="tab:gray", linestyle="--", label=f"median {median:.3g} req/s")
+        if roofline_rps:
+            ax_rps.axhline(
+                roofline_rps, color="tab:red", linestyle=":", label=f"roofline {roofline_rps:.3g}"
+            )
+        ax_rps.set_ylim(bottom=0)
+        _legend(ax_rps)
+    elif span > 0:
         # Full windows only, once the run is longer than one: a partial window at the start
         # divides a few completions by a tiny span and draws a spike.
         first = t_lo + window if span > window else t_lo + span / 400
@@ -573,4 +591,41 @@ def plot_efficiency(
             _annotate(ax2, i, v, f"{v:.3g}" if v is not None else "n/a")
         ax2.set_ylim(0, top2)
     axes[-1].set_xticks(range(len(data)), names, fontsize="small")
+    return _save(fig, path)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakdownRow:
+    """Where one variant's request time went, in milliseconds per request."""
+
+    label: str
+    overhead_ms: float
+    """Client-seen time the server did not spend on prompt or decode (HTTP, template,
+    tokenization, scheduling, the engine)."""
+    prefill_ms: float
+    decode_ms: float
+
+
+def plot_breakdown(rows: Sequence[BreakdownRow], path: str | Path, *, title: str = "") -> Path:
+    """A stacked bar per variant: overhead, prefill and decode time per request."""
+    fig = _new_figure(8.0, 4.5)
+    ax = fig.subplots()
+    ax.set_title(title or "Time per request, by where it went")
+    ax.set_ylabel("ms per request (mean)")
+    if not rows:
+        _no_data(ax)
+        return _save(fig, path)
+    xs = list(range(len(rows)))
+    bottom = [0.0] * len(rows)
+    for attr, color, label in (
+        ("prefill_ms", "tab:blue", "prefill (server)"),
+        ("decode_ms", "tab:green", "decode (server)"),
+        ("overhead_ms", "tab:orange", "neither: template, tokenizing, HTTP, engine"),
+    ):
+        values = [max(0.0, float(getattr(r, attr))) for r in rows]
+        ax.bar(xs, values, bottom=bottom, color=color, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(xs, [r.label for r in rows], rotation=15, ha="right")
+    ax.grid(True, axis="y", alpha=0.3)
+    _legend(ax)
     return _save(fig, path)

@@ -187,18 +187,6 @@ class RunConfig:
         out["predicted_memory_gb"] = self.predicted_memory_gb
         return out
 
-    def describe(self) -> list[str]:
-        """One line per setting, `name: value (source)`, for the start banner."""
-        lines = [f"{k}: {v.value} ({v.source})" for k, v in self.settings().items()]
-        if self.predicted_memory_gb is not None:
-            lines.append(
-                f"predicted server memory: {self.predicted_memory_gb:.2f} GB (phase 1: "
-                f"{self.model_memory_gb} GB + {self.kv_mb_per_token} MB/token × "
-                f"{self.n_ctx.value * self.parallel.value} tokens)"
-            )
-        lines += [f"not applied: {why}" for why in self.ignored]
-        return lines
-
 
 def _replace(cfg: RunConfig, **changes: Any) -> RunConfig:
     from dataclasses import replace
@@ -206,17 +194,24 @@ def _replace(cfg: RunConfig, **changes: Any) -> RunConfig:
     return replace(cfg, **changes)
 
 
-def _measured(config: ProfileConfig, backend: str) -> tuple[dict[str, Any], list[str]]:
-    """harness.yaml values measured on `backend` (or of unknown provenance); others ignored."""
+def _measured(
+    config: ProfileConfig, backend: str, model: str | None
+) -> tuple[dict[str, Any], list[str]]:
+    """harness.yaml values measured on this backend and model (or set by hand: no
+    provenance); values measured on another backend or model are ignored, and listed."""
     use: dict[str, Any] = {}
     ignored: list[str] = []
     for key, value in config.values.items():
         if value is None:
             continue
         prov = config.provenance.get(key)
-        measured_on = prov.get("backend") if isinstance(prov, Mapping) else None
-        if measured_on and measured_on != backend:
-            ignored.append(f"{key} = {value} (measured on {measured_on}, this run is {backend})")
+        on = prov.get("backend") if isinstance(prov, Mapping) else None
+        of = prov.get("model") if isinstance(prov, Mapping) else None
+        if on and on != backend:
+            ignored.append(f"{key} = {value} (measured on {on}, this run is {backend})")
+            continue
+        if of and model and of != model:
+            ignored.append(f"{key} = {value} (measured with {of}, this run uses {model})")
             continue
         use[key] = value
     return use, ignored
@@ -259,7 +254,8 @@ def resolve_run_config(
     backend: Value[str] = _first(
         backend_default, (cli.get("backend"), CLI), (scen.get("backend"), SCENARIO)
     )
-    measured, ignored = _measured(config, backend.value)
+    model_given = cli.get("model") or scen.get("model") or DEFAULT_MODELS.get(backend.value)
+    measured, ignored = _measured(config, backend.value, model_given or None)
 
     def pick(key: str, yaml_key: str | None, default: Any) -> Value[Any]:
         return _first(
@@ -296,6 +292,18 @@ def resolve_run_config(
     for name, v in (("n_ctx", n_ctx), ("parallel", parallel), ("concurrency", concurrency)):
         if int(v.value) < 1:
             raise ConfigError(f"{name} = {v.value} ({v.source}) must be at least 1")
+    strategy = pick("strategy", "STRATEGY", "stateless")
+    if (
+        backend.value == "embedded"
+        and strategy.value == "conversation"
+        and int(concurrency.value) > int(parallel.value)
+    ):
+        raise ConfigError(
+            f"the conversation strategy with concurrency {concurrency.value} "
+            f"({concurrency.source}) on {parallel.value} server slot(s) ({parallel.source}): "
+            "two conversations would share a slot and evict each other's history; give as "
+            "many slots as concurrent requests"
+        )
     return RunConfig(
         profile=profile,
         backend=backend,
@@ -306,7 +314,7 @@ def resolve_run_config(
         concurrency=Value(int(concurrency.value), concurrency.source),
         server_flags=flags,
         request_path=pick("request_path", "REQUEST_PATH", None),
-        strategy=pick("strategy", "STRATEGY", "stateless"),
+        strategy=strategy,
         max_context_tokens=Value(int(max_ctx.value), max_ctx.source),
         trim_threshold=Value(int(threshold.value), threshold.source),
         trim_interval=pick("trim_interval", "TRIM_INTERVAL", None),

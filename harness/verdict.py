@@ -201,7 +201,16 @@ def _projection(entries: Sequence[ReportEntry]) -> list[str]:
 def verdict(report_dir: Path, config_path: Path) -> Verdict:
     """The verdict over every report in `report_dir` (see the module docstring)."""
     entries = read_reports(report_dir)
-    prod = [e for e in entries if e.profile == PRODUCTION_PROFILE]
+    # Production's own measurements only: its profile, on Ollama, not a test double, one model.
+    prod = [
+        e
+        for e in entries
+        if e.profile == PRODUCTION_PROFILE and e.backend == "ollama" and not _is_double(e)
+    ]
+    models = sorted({e.model for e in prod})
+    if len(models) > 1:
+        newest = max(prod, key=lambda e: e.generated_at).model
+        prod = [e for e in prod if e.model == newest]
     files = {e.file: e for e in prod}
     missing = [name for name, file in REQUIRED_PHASES if file not in files]
     not_measured = [f"{e.file}: ungated (no criteria were checked)" for e in entries
@@ -246,6 +255,10 @@ def verdict(report_dir: Path, config_path: Path) -> Verdict:
         reasons = [f"every required phase of {PRODUCTION_PROFILE} passed"]
     if missing and decision != "incomplete":
         reasons.append(f"phases not run yet: {', '.join(missing)}")
+    if len(models) > 1:
+        reasons.append(
+            f"reports of several models ({', '.join(models)}): the verdict reads {prod[0].model}'s"
+        )
     return Verdict(
         decision, reasons, _settings(config_path, PRODUCTION_PROFILE), _projection(prod),
         not_measured,

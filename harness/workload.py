@@ -38,6 +38,7 @@ __all__ = [
     "read_batch_jsonl",
     "read_candidates_csv",
     "tight_grammar",
+    "tokens_for_schema",
     "write_candidates_csv",
 ]
 
@@ -460,7 +461,10 @@ def read_batch_jsonl(path: str | Path) -> list[dict[str, Any]]:
     text = _read_text(p)
     lines: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at \n alone: JSON strings may hold U+2028, U+0085 or form feeds raw (pasted
+    # CVs do), which str.splitlines() would also split on.
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:
@@ -739,3 +743,36 @@ def rubric_of_tokens(n_tokens_hint: int, seed: int = 0) -> str:
         out.append(w)
         size += len(w) + 1
     return " ".join(out)
+
+
+def tokens_for_schema(schema: Mapping[str, Any] | None) -> int:
+    """Reply tokens the output schema needs, with room to spare: its longest instance's
+    characters (Gemma's tokenizer gives about one token per 1-3 characters of JSON) plus 8,
+    when every field is bounded (integers with a maximum, enums, booleans); 256 when a field is
+    free text; 16 without a schema."""
+    if not schema:
+        return 16
+    longest = _longest_instance(schema)
+    return 256 if longest is None else len(longest) + 8
+
+
+def _longest_instance(schema: Mapping[str, Any]) -> str | None:
+    kind = schema.get("type")
+    if "enum" in schema:
+        return max((json.dumps(v) for v in schema["enum"]), key=len, default="null")
+    if kind == "integer":
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if lo is None or hi is None:
+            return None
+        return max(str(int(lo)), str(int(hi)), key=len)
+    if kind == "boolean":
+        return "false"
+    if kind == "object":
+        parts = []
+        for name, sub in (schema.get("properties") or {}).items():
+            value = _longest_instance(sub) if isinstance(sub, Mapping) else None
+            if value is None:
+                return None
+            parts.append(f'"{name}": {value}')
+        return "{" + ", ".join(parts) + "}"
+    return None

@@ -1,7 +1,9 @@
-"""Check that a scores CSV holds every id of the input CSV exactly once, and nothing else.
+"""Check that a run's results hold every id of the input exactly once, and nothing else.
 
-    python scripts/check_once.py INPUT.csv SCORES.csv [--id-column id]
+    python scripts/check_once.py INPUT.csv RESULTS.jsonl [--id-column id]
 
+Reads the results JSONL (not the scores CSV, which keeps one row per id whatever happened): an
+id may appear again only after an error line (a --retry-failed retry, whose line is final).
 Prints one line with the counts; exits 1 when an id is missing, repeated or foreign.
 """
 
@@ -9,28 +11,36 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from collections import Counter
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("input")
-    parser.add_argument("scores")
+    parser.add_argument("results")
     parser.add_argument("--id-column", default="id")
     args = parser.parse_args()
     with open(args.input, newline="", encoding="utf-8") as fh:
         wanted = [row[args.id_column] for row in csv.DictReader(fh)]
-    with open(args.scores, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    seen = Counter(row["custom_id"] for row in rows)
-    missing = [i for i in wanted if i not in seen]
-    repeated = [i for i, n in seen.items() if n > 1]
-    foreign = sorted(set(seen) - set(wanted))
-    statuses = Counter(row["status"] for row in rows)
+    final: dict[str, bool] = {}
+    repeated: list[str] = []
+    with open(args.results, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            cid, ok = rec["custom_id"], rec.get("error") is None
+            if final.get(cid) is True:
+                repeated.append(cid)  # a line after a success: a duplicate
+            final[cid] = ok
+    missing = [i for i in wanted if i not in final]
+    foreign = sorted(set(final) - set(wanted))
+    statuses = Counter("ok" if ok else "error" for ok in final.values())
     print(
-        f"{args.scores}: {len(wanted)} input ids, {len(seen)} in the scores; missing "
-        f"{len(missing)}, repeated {len(repeated)}, foreign {len(foreign)}; statuses "
+        f"{args.results}: {len(wanted)} input ids, {len(final)} in the results; missing "
+        f"{len(missing)}, repeated {len(repeated)}, foreign {len(foreign)}; final statuses "
         + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
     )
     return 1 if missing or repeated or foreign else 0

@@ -432,7 +432,7 @@ def test_run_help_explains_every_option_with_its_default(
         ("--request-path", "(default: tokens for the embedded server, chat for --backend openai)"),
         ("--server-flags", "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)"),
         ("--id-column", "(default: id)"),
-        ("--max-tokens", "(default: 16)"),
+        ("--max-tokens", "(default: what the prompt's output schema needs"),
         ("--structured", "(default: grammar)"),
         ("--ctx", "Ollama: the context it loaded the model with; else 8192)"),
         ("--seed", "(default: 42)"),
@@ -460,7 +460,8 @@ def test_top_level_help_lists_convert_and_run(capsys: pytest.CaptureFixture[str]
         main(["convert", "--help"])
     text = flat(capsys.readouterr().out)
     assert "--max-tokens" in text
-    assert "(default: 16)" in text
+    assert "(default: what the prompt's output schema needs)" in text
+    assert "body.model of each line" in text
 
 
 # -- convert ----------------------------------------------------------------------------------
@@ -544,7 +545,8 @@ def test_run_csv_writes_scores_results_summary_and_progress(
     for request in seen:
         assert request.grammar == tight_grammar(schema)
         assert request.output_schema == schema
-        assert (request.temperature, request.seed, request.max_tokens) == (0.0, 9, 16)
+        # 21: the schema's longest answer, {"score": 10}, is 13 characters, + 8.
+        assert (request.temperature, request.seed, request.max_tokens) == (0.0, 9, 21)
     # The results file: OpenAI Batch output lines plus the harness object.
     lines = results(Path("c_results.jsonl"))
     assert [ln["custom_id"] for ln in lines] == [r["custom_id"] for r in rows]
@@ -577,7 +579,11 @@ def test_output_option_places_results_next_to_it(in_tmp: Path, use_double: UseDo
     use_double()
     write_candidates_csv("c.csv", 3, seed=5)
     assert main(["run", "c.csv", "--output", "out/final.csv", "--no-progress"]) == 0
-    assert sorted(p.name for p in Path("out").iterdir()) == ["final.csv", "final_results.jsonl"]
+    assert sorted(p.name for p in Path("out").iterdir()) == [
+        "final.csv",
+        "final_results.job.json",  # the job's fingerprint, checked on resume
+        "final_results.jsonl",
+    ]
     assert not Path("c_scores.csv").exists()
     assert len(read_csv(Path("out/final.csv"))) == 3
 
@@ -992,3 +998,35 @@ def test_an_outsize_field_is_that_rows_error_and_the_run_goes_on(
     assert "ContextOverflow" in scores[long_id]["error"]
     assert all(r["status"] == "ok" for cid, r in scores.items() if cid != long_id)
     assert f"the longest row ({long_id}" in capsys.readouterr().err
+
+
+def test_run_prints_the_banner_with_each_setting_and_its_source(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_double()
+    write_candidates_csv("c.csv", 3, seed=2)
+    Path("harness.yaml").write_text(
+        "profiles:\n  embedded:\n    n_ctx: 12000\n    TRIM_INTERVAL: 40\n"
+        "    provenance:\n      n_ctx: {report: reports/context_limit_results.json,"
+        " backend: embedded}\n",
+        encoding="utf-8",
+    )
+    assert (
+        main(["run", "c.csv", "--no-progress", "--structured", "none", "--concurrency", "1"]) == 0
+    )
+    lines = [ln.removeprefix("harness run: ") for ln in capsys.readouterr().err.splitlines()]
+    banner = {ln.split(":", 1)[0]: ln for ln in lines}
+    assert banner["backend"].startswith("backend: double (command line)")
+    assert banner["model"] == "model: double (default)" or "(default)" in banner["model"]
+    assert banner["prompt"].startswith("prompt: recruiter-rubric-v1 (")
+    assert "sha256 " in banner["prompt"]
+    # The double answers 1,000,000 tokens: the measured n_ctx (harness.yaml) is what runs.
+    assert banner["strategy"].startswith("strategy: stateless (default); trim at ")
+    assert "every 40 requests (harness.yaml)" in banner["strategy"]
+    assert banner["concurrency"].startswith("concurrency: 1 (command line)")
+    assert banner["request path"].startswith("request path: ")
+    assert banner["max tokens per reply"] == (
+        "max tokens per reply: 21 (computed from the output schema)"
+    )
+    assert banner["config"] == "config: harness.yaml profile embedded (read)"
+    assert banner["prompt tokens"].startswith("prompt tokens: rubric ")

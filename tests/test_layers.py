@@ -39,6 +39,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.htmlreport",
         "harness.phases",
         "harness.batch",
+        "harness.doctor",
         "harness.testing",
     ),
     # 5: the entry points: the pytest plugin, the command line, the Batch API service

@@ -262,7 +262,7 @@ def test_ollama_ps_fully_loaded() -> None:
         probe.close()
     assert len(seen) == 1
     assert sample.used_bytes == entry["size"] == entry["size_vram"]
-    assert sample.kind == "device"
+    assert sample.kind == "ollama"  # Ollama's own accounting, not a device reading
     assert sample.source == probe.source == f"ollama:/api/ps {entry['name']}"
     assert sample.detail == {
         "size": entry["size"],

@@ -63,8 +63,11 @@ def test_drift_is_the_largest_change_of_any_control_and_unknown_when_one_did_not
 
 
 def test_accuracy_against_the_probe_rule() -> None:
-    rows = {"c0": {"data_infra_years": "0"}, "c1": {"data_infra_years": "7"},
-            "c2": {"data_infra_years": "14"}}  # fmt: skip
+    rows = {
+        "c0": {"data_infra_years": "0"},
+        "c1": {"data_infra_years": "7"},
+        "c2": {"data_infra_years": "14"},
+    }
     expected = q.probe_expected(rows)
     its = items(3)
     assert [expected(it) for it in its] == [1, 7, 10]
@@ -99,8 +102,9 @@ def test_quality_figures_on_the_double() -> None:
     backend = InProcessDouble()
 
     def run(its: Sequence[WorkItem], strategy: str) -> list[RequestRecord]:
-        spec = JobSpec(strategy=strategy, policy=TrimPolicy(100_000), progress=False,
-                       keep_records=True)  # fmt: skip
+        spec = JobSpec(
+            strategy=strategy, policy=TrimPolicy(100_000), progress=False, keep_records=True
+        )
         return asyncio.run(run_job(backend, list(its), spec)).records
 
     runs = q.QualityRuns(
@@ -117,7 +121,9 @@ def test_quality_figures_on_the_double() -> None:
     assert figures["drift_spread"] == 0  # the double scores the last message: no drift
     assert figures["parse_rate"] == 1.0
     assert figures["accuracy"] is None
-    assert figures["requests"] == 3 + 8 + 8 + 12
+    # 2 controls need room for 5 places each: the conversation is 15 long, not 12.
+    assert figures["requests"] == 3 + 8 + 8 + len(plan.conversation)
+    assert len(plan.conversation) == 15
 
 
 def test_a_run_whose_replies_never_parse_scores_zero() -> None:
@@ -128,8 +134,9 @@ def test_a_run_whose_replies_never_parse_scores_zero() -> None:
         spec = JobSpec(policy=TrimPolicy(100_000), progress=False, keep_records=True)
         return asyncio.run(run_job(garbage, list(its), spec)).records
 
-    runs = q.QualityRuns(run(plan.repeats), run(plan.candidates), run(plan.candidates),
-                         run(plan.conversation), [])  # fmt: skip
+    runs = q.QualityRuns(
+        run(plan.repeats), run(plan.candidates), run(plan.candidates), run(plan.conversation), []
+    )
     figures = q.quality_figures(plan, runs, expected=None)
     assert figures["reproducible_rate"] == 0.0
     assert figures["consistency_rate"] == 0.0
@@ -157,17 +164,30 @@ def test_limits_figures_and_the_config_they_recommend() -> None:
     geom = geometry_from_metadata(GEMMA3_META, source="t")
     theory, note = theory_or_none(geom)
     assert theory is not None and theory.bytes_per_token_growing == 3072
-    measured = [Measurement(4096, 300_000_000 + 3072 * 4096, "rss:pid=1"),
-                Measurement(8192, 300_000_000 + 3072 * 8192, "rss:pid=2")]  # fmt: skip
+    measured = [
+        Measurement(4096, 300_000_000 + 3072 * 4096, "rss:pid=1"),
+        Measurement(8192, 300_000_000 + 3072 * 8192, "rss:pid=2"),
+    ]
     fit = MemoryFit(slope=3072.0, intercept=300_000_000.0, r_squared=1.0)
     search = LimitSearch(32768, "trained context", None, [], [])
-    rec_cfg = recommended_config(max_ctx=32768, fit=fit, interval=50, parallel=1,
-                                 server_flags="ollama")  # fmt: skip
+    rec_cfg = recommended_config(max_ctx=32768, fit=fit, parallel=1, server_flags="ollama")
+    assert "TRIM_INTERVAL" not in rec_cfg  # the performance phase's, measured
     assert rec_cfg["CONTEXT_TRIM_THRESHOLD"] == int(32768 * 0.8)
     assert rec_cfg["SERVER_FLAGS"] == "ollama"
-    figures = limits_figures(model="m", geom=geom, theory=theory, theory_note=note,
-                             measured=measured, skipped=[], fit=fit, search=search, budget=10**9,
-                             budget_source="t", tokens={}, recommended=rec_cfg)  # fmt: skip
+    figures = limits_figures(
+        model="m",
+        geom=geom,
+        theory=theory,
+        theory_note=note,
+        measured=measured,
+        skipped=[],
+        fit=fit,
+        search=search,
+        budget=10**9,
+        budget_source="t",
+        tokens={},
+        recommended=rec_cfg,
+    )
     assert figures["kv_theory_ratio"] == 1.0
     assert figures["within_budget"] is True
     assert figures["kv_bytes_per_token_source"] == "rss:pid=1"

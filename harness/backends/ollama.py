@@ -282,7 +282,7 @@ class OllamaBackend(Backend):
         except (TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"Ollama at {self.base_url} sent a malformed reply") from exc
         complete = prompt_count_complete(self.version) and evaluated is not None
-        if cached is not None and not prompt_count_complete(self.version):
+        if cached is not None and self.version == (0, 30, 0):
             prompt_tokens += cached  # 0.30.0 counted new tokens only
 
         def ms(key: str) -> float | None:

@@ -224,10 +224,15 @@ class Runner:
             usage = result.usage
             shortfall = self._truncated(plan.prompt_tokens, usage)
             if shortfall is not None or result.context_shifted:
-                # The model did not see the prompt that was sent: never a result.
+                # The model did not see the prompt that was sent: never a result. A rolling
+                # conversation is trimmed and the request sent once more (as for an overflow
+                # the server reports), so one long history does not fail the rows after it.
                 rec.prompt_tokens = usage.prompt_tokens
-                rec.context_shifted = result.context_shifted
+                rec.context_shifted = rec.context_shifted or result.context_shifted
                 self._last.pop(key, None)
+                if isinstance(self.strategy, ConversationStrategy) and not overflow_retried:
+                    overflow_retried = force_trim = True
+                    continue
                 return self._fail(
                     rec, shortfall or self._shifted(plan.prompt_tokens), "ContextOverflow"
                 )

@@ -117,7 +117,8 @@ class ResultsStore:
                         "or fix that line to resume"
                     ) from None
                 failed = obj.get("error") is not None
-                if cid in self.done or (cid in last_error and not last_error[cid]):
+                if cid in last_error and not last_error[cid]:
+                    # Only an error may be followed by another line of its id (its retry).
                     raise OutputError(f"{self.path}:{n}: custom_id {cid!r} appears twice")
                 if cid in last_error:  # a retried error: this later line supersedes it
                     self.previous_errors -= 1

@@ -93,15 +93,15 @@ def recommended_config(
     *,
     max_ctx: int,
     fit: MemoryFit,
-    interval: int,
     parallel: int,
     server_flags: str | None,
 ) -> dict[str, Any]:
-    """The values phase 1 writes to harness.yaml (phase 5 of the roadmap)."""
+    """The values phase 1 writes to harness.yaml (phase 5 of the roadmap). TRIM_INTERVAL is
+    the performance phase's (measured at several intervals); phase 1 reports the most
+    exchanges that fit under the threshold (`trim_interval_that_fits`) as its bound."""
     out: dict[str, Any] = {
         "MAX_CONTEXT_TOKENS": max_ctx,
         "CONTEXT_TRIM_THRESHOLD": int(max_ctx * SAFE_FRACTION),
-        "TRIM_INTERVAL": interval,
         "MODEL_VRAM_GB": round(fit.intercept / 1e9, 3),
         "KV_CACHE_PER_TOKEN_MB": round(fit.slope / 1e6, 6),
         "n_ctx": max_ctx,

@@ -145,6 +145,8 @@ def plan_quality(
     """Items for: `repeats` of one control; `candidates` scored twice; a conversation of
     `conversation_length` with `controls` control candidates at the start, quarters and end;
     and `bias_pairs` candidates with one field changed (by `variant(item, field)`)."""
+    if candidates < 1 or len(pool) < 2:
+        raise ValueError("the quality phase needs at least one candidate besides the control")
     control, rest = pool[0], list(pool[1 : 1 + candidates])
     plan = QualityPlan(
         repeats=[_renamed(control, f"{control.custom_id}#repeat{i}") for i in range(repeats)],
@@ -153,12 +155,14 @@ def plan_quality(
         control_positions={},
     )
     picks = [pool[0], *pool[1 + candidates : 1 + candidates + controls - 1]][:controls]
-    n = max(conversation_length, 5)
+    # Room for every control at five places (start, quarters, end) without collisions.
+    n = max(conversation_length, 5 * len(picks) + 5)
     slots = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
     at: dict[int, WorkItem] = {}
     for k, ctl in enumerate(picks):
         # Control k sits k places after each slot, and k places before the end.
         positions = sorted({min(n - 1 - k, p + k) for p in slots[:-1]} | {n - 1 - k})
+        assert not set(positions) & set(at), "control positions collide"
         plan.control_positions[ctl.custom_id] = positions
         for p in positions:
             at[p] = _renamed(ctl, f"{ctl.custom_id}#pos{p}")
@@ -196,11 +200,12 @@ def agreement(
     plan: QualityPlan, conv: Sequence[RequestRecord], stateless: Mapping[str, int | None]
 ) -> float | None:
     """Share of candidates scored the same inside the conversation as alone."""
+    by_id = {r.custom_id: r for r in conv}
     pairs = []
-    for item, rec in zip(plan.conversation, conv, strict=False):
+    for item in plan.conversation:
         base = item.custom_id.split("#", 1)[0]
         if base in stateless and "#conv" in item.custom_id:
-            pairs.append((score(rec), stateless[base]))
+            pairs.append((score(by_id.get(item.custom_id)), stateless[base]))
     if not pairs:
         return None
     return sum(1 for a, b in pairs if a is not None and a == b) / len(pairs)

@@ -11,6 +11,9 @@ the rubric the server reuses by candidate length (`prefix_reuse_results.json`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from harness.engine.job import open_token_counter
@@ -28,7 +31,6 @@ from harness.memory import NvmlProbe, NvmlUnavailable, system_memory_bytes
 from harness.models import ModelGeometry, geometry_from_gguf, resolve_model
 from harness.phases import context_shape, items_for, prompt_for, recommended_trim_interval
 from harness.phases.context_limits import (
-    SAFE_FRACTION,
     limits_figures,
     other_layout_kv,
     recommended_config,
@@ -86,48 +88,34 @@ def test_context_limits(harness: HarnessSession) -> None:
     scenario = harness.scenario(SCENARIO)
     profile = scenario.profile(harness.profile)
     cfg = harness.run_config(scenario)
-    model = cfg.model.value
     probe, geom = probe_and_geometry(harness, cfg)
-    theory, theory_note = theory_or_none(geom)
     sizes = [
         n for n in (profile.sweep or []) if not geom.context_length or n <= geom.context_length
     ]
     assert len(sizes) >= 2, f"{scenario.path}: the sweep needs two sizes within the trained context"
-
-    def show(m: Measurement) -> None:
-        shown = f"{m.memory_bytes / 2**20:.1f} MiB" if m.memory_bytes else f"failed: {m.error}"
-        harness.say(f"context limits: n_ctx {m.n_ctx}: {shown} ({m.source}, {m.seconds:.1f} s)")
-
     budget, budget_source = memory_budget(harness, cfg, profile.memory_budget)
-    measured, skipped = sweep(probe, sizes, budget, on_measure=show)
+    measured, skipped = sweep(probe, sizes, budget, on_measure=show(harness))
     fit = fit_memory(measured)
     search = search_max_context(
-        probe, measured, fit, budget, trained=geom.context_length, step=256, on_measure=show
+        probe,
+        measured,
+        fit,
+        budget,
+        trained=geom.context_length,
+        step=256,
+        on_measure=show(harness),
     )
-    safe = int(search.max_context_tokens * SAFE_FRACTION)
-
-    # Tokens of the workload (shared rubric, one exchange) give the trim interval.
-    items = items_for(scenario, harness.profile, 20)
-
+    # Tokens of the workload (shared rubric, one exchange) bound the trim interval.
     backend = harness.backend(cfg)
-
-    async def shape() -> dict[str, float]:
-        async with open_token_counter(backend) as counter:
-            return await context_shape(counter, items)
-
-    tokens = harness.run(shape())
+    tokens = harness.run(workload_shape(backend, items_for(scenario, harness.profile, 20)))
     harness.release(backend)
-    interval = recommended_trim_interval(safe, tokens)
     flags = cfg.server_flags.value if cfg.backend.value == "embedded" else None
     recommended = recommended_config(
-        max_ctx=search.max_context_tokens,
-        fit=fit,
-        interval=interval,
-        parallel=cfg.parallel.value,
-        server_flags=flags,
+        max_ctx=search.max_context_tokens, fit=fit, parallel=cfg.parallel.value, server_flags=flags
     )
+    theory, theory_note = theory_or_none(geom)
     figures = limits_figures(
-        model=model,
+        model=cfg.model.value,
         geom=geom,
         theory=theory,
         theory_note=theory_note,
@@ -140,79 +128,102 @@ def test_context_limits(harness: HarnessSession) -> None:
         tokens=tokens,
         recommended=recommended,
     )
-    figures["server_flags"] = flags
-    figures["config"] = cfg.to_dict()
+    figures.update(
+        server_flags=flags,
+        trim_interval_that_fits=recommended_trim_interval(figures["safe_context_tokens"], tokens),
+        config=cfg.to_dict(),
+    )
     if cfg.backend.value == "embedded":
         figures["kv_other_layout"] = other_layout_kv(
-            model, sizes, server_flags=cfg.server_flags.value, on_measure=show
+            cfg.model.value, sizes, server_flags=cfg.server_flags.value, on_measure=show(harness)
         )
     report = harness.report("context_limit_results.json", scenario, figures, backend=backend)
-    other = figures.get("kv_other_layout") or {}
-    harness.say(
-        f"context limits ({flags or cfg.backend.value}): base {fit.intercept / 2**20:.1f} MiB, "
-        f"KV {fit.slope:.0f} B/token (theory {figures['kv_bytes_per_token_theory']}, "
-        f"R² {fit.r_squared:.4f}); {other.get('layout', '')}: "
-        f"{other.get('kv_bytes_per_token') or 0:.0f} B/token; max context "
-        f"{search.max_context_tokens} ({search.limited_by}, budget {budget / 2**20:.0f} MiB), "
-        f"safe {safe}, trim every {interval}"
-    )
+    say_limits(harness, figures)
     # Neither the sweep nor the search ever loaded a server over the budget.
     assert figures["within_budget"], "a server was started whose memory exceeded the budget"
     harness.gate(report)
     # Only a phase that passed writes its figures to harness.yaml.
-    harness.recommend(recommended, harness.report_dir / "context_limit_results.json", None)
+    harness.recommend(recommended, harness.report_dir / "context_limit_results.json", backend)
+
+
+def show(harness: HarnessSession) -> Callable[[Measurement], None]:
+    def say(m: Measurement) -> None:
+        shown = f"{m.memory_bytes / 2**20:.1f} MiB" if m.memory_bytes else f"failed: {m.error}"
+        harness.say(f"context limits: n_ctx {m.n_ctx}: {shown} ({m.source}, {m.seconds:.1f} s)")
+
+    return say
+
+
+def say_limits(harness: HarnessSession, f: dict[str, Any]) -> None:
+    other = f.get("kv_other_layout") or {}
+    harness.say(
+        f"context limits ({f['server_flags'] or 'ollama'}): base "
+        f"{f['base_model_memory_bytes'] / 2**20:.1f} MiB, KV {f['kv_bytes_per_token']:.0f} B/token "
+        f"(theory {f['kv_bytes_per_token_theory']}, R² {f['r_squared']:.4f}); "
+        f"{other.get('layout', '')}: {other.get('kv_bytes_per_token') or 0:.0f} B/token; max "
+        f"context {f['max_context_tokens']} ({f['limited_by']}), safe {f['safe_context_tokens']}, "
+        f"trim interval that fits {f['trim_interval_that_fits']}"
+    )
 
 
 def test_prefix_reuse_by_candidate_length(harness: HarnessSession) -> None:
     scenario = harness.scenario(REUSE_SCENARIO)
-    profile = scenario.profile(harness.profile)
+    opts = scenario.profile(harness.profile).options
     cfg = harness.run_config(scenario)
-    opts = profile.options
-    lengths = [int(n) for n in opts.get("lengths", [100, 400, 800, 1600])]
     if cfg.backend.value == "ollama":
-        paths = ["ollama"]
-        production = "ollama"
+        paths, production = ["ollama"], "ollama"
     else:
         paths = [str(p) for p in opts.get("paths", ["chat", "text"])]
         production = str(opts.get("production_path", "text"))
+    assert production in paths, f"{scenario.path}: production_path {production!r} not in {paths}"
     backend = harness.backend(cfg)
-    wl = scenario.workload_for(harness.profile)
     prompt = prompt_for(scenario, harness.profile)
-
-    async def measure() -> list[ReuseRow]:
-        async with open_token_counter(backend) as counter:
-            return await reuse_sweep(
-                backend,
-                counter,
-                rubric=prompt.system,
-                user_prefix="Candidate profile.",
-                lengths=lengths,
-                paths=paths,
-                requests=int(opts.get("requests", 3)),
-                max_tokens=wl.max_tokens,
-            )
-
-    rows = harness.run(measure())
-    harness.release(backend)
+    rows = harness.run(
+        sweep_reuse(backend, prompt.system, opts, paths, scenario.workload_for(harness.profile))
+    )
     for r in rows:
         harness.say(
             f"prefix reuse: {r.path} path, ~{r.candidate_tokens:.0f} tokens after the rubric: "
             f"{r.reused} of {r.rubric_tokens} rubric tokens reused (cached {r.cached})"
         )
-    workload_row = min((r for r in rows if r.path == production), key=lambda r: r.candidate_tokens)
-    prod = [
-        r.reused_fraction for r in rows if r.path == production and r.reused_fraction is not None
-    ]
+    # The row nearest the workload's own candidates (tokens after the rubric, reply included).
+    shape = harness.run(workload_shape(backend, items_for(scenario, harness.profile, 20)))
+    prod = [r for r in rows if r.path == production]
+    at = min(prod, key=lambda r: abs(r.candidate_tokens - shape["tokens_per_exchange"]))
+    known = [r.reused_fraction for r in prod if r.reused_fraction is not None]
     figures = {
         "model": cfg.model.value,
         "rubric_prompt": prompt.name,
         "production_path": production,
         "rows": [r.to_dict() for r in rows],
-        "prefix_reuse_at_workload": workload_row.reused_fraction,
-        "prefix_reuse_min": min(prod) if prod else None,
+        "workload_candidate_tokens": shape["tokens_per_exchange"],
+        "prefix_reuse_at_workload": at.reused_fraction,
+        "prefix_reuse_min": min(known) if known else None,
         "reuse_falls_at_tokens": {p: reuse_fall(rows, p) for p in paths},
-        "num_batch": backend.info.extra.get("llama_server_args"),
+        "llama_server_args": backend.info.extra.get("llama_server_args"),
         "config": cfg.to_dict(),
     }
+    harness.release(backend)
     report = harness.report("prefix_reuse_results.json", scenario, figures, backend=backend)
     harness.gate(report)
+
+
+async def sweep_reuse(
+    backend: Any, rubric: str, opts: dict[str, Any], paths: list[str], workload: Any
+) -> list[ReuseRow]:
+    async with open_token_counter(backend) as counter:
+        return await reuse_sweep(
+            backend,
+            counter,
+            rubric=rubric,
+            user_prefix="Candidate profile.",
+            lengths=[int(n) for n in opts.get("lengths", [100, 400, 800, 1600])],
+            paths=paths,
+            requests=int(opts.get("requests", 3)),
+            max_tokens=workload.max_tokens,
+        )
+
+
+async def workload_shape(backend: Any, items: list[Any]) -> dict[str, float]:
+    async with open_token_counter(backend) as counter:
+        return await context_shape(counter, items)

@@ -1,11 +1,14 @@
-"""Performance: calibrated roofline, and the ways of running the batch side by side.
+"""Performance: the request paths side by side, the real limit, and the settings they pick.
 
-    pytest suites/performance        # embedded default (Gemma 3 270M on the CPU), ~10 minutes
+    pytest suites/performance -k test_performance   # gemma3-270m on the CPU, ~15 minutes
 
-Writes `reports/performance_comparison.json`, PNG plots under `reports/plots/` and (at session
-end) `reports/index.html`. Everything is measured in this one run, on the same server and
-workload: the engine (stateless and conversation), a minimal direct httpx loop, a naive client
-with prompt caching off, and a sweep of server slots and concurrency.
+On one server, round by round (harness.phases.performance): the engine on the token path, the
+chat path and the text path (Ollama's form), a minimal direct client (chat bodies), the
+conversation strategy, and a naive client with the prefix cache off. Every ratio is computed per
+round and reported as median and spread. The limit: prefill by chunk size after the rubric and
+decode (llama-bench's pp/tg at depth), single-stream and batched across slots; efficiency against
+both bounds. Then client concurrency × slots × path, and the trim interval, measured; the best
+go to harness.yaml with `--harness-write-config` (after the gate).
 """
 
 from __future__ import annotations
@@ -16,215 +19,279 @@ from typing import Any
 import pytest
 
 from harness.backends.base import Backend
-from harness.baselines import DirectResult, direct_loop
+from harness.baselines import direct_loop
 from harness.engine import JobSpec, RunnerConfig, TrimPolicy, run_job
-from harness.engine.job import JobResult, open_token_counter
-from harness.phases import items_for
-from harness.plots import (
-    EfficiencyRow,
-    SavingsRow,
-    plot_efficiency,
-    plot_savings_by_strategy,
-    plot_throughput_over_run,
-)
+from harness.engine.job import open_token_counter
+from harness.engine.tokens import TokenCounter
+from harness.phases import items_for, prompt_for
+from harness.phases import performance as perf
+from harness.phases.common import phase1_budget
+from harness.plots import BreakdownRow, plot_breakdown, plot_throughput_over_run
 from harness.pytest import HarnessSession
-from harness.roofline import Calibration, bound_seconds, calibrate
+from harness.records import RequestRecord
+from harness.workload import WorkItem
 
 SCENARIO = "performance.yaml"
+VARIANTS = ("tokens", "chat", "text", "direct", "conversation")
+RATIOS = {
+    "tokens_over_chat": ("tokens", "chat", "throughput_rps"),
+    "engine_over_direct": ("chat", "direct", "throughput_rps"),
+    "conversation_over_stateless": ("conversation", "tokens", "throughput_rps"),
+    "stateless_efficiency": ("tokens", "tokens", "efficiency"),
+}
 pytestmark = [pytest.mark.performance, pytest.mark.integration, pytest.mark.timeout(7200)]
 
 
-def engine_figures(result: JobResult, cal: Calibration) -> dict[str, Any]:
-    m = result.metrics
-    bound = bound_seconds(cal, m.tokens["uncached"], m.tokens["completion"])
-    return {
-        "requests": m.requests,
-        "elapsed_s": m.elapsed_s,
-        "throughput_rps": m.throughput_rps,
-        "token_savings": m.token_savings,
-        "token_savings_theoretical_max": m.token_savings_theoretical_max,
-        "tokens": m.tokens,
-        "bound_s": bound,
-        "efficiency": bound / m.elapsed_s if m.elapsed_s else None,
-        "latency_ms_p50": m.latency_ms.p50,
-    }
+class Bench:
+    """One server, one token counter, a pool of fresh items per (variant, round)."""
 
+    def __init__(
+        self,
+        harness: HarnessSession,
+        backend: Backend,
+        counter: TokenCounter,
+        pool: list[WorkItem],
+        n: int,
+        policy: TrimPolicy,
+    ) -> None:
+        self.harness, self.backend, self.counter = harness, backend, counter
+        self.pool, self.n, self.policy = pool, n, policy
+        self.records: dict[str, list[RequestRecord]] = {v: [] for v in VARIANTS}
+        self.next = 0
 
-def direct_figures(result: DirectResult, cal: Calibration) -> dict[str, Any]:
-    uncached = result.prompt_tokens - result.cached_tokens
-    bound = bound_seconds(cal, uncached, result.completion_tokens)
-    return {
-        **result.to_dict(),
-        "bound_s": bound,
-        "efficiency": bound / result.elapsed_s if result.elapsed_s else None,
-    }
+    def take(self) -> list[WorkItem]:
+        chunk = self.pool[self.next : self.next + self.n]
+        self.next += self.n
+        return chunk
+
+    async def run(self, variant: str, r: int) -> dict[str, Any]:
+        items = self.take()
+        if variant == "direct":
+            d = await direct_loop(self.backend.info.base_url, items)
+            return {"throughput_rps": d.throughput_rps, "elapsed_s": d.elapsed_s}
+        self.backend.request_path = "tokens" if variant == "conversation" else variant
+        spec = JobSpec(
+            strategy="conversation" if variant == "conversation" else "stateless",
+            policy=self.policy,
+            keep_records=True,
+            progress=False,
+        )
+        res = await run_job(self.backend, items, spec, counter=self.counter)
+        self.records[variant] += res.records
+        m = res.metrics
+        return {
+            "throughput_rps": m.throughput_rps,
+            "elapsed_s": m.elapsed_s,
+            "requests": m.completed,
+            "uncached": m.tokens["uncached"],
+            "completion": m.tokens["completion"],
+            "token_savings": m.token_savings,
+        }
 
 
 def test_performance(harness: HarnessSession) -> None:
     scenario = harness.scenario(SCENARIO)
-    profile = scenario.profile(harness.profile)
-    opts: dict[str, Any] = profile.options
-    # The direct loop sends chat bodies: the engine takes the same path, so they compare.
-    cfg = harness.run_config(scenario, parallel=1, concurrency=1, request_path="chat")
-    model = cfg.model.value
-    per_slot = cfg.n_ctx.value
-    n = int(opts.get("requests", 20))
-    pool = items_for(scenario, harness.profile, n * (int(opts.get("rounds", 2)) + 1) + 100)
-    calibration_items = items_for(scenario, harness.profile, 400)[-5:]  # not in the runs
-
+    opts: dict[str, Any] = scenario.profile(harness.profile).options
+    cfg = harness.run_config(scenario, parallel=1, concurrency=1, request_path="tokens")
+    if cfg.backend.value != "embedded":
+        pytest.skip(
+            "the performance suite compares llama.cpp request paths and slots on a server it "
+            "starts; against Ollama, set OLLAMA_NUM_PARALLEL=N (restart Ollama) and run the "
+            "scale phases with --harness-... concurrency N to compare"
+        )
     backend = harness.backend(cfg)
-    cal = harness.run(
-        calibrate(
-            backend,
-            [it.messages for it in calibration_items],
-            decode_tokens=pool[0].max_tokens or 8,
-        )
-    )
-    harness.say(
-        f"performance: calibrated prefill {cal.prefill_tps:.1f} tok/s ({cal.chunk_tokens}-token "
-        f"chunks at depth {cal.depth_tokens}), decode {cal.decode_tps:.1f} tok/s"
-    )
-    url = backend.info.base_url
-    policy = TrimPolicy(max_context_tokens=per_slot, trim_interval=50)
-
-    # Engine (stateless) and the direct loop, alternating on one warm server, distinct items
-    # per round so the prefix cache helps each the same way.
-    engine_runs: list[JobResult] = []
-    direct_runs: list[DirectResult] = []
-    rounds = int(opts.get("rounds", 2))
-
-    async def engine_and_direct() -> None:
-        await direct_loop(url, pool[:1])  # warm-up: the first request computes the rubric
-        async with open_token_counter(backend) as counter:
-            for r in range(rounds):
-                chunk_e = pool[1 + 2 * r * n : 1 + (2 * r + 1) * n]
-                chunk_d = pool[1 + (2 * r + 1) * n : 1 + (2 * r + 2) * n]
-                spec = JobSpec(
-                    strategy="stateless",
-                    policy=policy,
-                    keep_records=True,
-                    desc=f"performance: engine stateless round {r + 1}",
-                    progress_stream=harness.terminal,
-                )
-                engine_runs.append(await run_job(backend, chunk_e, spec, counter=counter))
-                direct_runs.append(await direct_loop(url, chunk_d))
-                harness.say(
-                    f"performance: round {r + 1}: engine {engine_runs[-1].metrics.elapsed_s:.1f}"
-                    f" s, direct {direct_runs[-1].elapsed_s:.1f} s"
-                )
-
-    harness.run(engine_and_direct())
-    stateless = [engine_figures(r, cal) for r in engine_runs]
-    direct = [direct_figures(r, cal) for r in direct_runs]
-    engine_rps = statistics.median(f["throughput_rps"] for f in stateless)
-    direct_rps = statistics.median(f["throughput_rps"] for f in direct)
-
-    # Engine (conversation) on fresh candidates.
-    conv_items = pool[-int(opts.get("conversation_requests", 20)) :]
-    conv = harness.run(
-        run_job(
-            backend,
-            conv_items,
-            JobSpec(
-                strategy="conversation",
-                policy=policy,
-                desc="performance: engine conversation",
-                progress_stream=harness.terminal,
-            ),
-        )
-    )
-    conversation = engine_figures(conv, cal)
-
-    # The naive client: prompt caching off, every request pays the whole prompt.
-    naive_items = pool[-int(opts.get("naive_requests", 3)) - 50 : -50]
-    naive_result = harness.run(direct_loop(url, naive_items, cache_prompt=False))
-    naive = direct_figures(naive_result, cal)
-    harness.say(f"performance: naive client {naive_result.throughput_rps:.3f} req/s")
+    rounds, n = int(opts.get("rounds", 5)), int(opts.get("requests", 10))
+    pool = items_for(scenario, harness.profile, n * rounds * len(VARIANTS) + 200)
+    rubric = prompt_for(scenario, harness.profile).system
+    figures = harness.run(measure(harness, backend, pool, rubric, rounds, n, opts))
     harness.release(backend)
-
-    # Slots / concurrency sweep: where throughput and cache hits trade off.
-    sweep: list[dict[str, Any]] = []
-    sweep_n = int(opts.get("sweep_requests", 12))
-    for slots in opts.get("sweep", [1, 2, 4]):
-        be: Backend = harness.backend(
-            harness.run_config(scenario, parallel=slots, concurrency=slots, request_path="chat")
-        )
-        items = pool[1 : 1 + sweep_n * 2][::2][:sweep_n]
-        harness.run(direct_loop(be.info.base_url, pool[:slots], concurrency=slots))  # warm slots
-        res = harness.run(
-            run_job(
-                be,
-                items,
-                JobSpec(
-                    strategy="stateless",
-                    policy=policy,
-                    runner=RunnerConfig(concurrency=slots),
-                    desc=f"performance: {slots} slot(s)",
-                    progress_stream=harness.terminal,
-                ),
-            )
-        )
-        entry = {"slots": slots, "concurrency": slots, **engine_figures(res, cal)}
-        sweep.append(entry)
-        harness.release(be)
-
-    plots_dir = harness.report_dir / "plots"
-    first = engine_runs[0]
-    t0 = min(r.started for r in first.records)
-    rows = [
-        SavingsRow("engine stateless", stateless[0]["token_savings"],
-                   stateless[0]["token_savings_theoretical_max"]),
-        SavingsRow("engine conversation", conversation["token_savings"],
-                   conversation["token_savings_theoretical_max"]),
-        SavingsRow("direct loop", direct[0]["token_savings"], None),
-        SavingsRow("naive (no cache)", naive["token_savings"], None),
-    ]  # fmt: skip
-    eff_rows = [
-        EfficiencyRow("engine stateless", stateless[0]["bound_s"], stateless[0]["elapsed_s"],
-                      engine_rps),
-        EfficiencyRow("engine conversation", conversation["bound_s"], conversation["elapsed_s"],
-                      conversation["throughput_rps"]),
-        EfficiencyRow("direct loop", direct[0]["bound_s"], direct[0]["elapsed_s"], direct_rps),
-        EfficiencyRow("naive (no cache)", naive["bound_s"], naive["elapsed_s"],
-                      naive["throughput_rps"]),
-        *[EfficiencyRow(f"{s['slots']} slot(s)", s["bound_s"], s["elapsed_s"],
-                        s["throughput_rps"]) for s in sweep],
-    ]  # fmt: skip
-    plots = [
-        plot_throughput_over_run(
-            [r.finished - t0 for r in first.records],
-            [r.latency_ms if r.ok else None for r in first.records],
-            plots_dir / "throughput_latency_stateless.png",
-        ),
-        plot_savings_by_strategy(rows, plots_dir / "savings_by_strategy.png"),
-        plot_efficiency(eff_rows, plots_dir / "efficiency.png"),
-    ]
-    figures = {
-        "model": model,
-        "calibration": cal.to_dict(),
-        "workload": {
-            "requests_per_round": n,
-            "rounds": rounds,
-            "prompt_tokens_mean": stateless[0]["tokens"]["prompt"] / max(1, n),
-            "max_tokens": pool[0].max_tokens,
-        },
-        "variants": {
-            "engine_stateless": stateless,
-            "direct_loop": direct,
-            "engine_conversation": conversation,
-            "naive_no_cache": naive,
-        },
-        "concurrency_sweep": sweep,
-        "stateless_efficiency": statistics.median(f["efficiency"] for f in stateless),
-        "engine_over_direct": engine_rps / direct_rps,
-        "cached_over_naive": engine_rps / naive["throughput_rps"],
-        "conversation_over_stateless": conversation["throughput_rps"] / engine_rps,
-        "plots": [harness.relpath(p) for p in plots],
-    }
-    report = harness.report("performance_comparison.json", scenario, figures, backend=backend)
-    harness.say(
-        f"performance: stateless efficiency {figures['stateless_efficiency']:.3f}, engine/direct "
-        f"{figures['engine_over_direct']:.3f}, cached/naive {figures['cached_over_naive']:.1f}x, "
-        f"sweep {[(s['slots'], round(s['throughput_rps'], 3)) for s in sweep]}"
+    figures.update(sweeps(harness, scenario, pool[-150:], opts, figures["workload_chunk_tokens"]))
+    figures["stateless_efficiency_batched"] = batched_efficiency(figures)
+    figures["max_slots_within_budget"] = max_slots(harness, scenario)
+    figures["recommended"] = perf.pick_settings(
+        figures["overlap"], figures["trim_intervals"], max_slots=figures["max_slots_within_budget"]
     )
+    # The strategy that makes the server compute fewer prompt tokens (not the noisier req/s).
+    unc = {
+        v: statistics.median(r["uncached"] / r["requests"] for r in figures["rounds"][v])
+        for v in ("tokens", "conversation")
+    }
+    figures["uncached_tokens_per_request"] = {
+        "stateless": unc["tokens"],
+        "conversation": unc["conversation"],
+    }
+    figures["recommended"]["STRATEGY"] = (
+        "conversation" if unc["conversation"] < unc["tokens"] else "stateless"
+    )
+    report = harness.report("performance_comparison.json", scenario, figures, backend=backend)
+    harness.say("performance: " + ", ".join(f"{k} {figures[k]:.3f}" for k in RATIOS))
     harness.gate(report)
+    harness.recommend(
+        figures["recommended"], harness.report_dir / "performance_comparison.json", backend
+    )
+
+
+async def measure(
+    harness: HarnessSession,
+    backend: Backend,
+    pool: list[WorkItem],
+    rubric: str,
+    rounds: int,
+    n: int,
+    opts: dict[str, Any],
+) -> dict[str, Any]:
+    async with open_token_counter(backend) as counter:
+        curve = await perf.calibrate_curve(backend, counter, rubric)
+        per_slot = backend.info.n_ctx_per_slot or 8192
+        bench = Bench(harness, backend, counter, pool, n, TrimPolicy(per_slot, trim_interval=50))
+        await bench.run("tokens", -1)  # warm-up, not counted
+        by_round = await perf.interleave(VARIANTS, rounds, bench.run)
+        naive = await direct_loop(backend.info.base_url, bench.take()[:3], cache_prompt=False)
+    chunk = int(
+        statistics.median(r.prompt_tokens - (r.cached_tokens or 0) for r in bench.records["tokens"])
+    )
+    workload_tps = min(curve.prefill_tps.items(), key=lambda kv: abs(kv[0] - chunk))[1]
+    for rows in by_round.values():
+        for row in rows:
+            if "uncached" in row:
+                b = perf.bound_s(workload_tps, curve.decode_tps, row["uncached"], row["completion"])
+                row["bound_s"], row["efficiency"] = b, b / row["elapsed_s"]
+    spreads = perf.ratio_spreads(by_round, RATIOS)
+    spreads["stateless_efficiency"] = perf.spread([r["efficiency"] for r in by_round["tokens"]])
+    plots = draw(harness, bench, workload_tps, curve)
+    return {
+        "calibration": curve.to_dict(),
+        "workload_chunk_tokens": chunk,
+        "rounds": {v: list(rows) for v, rows in by_round.items()},
+        "ratios": {k: s.to_dict() for k, s in spreads.items()},
+        **{k: s.median for k, s in spreads.items()},
+        "cached_over_naive": statistics.median(r["throughput_rps"] for r in by_round["tokens"])
+        / naive.throughput_rps,
+        "breakdown_ms": {
+            v: vars_of(perf.breakdown(v, bench.records[v])) for v in VARIANTS if v != "direct"
+        },
+        "plots": plots,
+    }
+
+
+def vars_of(row: BreakdownRow) -> dict[str, float]:
+    return {
+        "overhead_ms": row.overhead_ms,
+        "prefill_ms": row.prefill_ms,
+        "decode_ms": row.decode_ms,
+    }
+
+
+def draw(harness: HarnessSession, bench: Bench, prefill_tps: float, curve: perf.Curve) -> list[str]:
+    plots_dir = harness.report_dir / "plots"
+    recs = sorted(bench.records["tokens"], key=lambda r: r.finished)
+    t0 = min(r.started for r in recs)
+    per_req = perf.bound_s(
+        prefill_tps,
+        curve.decode_tps,
+        int(statistics.fmean(r.prompt_tokens - (r.cached_tokens or 0) for r in recs)),
+        int(statistics.fmean(r.completion_tokens for r in recs)),
+    )
+    paths = [
+        plot_throughput_over_run(
+            [r.finished - t0 for r in recs],
+            [r.latency_ms for r in recs],
+            plots_dir / "throughput_latency_tokens.png",
+            window_requests=5,
+            roofline_rps=1 / per_req if per_req else None,
+            title="Token path: throughput (5-request windows) and latency",
+        ),
+        plot_breakdown(
+            [perf.breakdown(v, bench.records[v]) for v in VARIANTS if v != "direct"],
+            plots_dir / "request_breakdown.png",
+        ),
+    ]
+    return [harness.relpath(p) for p in paths]
+
+
+async def batched_bound(backend: Backend, rubric: str, slots: int, chunk: int) -> dict[str, float]:
+    async with open_token_counter(backend) as counter:
+        return await perf.batched_rates(backend, counter, rubric, slots=slots, chunk=chunk)
+
+
+def sweeps(
+    harness: HarnessSession,
+    scenario: Any,
+    items: list[WorkItem],
+    opts: dict[str, Any],
+    chunk: int,
+) -> dict[str, Any]:
+    """Client concurrency × slots × request path (and the batched rates of the most slots),
+    then the trim interval: each measured."""
+    overlap = []
+    batched: dict[str, float] = {}
+    per = int(opts.get("sweep_requests", 12))
+    for slots in [int(s) for s in opts.get("slots", [1, 2])]:
+        for path in ("chat", "tokens"):
+            cfg = harness.run_config(scenario, parallel=slots, concurrency=slots, request_path=path)
+            backend = harness.backend(cfg)
+            if path == "tokens" and slots > 1:
+                rubric = prompt_for(scenario, harness.profile).system
+                batched = harness.run(batched_bound(backend, rubric, slots, chunk))
+            for conc in sorted({slots, *[int(c) for c in opts.get("concurrency", [1, 2, 4])]}):
+                spec = JobSpec(
+                    runner=RunnerConfig(concurrency=conc),
+                    progress=False,
+                    policy=TrimPolicy(backend.info.n_ctx_per_slot or 8192),
+                )
+                m = harness.run(run_job(backend, items[:per], spec)).metrics
+                overlap.append(
+                    {
+                        "slots": slots,
+                        "request_path": path,
+                        "concurrency": conc,
+                        "throughput_rps": m.throughput_rps,
+                        "errors": m.errors,
+                    }
+                )
+            harness.release(backend)
+    intervals = []
+    cfg = harness.run_config(scenario, parallel=1, concurrency=1, request_path="tokens")
+    backend = harness.backend(cfg)
+    for interval in [int(i) for i in opts.get("trim_intervals", [10, 25, 50])]:
+        spec = JobSpec(
+            strategy="conversation",
+            progress=False,
+            policy=TrimPolicy(backend.info.n_ctx_per_slot or 8192, trim_interval=interval),
+        )
+        m = harness.run(run_job(backend, items[: 2 * interval], spec)).metrics
+        intervals.append(
+            {
+                "interval": interval,
+                "throughput_rps": m.throughput_rps,
+                "token_savings": m.token_savings,
+                "uncached_tokens_per_request": m.uncached_tokens_per_request,
+            }
+        )
+    harness.release(backend)
+    return {"overlap": overlap, "trim_intervals": intervals, "batched_calibration": batched}
+
+
+def batched_efficiency(figures: dict[str, Any]) -> float | None:
+    """The token path's efficiency against the best batched bound (all slots busy)."""
+    rates = figures.get("batched_calibration") or {}
+    if not rates:
+        return None
+    effs = [
+        perf.bound_s(rates["prefill_tps"], rates["decode_tps"], r["uncached"], r["completion"])
+        / r["elapsed_s"]
+        for r in figures["rounds"]["tokens"]
+    ]
+    return statistics.median(effs)
+
+
+def max_slots(harness: HarnessSession, scenario: Any) -> int | None:
+    """The most slots whose predicted memory (phase 1's line: base + KV per token × n_ctx ×
+    slots) fits phase 1's budget; None when phase 1 has not run for this profile."""
+    budget = phase1_budget(harness.report_dir, harness.profile)
+    cfg = harness.run_config(scenario)
+    if budget is None or cfg.model_memory_gb is None or cfg.kv_mb_per_token is None:
+        return None
+    per_slot_gb = cfg.kv_mb_per_token * cfg.n_ctx.value / 1000.0
+    room = budget[0] / 1e9 - cfg.model_memory_gb
+    return max(1, int(room // per_slot_gb)) if per_slot_gb > 0 else None

@@ -84,23 +84,27 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
         expected=scenario.profile(harness.profile).expected,
         memory_budget=phase1_budget(harness.report_dir, harness.profile),
     )
-    policy = cfg.policy
     figures.update(
-        strategy={
-            "name": cfg.strategy.value,
-            "max_context_tokens": policy.max_context_tokens,
-            "trim_threshold": policy.threshold,
-            "trim_interval": policy.trim_interval,
-            "concurrency": cfg.concurrency.value,
-        },
+        strategy=strategy_figures(cfg),
         config=cfg.to_dict(),
-        energy_source=f"{gpu.source} ({gpu.device_name()}): NVML energy counter or power samples"
+        energy_source=f"{gpu.source} ({gpu.device_name()}): {energy.method}"
         if energy is not None and isinstance(gpu, NvmlProbe)
         else None,
     )
     benchmark.extra_info.update(figures)
     harness.release(backend)  # a 2-core machine: an idle server still takes CPU from the next
     report_and_gate(harness, scenario, figures, backend, size, len(items), result)
+
+
+def strategy_figures(cfg: Any) -> dict[str, Any]:
+    policy = cfg.policy
+    return {
+        "name": cfg.strategy.value,
+        "max_context_tokens": policy.max_context_tokens,
+        "trim_threshold": policy.threshold,
+        "trim_interval": policy.trim_interval,
+        "concurrency": cfg.concurrency.value,
+    }
 
 
 def report_and_gate(

@@ -1,0 +1,250 @@
+"""The performance phase's logic: variants run round by round, ratios with their spread, the
+real limit (prefill by chunk size, decode, single-stream and batched), where each request's time
+went, and the settings the measurements pick.
+
+Ratios that repeat: on a shared 2-core machine one round of 20 requests per variant gave
+conversation ÷ stateless 0.57 in one run and 0.89 in the next. So the variants run interleaved
+(round 1 of every variant, then round 2, ...), every ratio is computed per round, and the report
+gives each ratio's median and spread (min, max); criteria gate the median.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from harness.backends.base import Backend, ChatRequest, ChatResult
+from harness.engine.tokens import TokenCounter
+from harness.plots import BreakdownRow
+from harness.records import RequestRecord
+from harness.reuse import padded_candidate
+
+__all__ = [
+    "Curve",
+    "Spread",
+    "batched_rates",
+    "breakdown",
+    "calibrate_curve",
+    "interleave",
+    "pick_settings",
+    "ratio_spreads",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """A ratio over rounds: its median (what criteria gate) and how far the rounds went."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """(high − low) ÷ median: the ratio's relative spread over the rounds."""
+        return (self.high - self.low) / self.median if self.median else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "spread": self.spread}
+
+
+def spread(values: Sequence[float]) -> Spread:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return Spread(0.0, 0.0, 0.0, 0)
+    return Spread(statistics.median(vals), min(vals), max(vals), len(vals))
+
+
+def ratio_spreads(
+    rounds: Mapping[str, Sequence[Mapping[str, Any]]],
+    ratios: Mapping[str, tuple[str, str, str]],
+) -> dict[str, Spread]:
+    """Each ratio `name: (numerator variant, denominator variant, figure)` per round."""
+    out: dict[str, Spread] = {}
+    for name, (num, den, key) in ratios.items():
+        values = []
+        for a, b in zip(rounds.get(num, []), rounds.get(den, []), strict=False):
+            if a.get(key) and b.get(key):
+                values.append(float(a[key]) / float(b[key]))
+        out[name] = spread(values)
+    return out
+
+
+async def interleave(
+    variants: Sequence[str],
+    rounds: int,
+    run: Callable[[str, int], Awaitable[Mapping[str, Any]]],
+) -> dict[str, list[Mapping[str, Any]]]:
+    """Round r of every variant, then round r + 1: a noisy machine hits every variant alike."""
+    out: dict[str, list[Mapping[str, Any]]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants:
+            out[v].append(await run(v, r))
+    return out
+
+
+def breakdown(label: str, records: Sequence[RequestRecord]) -> BreakdownRow:
+    """Mean time per request: what the server spent on prompt and decode, and the rest."""
+    ok = [r for r in records if r.ok]
+    if not ok:
+        return BreakdownRow(label, 0.0, 0.0, 0.0)
+    total = statistics.fmean(r.latency_ms for r in ok)
+    prefill = statistics.fmean(r.prompt_ms or 0.0 for r in ok)
+    decode = statistics.fmean(r.decode_ms or 0.0 for r in ok)
+    return BreakdownRow(label, max(0.0, total - prefill - decode), prefill, decode)
+
+
+@dataclass(frozen=True, slots=True)
+class Curve:
+    """llama-bench-style rates at the rubric's depth: prefill by chunk size, and decode."""
+
+    depth_tokens: int
+    prefill_tps: dict[int, float]
+    """Uncached prompt tokens per second by chunk size (tokens after the rubric)."""
+    decode_tps: float
+    source: str = "llama.cpp timings"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "depth_tokens": self.depth_tokens,
+            "prefill_tps": {str(k): v for k, v in self.prefill_tps.items()},
+            "decode_tps": self.decode_tps,
+            "source": self.source,
+        }
+
+
+def _timed(result: ChatResult) -> tuple[int, float, int, float]:
+    raw = result.raw.get("timings") or {}
+    return (
+        int(raw.get("prompt_n") or result.usage.uncached_tokens),
+        float(result.timings.prompt_ms or 0.0),
+        int(raw.get("predicted_n") or result.usage.completion_tokens),
+        float(result.timings.decode_ms or 0.0),
+    )
+
+
+async def calibrate_curve(
+    backend: Backend,
+    counter: TokenCounter,
+    rubric: str,
+    *,
+    chunks: Sequence[int] = (32, 128, 512),
+    samples: int = 3,
+    decode_tokens: int = 16,
+) -> Curve:
+    """Prefill rate at each chunk size after the cached rubric, and the decode rate there."""
+    system = {"role": "system", "content": rubric}
+    warm = [system, {"role": "user", "content": "warm-up"}]
+    await backend.chat(ChatRequest(warm, max_tokens=1, prompt_ids=await counter.count(warm)))
+    rates: dict[int, float] = {}
+    depth = 0
+    decode: list[float] = []
+    k = 0
+    for chunk in chunks:
+        values = []
+        for _ in range(samples):
+            k += 1
+            msgs = [
+                system,
+                {"role": "user", "content": padded_candidate(f"calibration {k}: ", chunk)},
+            ]
+            ids = await counter.count(msgs)
+            res = await backend.chat(
+                ChatRequest(msgs, max_tokens=1, temperature=0.0, prompt_ids=ids)
+            )
+            n, ms, _, _ = _timed(res)
+            depth = res.usage.cached_tokens or depth
+            if ms > 0:
+                values.append(n / ms * 1000.0)
+            gen = await backend.chat(
+                ChatRequest(
+                    msgs,
+                    max_tokens=decode_tokens,
+                    temperature=0.0,
+                    prompt_ids=ids,
+                    extra={"ignore_eos": True},
+                )
+            )
+            _, _, m, dms = _timed(gen)
+            if dms > 0 and m > 1:
+                decode.append(m / dms * 1000.0)
+        rates[chunk] = statistics.median(values) if values else 0.0
+    return Curve(depth, rates, statistics.median(decode) if decode else 0.0)
+
+
+async def batched_rates(
+    backend: Backend,
+    counter: TokenCounter,
+    rubric: str,
+    *,
+    slots: int,
+    chunk: int,
+    decode_tokens: int = 16,
+) -> dict[str, float]:
+    """Aggregate prefill and decode rates with `slots` requests in flight on `slots` slots
+    (batched across slots, as llama-server's continuous batching runs them)."""
+    system = {"role": "system", "content": rubric}
+
+    async def one(i: int, n_out: int) -> ChatResult:
+        msgs = [system, {"role": "user", "content": padded_candidate(f"batched {i}: ", chunk)}]
+        return await backend.chat(
+            ChatRequest(
+                msgs,
+                max_tokens=n_out,
+                temperature=0.0,
+                slot=i % slots,
+                prompt_ids=await counter.count(msgs),
+                extra={"ignore_eos": True},
+            )
+        )
+
+    await asyncio.gather(*(one(i, 1) for i in range(slots)))  # every slot holds the rubric
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(100 + i, decode_tokens) for i in range(slots)))
+    wall = time.perf_counter() - started
+    timed = [_timed(r) for r in results]
+    prompt_ms = statistics.fmean(t[1] for t in timed) or 1e-9
+    decode_ms = statistics.fmean(t[3] for t in timed) or 1e-9
+    return {
+        "slots": float(slots),
+        "prefill_tps": sum(t[0] for t in timed) / prompt_ms * 1000.0,
+        "decode_tps": sum(t[2] for t in timed) / decode_ms * 1000.0,
+        "wall_s": wall,
+    }
+
+
+def bound_s(prefill_tps: float, decode_tps: float, uncached: int, output: int) -> float:
+    """Lower bound on a workload's time at these rates (the roofline)."""
+    if prefill_tps <= 0 or decode_tps <= 0:
+        return 0.0
+    return uncached / prefill_tps + output / decode_tps
+
+
+def pick_settings(
+    overlap: Sequence[Mapping[str, Any]],
+    intervals: Sequence[Mapping[str, Any]],
+    *,
+    max_slots: int | None = None,
+) -> dict[str, Any]:
+    """The settings the measurements pick: the request path, slots and concurrency with the
+    most completed requests per second (no errors; no more slots than `max_slots`, what phase
+    1's memory budget allows); the trim interval with the most requests per second among those
+    within 2% of the best savings."""
+    allowed = [r for r in overlap if max_slots is None or int(r["slots"]) <= max_slots]
+    clean = [r for r in allowed if not r.get("errors")] or list(allowed)
+    best = max(clean, key=lambda r: float(r.get("throughput_rps") or 0.0))
+    out: dict[str, Any] = {
+        "REQUEST_PATH": best["request_path"],
+        "parallel": int(best["slots"]),
+        "CONCURRENCY": int(best["concurrency"]),
+    }
+    if intervals:
+        top = max(float(r.get("token_savings") or 0.0) for r in intervals)
+        near = [r for r in intervals if float(r.get("token_savings") or 0.0) >= top - 0.02]
+        out["TRIM_INTERVAL"] = int(max(near, key=lambda r: r["throughput_rps"])["interval"])
+    return out
