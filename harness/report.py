@@ -1,4 +1,4 @@
-"""JSON reports with a fixed shape, like pytest-benchmark's.
+"""JSON reports with a fixed shape, like pytest-benchmark's (the models: harness.reportmodels).
 
 Every phase report has the same top-level keys first — `harness_version`, `phase`, `scenario`,
 `profile`, `generated_at`, `machine_info`, `commit_info`, `backend`, `criteria`, `passed`,
@@ -19,36 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from pydantic import BaseModel, ConfigDict
-
 from harness import __version__
 from harness.fileio import atomic_write_json
+from harness.reportmodels import phase_model_for
 
-__all__ = ["PhaseReport", "commit_info", "machine_info", "write_report"]
-
-
-class PhaseReport(BaseModel):
-    """The envelope of a phase report; phase figures go in as extra top-level keys."""
-
-    model_config = ConfigDict(extra="allow")
-
-    harness_version: str = __version__
-    phase: str
-    scenario: str
-    profile: str
-    generated_at: str
-    machine_info: dict[str, Any]
-    commit_info: dict[str, Any] | None
-    backend: dict[str, Any]
-    criteria: list[dict[str, Any]]
-    passed: bool | None
-    """True: every criterion was checked and met; False: one failed; None: **ungated**, no
-    criteria were checked (never a pass)."""
-    result: str
-    """`PASS`, `FAIL` or `ungated`."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+__all__ = ["commit_info", "machine_info", "write_report"]
 
 
 def _cpu_model() -> str:
@@ -132,7 +107,9 @@ def write_report(
     commit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate the envelope, write the report atomically, and return it as a dict."""
-    report = PhaseReport(
+    model = phase_model_for(Path(path).name)
+    report = model(
+        harness_version=__version__,
         phase=phase,
         scenario=scenario,
         profile=profile,

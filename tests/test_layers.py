@@ -31,6 +31,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.runconfig",
         "harness.report",
         "harness.verdict",
+        "harness.reportmodels",
         "harness.limits",
         "harness.reuse",
         "harness.roofline",

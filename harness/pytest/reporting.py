@@ -26,6 +26,7 @@ from harness.backends.base import Backend
 from harness.config import write_back
 from harness.fileio import atomic_write_json
 from harness.report import commit_info, now_iso, write_report
+from harness.reportmodels import SummaryReport
 from harness.scenarios import Scenario, evaluate
 from harness.verdict import read_reports, verdict
 
@@ -183,7 +184,7 @@ class Reports:
             "config_written": sorted(set(self.config_changes)),
         }
         path = s.report_dir / "summary.json"
-        atomic_write_json(path, summary)
+        atomic_write_json(path, SummaryReport(**summary).model_dump(mode="json"))
         return path
 
     def write_pages(self) -> Path | None:
