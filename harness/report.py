@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from harness import __version__
 from harness.fileio import atomic_write_json
 from harness.reportmodels import phase_model_for
