@@ -309,6 +309,42 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="how many servers the next job needs, from the scale reports measured",
+        formatter_class=_Formatter,
+        description="Reads the largest finished scale report (performance_benchmarks_<N>.json)\n"
+        "of the asked model, backend and strategy and prints the servers of that kind the job\n"
+        "needs by the deadline, its time, energy and cost, each with its report. Exit 2 when\n"
+        "no report matches (it lists the ones it has).",
+    )
+    p.add_argument("--rows", type=_positive_int, required=True, help="rows of the job")
+    p.add_argument("--deadline", required=True, help="e.g. 24h, 90m, 2d")
+    p.add_argument("--model", default=None, help="the model measured (default: any)")
+    p.add_argument("--backend", default=None, help="the backend measured (default: any)")
+    p.add_argument("--strategy", default=None, help="the strategy measured (default: any)")
+    p.add_argument("--price-per-kwh", type=float, default=0.30, help="electricity price")
+    p.add_argument("--report-dir", default="reports", help="where the reports are")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from harness.plan import parse_duration, plan
+
+    result = plan(
+        Path(args.report_dir),
+        rows=args.rows,
+        deadline_s=parse_duration(args.deadline),
+        model=args.model,
+        backend=args.backend,
+        strategy=args.strategy,
+        price_per_kwh=args.price_per_kwh,
+    )
+    for line in result.lines(args.price_per_kwh):
+        print(line)
+    return 0
+
+
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     from harness.backends.openai import REQUEST_PATHS
     from harness.backends.server import SERVER_FLAGS
@@ -513,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_run(sub)
     _add_doctor(sub)
+    _add_plan(sub)
     sub.add_parser(
         "api",
         help="serve OpenAI's Files and Batches API over the engine on 127.0.0.1 "
@@ -528,6 +565,7 @@ _COMMANDS = {
     "generate": _cmd_generate,
     "run": _cmd_run,
     "doctor": _cmd_doctor,
+    "plan": _cmd_plan,
 }
 
 

@@ -41,6 +41,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.phases",
         "harness.batch",
         "harness.doctor",
+        "harness.plan",
         "harness.testing",
     ),
     # 5: the entry points: the pytest plugin, the command line, the Batch API service

@@ -1,0 +1,98 @@
+"""`harness plan`: servers, time and cost from a scale report, each with its source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.plan import parse_duration
+
+
+def scale_report(folder: Path, **figures: object) -> Path:
+    data = {
+        "harness_version": "t",
+        "phase": "scale",
+        "scenario": "s",
+        "profile": "gpu-gemma3-12b",
+        "generated_at": "2026-11-28T00:00:00+00:00",
+        "machine_info": {},
+        "commit_info": None,
+        "backend": {"name": "ollama", "model": "gemma3:12b"},
+        "criteria": [],
+        "passed": None,
+        "result": "ungated",
+        "requests": 1000,
+        "completed": 998,
+        "finished": True,
+        "throughput_rps": 6.5,
+        "error_rate": 0.002,
+        "energy_wh": 40.0,
+        "energy_source": "nvml:gpu0 (RTX 4080): NVML energy counter",
+        "strategy": {"name": "stateless"},
+        **figures,
+    }
+    path = folder / "performance_benchmarks_1000.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_plan_from_a_measured_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scale_report(tmp_path)
+    args = [
+        "plan",
+        "--rows",
+        "1700000",
+        "--deadline",
+        "24h",
+        "--model",
+        "gemma3:12b",
+        "--backend",
+        "ollama",
+        "--report-dir",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # 1,700,000 / (6.5 req/s x 86,400 s) = 3.03: four servers.
+    assert "servers: 4 of this kind (6.500 completed req/s each, measured in " in out
+    assert "performance_benchmarks_1000.json (gemma3:12b on ollama" in out
+    # 40 Wh for 998 requests -> 68.1 kWh for 1.7M rows, $20.44 at $0.30.
+    assert "energy: 68.1 kWh, cost $20.44 at $0.3/kWh (nvml:gpu0 (RTX 4080)" in out
+    assert "~3,400 rows to retry" in out
+    assert "stand-in" not in out
+
+
+def test_plan_refuses_another_model_and_lists_what_it_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scale_report(tmp_path)
+    args = [
+        "plan",
+        "--rows",
+        "1000",
+        "--deadline",
+        "1h",
+        "--model",
+        "qwen3:8b",
+        "--report-dir",
+        str(tmp_path),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no finished scale report" in err and "model qwen3:8b" in err
+    assert "gemma3:12b on ollama, stateless (performance_benchmarks_1000.json)" in err
+
+
+def test_a_stopped_run_plans_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scale_report(tmp_path, finished=False)
+    assert main(["plan", "--rows", "10", "--deadline", "1h", "--report-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("24h", 86400), ("90m", 5400), ("2d", 172800), ("3600", 3600)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
