@@ -573,8 +573,9 @@ def make_backend(options: BatchOptions) -> Backend:
     opts = cfg.backend_options()
     if options.backend == "embedded":
         opts["threads"] = options.threads
-    if options.backend == "ollama" and options.ctx is None:
-        opts["num_ctx"] = None  # use (and read) the context Ollama loads the model with
+    if options.backend == "ollama" and cfg.n_ctx.source == "default":
+        # Neither --ctx nor a measured n_ctx: use (and read) the context Ollama loads with.
+        opts["num_ctx"] = None
     if not opts.get("model"):
         opts.pop("model", None)
     return Backend.create(options.backend, **opts)

@@ -9,6 +9,12 @@ Go's plain `404 page not found`, as Ollama's do.
 
     with OllamaReplay(version="0.34.0", counts=lambda body: {...}) as replay:
         ... replay.url ...
+
+`counting(tokenizer_url)` gives a `counts` that does what a server does: it renders the chat
+with Gemma's layout, tokenizes it with a real llama.cpp tokenizer (the tiny model's: Gemma 3's
+vocabulary) and reports every token as counted and all but the new turn as cached. With
+`kv_bytes_per_token`, `/api/ps` reports `size` growing with the num_ctx of the last load, as a
+model whose KV grows does (a model of Ollama's accounting, not a recording).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class OllamaReplay:
         context_length: int | None = 16384,
         content: str | None = None,
         oom_above: int | None = 1_000_000,
+        kv_bytes_per_token: int | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -63,6 +70,10 @@ class OllamaReplay:
         self.show_body = recorded("show_gemma3_1b.json")
         self.content = content
         self.oom_above = oom_above
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.base_size = int(self.ps_body["models"][0]["size"])
+        self.num_ctx = context_length or 4096
+        """The num_ctx of the last load (Ollama's default until a request asks another)."""
         """A chat asking a larger num_ctx gets the recorded out-of-memory reply (Easy-RAG#9)."""
         """Reply text to put in `message.content` (None: the recorded one)."""
         self.requests: list[tuple[str, str, Any]] = []
@@ -85,6 +96,11 @@ class OllamaReplay:
                 return 404, {"error": f"model '{body.get('model')}' not found"}
             return 200, self.show_body
         if (method, path) == ("GET", "/api/ps"):
+            if self.kv_bytes_per_token is not None:
+                entry = self.ps_body["models"][0]
+                entry["size"] = self.base_size + self.kv_bytes_per_token * self.num_ctx
+                entry["size_vram"] = entry["size"]
+                entry["context_length"] = self.num_ctx
             return 200, self.ps_body
         if (method, path) == ("POST", "/api/generate"):
             return 200, {"model": self.model, "response": "", "done": True}
@@ -92,6 +108,8 @@ class OllamaReplay:
             num_ctx = ((body or {}).get("options") or {}).get("num_ctx") or 0
             if self.oom_above is not None and num_ctx > self.oom_above:
                 return 500, recorded("error_500_requires_more_system_memory.json")
+            if num_ctx:
+                self.num_ctx = num_ctx
             out = copy.deepcopy(self.chat_body)
             out["model"] = self.model
             if self.content is not None:
@@ -142,3 +160,24 @@ class OllamaReplay:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def counting(tokenizer_url: str, *, new_tokens: int = 40) -> Counts:
+    """Token counts of each chat as a server would report them (see the module docstring)."""
+    import httpx
+
+    from harness.models.templates import get_format
+
+    gemma = get_format("gemma")
+
+    def counts(body: Mapping[str, Any]) -> Mapping[str, Any]:
+        text = gemma.render_text(body["messages"])
+        reply = httpx.post(
+            f"{tokenizer_url}/tokenize",
+            json={"content": text, "add_special": True, "parse_special": True},
+            timeout=60,
+        )
+        n = len(reply.json()["tokens"])
+        return {"prompt_eval_count": n, "prompt_eval_cached_count": max(0, n - new_tokens)}
+
+    return counts
