@@ -1,0 +1,449 @@
+"""The ASGI app: OpenAI's Files and Batches routes, the pass-through, the page, /metrics, /health.
+
+Routes (every one but `/health` needs `Authorization: Bearer <key>` when a key is set)::
+
+    POST   /v1/files                 multipart: file, purpose=batch
+    GET    /v1/files                 ?purpose= &after= &limit= &order=
+    GET    /v1/files/{id}            DELETE /v1/files/{id}       GET /v1/files/{id}/content
+    POST   /v1/batches               {input_file_id, endpoint, completion_window, metadata}
+    GET    /v1/batches               ?after= &limit=   (newest first, has_more)
+    GET    /v1/batches/{id}          POST /v1/batches/{id}/cancel
+    POST   /v1/chat/completions      GET /v1/models    (passed through to the model server)
+    GET    /                         the batches page     GET /batches/{id}/throughput.png
+    GET    /metrics                  Prometheus text      GET /health
+
+Errors are answered in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
+unknown routes and malformed requests included. Two ASGI layers sit in front of the routes: the
+key check (before anything is read), then the body limit (an upload over `--max-upload-bytes`,
+any other request body over `--max-request-bytes`, is cut off while it streams in, not after
+it was read or stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from harness.api.metrics import CONTENT_TYPE, render_metrics
+from harness.api.page import BatchView, render_page
+from harness.api.runner import RESULTS_NAME
+from harness.api.schemas import ApiError, batch_object, error_body, file_object, list_object
+from harness.api.service import Service
+from harness.api.settings import ApiSettings
+from harness.api.store import TERMINAL_STATUSES, BatchRow
+from harness.backends.base import Backend
+from harness.runconfig import RunConfig
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("harness.api")
+
+PAGE_BATCHES = 100
+"""Batches the page and /metrics show (the newest)."""
+_MULTIPART_SLACK = 64 * 1024
+"""Bytes a multipart body may carry beyond the file itself (boundaries, the purpose field)."""
+_OPEN_PATHS = frozenset({"/health"})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], **headers: str) -> None:
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class KeyCheck:
+    """ASGI layer: `Authorization: Bearer <key>` on every route but /health (when a key is set).
+    The key is compared in constant time and never logged."""
+
+    def __init__(self, app: ASGIApp, key: str | None, service: Service) -> None:
+        self.app = app
+        self._key = key.encode() if key else None
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._key is None or scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"authorization":
+                given = bytes(value)
+                break
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+            await self.app(scope, receive, send)
+            return
+        self.service.counters.unauthorized += 1
+        message = (
+            "Incorrect API key provided."
+            if given
+            else "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+        await _send_json(
+            send,
+            401,
+            error_body(message, code="invalid_api_key"),
+            **{"www-authenticate": "Bearer"},
+        )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI layer: a request body over its limit is refused (413) as it streams in: an upload
+    (POST /v1/files) over --max-upload-bytes, any other body over --max-request-bytes."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+        self.upload_limit = service.settings.max_upload_bytes + _MULTIPART_SLACK
+        self.request_limit = service.settings.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["method"] == "POST" and scope["path"] == "/v1/files"
+        limit = self.upload_limit if upload else self.request_limit
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._refuse(send, upload)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send, upload)
+
+    async def _refuse(self, send: Send, upload: bool) -> None:
+        settings = self.service.settings
+        if upload:
+            self.service.counters.uploads_refused += 1
+            body = error_body(
+                f"The file is larger than this service's limit of {settings.max_upload_bytes} "
+                "bytes (--max-upload-bytes).",
+                param="file",
+                code="file_too_large",
+            )
+        else:
+            self.service.counters.bodies_refused += 1
+            body = error_body(
+                f"The request body is larger than this service's limit of "
+                f"{settings.max_request_bytes} bytes (--max-request-bytes).",
+                code="request_too_large",
+            )
+        await _send_json(send, 413, body, connection="close")
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"Invalid '{name}': {raw!r} is not an integer.", param=name) from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"Invalid '{name}': must be between {lo} and {hi}.", param=name)
+    return value
+
+
+def create_app(
+    settings: ApiSettings,
+    *,
+    backend: Backend | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    config: RunConfig | None = None,
+) -> FastAPI:
+    """The app for these settings. `backend`: one to use instead of the one the settings name
+    (not started; tests pass the in-process double); `on_ready(description)` is called once the
+    model server and the worker are up; `config`: the run configuration already resolved from
+    the settings (`settings.validate()`), else resolved here, once."""
+    service = Service(settings, backend=backend, config=config)
+    plot_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await service.start()
+        except BaseException as exc:
+            log.error("could not start: %s", exc)
+            await service.stop()
+            raise
+        if on_ready is not None:
+            info = service.backend.info
+            on_ready(f"{info.backend} {info.model} at {info.base_url}")
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="harness api",
+        summary="OpenAI's Files and Batches API over the harness engine",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = (
+            f"Invalid URL ({request.method} {request.url.path})"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
+        return JSONResponse(error_body(message), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(
+            error_body(str(first.get("msg", "Invalid request.")), param=param), status_code=400
+        )
+
+    def current(row: BatchRow) -> BatchRow:
+        """The row with the running batch's live counts."""
+        live = service.live
+        if live is not None and live.batch_id == row.id and row.status == "in_progress":
+            return dataclasses.replace(row, **live.counts())
+        return row
+
+    def view(row: BatchRow) -> BatchView:
+        row = current(row)
+        live = service.live
+        if live is not None and live.batch_id == row.id and row.status == "in_progress":
+            return BatchView(
+                row,
+                row.completed,
+                row.failed,
+                rate_rps=live.progress.rate(),
+                eta_s=live.progress.eta_s(),
+                running=True,
+            )
+        rate = None
+        end = row.completed_at or row.cancelled_at or row.expired_at or row.failed_at
+        if end and row.in_progress_at and end > row.in_progress_at:
+            rate = (row.completed + row.failed) / (end - row.in_progress_at)
+        return BatchView(row, row.completed, row.failed, rate_rps=rate)
+
+    # -- files -------------------------------------------------------------------------------
+
+    @app.post("/v1/files")
+    async def upload(request: Request) -> JSONResponse:
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except _TooLarge:
+            raise
+        except Exception as exc:  # multipart errors of any kind: a bad request
+            raise ApiError(400, f"Could not parse the multipart form: {exc}") from None
+        try:
+            file = form.get("file")
+            purpose = form.get("purpose")
+            if not isinstance(file, UploadFile):
+                raise ApiError(
+                    400, "Missing required parameter: 'file'.", param="file",
+                    code="missing_required_parameter",
+                )  # fmt: skip
+            if not isinstance(purpose, str) or not purpose:
+                raise ApiError(
+                    400, "Missing required parameter: 'purpose'.", param="purpose",
+                    code="missing_required_parameter",
+                )  # fmt: skip
+            row = await service.add_file(file.filename, purpose, file.file)
+        finally:
+            await form.close()
+        return JSONResponse(file_object(row))
+
+    @app.get("/v1/files")
+    async def list_files(request: Request) -> JSONResponse:
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "Invalid 'order': use 'asc' or 'desc'.", param="order")
+        page = service.list_files(
+            purpose=request.query_params.get("purpose"),
+            after=request.query_params.get("after"),
+            limit=_int_param(request, "limit", 10_000, 1, 10_000),
+            order=order,
+        )
+        return JSONResponse(list_object([file_object(r) for r in page.rows], page.has_more))
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str) -> JSONResponse:
+        return JSONResponse(file_object(service.get_file(file_id)))
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str) -> JSONResponse:
+        row = service.delete_file(file_id)
+        return JSONResponse({"id": row.id, "object": "file", "deleted": True})
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str) -> FileResponse:
+        row = service.get_file(file_id)
+        return FileResponse(
+            service.db.blob_path(row.id),
+            media_type="application/octet-stream",
+            filename=row.filename,
+        )
+
+    # -- batches -----------------------------------------------------------------------------
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        return JSONResponse(batch_object(service.create_batch(body)))
+
+    @app.get("/v1/batches")
+    async def list_batches(request: Request) -> JSONResponse:
+        page = service.list_batches(
+            after=request.query_params.get("after"),
+            limit=_int_param(request, "limit", 20, 1, 100),
+        )
+        data = [batch_object(current(r)) for r in page.rows]
+        return JSONResponse(list_object(data, page.has_more))
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str) -> JSONResponse:
+        return JSONResponse(batch_object(current(service.get_batch(batch_id))))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str) -> JSONResponse:
+        return JSONResponse(batch_object(current(service.cancel_batch(batch_id))))
+
+    # -- pass-through ------------------------------------------------------------------------
+
+    async def passthrough(method: str, path: str, body: bytes | None) -> Response:
+        upstream = await service.forward(method, path, body)
+        headers = {
+            k: v
+            for k, v in upstream.headers.items()
+            if k.lower() in ("content-type", "cache-control")
+        }
+        # aiter_bytes: decoded as the upstream's Content-Encoding says, which is not passed on.
+        return StreamingResponse(
+            upstream.aiter_bytes(),
+            status_code=upstream.status_code,
+            headers=headers,
+            background=BackgroundTask(upstream.aclose),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await passthrough("POST", "/v1/chat/completions", await request.body())
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await passthrough("GET", "/v1/models", None)
+
+    # -- page, metrics, health ---------------------------------------------------------------
+
+    def views() -> list[BatchView]:
+        return [view(r) for r in service.db.list_batches(after=None, limit=PAGE_BATCHES).rows]
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        info = service.backend.info
+        server = f"{info.backend} · {info.model} · {info.server}"
+        return HTMLResponse(render_page(views(), server=server))
+
+    @app.get("/batches/{batch_id}/throughput.png")
+    async def throughput_plot(batch_id: str) -> FileResponse:
+        row = service.get_batch(batch_id)
+        if row.status not in TERMINAL_STATUSES:
+            raise ApiError(404, f"Batch {batch_id} has no report until it ends.")
+        out = service.db.batch_dir(row.id) / "throughput.png"
+        if not out.exists():
+            async with plot_lock:  # one drawing at a time; the first request draws it
+                if not out.exists():
+                    results = service.db.batch_dir(row.id) / RESULTS_NAME
+                    await asyncio.to_thread(_draw_throughput, results, out, row.id)
+        return FileResponse(out, media_type="image/png")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        db = service.db
+        text = render_metrics(views(), db.status_counts(), db.count_files(), service.counters)
+        return Response(text, media_type=CONTENT_TYPE)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = service.store is not None and await service.backend.health()
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503
+        )
+
+    # The last added is the outermost: the key is checked before the body is read.
+    app.add_middleware(BodyLimit, service=service)
+    app.add_middleware(KeyCheck, key=settings.api_key, service=service)
+    return app
+
+
+def _draw_throughput(results: Path, out: Path, batch_id: str) -> None:
+    from harness.engine import read_results
+    from harness.plots import plot_throughput_over_run
+
+    finish: list[float | None] = []
+    latency: list[float | None] = []
+    for line in read_results(results):
+        h = line.get("harness") or {}
+        finish.append(h.get("finished"))
+        latency.append(h.get("latency_ms") if line.get("error") is None else None)
+    start = min((t for t in finish if t is not None), default=0.0)
+    # Drawn under a name of its own, then renamed: a request never reads half a PNG.
+    tmp = out.with_name(f".{out.stem}-{secrets.token_hex(6)}.png")
+    try:
+        plot_throughput_over_run(finish, latency, tmp, start_s=start, title=f"Batch {batch_id}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

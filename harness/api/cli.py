@@ -1,0 +1,303 @@
+"""`harness api`: the command line of the service (argparse), and `serve` (uvicorn).
+
+Exit codes: 0 stopped by Ctrl-C or SIGTERM; 1 the service could not start (port taken, model
+server failed); 2 bad usage or settings (one line on stderr, nothing started), among them a
+non-loopback `--host` without an API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from harness.api.settings import (
+    API_KEY_ENV,
+    DEFAULT_DATA_DIR,
+    DEFAULT_MAX_LINES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_PORT,
+    ApiSettings,
+)
+from harness.errors import HarnessError
+from harness.runconfig import RunConfig
+
+__all__ = ["READY_PREFIX", "build_parser", "main", "serve"]
+
+READY_PREFIX = "harness api: listening on "
+"""The line printed on stdout once the service answers (then the URL)."""
+
+_DESCRIPTION = """\
+Serve OpenAI's Files and Batches API over the harness engine, so the official openai client
+(or any tool that speaks the Batch API) runs batch jobs on a local model:
+
+  client = OpenAI(base_url="http://127.0.0.1:4080/v1", api_key="unused")
+  f = client.files.create(file=open("batch.jsonl", "rb"), purpose="batch")
+  b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                            completion_window="24h")
+
+Batches run one at a time on the engine (every custom_id exactly once, resumable), with the
+settings `harness run` resolves: these options, then harness.yaml's measured values (strategy,
+concurrency, context, trim policy), then defaults. State lives in --data-dir (SQLite); killed
+and restarted, the service resumes open batches. The page at / shows progress, /metrics is
+Prometheus text, /health needs no key.
+
+Security: loopback by default. Any other --host needs an API key (--api-key, or better the
+environment variable HARNESS_API_KEY: a command line is visible to other users), checked as a
+Bearer token on every route but /health. The key is never written to disk or to a log. With
+--backend openai and OPENAI_API_KEY set, the pass-through (/v1/chat/completions, /v1/models)
+would let any caller spend that key: it needs an API key of this service, and is refused
+without one. Servers the service starts see neither key."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
+    """The parser of `harness api`'s options."""
+    from harness.batch import BACKENDS
+    from harness.config import DEFAULT_CONFIG_PATH
+    from harness.engine.strategies import STRATEGIES
+    from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+
+    d = ApiSettings()
+    p = _Parser(prog=prog, description=_DESCRIPTION, formatter_class=_Formatter)
+    p.add_argument("--host", default=d.host, help="address to listen on (loopback by default)")
+    p.add_argument(
+        "--port", type=_count, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
+    )
+    p.add_argument("--backend", default=d.backend, help=f"model server: {' | '.join(BACKENDS)}")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"embedded: {', '.join(KNOWN_MODELS)} or a .gguf path (default {DEFAULT_MODEL}); "
+        "openai/ollama: the server's model name (default: the server's own choice)",
+    )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="server URL for --backend openai (required) or ollama (default: $OLLAMA_HOST)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=str(DEFAULT_DATA_DIR),
+        metavar="DIR",
+        help="where the state (SQLite) and the files are kept",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"Bearer token every route but /health requires (default: ${API_KEY_ENV}; "
+        "required for a non-loopback --host)",
+    )
+    p.add_argument(
+        "--max-upload-bytes",
+        type=_count,
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        metavar="N",
+        help="largest file an upload may be",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_count,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="largest body any other request (a chat completion, a batch) may have",
+    )
+    p.add_argument(
+        "--max-lines",
+        type=_count,
+        default=DEFAULT_MAX_LINES,
+        metavar="N",
+        help="most lines (requests) an uploaded file may have",
+    )
+    p.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG_PATH),
+        metavar="harness.yaml",
+        help="measured configuration: its values (strategy, concurrency, context, trim "
+        "policy) apply where no option sets them",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="profile of the config file (default: gpu-gemma3-12b for ollama, else embedded)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help=f"{' | '.join(sorted(STRATEGIES, reverse=True))}, as for `harness run` "
+        "(default: harness.yaml's STRATEGY, else stateless)",
+    )
+    p.add_argument(
+        "--concurrency", type=_count, default=None, metavar="N",
+        help="requests in flight; the embedded server gets N slots of --ctx tokens each "
+        "(default: harness.yaml's, else 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ctx", type=_count, default=None, metavar="N",
+        help="context window of one request in tokens; a longer request is that line's error "
+        "(default: harness.yaml's n_ctx, else 8192)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=_count, default=None, metavar="N",
+        help="CPU threads of the embedded server (default: every core)",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="what the service logs on stderr",
+    )
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> ApiSettings:
+    """Settings from parsed options; the key from --api-key or $HARNESS_API_KEY."""
+    return ApiSettings(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir),
+        backend=args.backend,
+        model=args.model,
+        base_url=args.base_url,
+        ctx=args.ctx,
+        concurrency=args.concurrency,
+        strategy=args.strategy,
+        threads=args.threads,
+        config=Path(args.config),
+        profile=args.profile,
+        max_upload_bytes=args.max_upload_bytes,
+        max_request_bytes=args.max_request_bytes,
+        max_lines=args.max_lines,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    try:
+        v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        v6 = False
+    return f"http://[{host}]:{port}" if v6 else f"http://{host}:{port}"
+
+
+def serve(
+    settings: ApiSettings, *, log_level: str = "info", config: RunConfig | None = None
+) -> int:
+    """Run the service until Ctrl-C or SIGTERM. Prints `READY_PREFIX + URL` once it answers.
+    `config`: the run configuration `settings.validate()` resolved (None: resolved here)."""
+    import uvicorn
+
+    from harness.api.app import create_app
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("harness api: %(message)s"))
+    logger = logging.getLogger("harness.api")
+    logger.addHandler(handler)
+    logger.setLevel(log_level.upper())
+    logger.propagate = False
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"harness api: error: cannot listen on {settings.host}:{settings.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    url = _url(sock)
+
+    def ready(backend: str) -> None:
+        print(f"{READY_PREFIX}{url} ({backend}; data in {settings.data_dir})", flush=True)
+
+    app = create_app(settings, on_ready=ready, config=config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    )
+    # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again under the
+    # handlers it found: these, so that a requested stop ends with exit 0, not a signal death.
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+    return 0 if server.started else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`harness api`: parse, check the settings (exit 2, one line), serve."""
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    try:
+        config = settings.validate()
+    except HarnessError as exc:
+        print(f"harness api: error: {exc}", file=sys.stderr)
+        return 2
+    if args.api_key:
+        print(
+            f"harness api: note: --api-key is visible to other users in the process list; "
+            f"prefer the environment variable {API_KEY_ENV}",
+            file=sys.stderr,
+        )
+    return serve(settings, log_level=args.log_level, config=config)

@@ -1,0 +1,129 @@
+"""What `harness api` was asked to do: one frozen settings object, checked before anything starts.
+
+The model-server settings are `harness run`'s (`BatchOptions`, resolved by `batch_config`: the
+command line, then harness.yaml's measured values, then defaults): the same options give the
+same runs. The API key is held here only
+in memory (`repr=False`): it is never written to disk or to a log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.batch import BatchOptions, batch_config
+from harness.config import DEFAULT_CONFIG_PATH
+from harness.errors import ConfigError
+from harness.runconfig import RunConfig
+
+__all__ = [
+    "API_KEY_ENV",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_MAX_LINES",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "DEFAULT_PORT",
+    "ApiSettings",
+    "is_loopback",
+]
+
+API_KEY_ENV = "HARNESS_API_KEY"
+DEFAULT_PORT = 4080
+"""The port of the roadmap's OpenAI-compatible server."""
+DEFAULT_DATA_DIR = Path("harness-api-data")
+DEFAULT_MAX_UPLOAD_BYTES = 200 * 1000 * 1000
+"""OpenAI's limit for a batch input file (200 MB)."""
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1000 * 1000
+"""Any other request body (a chat completion, a batch): 16 MB, room for a 1M-token prompt."""
+DEFAULT_MAX_LINES = 200_000
+"""Requests per file; OpenAI takes 50,000, the production job has 170,000."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address (127.0.0.0/8, ::1)."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    addrs = {str(info[4][0]) for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The service's settings (the CLI's options, one field each)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    """0 picks a free port (printed at start)."""
+    data_dir: Path = DEFAULT_DATA_DIR
+    """SQLite state and file contents."""
+    backend: str = "embedded"
+    model: str | None = None
+    base_url: str | None = None
+    ctx: int | None = None
+    """Context window of one request in tokens (None: harness.yaml's, else 8192)."""
+    concurrency: int | None = None
+    """Requests in flight (None: harness.yaml's, else 1)."""
+    strategy: str | None = None
+    """`stateless` or `conversation` (None: harness.yaml's, else stateless)."""
+    threads: int | None = None
+    config: Path = DEFAULT_CONFIG_PATH
+    profile: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """Limit of every request body but an upload's (refused with 413 as it streams in)."""
+    max_lines: int = DEFAULT_MAX_LINES
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer token every route but /health requires (None: no check; loopback only)."""
+
+    def batch_options(self) -> BatchOptions:
+        """The `harness run` options the batches run with."""
+        return BatchOptions(
+            Path("<harness api>"),
+            backend=self.backend,
+            model=self.model,
+            base_url=self.base_url,
+            concurrency=self.concurrency,
+            strategy=self.strategy,
+            ctx=self.ctx,
+            threads=self.threads,
+            progress=False,
+            config=self.config,
+            profile=self.profile,
+        )
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError naming the option for a setting that cannot work. Returns the run
+        configuration, resolved (`batch_config`) to check it: pass it on, not to resolve it
+        again."""
+        if not is_loopback(self.host) and not self.api_key:
+            raise ConfigError(
+                f"--host {self.host} is not a loopback address: binding it needs an API key "
+                f"(--api-key, or the environment variable {API_KEY_ENV})"
+            )
+        if self.api_key is not None and (not self.api_key.strip() or len(self.api_key) < 8):
+            raise ConfigError("the API key must be at least 8 characters")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port} must be between 0 and 65535")
+        for flag, value in (
+            ("--max-upload-bytes", self.max_upload_bytes),
+            ("--max-request-bytes", self.max_request_bytes),
+            ("--max-lines", self.max_lines),
+        ):
+            if value < 1:
+                raise ConfigError(f"{flag} {value} must be at least 1")
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ConfigError(f"--data-dir {self.data_dir} is a file; give a directory")
+        options = self.batch_options()
+        options.validate()
+        return batch_config(options)  # reads harness.yaml: a bad one fails here
