@@ -240,6 +240,7 @@ def scale_figures(
         "leak": {
             "server_bytes_per_hour": (server.get("leak") or {}).get("bytes_per_hour"),
             "runner_bytes_per_hour": (runner.get("leak") or {}).get("bytes_per_hour"),
+            "gpu_bytes_per_hour": (gpu.get("leak") or {}).get("bytes_per_hour"),
             "server_growth_bytes": (server.get("leak") or {}).get("growth_bytes"),
             "runner_growth_bytes": (runner.get("leak") or {}).get("growth_bytes"),
         },
@@ -262,7 +263,23 @@ def scale_figures(
         ),
         "model_note": model_note,
     }
-    if memory_budget is not None:
+    reasons = figures["unknown_reasons"]
+    if projection is None or projection.get("error") is None:
+        reasons["projection_error"] = (
+            f"no finished smaller scale report of the same profile, model, backend and strategy "
+            f"in {report_dir} (run the smaller phases first)"
+        )
+    if energy_wh is None:
+        reasons["projected_170k_cost"] = reasons["cost"] = (
+            "energy not measured (NVML reads it only when the server's GPU is on this machine)"
+        )
+    if not gpu:
+        reasons["leak.gpu_bytes_per_hour"] = "no GPU memory reading (NVML) on this machine"
+    if memory_budget is None:
+        reasons["memory.within_budget"] = (
+            f"no phase 1 report of this profile in {report_dir} (run suites/context_limits first)"
+        )
+    else:
         budget, source = memory_budget
         figures["memory"]["budget_bytes"] = budget
         figures["memory"]["budget_source"] = source
