@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from harness.phases import context_shape, recommended_trim_interval
 from harness.phases import quality as q
 from harness.phases.context_limits import limits_figures, recommended_config, theory_or_none
 from harness.records import RequestRecord
+from harness.scenarios import evaluate, load_scenario
 from harness.testing import InProcessDouble
 from harness.workload import WorkItem, generate_candidates, load_prompt
 
@@ -142,6 +144,12 @@ def test_a_run_whose_replies_never_parse_scores_zero() -> None:
     assert figures["consistency_rate"] == 0.0
     assert figures["parse_rate"] == 0.0
     assert figures["drift_spread"] is None
+    # And the shipped quality gate fails it on every profile, on reproducibility among others.
+    scenario = load_scenario(Path(__file__).resolve().parent.parent / "scenarios/quality.yaml")
+    for profile in scenario.profiles:
+        results = evaluate(scenario.criteria_for(profile), figures)
+        failed = {r.criterion.metric for r in results if not r.passed}
+        assert {"reproducible_rate", "consistency_rate", "parse_rate"} <= failed, profile
 
 
 # -- context limits -----------------------------------------------------------------------------
