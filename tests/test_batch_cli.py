@@ -1003,7 +1003,15 @@ def test_an_outsize_field_is_that_rows_error_and_the_run_goes_on(
 def test_run_prints_the_banner_with_each_setting_and_its_source(
     in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    use_double()
+    said_before_a_request: list[str] = []
+
+    def reply(request: Any) -> str:
+        # What the terminal showed when the server got its first request.
+        if not said_before_a_request:
+            said_before_a_request.append(sys.stderr.getvalue())  # type: ignore[attr-defined]
+        return '{"score": 5}'
+
+    use_double(reply=reply)
     write_candidates_csv("c.csv", 3, seed=2)
     Path("harness.yaml").write_text(
         "profiles:\n  embedded:\n    n_ctx: 12000\n    TRIM_INTERVAL: 40\n"
@@ -1030,3 +1038,8 @@ def test_run_prints_the_banner_with_each_setting_and_its_source(
     )
     assert banner["config"] == "config: harness.yaml profile embedded (read)"
     assert banner["prompt tokens"].startswith("prompt tokens: rubric ")
+    # The whole banner was out before the first request reached the server.
+    (before,) = said_before_a_request
+    for field in banner:
+        if field in ("backend", "model", "prompt", "strategy", "config", "prompt tokens"):
+            assert f"harness run: {field}: " in before, field
