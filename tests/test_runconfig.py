@@ -1,0 +1,148 @@
+"""The one configuration path (harness.runconfig): precedence, sources, and values measured on
+another backend or model never applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import load_profile, write_back
+from harness.errors import ConfigError
+from harness.runconfig import resolve_run_config
+from harness.scenarios import Scenario, load_scenario
+
+# What the performance phase writes with --harness-write-config (suites/performance).
+PERF = {"REQUEST_PATH": "tokens", "parallel": 2, "CONCURRENCY": 2, "STRATEGY": "stateless",
+        "TRIM_INTERVAL": 25}  # fmt: skip
+PROV = {"report": "reports/performance_comparison.json", "date": "2026-11-28",
+        "backend": "embedded", "model": "gemma3-270m"}  # fmt: skip
+
+SCENARIO = """\
+name: t
+phase: scale
+strategy:
+  name: conversation
+  trim_interval: 50
+  concurrency: 1
+profiles:
+  embedded:
+    backend: embedded
+    model: gemma3-270m
+    n_ctx: 16384
+  gpu:
+    backend: ollama
+    model: gemma3:12b
+    n_ctx: 14000
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "harness.yaml"
+    assert sorted(write_back(path, "embedded", PERF, PROV)) == sorted(PERF)
+    return path
+
+
+def scenario(tmp_path: Path) -> Scenario:
+    path = tmp_path / "s.yaml"
+    path.write_text(SCENARIO)
+    return load_scenario(path)
+
+
+def test_the_performance_phases_values_are_what_the_next_run_uses(
+    tmp_path: Path, config: Path
+) -> None:
+    cfg = resolve_run_config(
+        profile="embedded", config=load_profile(config, "embedded"), scenario=scenario(tmp_path)
+    )
+    assert (cfg.request_path.value, cfg.request_path.source) == ("tokens", "harness.yaml")
+    assert (cfg.parallel.value, cfg.parallel.source) == (2, "harness.yaml")
+    assert (cfg.concurrency.value, cfg.concurrency.source) == (2, "harness.yaml")
+    # harness.yaml (measured) beats the scenario's starting settings.
+    assert (cfg.strategy.value, cfg.strategy.source) == ("stateless", "harness.yaml")
+    assert (cfg.trim_interval.value, cfg.trim_interval.source) == (25, "harness.yaml")
+    # The scenario's n_ctx, as nothing measured one.
+    assert (cfg.n_ctx.value, cfg.n_ctx.source) == (16384, "scenario")
+    assert cfg.ignored == ()
+    options = cfg.backend_options()
+    assert options["parallel"] == 2 and options["n_ctx"] == 2 * 16384
+    assert options["request_path"] == "tokens"
+
+
+def test_the_command_line_beats_what_was_measured(tmp_path: Path, config: Path) -> None:
+    cfg = resolve_run_config(
+        profile="embedded",
+        config=load_profile(config, "embedded"),
+        scenario=scenario(tmp_path),
+        cli={"concurrency": 1, "request_path": "chat", "trim_interval": None},
+    )
+    assert (cfg.concurrency.value, cfg.concurrency.source) == (1, "command line")
+    assert (cfg.request_path.value, cfg.request_path.source) == ("chat", "command line")
+    # None on the command line is "not given": the measured value stays.
+    assert (cfg.trim_interval.value, cfg.trim_interval.source) == (25, "harness.yaml")
+
+
+def test_values_measured_on_another_backend_are_not_applied_and_are_listed(
+    tmp_path: Path, config: Path
+) -> None:
+    # The same profile name run against Ollama: nothing measured on the embedded server applies.
+    cfg = resolve_run_config(
+        profile="embedded",
+        config=load_profile(config, "embedded"),
+        scenario=scenario(tmp_path),
+        cli={"backend": "ollama", "model": "gemma3:12b"},
+    )
+    assert cfg.backend.value == "ollama"
+    assert cfg.request_path.value is None and cfg.request_path.source == "default"
+    assert (cfg.strategy.value, cfg.strategy.source) == ("conversation", "scenario")
+    assert (cfg.trim_interval.value, cfg.trim_interval.source) == (50, "scenario")
+    assert cfg.concurrency.source == "scenario"
+    assert len(cfg.ignored) == len(PERF)
+    assert all("measured on embedded, this run is ollama" in why for why in cfg.ignored)
+    assert cfg.to_dict()["ignored"] == list(cfg.ignored)
+
+
+def test_values_measured_with_another_model_are_not_applied(tmp_path: Path, config: Path) -> None:
+    cfg = resolve_run_config(
+        profile="embedded",
+        config=load_profile(config, "embedded"),
+        scenario=scenario(tmp_path),
+        cli={"model": "tiny-gemma3"},
+    )
+    assert cfg.trim_interval.source == "scenario"
+    assert all("measured with gemma3-270m, this run uses tiny-gemma3" in w for w in cfg.ignored)
+
+
+def test_a_second_write_with_the_same_measurements_changes_nothing(config: Path) -> None:
+    before = config.read_bytes()
+    assert write_back(config, "embedded", PERF, {**PROV, "date": "2026-12-01"}) == []
+    assert config.read_bytes() == before
+    assert write_back(config, "embedded", {**PERF, "CONCURRENCY": 4}, PROV) == ["CONCURRENCY"]
+    assert config.read_bytes() != before
+    assert load_profile(config, "embedded").get("CONCURRENCY") == 4
+
+
+def test_a_measured_cap_above_the_context_keeps_the_80_percent_margin(tmp_path: Path) -> None:
+    path = tmp_path / "harness.yaml"
+    write_back(path, "embedded", {"MAX_CONTEXT_TOKENS": 32768, "n_ctx": 8192}, PROV)
+    cfg = resolve_run_config(profile="embedded", config=load_profile(path, "embedded"))
+    assert cfg.max_context_tokens.value == 8192
+    assert "capped to n_ctx 8192" in cfg.max_context_tokens.source
+    assert cfg.trim_threshold.value == int(8192 * 0.8)
+    capped = cfg.capped(4096)
+    assert capped.max_context_tokens.value == 4096
+    assert capped.trim_threshold.value == int(4096 * 0.8)
+
+
+def test_conversation_with_more_requests_in_flight_than_slots_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "harness.yaml"
+    with pytest.raises(ConfigError, match=r"concurrency 4 \(command line\) on 1 server slot"):
+        resolve_run_config(
+            profile="embedded",
+            config=load_profile(path, "embedded"),
+            scenario=scenario(tmp_path),
+            cli={"concurrency": 4},
+        )
