@@ -74,6 +74,7 @@ dl.fields dd { margin: 0; font-variant-numeric: tabular-nums; }
 .pass { color: #116329; background: #dafbe1; font-weight: bold; }
 .fail { color: #82071e; background: #ffebe9; font-weight: bold; }
 .na { color: #57606a; background: #f6f8fa; }
+.what { color: #57606a; font-size: 0.9em; margin-top: 0.2em; }
 .badge { padding: 0.05rem 0.4rem; border-radius: 0.3rem; white-space: nowrap; }
 .unreadable { color: #82071e; }
 code { font-size: 0.85rem; }
@@ -273,6 +274,19 @@ def _machine_html(info: Any) -> str:
     return f"<details><summary>machine</summary>{body}</details>"
 
 
+def _what(data: Mapping[str, Any]) -> str:
+    """What a report measured: its model, on which backend, under which profile."""
+    backend = data.get("backend") if isinstance(data.get("backend"), Mapping) else {}
+    model = data.get("model") or (backend or {}).get("model")
+    parts = []
+    if model:
+        on = (backend or {}).get("name")
+        parts.append(f"{model} on {on}" if on else str(model))
+    if data.get("profile"):
+        parts.append(f"profile {data['profile']}")
+    return f'<div class="what">{_esc(" · ".join(parts))}</div>' if parts else ""
+
+
 def _summary_row(rep: _JsonReport) -> str:
     link = f'<a href="{_href(rep.rel)}"><code>{_esc(rep.rel)}</code></a>'
     if rep.error is not None:
@@ -295,7 +309,8 @@ def _summary_row(rep: _JsonReport) -> str:
         data.get("machine_info")
     )
     return (
-        f'<tr class="report"><td>{link}</td><td>{_badge(_overall(rep.criteria))}</td>'
+        f'<tr class="report"><td>{link}{_what(data)}</td>'
+        f"<td>{_badge(_overall(rep.criteria))}</td>"
         f"<td>{fields_html}</td><td>{crit_html}</td><td>{origin or '—'}</td></tr>"
     )
 

@@ -380,3 +380,30 @@ def test_index_skips_huge_json(report_dir: Path, monkeypatch: pytest.MonkeyPatch
     page = build_index(report_dir).read_text(encoding="utf-8")
     assert "too large to summarise" in page
     assert "phase1.json" in page
+
+
+def test_each_row_names_the_model_backend_and_profile_it_measured(tmp_path: Path) -> None:
+    # `make run` (270M) then a 1K run of the tiny model into the same folder: each row says which.
+    d = tmp_path / "reports"
+    d.mkdir()
+    (d / "context_limit_results.json").write_text(
+        json.dumps(
+            {
+                "model": "gemma3-270m",
+                "profile": "embedded",
+                "backend": {"name": "embedded", "model": "gemma3-270m"},
+            }
+        )
+    )
+    (d / "performance_benchmarks_1000.json").write_text(
+        json.dumps({"profile": "embedded", "backend": {"name": "embedded", "model": "tiny-gemma3"}})
+    )
+    (d / "notes.json").write_text(json.dumps({"x": 1}))
+    page = build_index(d).read_text(encoding="utf-8")
+    rows = {
+        name: page[page.index(f"<code>{name}</code>") :].split("</tr>", 1)[0]
+        for name in ("context_limit_results.json", "performance_benchmarks_1000.json", "notes.json")
+    }
+    assert "gemma3-270m on embedded · profile embedded" in rows["context_limit_results.json"]
+    assert "tiny-gemma3 on embedded · profile embedded" in rows["performance_benchmarks_1000.json"]
+    assert 'class="what"' not in rows["notes.json"]
