@@ -623,6 +623,16 @@ def test_rerun_of_a_finished_batch_starts_no_server_and_rewrites_the_csv(
 def test_ctrl_c_stops_cleanly_exits_130_and_the_same_command_resumes(
     in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Ctrl-C as in a terminal's foreground job, even when the tests run in a background job
+    # (`cmd &` starts them with SIGINT ignored, and Python then keeps it ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_then_resume(use_double, capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_then_resume(use_double: UseDouble, capsys: pytest.CaptureFixture[str]) -> None:
     def interrupt(call: int, request: ChatRequest) -> None:
         if call == 5:
             signal.raise_signal(signal.SIGINT)  # what Ctrl-C in the terminal does

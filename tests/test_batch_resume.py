@@ -34,6 +34,10 @@ DATA = Path(__file__).parent / "data" / "batch"
 SHORT_PROMPT = DATA / "short_prompt.yaml"
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Runs:
     """Starts `python -m harness run` children and cleans up every process they left."""
 
@@ -51,6 +55,9 @@ class Runs:
                 stdout=out,
                 stderr=err,
                 text=True,
+                # Ctrl-C works as in a terminal's foreground job even when the tests run in a
+                # background job (`cmd &` starts its children with SIGINT ignored).
+                preexec_fn=_sigint_default,
             )
         self.procs.append(proc)
         return proc
