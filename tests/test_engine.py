@@ -203,6 +203,16 @@ def test_workers_stay_on_their_slots() -> None:
     assert {slot for slot, _ in backend.requests} == {0, 1, 2}
 
 
+def test_more_workers_than_slots_pin_none() -> None:
+    """Requests pinned to a busy llama.cpp slot crash or wedge the server (runner docstring):
+    with more workers than slots the server's own queue places every request."""
+    backend = InProcessDouble(n_slots=1, delay_s=0.001)
+    result = run(backend, make_items(12), concurrency=4)
+    assert len({r.worker for r in result.records}) == 4
+    assert {r.slot for r in result.records} == {None}
+    assert {slot for slot, _ in backend.requests} == {None}
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 

@@ -2,7 +2,11 @@
 
 Each of `concurrency` workers takes the next work item, plans it with the strategy (its own
 rolling conversation, for `conversation`), and sends it. With several llama.cpp slots a worker
-stays on one slot (`id_slot`), so its prefix stays cached there. Failures:
+stays on one slot (`id_slot`), so its prefix stays cached there — when each worker can have a
+slot of its own. With more workers than slots nothing is pinned and the server's queue serves
+them: requests pinned to a slot that is busy crash llama-server (`GGML_ASSERT(batch.size() >
+0)`, server-context.cpp:4022, in the packaged build) or wedge it (a deferred task requeued in
+a loop, the slot never decoding), seen with 2 and 4 requests in flight on 1 slot. Failures:
 
 - transient (connection reset or refused, 429/5xx, timeouts, truncated bodies): retried with
   exponential backoff and jitter, up to `RetryPolicy.max_attempts`; then recorded as the row's
@@ -116,6 +120,8 @@ class Runner:
         self._items, self._pos, self._prefetched = items, 0, 0
         n_workers = max(1, min(self.config.concurrency, len(items)))
         slots = self.backend.info.n_slots if self.backend.info.supports_slots else None
+        if slots and n_workers > slots:
+            slots = None  # a slot per worker, or none pinned (see the module docstring)
         tasks = [
             asyncio.create_task(self._worker(w, slots), name=f"worker-{w}")
             for w in range(n_workers)
