@@ -230,12 +230,16 @@ def pick_settings(
     intervals: Sequence[Mapping[str, Any]],
     *,
     max_slots: int | None = None,
+    request_path: str | None = None,
 ) -> dict[str, Any]:
     """The settings the measurements pick: the request path, slots and concurrency with the
     most completed requests per second (no errors; no more slots than `max_slots`, what phase
-    1's memory budget allows); the trim interval with the most requests per second among those
+    1's memory budget allows; only cells of `request_path` when the path was chosen by a
+    better measurement); the trim interval with the most requests per second among those
     within 2% of the best savings."""
     allowed = [r for r in overlap if max_slots is None or int(r["slots"]) <= max_slots]
+    if request_path is not None:
+        allowed = [r for r in allowed if r["request_path"] == request_path] or allowed
     clean = [r for r in allowed if not r.get("errors")] or list(allowed)
     best = max(clean, key=lambda r: float(r.get("throughput_rps") or 0.0))
     out: dict[str, Any] = {

@@ -1,0 +1,84 @@
+"""The performance phase's logic (harness.phases.performance) on made-up figures: the order the
+variants run in, ratios per round with their spread, the roofline bound, where a request's
+time went, and the settings the measurements pick."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from harness.phases import performance as perf
+from harness.records import RequestRecord
+
+
+def test_variants_run_round_by_round() -> None:
+    order: list[tuple[str, int]] = []
+
+    async def run(variant: str, r: int) -> dict[str, Any]:
+        order.append((variant, r))
+        return {"throughput_rps": 1.0}
+
+    out = asyncio.run(perf.interleave(["a", "b", "c"], 2, run))
+    assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1)]
+    assert {k: len(v) for k, v in out.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_ratios_are_taken_per_round_and_gated_on_the_median() -> None:
+    rounds = {
+        "tokens": [{"throughput_rps": r} for r in (1.3, 1.2, 2.6, 1.25, 1.3)],
+        "chat": [{"throughput_rps": r} for r in (1.0, 1.0, 1.0, 1.0, 0.0)],
+    }
+    s = perf.ratio_spreads(rounds, {"t_over_c": ("tokens", "chat", "throughput_rps")})["t_over_c"]
+    # Round 5 has no chat figure: left out, not a division by zero; the outlier moves no median.
+    assert s.rounds == 4 and s.median == pytest.approx(1.275)
+    assert (s.low, s.high) == (1.2, 2.6)
+    assert s.spread == pytest.approx((2.6 - 1.2) / 1.275)
+    assert perf.spread([]).rounds == 0
+
+
+def test_the_bound_is_prefill_plus_decode_at_the_calibrated_rates() -> None:
+    assert perf.bound_s(100.0, 20.0, 900, 40) == pytest.approx(9.0 + 2.0)
+    assert perf.bound_s(0.0, 20.0, 900, 40) == 0.0  # no calibration: no bound, not infinity
+
+
+def test_the_breakdown_is_what_the_server_did_not_account_for() -> None:
+    recs = [
+        RequestRecord("a", "ok", latency_ms=300.0, prompt_ms=100.0, decode_ms=150.0),
+        RequestRecord("b", "ok", latency_ms=500.0, prompt_ms=200.0, decode_ms=250.0),
+        RequestRecord("c", "error", latency_ms=9000.0),
+    ]
+    row = perf.breakdown("tokens", recs)
+    assert (row.prefill_ms, row.decode_ms, row.overhead_ms) == (150.0, 200.0, 50.0)
+
+
+OVERLAP = [
+    {"slots": 1, "request_path": "chat", "concurrency": 2, "throughput_rps": 1.02, "errors": 0},
+    {"slots": 1, "request_path": "tokens", "concurrency": 1, "throughput_rps": 0.90, "errors": 0},
+    {"slots": 1, "request_path": "tokens", "concurrency": 4, "throughput_rps": 0.95, "errors": 0},
+    {"slots": 2, "request_path": "tokens", "concurrency": 2, "throughput_rps": 1.40, "errors": 3},
+    {"slots": 4, "request_path": "tokens", "concurrency": 4, "throughput_rps": 2.00, "errors": 0},
+]
+INTERVALS = [
+    {"interval": 10, "throughput_rps": 1.5, "token_savings": 0.93},
+    {"interval": 25, "throughput_rps": 0.94, "token_savings": 0.974},
+    {"interval": 50, "throughput_rps": 0.91, "token_savings": 0.975},
+]
+
+
+def test_the_settings_are_the_best_measured_within_the_memory_budget() -> None:
+    got = perf.pick_settings(OVERLAP, INTERVALS, max_slots=2)
+    # 4 slots do not fit phase 1's budget; the 2-slot cell had errors: the fastest clean cell.
+    assert got == {"REQUEST_PATH": "chat", "parallel": 1, "CONCURRENCY": 2, "TRIM_INTERVAL": 25}
+    # Interval 10 is fastest but loses 4.5 points of savings: the fastest within 2% of the best.
+    assert perf.pick_settings(OVERLAP, INTERVALS)["parallel"] == 4
+
+
+def test_a_request_path_chosen_by_the_interleaved_rounds_restricts_the_sweep() -> None:
+    got = perf.pick_settings(OVERLAP, INTERVALS, max_slots=2, request_path="tokens")
+    assert (got["REQUEST_PATH"], got["parallel"], got["CONCURRENCY"]) == ("tokens", 1, 4)
+    # A path the sweep never measured: the sweep's own best, not nothing.
+    assert perf.pick_settings(OVERLAP, [], max_slots=1, request_path="text")["REQUEST_PATH"] == (
+        "chat"
+    )
