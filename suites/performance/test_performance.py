@@ -1,6 +1,6 @@
 """Performance: the request paths side by side, the real limit, and the settings they pick.
 
-    pytest suites/performance -k test_performance   # gemma3-270m on the CPU, 30+ min on 2 cores
+    pytest suites/performance -k test_performance   # gemma3-270m on the CPU, ~14 min on 2 cores
 
 On one server, round by round (harness.phases.performance): the engine on the token path, the
 chat path and the text path (Ollama's form), a minimal direct client (chat bodies), the
