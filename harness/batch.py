@@ -36,6 +36,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import os
 import signal
 import sys
 import time
@@ -48,10 +49,11 @@ import orjson
 
 from harness.backends.base import Backend
 from harness.backends.openai import REQUEST_PATHS
+from harness.backends.pool import PoolBackend
 from harness.backends.server import SERVER_FLAGS
 from harness.config import DEFAULT_CONFIG_PATH, load_profile
-from harness.engine import JobSpec, RunnerConfig, read_results, run_job
-from harness.engine.job import open_token_counter
+from harness.engine import JobSpec, RunnerConfig, TokenCounter, read_results, run_job
+from harness.engine.job import endpoint_report, open_token_counter
 from harness.engine.lengths import PromptLengths, check_fits, measure_lengths
 from harness.engine.progress import format_duration
 from harness.engine.store import read_final
@@ -100,6 +102,8 @@ __all__ = [
 
 BACKENDS = ("embedded", "openai", "ollama")
 """Backends `harness run` can use."""
+EXECUTORS = ("local", "ray")
+"""Who runs the engine: this process, or a Ray Data pipeline (`harness.rayexec`)."""
 BATCH_SUFFIXES = (".jsonl", ".json")
 """Input files with these suffixes are OpenAI Batch JSONL; anything else is a CSV."""
 METRIC_COLUMNS = (
@@ -162,7 +166,15 @@ class BatchOptions:
     """embedded: a model name or .gguf path (default gemma3-270m); openai/ollama: the server's
     model name (default: the openai server's first model, or OllamaBackend's default)."""
     base_url: str | None = None
-    """Server URL for `openai` (required) and `ollama` (default $OLLAMA_HOST or localhost)."""
+    """Server URL for `openai` (required) and `ollama` (default $OLLAMA_HOST or localhost);
+    several URLs separated by commas run the job over all of them (a pool: `base_urls`)."""
+    servers: int = 1
+    """Embedded servers to start (each with `threads` threads and `concurrency` slots): more
+    than one runs the job over all of them (a pool, `harness.backends.pool`)."""
+    executor: str = "local"
+    """`local` (this process runs the engine) or `ray` (a Ray Data pipeline: `harness.rayexec`)."""
+    ray_address: str | None = None
+    """The Ray cluster for `executor="ray"` (None: start a local instance)."""
     concurrency: int | None = None
     """Requests in flight; the embedded server gets one slot per concurrent request. None:
     harness.yaml's CONCURRENCY, else 1."""
@@ -205,9 +217,32 @@ class BatchOptions:
     @property
     def openai_url(self) -> str | None:
         """--base-url, else OPENAI_BASE_URL (as the openai client reads it)."""
-        import os
-
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The server URLs given (--base-url, several or a comma list), else OPENAI_BASE_URL
+        for `openai`; empty when none was given."""
+        text = self.openai_url if self.backend == "openai" else self.base_url
+        return [u.strip() for u in (text or "").split(",") if u.strip()]
+
+    @property
+    def endpoints(self) -> int:
+        """How many servers the job runs over (more than one: a pool)."""
+        return self.servers if self.backend == "embedded" else max(1, len(self.base_urls))
+
+    def pool_threads(self) -> tuple[int | None, str]:
+        """Threads of each embedded server, and where the number came from: --threads, else
+        for several servers this machine's cores shared among them (at least one each), so
+        they do not all spin on every core; one server: llama.cpp's default (every core)."""
+        if self.threads is not None:
+            return self.threads, "command line"
+        if self.backend != "embedded" or self.servers <= 1:
+            return None, "default: every core"
+        cores = os.cpu_count() or 1
+        return max(1, cores // self.servers), (
+            f"default: {cores} cores ÷ {self.servers} servers, at least 1 each"
+        )
 
     @property
     def config_profile(self) -> str:
@@ -248,6 +283,22 @@ class BatchOptions:
         ):
             if value is not None and value < least:
                 raise ConfigError(f"{flag} {value} must be at least {least}")
+        if self.servers < 1:
+            raise ConfigError(f"--servers {self.servers} must be at least 1")
+        if self.servers > 1 and self.backend != "embedded":
+            raise ConfigError(
+                "--servers starts embedded servers; for --backend openai or ollama give each "
+                "server's URL (--base-url several times, or a comma list)"
+            )
+        urls = self.base_urls
+        if len(set(urls)) < len(urls):
+            raise ConfigError(f"--base-url names a server twice: {', '.join(urls)}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(
+                f"--executor {self.executor!r} is not known; choose one of: {', '.join(EXECUTORS)}"
+            )
+        if self.ray_address is not None and self.executor != "ray":
+            raise ConfigError("--ray-address is for --executor ray")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads} must be at least 1")
         if self.threads is not None and self.backend != "embedded":
@@ -568,17 +619,27 @@ def batch_config(options: BatchOptions) -> RunConfig:
 
 
 def make_backend(options: BatchOptions) -> Backend:
-    """The backend the options name (not started). Tests replace this function."""
+    """The backend the options name (not started): one server, or a pool over several
+    (`--servers N`, several `--base-url`). Tests replace this function."""
     cfg = batch_config(options)
     opts = cfg.backend_options()
     if options.backend == "embedded":
-        opts["threads"] = options.threads
+        opts["threads"] = options.pool_threads()[0]
     if options.backend == "ollama" and cfg.n_ctx.source == "default":
         # Neither --ctx nor a measured n_ctx: use (and read) the context Ollama loads with.
         opts["num_ctx"] = None
     if not opts.get("model"):
         opts.pop("model", None)
-    return Backend.create(options.backend, **opts)
+    if options.endpoints == 1:
+        return Backend.create(options.backend, **opts)
+    if options.backend == "embedded":
+        members = [Backend.create("embedded", **opts) for _ in range(options.servers)]
+    else:
+        members = [
+            Backend.create(options.backend, **{**opts, "base_url": url})
+            for url in options.base_urls
+        ]
+    return Backend.create("pool", members=members, per_endpoint=cfg.concurrency.value)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -625,6 +686,10 @@ class BatchResult:
     stopped_by: signal.Signals | None = None
     """What interrupted the run: SIGINT (Ctrl-C) or SIGTERM."""
     server: str = ""
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+    """Over several servers: each one's figures this run (rows, completed, errors, req/s,
+    savings, latency) and history (when it left, why, after how many answers; when it came
+    back), also written to `<results stem>.endpoints.json`. Empty for one server."""
 
     @property
     def not_run(self) -> int:
@@ -663,6 +728,34 @@ class BatchResult:
             f"scores: {self.scores_path}; results: {self.results_path}"
         )
 
+    def endpoint_lines(self) -> list[str]:
+        """One line per server of a pool (none for one server)."""
+        return [endpoint_line(ep) for ep in self.endpoints]
+
+
+def endpoint_line(ep: Mapping[str, Any]) -> str:
+    """`endpoint URL: rows, ok, errors, req/s, p50 latency; left at ... (why)`."""
+    lat = (ep.get("latency_ms") or {}).get("p50")
+    text = (
+        f"endpoint {ep['endpoint']}: {ep.get('rows', 0)} rows ({ep.get('completed', 0)} ok, "
+        f"{ep.get('errors', 0)} errors), {ep.get('throughput_rps') or 0.0:.2f} req/s, "
+        f"p50 latency {f'{lat:.0f} ms' if lat is not None else 'n/a'}"
+    )
+    if ep.get("down_at") is not None:
+        after = ep.get("down_after_s")
+        text += (
+            f"; LEFT the run {f'{after:.1f} s in' if after is not None else ''} "
+            f"(after {ep.get('down_after_requests')} answers): {ep.get('down_reason')}"
+        )
+        if ep.get("up"):
+            text += f"; back {ep.get('back_after_s') or 0.0:.1f} s in"
+    return text
+
+
+def endpoints_path(results: Path) -> Path:
+    """The per-server figures beside a results file: `<stem>.endpoints.json`."""
+    return results.with_name(results.stem + ".endpoints.json")
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -684,6 +777,11 @@ class _Plan:
         self.ended = time.perf_counter()
 
     server: str = ""
+    backend: Backend | None = None
+    """The backend of this run (a pool's figures are read from it at the end)."""
+    endpoint_history: list[dict[str, Any]] | None = None
+    """Each server's own account when no pool object keeps it (the Ray executor)."""
+    started_unix: float = 0.0
     counts: _Counts | None = None
     """Set once the scores CSV is written."""
     stopped_by: signal.Signals | None = None
@@ -703,6 +801,13 @@ class _Plan:
         t = self.tally
         elapsed = self.ended - self.started if self.started is not None and self.ended else 0.0
         m = t.summary(elapsed)
+        endpoints = self.endpoint_figures(m.extra.get("endpoints", {}))
+        if endpoints:
+            with contextlib.suppress(OutputError):
+                atomic_write_json(
+                    endpoints_path(self.results),
+                    {"elapsed_s": elapsed, "started": self.started_unix, "endpoints": endpoints},
+                )
         return BatchResult(
             input=self.data.path,
             kind=self.data.kind,
@@ -727,7 +832,23 @@ class _Plan:
             interrupted=interrupted,
             stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
             server=self.server,
+            endpoints=endpoints,
         )
+
+    def endpoint_figures(self, figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.backend is not None and isinstance(self.backend, PoolBackend):
+            return endpoint_report(self.backend, figures, self.started_unix)
+        if self.endpoint_history is None:
+            return []
+        out = []
+        for ep in self.endpoint_history:
+            row = dict(ep)
+            for key in ("down_at", "back_at"):
+                at = row.get(key)
+                row[key.replace("_at", "_after_s")] = at - self.started_unix if at else None
+            row.update(figures.get(row["endpoint"], {"rows": 0, "completed": 0, "errors": 0}))
+            out.append(row)
+        return out
 
 
 def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> dict[str, Any]:
@@ -812,13 +933,15 @@ def job_spec(
     desc: str,
     progress: bool = True,
     retry_failed: bool = False,
+    endpoints: int = 1,
 ) -> JobSpec:
     """The engine's job for a resolved configuration (already capped to the server's
-    context): `harness run` and `harness api` run the same."""
+    context): `harness run` and `harness api` run the same. Over several servers (a pool)
+    the concurrency is per server: `endpoints` × it requests in flight."""
     return JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,
-        runner=RunnerConfig(concurrency=cfg.concurrency.value),
+        runner=RunnerConfig(concurrency=cfg.concurrency.value * endpoints),
         results_path=results,
         retry_failed=retry_failed,
         progress=progress,
@@ -847,8 +970,10 @@ def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -
         f"strategy: {cfg.strategy.value} ({cfg.strategy.source}); trim at "
         f"{cfg.trim_threshold.value} tokens ({cfg.trim_threshold.source}), every "
         f"{cfg.trim_interval.value or 'unlimited'} requests ({cfg.trim_interval.source})",
-        f"concurrency: {cfg.concurrency.value} ({cfg.concurrency.source}); server slots: "
-        f"{info.n_slots or cfg.parallel.value} ({cfg.parallel.source})",
+        f"concurrency: {cfg.concurrency.value} ({cfg.concurrency.source})"
+        + (" per server" if plan.options.endpoints > 1 else "")
+        + f"; server slots: {info.n_slots or cfg.parallel.value} ({cfg.parallel.source}"
+        + (", all servers together)" if plan.options.endpoints > 1 else ")"),
         f"request path: {info.extra.get('request_path', 'native')} ({cfg.request_path.source})",
         "max tokens per reply: "
         + (
@@ -871,6 +996,17 @@ def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -
         + ("(read)" if found else "(not found: measured values not used)")
     )
     lines += [f"not applied: {why}" for why in cfg.ignored]
+    options = plan.options
+    if options.endpoints > 1:
+        names = info.extra.get("endpoints") or options.base_urls
+        how = "--servers" if options.backend == "embedded" else "--base-url"
+        lines.append(
+            f"servers: {options.endpoints} ({how}, command line): {', '.join(map(str, names))}; "
+            "each row goes to the next free worker, each worker stays on one server"
+        )
+    if options.backend == "embedded":
+        threads, source = options.pool_threads()
+        lines.append(f"threads per server: {threads or 'every core'} ({source})")
     if lengths is not None:
         lines.append(lengths.describe())
     return lines
@@ -899,38 +1035,50 @@ def reuse_warning(lengths: PromptLengths, info: Any, report: Path) -> str | None
     )
 
 
+async def preflight(plan: _Plan, server: Backend, counter: TokenCounter) -> JobSpec:
+    """On a started server, before any request: print the banner (every setting and its
+    source, the prompt's lengths), warn about rows too long for the context, write the job's
+    fingerprint; returns the engine's job. Both executors run it."""
+    options, data = plan.options, plan.data
+    info = server.info
+    plan.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
+    cfg = plan.config.capped(info.n_ctx_per_slot)
+    lengths = await measure_lengths(counter, data.items)
+    for line in banner(plan, server, lengths):
+        print(f"harness run: {line}", file=sys.stderr, flush=True)
+    too_long = check_fits(
+        lengths,
+        cfg.max_context_tokens.value,
+        context_source=str(
+            info.extra.get("context_source")
+            or f"MAX_CONTEXT_TOKENS, {cfg.max_context_tokens.source}"
+        ),
+    )
+    for warning in (too_long, reuse_warning(lengths, info, REUSE_REPORT)):
+        if warning:
+            print(f"harness run: warning: {warning}", file=sys.stderr, flush=True)
+    spec = job_spec(
+        cfg,
+        results=plan.results,
+        desc=f"run {data.path.name}",
+        progress=options.progress,
+        retry_failed=options.retry_failed,
+        endpoints=len(info.extra.get("endpoints") or [None]),
+    )
+    _write_job(plan.results, plan.job)
+    plan.backend = server
+    plan.started_unix = time.time()
+    plan.started = time.perf_counter()
+    return spec
+
+
 async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
     options, data = plan.options, plan.data
     try:
         if plan.skipped < len(data.items):
             server = backend if backend is not None else make_backend(options)
             async with server, open_token_counter(server) as counter:
-                info = server.info
-                plan.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
-                cfg = plan.config.capped(info.n_ctx_per_slot)
-                lengths = await measure_lengths(counter, data.items)
-                for line in banner(plan, server, lengths):
-                    print(f"harness run: {line}", file=sys.stderr, flush=True)
-                too_long = check_fits(
-                    lengths,
-                    cfg.max_context_tokens.value,
-                    context_source=str(
-                        info.extra.get("context_source")
-                        or f"MAX_CONTEXT_TOKENS, {cfg.max_context_tokens.source}"
-                    ),
-                )
-                for warning in (too_long, reuse_warning(lengths, info, REUSE_REPORT)):
-                    if warning:
-                        print(f"harness run: warning: {warning}", file=sys.stderr, flush=True)
-                spec = job_spec(
-                    cfg,
-                    results=plan.results,
-                    desc=f"run {data.path.name}",
-                    progress=options.progress,
-                    retry_failed=options.retry_failed,
-                )
-                _write_job(plan.results, plan.job)
-                plan.started = time.perf_counter()
+                spec = await preflight(plan, server, counter)
                 await run_job(server, data.items, spec, sinks=[plan.add], counter=counter)
     finally:
         # Also after Ctrl-C (cancellation) or a server failure: the scores so far.
@@ -941,7 +1089,15 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
 async def run_batch_async(options: BatchOptions, *, backend: Backend | None = None) -> BatchResult:
     """Validate, run and write the scores CSV; see `run_batch`. Cancellation propagates (the
     results so far are kept and the scores CSV written)."""
-    return await _execute(_prepare(options), backend)
+    return await _run(_prepare(options), backend)
+
+
+async def _run(plan: _Plan, backend: Backend | None) -> BatchResult:
+    if plan.options.executor == "ray":
+        from harness.rayexec import execute_ray  # Ray is an optional extra
+
+        return await execute_ray(plan, backend, make_backend=make_backend, preflight=preflight)
+    return await _execute(plan, backend)
 
 
 async def _stop_on_sigterm(plan: _Plan, backend: Backend | None) -> BatchResult:
@@ -961,7 +1117,7 @@ async def _stop_on_sigterm(plan: _Plan, backend: Backend | None) -> BatchResult:
             loop.add_signal_handler(signal.SIGTERM, terminate)  # main thread, Unix only
             installed = True
     try:
-        return await _execute(plan, backend)
+        return await _run(plan, backend)
     finally:
         if installed:
             loop.remove_signal_handler(signal.SIGTERM)

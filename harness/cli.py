@@ -348,7 +348,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     from harness.backends.openai import REQUEST_PATHS
     from harness.backends.server import SERVER_FLAGS
-    from harness.batch import BACKENDS
+    from harness.batch import BACKENDS, EXECUTORS
     from harness.engine.strategies import STRATEGIES
     from harness.workload import STRUCTURED_MODES
 
@@ -377,18 +377,43 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument(
         "--base-url",
+        action="append",
         default=None,
         metavar="URL",
         help="server URL for --backend openai (default: $OPENAI_BASE_URL; e.g. "
-        "http://127.0.0.1:8080/v1) or ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434)",
+        "http://127.0.0.1:8080/v1) or ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434). "
+        "Several (the option again, or a comma list) run one job over all of them: each worker "
+        "stays on one server (its conversation and prefix cache with it), rows go to whichever "
+        "worker is free, and a server that dies is taken out (its rows go to the others)",
+    )
+    p.add_argument(
+        "--servers",
+        type=_positive_int,
+        default=d.servers,
+        metavar="N",
+        help="embedded servers to start, each with --threads threads and --concurrency slots; "
+        "more than one runs one job over all of them (as several --base-url do)",
+    )
+    p.add_argument(
+        "--executor",
+        default=d.executor,
+        choices=list(EXECUTORS),
+        help="who runs the engine: this process (local), or a Ray Data pipeline of actors, one "
+        "per server, with this process writing the results (ray; needs the `ray` extra)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="the Ray cluster for --executor ray (default: start a local instance)",
     )
     p.add_argument(
         "--concurrency",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="requests in flight (the embedded server gets N slots of --ctx tokens each) "
-        "(default: harness.yaml's CONCURRENCY, else 1)",
+        help="requests in flight, per server when there are several (the embedded server gets "
+        "N slots of --ctx tokens each) (default: harness.yaml's CONCURRENCY, else 1)",
     )
     p.add_argument(
         "--strategy",
@@ -445,8 +470,9 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="CPU threads of the embedded server (default: every core; on a machine shared "
-        "with other busy processes, fewer threads avoid llama.cpp's spin-waiting)",
+        help="CPU threads of each embedded server (default: every core; with --servers N, the "
+        "cores shared among them, at least 1 each; on a machine shared with other busy "
+        "processes, fewer threads avoid llama.cpp's spin-waiting)",
     )
     p.add_argument(
         "--config",
@@ -488,7 +514,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         output=Path(args.output) if args.output else None,
         backend=args.backend,
         model=args.model,
-        base_url=args.base_url,
+        base_url=",".join(args.base_url) if args.base_url else None,
+        servers=args.servers,
+        executor=args.executor,
+        ray_address=args.ray_address,
         concurrency=args.concurrency,
         strategy=args.strategy,
         sample=args.sample,
@@ -527,6 +556,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(result.summary())
+    for line in result.endpoint_lines():
+        print(line)
     if result.interrupted:
         print(
             f"interrupted: {result.done + result.failed} results kept in {result.results_path}; "

@@ -50,6 +50,9 @@ class RequestRecord:
     """The server's reply body."""
     context_shifted: bool = False
     """The server shifted its context (dropped tokens) to answer: a trim failure."""
+    endpoint: str | None = None
+    """The server of a pool that answered (or last failed) this request; None for a run on
+    one server (its results lines then carry no `endpoint`)."""
 
     @property
     def ok(self) -> bool:
@@ -65,30 +68,33 @@ class RequestRecord:
                 "body": dict(self.raw) if self.raw is not None else None,
             }
         error = None if self.ok else {"code": self.error_type, "message": self.error}
+        harness: dict[str, Any] = {
+            "content": self.content,
+            "parsed": dict(self.parsed) if self.parsed is not None else None,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cached_source": self.cached_source,
+            "completion_tokens": self.completion_tokens,
+            "expected_prompt_tokens": self.expected_prompt_tokens,
+            "reusable_tokens": self.reusable_tokens,
+            "latency_ms": round(self.latency_ms, 3),
+            "prompt_ms": self.prompt_ms,
+            "decode_ms": self.decode_ms,
+            "attempts": self.attempts,
+            "trim": self.trim,
+            "context_shifted": self.context_shifted,
+            "worker": self.worker,
+            "slot": self.slot,
+            "turn": self.turn,
+            "started": self.started,
+            "finished": self.finished,
+        }
+        if self.endpoint is not None:
+            harness["endpoint"] = self.endpoint
         return {
             "id": f"batch_req_{seq}",
             "custom_id": self.custom_id,
             "response": response,
             "error": error,
-            "harness": {
-                "content": self.content,
-                "parsed": dict(self.parsed) if self.parsed is not None else None,
-                "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens,
-                "cached_source": self.cached_source,
-                "completion_tokens": self.completion_tokens,
-                "expected_prompt_tokens": self.expected_prompt_tokens,
-                "reusable_tokens": self.reusable_tokens,
-                "latency_ms": round(self.latency_ms, 3),
-                "prompt_ms": self.prompt_ms,
-                "decode_ms": self.decode_ms,
-                "attempts": self.attempts,
-                "trim": self.trim,
-                "context_shifted": self.context_shifted,
-                "worker": self.worker,
-                "slot": self.slot,
-                "turn": self.turn,
-                "started": self.started,
-                "finished": self.finished,
-            },
+            "harness": harness,
         }

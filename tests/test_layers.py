@@ -40,6 +40,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.htmlreport",
         "harness.phases",
         "harness.batch",
+        "harness.rayexec",
         "harness.doctor",
         "harness.plan",
         "harness.testing",

@@ -112,6 +112,8 @@ class ChatResult:
     context_shifted: bool = False
     """The server dropped tokens from the sequence to go on (llama.cpp's context shift: its
     reply says `truncated`). The prompt the model saw was not the prompt that was sent."""
+    endpoint: str | None = None
+    """Which server of a pool answered (`harness.backends.pool`); None for a single server."""
 
 
 @dataclass(slots=True)

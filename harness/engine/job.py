@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, overload
 
 from harness.backends.base import Backend
+from harness.backends.pool import PoolBackend
 from harness.engine.progress import Progress
 from harness.engine.runner import Runner, RunnerConfig
 from harness.engine.store import ResultsStore
@@ -26,7 +28,15 @@ from harness.models.templates import get_format
 from harness.records import RequestRecord
 from harness.workload import WorkItem
 
-__all__ = ["JobResult", "JobSpec", "open_token_counter", "partial_result", "run_job"]
+__all__ = [
+    "JobResult",
+    "JobSpec",
+    "endpoint_report",
+    "open_token_counter",
+    "partial_result",
+    "pending_items",
+    "run_job",
+]
 
 
 @dataclass(slots=True)
@@ -64,6 +74,9 @@ class JobResult:
     """Why the run stopped before its end (`Type: message`); None when it ran every item."""
     eta: dict[str, Any] = field(default_factory=dict)
     """The ETA shown at 10%, 50% and 90% against the actual end (Progress.eta_accuracy)."""
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+    """A pool's servers (`PoolBackend.endpoints()`: counts, when each left and why, merged
+    with the per-server figures of this run's records); empty for a single server."""
 
 
 _PARTIAL = "harness_partial_result"
@@ -77,6 +90,55 @@ def partial_result(exc: BaseException) -> JobResult | None:
     """
     result = getattr(exc, _PARTIAL, None)
     return result if isinstance(result, JobResult) else None
+
+
+class _Pending(Sequence[WorkItem]):
+    """The items not yet in the results store, by index (8 bytes per pending item), so a
+    lazy `items` sequence stays lazy: nothing is made or kept per item ahead of sending."""
+
+    def __init__(self, items: Sequence[WorkItem], keep: array[int]) -> None:
+        self._items = items
+        self._keep = keep
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    @overload
+    def __getitem__(self, i: int) -> WorkItem: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[WorkItem]: ...
+    def __getitem__(self, i: int | slice) -> WorkItem | Sequence[WorkItem]:
+        if isinstance(i, slice):
+            return [self._items[k] for k in self._keep[i]]
+        return self._items[self._keep[i]]
+
+
+def pending_items(items: Sequence[WorkItem], store: ResultsStore | None) -> Sequence[WorkItem]:
+    """`items` less those already done in `store`: `items` itself when none is done."""
+    if store is None or not store.done:
+        return items
+    keep = array("q", (k for k, it in enumerate(items) if it.custom_id not in store))
+    return items if len(keep) == len(items) else _Pending(items, keep)
+
+
+def endpoint_report(
+    backend: Backend, figures: dict[str, dict[str, Any]], started_unix: float
+) -> list[dict[str, Any]]:
+    """A pool's servers: its own account of each (requests, failures, when it left and why,
+    after how many answers, when it came back; times also as seconds into the run) merged with
+    the figures of the records each answered (`metrics.endpoint_figures`). Empty for one
+    server."""
+    if not isinstance(backend, PoolBackend):
+        return []
+    out: list[dict[str, Any]] = []
+    for ep in backend.endpoints():
+        row = dict(ep)
+        for key in ("down_at", "back_at"):
+            at = row.get(key)
+            row[key.replace("_at", "_after_s")] = at - started_unix if at is not None else None
+        row.update(figures.get(row["endpoint"], {"rows": 0, "completed": 0, "errors": 0}))
+        out.append(row)
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -137,7 +199,7 @@ async def run_job(
             store = stack.enter_context(
                 ResultsStore(spec.results_path, retry_failed=spec.retry_failed)
             )
-        pending = [it for it in items if store is None or it.custom_id not in store]
+        pending = pending_items(items, store)
         skipped = len(items) - len(pending)
         progress = Progress(
             len(items),
@@ -173,6 +235,7 @@ async def run_job(
             stack.callback(mon.stop)
 
         runner = Runner(backend, strategy, counter, config=spec.runner, sinks=all_sinks)
+        started_unix = time.time()
         started = time.perf_counter()
         failure: Exception | None = None
         try:
@@ -182,8 +245,9 @@ async def run_job(
             ran = collector.requests
         elapsed = time.perf_counter() - started
         eta = progress.eta_accuracy(time.monotonic() - progress.started)
+    metrics = collector.summary(elapsed)
     result = JobResult(
-        metrics=collector.summary(elapsed),
+        metrics=metrics,
         memory={name: _memory_summary(mon) for name, mon in monitors.items()},
         token_counter=counter.source,
         ran=ran,
@@ -192,6 +256,7 @@ async def run_job(
         memory_samples={name: list(mon.samples) for name, mon in monitors.items()},
         error=f"{type(failure).__name__}: {failure}" if failure is not None else None,
         eta=eta,
+        endpoints=endpoint_report(backend, metrics.extra.get("endpoints", {}), started_unix),
     )
     if failure is not None:
         setattr(failure, _PARTIAL, result)

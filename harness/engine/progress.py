@@ -16,6 +16,10 @@ from harness.records import RequestRecord
 
 __all__ = ["Progress", "format_duration"]
 
+_SAMPLE_S = 0.1
+"""The rate window keeps one (time, done) sample per this many seconds, so its length is
+bounded by `window_s / _SAMPLE_S` whatever the request rate."""
+
 
 def format_duration(seconds: float | None) -> str:
     """`1:02:03` style; `?` when unknown."""
@@ -96,7 +100,10 @@ class Progress:
             self.prompt += rec.prompt_tokens
             self.cached += rec.cached_tokens
         now = time.monotonic()
-        self._window.append((now, self.done))
+        if len(self._window) > 1 and now - self._window[-1][0] < _SAMPLE_S:
+            self._window[-1] = (now, self.done)  # one sample per _SAMPLE_S: a bounded window
+        else:
+            self._window.append((now, self.done))
         while len(self._window) > 2 and now - self._window[0][0] > self.window_s:
             self._window.popleft()
         while self._checkpoints and self.total and self.done >= self._checkpoints[0] * self.total:

@@ -19,6 +19,10 @@ a loop, the slot never decoding), seen with 2 and 4 requests in flight on 1 slot
 - anything else (model not found, HTTP 4xx): recorded, not retried; a missing model aborts.
 
 Every record goes to the sinks (store, metrics, progress) as soon as it exists.
+
+The runner keeps no state per item: `items` may be a lazy sequence (its items are made when
+taken, `prefetch` at a time), and the check that no id appears twice keeps 8 bytes per item
+for its duration (a hash each), not the ids.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,7 +48,7 @@ from harness.errors import (
 from harness.records import RequestRecord
 from harness.workload import WorkItem, parse_reply
 
-__all__ = ["TRUNCATION_TOLERANCE", "RetryPolicy", "Runner", "RunnerConfig"]
+__all__ = ["TRUNCATION_TOLERANCE", "RetryPolicy", "Runner", "RunnerConfig", "duplicate_id"]
 
 TRUNCATION_TOLERANCE = 16
 """Prompt tokens a server may count short of the engine's count before the prompt is taken
@@ -103,7 +108,8 @@ class Runner:
         self._rng = random.Random(self.config.seed)
         self._items: Sequence[WorkItem] = ()
         self._pos = 0
-        self._prefetched = 0
+        self._ahead: deque[WorkItem] = deque()
+        """Items taken from `_items` and tokenized together, not yet handed to a worker."""
         self._take_lock = asyncio.Lock()
         self._last: dict[object, tuple[TokenSeq, int]] = {}
         self.aborted: BaseException | None = None
@@ -112,12 +118,11 @@ class Runner:
 
     async def run(self, items: Sequence[WorkItem]) -> int:
         """Run every item once; returns how many were run. Raises on run-aborting errors."""
-        seen: set[str] = set()
-        for item in items:
-            if item.custom_id in seen:
-                raise InputError(f"custom_id {item.custom_id!r} appears twice in the work items")
-            seen.add(item.custom_id)
-        self._items, self._pos, self._prefetched = items, 0, 0
+        twice = duplicate_id(items)
+        if twice is not None:
+            raise InputError(f"custom_id {twice!r} appears twice in the work items")
+        self._items, self._pos = items, 0
+        self._ahead.clear()
         n_workers = max(1, min(self.config.concurrency, len(items)))
         slots = self.backend.info.n_slots if self.backend.info.supports_slots else None
         if slots and n_workers > slots:
@@ -137,15 +142,15 @@ class Runner:
 
     async def _take(self) -> WorkItem | None:
         async with self._take_lock:
-            if self._pos >= len(self._items):
-                return None
-            if self._pos >= self._prefetched:
+            if not self._ahead:
                 end = min(len(self._items), self._pos + self.config.prefetch)
-                await self.counter.prepare(it.messages for it in self._items[self._pos : end])
-                self._prefetched = end
-            item = self._items[self._pos]
+                if self._pos >= end:
+                    return None
+                batch = self._items[self._pos : end]
+                await self.counter.prepare(it.messages for it in batch)
+                self._ahead.extend(batch)
             self._pos += 1
-            return item
+            return self._ahead.popleft()
 
     async def _worker(self, w: int, slots: int | None) -> None:
         conv = Conversation()
@@ -228,6 +233,7 @@ class Runner:
                     continue
                 return self._fail(rec, exc, type(exc).__name__)
             usage = result.usage
+            rec.endpoint = result.endpoint  # the server of a pool that answered
             shortfall = self._truncated(plan.prompt_tokens, usage)
             if shortfall is not None or result.context_shifted:
                 # The model did not see the prompt that was sent: never a result. A rolling
@@ -296,6 +302,8 @@ class Runner:
     @staticmethod
     def _fail(rec: RequestRecord, exc: BaseException, kind: str) -> RequestRecord:
         rec.status = "error"
+        # A pool names the server that failed the request on the error it raises.
+        rec.endpoint = getattr(exc, "endpoint", None) or rec.endpoint
         rec.error_type = kind
         rec.error = str(exc)
         if kind == "ParseError" and rec.content is not None:
@@ -304,3 +312,38 @@ class Runner:
             rec.prompt_tokens = 0
         rec.finished = time.time()
         return rec
+
+
+_EXACT_BELOW = 65_536
+"""Up to this many items the duplicate check keeps the ids in a set (exact and quick)."""
+
+
+def duplicate_id(items: Sequence[WorkItem]) -> str | None:
+    """An id that appears twice in `items`, or None.
+
+    A large run's check keeps one 8-byte hash per item in an array, sorted, and compares the
+    ids only where two hashes are equal (a collision is told from a true duplicate), so it
+    costs 8 bytes per item for its duration instead of a set of every id."""
+    n = len(items)
+    if n < _EXACT_BELOW:
+        seen: set[str] = set()
+        for item in items:
+            if item.custom_id in seen:
+                return item.custom_id
+            seen.add(item.custom_id)
+        return None
+    import numpy as np
+
+    hashes = np.fromiter((hash(it.custom_id) for it in items), dtype=np.int64, count=n)
+    hashes.sort()
+    same = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    if not len(same):
+        return None
+    suspects = {int(h) for h in same}
+    ids: set[str] = set()
+    for item in items:
+        if hash(item.custom_id) in suspects:
+            if item.custom_id in ids:
+                return item.custom_id
+            ids.add(item.custom_id)
+    return None

@@ -12,6 +12,9 @@ stub) and, for requests on chosen paths, injects the failures a batch job meets 
                Content-Length but only part of the body, then close
     delay      wait `delay_s` seconds before handling the request (combines with the others;
                on its own the request still succeeds)
+    slow       (not drawn: every forwarded request on a fault path) hold the upstream's reply
+               for `slow - 1` times as long as the upstream took, so the server looks `slow`
+               times slower (5: a server five times slower than it is), whatever its speed
 
 What the client sees (httpx) and what the harness maps it to (`harness.backends.openai`):
 500/503 -> HTTP status -> TransientServerError; reset -> `httpx.ReadError` or
@@ -55,6 +58,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, fields
 from types import TracebackType
@@ -129,6 +133,9 @@ class FaultConfig:
     delay_s: float = 0.5
     stall_s: float = 30.0
     truncate_fraction: float = 0.5
+    slow: float = 1.0
+    """Every forwarded reply on a fault path is held `slow - 1` times the upstream's own time
+    (1: not slowed). Takes no draws, so it changes no other fault's decisions."""
     fault_paths: tuple[str, ...] = ("/v1/chat/completions",)
 
     def __post_init__(self) -> None:
@@ -146,6 +153,8 @@ class FaultConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < math.inf:
                 raise ValueError(f"FaultConfig.{name} must be seconds >= 0, got {value!r}")
+        if not _is_number(self.slow) or not 1.0 <= self.slow < math.inf:
+            raise ValueError(f"FaultConfig.slow must be a factor >= 1, got {self.slow!r}")
         if not _is_number(self.truncate_fraction) or not 0.0 <= self.truncate_fraction < 1.0:
             raise ValueError(
                 f"FaultConfig.truncate_fraction must be in [0, 1), got {self.truncate_fraction!r}"
@@ -211,6 +220,8 @@ class FaultStats:
     upstream_errors: int = 0
     refused: int = 0
     bad_requests: int = 0
+    slowed: int = 0
+    """Forwarded replies held back by `FaultConfig.slow`."""
 
     @property
     def injected(self) -> int:
@@ -765,7 +776,11 @@ class FaultProxy:
             resp = _json_response(code, message, kind, [("X-Fault-Injected", fault)])
             await self._send(writer, resp, keep_alive=req.keep_alive)
             return req.keep_alive
+        began = time.monotonic()
         resp = await self._forward(req)
+        if config.slow > 1.0 and config.matches(req.path):
+            self._count("slowed")
+            await asyncio.sleep((config.slow - 1.0) * (time.monotonic() - began))
         if fault == "truncate":
             full = len(resp.body)
             declared = full if full > 0 else 1  # an empty body is "truncated" by announcing 1

@@ -1,0 +1,376 @@
+"""One job over several model servers: a pool of backends behind the one `Backend` contract.
+
+The pool shows the runner the sum of its members' slots. The runner pins each worker to one
+slot (`ChatRequest.slot`), and the pool maps that slot to (member, the member's own slot), the
+members' slots interleaved (slot 0 on the first server, slot 1 on the second, ...), so any
+concurrency spreads evenly. So:
+
+- a worker's requests, its rolling conversation and the prefix its slot holds stay on one
+  server (conversation affinity), and each server warms its own prefix cache;
+- workers take the next row from the runner's shared queue when they finish, so each server
+  gets rows at the rate it answers: a slow server gets fewer, a fast one more (the dispatch
+  that sends each request to the server with the fewest requests in flight, each server with
+  its own concurrency); a request without a slot goes to the live member with the fewest
+  requests in flight.
+
+A member that stops answering is taken out, and the run goes on without it:
+
+- `BackendUnreachable` (nothing listens: a killed server) takes it out at once;
+- another retryable failure (a reset, a 5xx, a timeout: what a request in flight on a server
+  that dies sees) makes the pool ask the member's `/health`; a member that does not answer is
+  taken out the same way, one that answers keeps the failure, which goes to the runner (its
+  retries, on the same server);
+- a member taken out gives its slots to the live members (the fewest slots per own slot
+  first), and the request is sent again there at once: nothing is lost, and the results store
+  keeps every id once;
+- with no member left the pool raises `BackendUnreachable`: the runner retries, then the run
+  stops (and resumes from the results file);
+- every `health_interval_s` the members that are out are asked again; one that answers is taken
+  back and its slots return to it.
+
+Token counting and the model's geometry come from a live member. Each answer names its member
+(`ChatResult.endpoint`, then `RequestRecord.endpoint` and `harness.endpoint` in the results),
+and `endpoints()` gives each member's counts and history (when it left, why, after how many
+requests, when it came back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo
+from harness.errors import BackendUnreachable, ConfigError, HarnessError
+from harness.memory import MemoryProbe, MemorySample
+from harness.models.geometry import ModelGeometry
+
+__all__ = ["EndpointState", "PoolBackend"]
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """One member of a pool and what happened to it."""
+
+    name: str
+    backend: Backend
+    slots: int = 1
+    """Requests it runs at once: its llama.cpp slots, else the pool's `per_endpoint`."""
+    up: bool = True
+    in_flight: int = 0
+    requests: int = 0
+    """Requests sent to it (every try)."""
+    ok: int = 0
+    failures: int = 0
+    """Requests it failed (any error, an unreachable server included)."""
+    down_at: float | None = None
+    """When it was last taken out (Unix time); None while it has never left."""
+    down_reason: str | None = None
+    down_after: int | None = None
+    """Requests the whole pool had answered when it left."""
+    back_at: float | None = None
+    """When it was last taken back after leaving."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Every change: {"event": "down" | "up", "at": Unix time, "reason": ...}."""
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.name,
+            "slots": self.slots,
+            "up": self.up,
+            "requests": self.requests,
+            "ok": self.ok,
+            "failures": self.failures,
+            "down_at": self.down_at,
+            "down_reason": self.down_reason,
+            "down_after_requests": self.down_after,
+            "back_at": self.back_at,
+            "events": list(self.events),
+        }
+
+
+class _SumProbe:
+    """The memory of every member that can be read, added up (a dead member is skipped)."""
+
+    def __init__(self, probes: Sequence[MemoryProbe]) -> None:
+        self.probes = list(probes)
+
+    @property
+    def source(self) -> str:
+        return "sum of " + ", ".join(p.source for p in self.probes)
+
+    def sample(self) -> MemorySample:
+        samples: list[MemorySample] = []
+        for probe in self.probes:
+            with contextlib.suppress(Exception):
+                samples.append(probe.sample())
+        if not samples:
+            raise BackendUnreachable("no server of the pool can be measured")
+        return MemorySample(
+            used_bytes=sum(s.used_bytes for s in samples),
+            source=f"sum of {len(samples)} servers: " + ", ".join(s.source for s in samples),
+            kind=samples[0].kind,
+        )
+
+
+@Backend.register("pool")
+class PoolBackend(Backend):
+    """Several servers of one model as one backend; see the module docstring."""
+
+    def __init__(
+        self,
+        members: Sequence[Backend],
+        *,
+        per_endpoint: int = 1,
+        health_interval_s: float = 5.0,
+        health_timeout_s: float = 5.0,
+    ) -> None:
+        if not members:
+            raise ConfigError("a pool needs at least one server")
+        if per_endpoint < 1:
+            raise ConfigError(f"a pool needs at least 1 request per server, not {per_endpoint}")
+        self.members = list(members)
+        self.per_endpoint = per_endpoint
+        """Requests in flight on a member that has no llama.cpp slots (Ollama, vLLM)."""
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self._eps: list[EndpointState] = []
+        self._home: list[tuple[int, int | None]] = []
+        """Global slot -> (member, its own slot) while every member is up."""
+        self._route: list[tuple[int, int | None]] = []
+        """Global slot -> (member, its own slot) now: only live members."""
+        self._answered = 0
+        self._watch: asyncio.Task[None] | None = None
+        first = self.members[0].info
+        self.info = ServerInfo(
+            backend=first.backend,
+            base_url=",".join(m.info.base_url for m in self.members),
+            model=first.model,
+            chat_format=first.chat_format,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._eps:
+            return
+        outcomes = await asyncio.gather(*(m.start() for m in self.members), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        infos = [m.info for m in self.members]
+        models = {i.model for i in infos}
+        if len(models) > 1:
+            raise ConfigError(
+                "the servers of a pool must serve one model; they serve: "
+                + ", ".join(f"{i.base_url}: {i.model}" for i in infos)
+            )
+        urls = [i.base_url for i in infos]
+        names = [f"{u}#{k}" if urls.count(u) > 1 else u for k, u in enumerate(urls)]
+        self._eps = [
+            EndpointState(name, m, slots=self._slots_of(m.info))
+            for name, m in zip(names, self.members, strict=True)
+        ]
+        self._home = self._interleave()
+        self._route = list(self._home)
+        first = infos[0]
+        self.info = ServerInfo(
+            backend=first.backend,
+            base_url=",".join(names),
+            model=first.model,
+            server=f"{len(infos)} × {first.server}",
+            n_ctx_per_slot=min((i.n_ctx_per_slot for i in infos if i.n_ctx_per_slot), default=None),
+            n_slots=len(self._home),
+            supports_slots=True,
+            supports_tokenize=all(i.supports_tokenize for i in infos),
+            chat_format=first.chat_format,
+            extra={**first.extra, "endpoints": names, "pool": True},
+        )
+        if self.health_interval_s > 0:
+            self._watch = asyncio.create_task(self._watch_loop(), name="pool-health")
+
+    def _slots_of(self, info: ServerInfo) -> int:
+        if info.supports_slots and info.n_slots:
+            return int(info.n_slots)
+        return self.per_endpoint
+
+    def _interleave(self) -> list[tuple[int, int | None]]:
+        out: list[tuple[int, int | None]] = []
+        for local in range(max(e.slots for e in self._eps)):
+            for i, e in enumerate(self._eps):
+                if local < e.slots:
+                    out.append((i, local if e.backend.info.supports_slots else None))
+        return out
+
+    async def stop(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+        outcomes = await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+
+    async def health(self) -> bool:
+        return any(e.up for e in self._eps) if self._eps else False
+
+    # -- routing ---------------------------------------------------------------------------
+
+    @property
+    def live(self) -> list[EndpointState]:
+        return [e for e in self._eps if e.up]
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Each member's figures and history (see `EndpointState`)."""
+        return [e.figures() for e in self._eps]
+
+    def endpoint_of(self, slot: int) -> str:
+        """The member a global slot is routed to now."""
+        return self._eps[self._route[slot % len(self._route)][0]].name
+
+    def _reroute(self) -> None:
+        """Home slots of live members stay home; the others go to the live member with the
+        fewest slots per own slot (spread evenly, each kept on one member until it changes)."""
+        live = [i for i, e in enumerate(self._eps) if e.up]
+        if not live:
+            return  # nothing to route to: `_pick` raises
+        load = dict.fromkeys(live, 0)
+        route: list[tuple[int, int | None]] = list(self._home)
+        moved: list[int] = []
+        for g, (i, _) in enumerate(self._home):
+            if self._eps[i].up:
+                load[i] += 1
+            else:
+                moved.append(g)
+        for g in moved:
+            j = min(live, key=lambda k: (load[k] / self._eps[k].slots, k))
+            e = self._eps[j]
+            route[g] = (j, load[j] % e.slots if e.backend.info.supports_slots else None)
+            load[j] += 1
+        self._route = route
+
+    def _pick(self, slot: int | None) -> tuple[int, int | None]:
+        if slot is not None and self._route:
+            i, local = self._route[slot % len(self._route)]
+            if self._eps[i].up:
+                return i, local
+        live = [i for i, e in enumerate(self._eps) if e.up]
+        if not live:
+            raise BackendUnreachable(
+                "no server of the pool is left: "
+                + "; ".join(f"{e.name}: {e.down_reason}" for e in self._eps)
+            )
+        i = min(live, key=lambda k: (self._eps[k].in_flight / self._eps[k].slots, k))
+        return i, None
+
+    def _mark_down(self, i: int, reason: str) -> None:
+        e = self._eps[i]
+        if not e.up:
+            return
+        e.up = False
+        e.down_at = time.time()
+        e.down_reason = reason
+        e.down_after = self._answered
+        e.events.append({"event": "down", "at": e.down_at, "reason": reason})
+        self._reroute()
+
+    def _mark_up(self, i: int) -> None:
+        e = self._eps[i]
+        if e.up:
+            return
+        e.up = True
+        e.back_at = time.time()
+        e.events.append({"event": "up", "at": e.back_at, "reason": "answers its health check"})
+        self._reroute()
+
+    async def _healthy(self, e: EndpointState) -> bool:
+        try:
+            async with asyncio.timeout(self.health_timeout_s):
+                return await e.backend.health()
+        except Exception:
+            return False
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            for i, e in enumerate(self._eps):
+                if not e.up and await self._healthy(e):
+                    self._mark_up(i)
+
+    async def check_health(self) -> None:
+        """Ask every member that is out now (what the watch does every `health_interval_s`)."""
+        for i, e in enumerate(self._eps):
+            if not e.up and await self._healthy(e):
+                self._mark_up(i)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        slot = request.slot
+        while True:
+            i, local = self._pick(slot)
+            e = self._eps[i]
+            sub = request if local == request.slot else replace(request, slot=local)
+            e.in_flight += 1
+            e.requests += 1
+            try:
+                result = await e.backend.chat(sub)
+            except BackendUnreachable as exc:
+                e.in_flight -= 1
+                e.failures += 1
+                self._mark_down(i, f"{type(exc).__name__}: {exc}")
+                continue  # sent again at once, on a live member
+            except HarnessError as exc:
+                e.in_flight -= 1
+                e.failures += 1
+                if exc.retryable and e.up and not await self._healthy(e):
+                    self._mark_down(i, f"{type(exc).__name__}: {exc}; then no answer to /health")
+                if not e.up:
+                    continue
+                exc.endpoint = e.name  # type: ignore[attr-defined]  # the runner records it
+                raise
+            except BaseException:
+                e.in_flight -= 1
+                raise
+            e.in_flight -= 1
+            e.ok += 1
+            self._answered += 1
+            result.endpoint = e.name
+            result.slot = slot
+            return result
+
+    def _first_live(self) -> list[tuple[int, EndpointState]]:
+        live = [(i, e) for i, e in enumerate(self._eps) if e.up]
+        if not live:
+            raise BackendUnreachable("no server of the pool is left to ask")
+        return live
+
+    async def tokenize(
+        self, texts: Sequence[str], parse_special: bool = False
+    ) -> Sequence[Sequence[int]]:
+        while True:
+            i, e = self._first_live()[0]
+            try:
+                return await e.backend.tokenize(texts, parse_special)
+            except BackendUnreachable as exc:
+                self._mark_down(i, f"{type(exc).__name__}: {exc}")
+
+    async def model_geometry(self) -> ModelGeometry | None:
+        for _, e in self._first_live():
+            with contextlib.suppress(HarnessError):
+                return await e.backend.model_geometry()
+        return None
+
+    def memory_probe(self) -> MemoryProbe | None:
+        probes = []
+        for m in self.members:
+            with contextlib.suppress(Exception):
+                probe = m.memory_probe()
+                if probe is not None:
+                    probes.append(probe)
+        return _SumProbe(probes) if probes else None

@@ -1,0 +1,301 @@
+"""`harness run --executor ray`: the same job as a Ray Data pipeline.
+
+What runs where:
+
+- the driver (this process) validates the input exactly as the local executor does (the same
+  work items, fingerprint and preflight), starts or reaches the servers, and is the only writer
+  of the results file: every record that comes back goes through the one exactly-once
+  `ResultsStore` (an id already there is dropped, so a task that Ray runs twice cannot write a
+  row twice), then the scores CSV is written from that file as usual;
+- a Ray Dataset of the pending rows (`ray.data.from_items`, one small block per batch) is
+  mapped with `map_batches` over an actor pool with one actor per server; each actor claims one
+  server, holds the engine (token counter, strategy, `Runner` with `--concurrency` workers
+  pinned to that server's slots), and returns each finished request's record;
+- the work items travel once, as one object in Ray's object store (`ray.put`), not with each
+  row: a rubric of thousands of tokens is not copied 170,000 times;
+- resume is by `custom_id`, as for the local executor: a rerun sends only the ids that the
+  results file does not hold.
+
+The engine is what sends requests, in the actors as in the local executor, so replies are the
+same (batching inside the server can flip near-ties). Not covered here: a server that dies
+mid-run fails the Ray run (rerun to resume), where the local executor's pool moves its rows to
+the other servers; a conversation restarts at each batch (`BATCH_ROWS`) boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import pickle
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from harness.backends.base import Backend
+from harness.backends.openai import OpenAIBackend
+from harness.backends.pool import PoolBackend
+from harness.engine import JobSpec, Runner, TokenCounter, make_strategy
+from harness.engine.job import open_token_counter
+from harness.engine.progress import Progress
+from harness.engine.store import ResultsStore
+from harness.errors import BackendError, ConfigError
+from harness.records import RequestRecord
+from harness.workload import WorkItem
+
+if TYPE_CHECKING:
+    from harness.batch import BatchOptions, BatchResult, _Plan
+
+__all__ = ["BATCH_ROWS", "EngineActor", "execute_ray", "member_specs"]
+
+BATCH_ROWS = 16
+"""Rows per Ray Data batch: small, so results reach the driver (and the file) soon."""
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--executor ray needs Ray Data: pip install 'llm-batch-harness[ray]' "
+            "(or: pip install 'ray[data]')"
+        ) from None
+    return ray
+
+
+def member_specs(server: Backend) -> list[dict[str, Any]]:
+    """How an actor reaches each server of a started backend (one server, or a pool's
+    members): the URL and the request form, never a new server to start."""
+    members = server.members if isinstance(server, PoolBackend) else [server]
+    specs = []
+    for m in members:
+        if isinstance(m, OpenAIBackend):
+            specs.append(
+                {
+                    "kind": "openai",
+                    "base_url": m.base_url,
+                    "model": m.model,
+                    "api_key_env": m.api_key_env,
+                    "chat_format": m.info.chat_format,
+                    "request_path": m.request_path,
+                    "n_keep": m.n_keep,
+                    "timeout_s": m.timeout_s,
+                }
+            )
+        elif m.name == "ollama":
+            specs.append(
+                {
+                    "kind": "ollama",
+                    "base_url": m.info.base_url,
+                    "model": m.info.model,
+                    "num_ctx": m.info.n_ctx_per_slot,
+                }
+            )
+        else:
+            raise ConfigError(f"--executor ray cannot reach a {m.name!r} backend from its actors")
+    return specs
+
+
+def _client(spec: dict[str, Any]) -> Backend:
+    opts = {k: v for k, v in spec.items() if k != "kind"}
+    if spec["kind"] == "openai":
+        return OpenAIBackend(**opts)
+    return Backend.create(spec["kind"], **opts)
+
+
+class _Registry:
+    """Hands each actor the next server (one actor per server)."""
+
+    def __init__(self, specs: list[dict[str, Any]]) -> None:
+        self.specs = specs
+        self.claimed = 0
+
+    def claim(self) -> dict[str, Any]:
+        spec = self.specs[self.claimed % len(self.specs)]
+        self.claimed += 1
+        return spec
+
+
+class EngineActor:
+    """A Ray Data actor: one server, the engine, and the job's work items."""
+
+    def __init__(
+        self, registry: Any, items_ref: list[Any], spec: JobSpec, use_slots: bool = True
+    ) -> None:
+        ray = _ray()
+        self.server = ray.get(registry.claim.remote())
+        items: Sequence[WorkItem] = ray.get(items_ref[0])
+        self.items = {it.custom_id: it for it in items}
+        self.spec = spec
+        self.loop = asyncio.new_event_loop()
+        self.stack = contextlib.AsyncExitStack()
+        self.backend = _client(self.server)
+        self.name = str(self.server["base_url"])
+        self.counter = self.loop.run_until_complete(self._open())
+
+    async def _open(self) -> Any:
+        await self.stack.enter_async_context(self.backend)
+        return await self.stack.enter_async_context(open_token_counter(self.backend))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        items = [self.items[str(cid)] for cid in batch["custom_id"]]
+        records: list[RequestRecord] = []
+        strategy = make_strategy(self.spec.strategy, self.spec.policy)
+        runner = Runner(
+            self.backend, strategy, self.counter, config=self.spec.runner, sinks=[records.append]
+        )
+        self.loop.run_until_complete(runner.run(items))
+        import numpy as np
+
+        for rec in records:
+            rec.endpoint = self.name
+        return {
+            "custom_id": np.array([r.custom_id for r in records], dtype=object),
+            "record": np.array([pickle.dumps(r) for r in records], dtype=object),
+        }
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.run_until_complete(self.stack.aclose())
+            self.loop.close()
+
+
+def _pipeline(
+    plan: _Plan, spec: JobSpec, specs: list[dict[str, Any]], stop: threading.Event
+) -> None:
+    """Build and drain the Ray Data pipeline; the one writer of the results file."""
+    ray = _ray()
+    options, data = plan.options, plan.data
+    started_ray = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "configure_logging": False,
+        }
+        if options.ray_address:
+            kwargs["address"] = options.ray_address
+        else:
+            kwargs["num_cpus"] = os.cpu_count() or 1
+            kwargs["object_store_memory"] = 256 * 1024 * 1024
+        ray.init(**kwargs)
+        started_ray = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        with ResultsStore(plan.results, retry_failed=options.retry_failed) as store:
+            pending = [it.custom_id for it in data.items if it.custom_id not in store]
+            progress = Progress(
+                len(data.items),
+                desc=spec.desc,
+                enabled=spec.progress,
+                initial=len(data.items) - len(pending),
+                stream=spec.progress_stream,
+            )
+            try:
+                if pending:
+                    _drain(ray, plan, spec, specs, pending, store, progress, stop)
+            finally:
+                progress.close()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _drain(
+    ray: Any,
+    plan: _Plan,
+    spec: JobSpec,
+    specs: list[dict[str, Any]],
+    pending: list[str],
+    store: ResultsStore,
+    progress: Progress,
+    stop: threading.Event,
+) -> None:
+    registry = ray.remote(num_cpus=0)(_Registry).remote(specs)
+    items_ref = ray.put(list(plan.data.items))
+    blocks = max(1, math.ceil(len(pending) / BATCH_ROWS))
+    ds = ray.data.from_items([{"custom_id": cid} for cid in pending], override_num_blocks=blocks)
+    out = ds.map_batches(
+        EngineActor,
+        batch_size=BATCH_ROWS,
+        batch_format="numpy",
+        fn_constructor_kwargs={"registry": registry, "items_ref": [items_ref], "spec": spec},
+        compute=ray.data.ActorPoolStrategy(size=len(specs)),
+        # The actors wait on their servers: a small CPU share each leaves room for Ray's own.
+        num_cpus=min(0.5, (os.cpu_count() or 1) / (2 * len(specs))),
+    )
+    dropped = 0
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        for blob in batch["record"]:
+            rec: RequestRecord = pickle.loads(blob)
+            if rec.custom_id in store:
+                dropped += 1  # a task Ray ran again: the id is written once
+                continue
+            store.write(rec)
+            plan.add(rec)
+            progress.update(rec)
+        if stop.is_set():
+            return
+    if dropped:
+        print(
+            f"harness run: {dropped} repeated results from Ray task retries were dropped "
+            "(each id is written once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def execute_ray(
+    plan: _Plan,
+    backend: Backend | None,
+    *,
+    make_backend: Callable[[BatchOptions], Backend],
+    preflight: Callable[[_Plan, Backend, TokenCounter], Awaitable[JobSpec]],
+) -> BatchResult:
+    """Run `plan` as a Ray Data pipeline (see the module docstring); the same outputs as the
+    local executor. `make_backend` and `preflight` are `harness.batch`'s (passed in: the batch
+    tool imports this module, not the other way round)."""
+    _ray()  # a missing extra fails before any server starts
+    options, data = plan.options, plan.data
+    stop = threading.Event()
+    try:
+        if plan.skipped < len(data.items):
+            server = backend if backend is not None else make_backend(options)
+            async with server, open_token_counter(server) as counter:
+                spec = await preflight(plan, server, counter)
+                specs = member_specs(server)
+                plan.endpoint_history = [
+                    {"endpoint": str(s["base_url"]), "slots": None, "down_at": None} for s in specs
+                ]
+                plan.backend = None  # the actors hold their own clients: figures come from records
+                # Each actor runs one server's share: the job's concurrency is per server.
+                per_server = replace(
+                    spec,
+                    runner=replace(
+                        spec.runner, concurrency=spec.runner.concurrency // len(specs) or 1
+                    ),
+                )
+                drained = asyncio.ensure_future(
+                    asyncio.to_thread(_pipeline, plan, per_server, specs, stop)
+                )
+                try:
+                    await asyncio.shield(drained)
+                except asyncio.CancelledError:
+                    stop.set()  # the pipeline stops after its current batch; then the servers
+                    with contextlib.suppress(Exception):
+                        await drained
+                    raise
+                except (BackendError, ConfigError):
+                    raise
+                except Exception as exc:
+                    raise BackendError(
+                        f"the Ray pipeline failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+    finally:
+        plan.write_scores()
+    return plan.finish()

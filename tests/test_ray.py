@@ -1,0 +1,113 @@
+"""`harness run --executor ray` on a local Ray instance (this machine's 2 CPUs) against two
+embedded tiny-gemma3 servers: the same ids, statuses and (near-ties aside) scores as the local
+executor on the same input, and killed with SIGKILL then run again, every id once.
+
+Ray is the `ray` extra, which `make install` installs: a missing Ray fails here, not skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import ray  # noqa: F401  (the extra must be installed: `make install`)
+
+from harness.batch import BatchOptions, run_batch
+from harness.engine.store import read_results
+from harness.workload import write_candidates_csv
+
+pytestmark = pytest.mark.integration
+
+SHORT_PROMPT = Path(__file__).parent / "data" / "batch" / "short_prompt.yaml"
+ROWS = 300
+
+
+def scores(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as fh:
+        return {row["custom_id"]: row for row in csv.DictReader(fh)}
+
+
+def lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> int:
+    """SIGKILL the run and everything it started (Ray's processes, the servers): a SIGKILL
+    gives it no chance to stop them. Returns how many descendants were left to kill."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for kid in kids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kid.kill()
+    psutil.wait_procs(kids, timeout=30)
+    return len(kids)
+
+
+def test_ray_executor_matches_the_local_one_and_resumes_after_sigkill(tmp_path: Path) -> None:
+    src = write_candidates_csv(tmp_path / "c.csv", ROWS)
+    common = {
+        "model": "tiny-gemma3",
+        "prompt": SHORT_PROMPT,
+        "threads": 1,
+        "servers": 2,
+        "progress": False,
+        "config": tmp_path / "no-harness.yaml",
+    }
+    t0 = time.perf_counter()
+    local = run_batch(BatchOptions(src, output=tmp_path / "local.csv", **common))  # type: ignore[arg-type]
+    local_s = time.perf_counter() - t0
+    assert local.done == ROWS
+
+    argv = [sys.executable, "-m", "harness", "run", str(src), "--executor", "ray"]
+    argv += ["--servers", "2", "--threads", "1", "--model", "tiny-gemma3", "--no-progress"]
+    argv += ["--prompt", str(SHORT_PROMPT), "--output", str(tmp_path / "ray.csv")]
+    argv += ["--config", str(tmp_path / "no-harness.yaml")]
+    results = tmp_path / "ray_results.jsonl"
+    log = (tmp_path / "ray-1.err").open("w")
+    first = subprocess.Popen(argv, cwd=tmp_path, stdout=log, stderr=log, text=True)
+    deadline = time.monotonic() + 300
+    while lines_in(results) < 60:
+        assert first.poll() is None, (tmp_path / "ray-1.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the Ray run wrote no results in 300 s"
+        time.sleep(0.05)
+    left = kill_tree(first)
+    at_kill = lines_in(results)
+    assert at_kill < ROWS, "the kill must land mid-run"
+
+    t1 = time.perf_counter()
+    second = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    ray_s = time.perf_counter() - t1
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    ids = Counter(line["custom_id"] for line in read_results(results))
+    assert len(ids) == ROWS and set(ids.values()) == {1}, "every id exactly once"
+    mine, theirs = scores(tmp_path / "ray.csv"), scores(tmp_path / "local.csv")
+    assert mine.keys() == theirs.keys()
+    assert {k: v["status"] for k, v in mine.items()} == {k: v["status"] for k, v in theirs.items()}
+    same = sum(mine[k]["score"] == theirs[k]["score"] for k in mine)
+    endpoints = {line["harness"].get("endpoint") for line in read_results(results)}
+    print(
+        f"\nlocal executor: {ROWS} rows in {local_s:.1f} s; Ray: killed at {at_kill} result "
+        f"lines ({left} processes left behind, killed by the test), rerun finished the "
+        f"{ROWS - at_kill} others in {ray_s:.1f} s (Ray start included); scores equal for "
+        f"{same}/{ROWS} rows ({same / ROWS:.1%}); servers seen: {len(endpoints)}\n"
+        + second.stdout[-1500:]
+    )
+    assert same >= 0.98 * ROWS
+    assert len(endpoints) == 2 and None not in endpoints
