@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import struct
@@ -130,6 +131,87 @@ def test_each_worker_stays_on_one_server_and_every_id_runs_once() -> None:
     rows = {ep["endpoint"]: ep["rows"] for ep in result.endpoints}
     assert sum(rows.values()) == 600 and min(rows.values()) > 150, rows
     assert result.metrics.extra["endpoints"].keys() == rows.keys()
+
+
+def test_a_slot_moves_only_when_its_server_leaves_and_goes_home_only_at_a_conversation_start() -> (
+    None
+):
+    pool = PoolBackend([InProcessDouble(n_slots=1) for _ in range(4)], health_interval_s=0)
+    asyncio.run(pool.start())
+    assert pool._pick(0, 0)[0] == 0
+    pool._mark_down(0, "killed")
+    moved = pool._pick(0, 3)[0]  # mid-conversation, but its server is gone: it must move
+    assert moved != 0
+    other = next(i for i in (1, 2, 3) if i != moved)
+    pool._mark_down(other, "killed too")
+    assert pool._pick(0, 4)[0] == moved  # another server leaving does not reshuffle it
+    pool._mark_up(0)
+    assert pool._pick(0, 5)[0] == moved  # home is back, but not in the middle of a conversation
+    assert pool._pick(0, 0)[0] == 0  # a new conversation starts at home
+    assert pool._pick(0, 1)[0] == 0
+    pool._mark_down(moved, "gone")
+    pool._mark_down(0, "gone again")
+    last = pool._pick(0, 2)[0]
+    assert last not in (0, moved, other)
+    pool._mark_down(last, "the last one")
+    with pytest.raises(BackendUnreachable, match="no server of the pool is left"):
+        pool._pick(0, 0)
+    with pytest.raises(BackendUnreachable, match="no server of the pool is left"):
+        pool._pick(None)
+    asyncio.run(pool.stop())
+
+
+def test_conversations_move_only_when_their_server_dies_and_not_when_it_comes_back() -> None:
+    """Server 1 dies at its 30th request and is taken back 40 ms later (a real health watch):
+    a conversation on it moves once, to one other server; none moves when it comes back, yet
+    new conversations start on it again."""
+    dying = Dying(30, delay_s=0.001, n_slots=2, n_ctx_per_slot=2048)
+
+    async def revive() -> None:
+        while dying.alive:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.04)
+        dying.revive()
+
+    async def go() -> Any:
+        members = [InProcessDouble(n_slots=2, n_ctx_per_slot=2048, delay_s=0.001)]
+        pool = PoolBackend([members[0], dying, *members], health_interval_s=0.01)
+        job = spec(6, strategy="conversation")
+        job.policy = TrimPolicy(max_context_tokens=1500, trim_interval=4)
+        async with pool:
+            task = asyncio.create_task(revive())
+            result = await run_job(pool, items(400), job)
+            await task
+            return result, pool.endpoints()
+
+    (result, eps) = asyncio.run(go())
+    ids = Counter(r.custom_id for r in result.records)
+    assert len(ids) == 400 and set(ids.values()) == {1}
+    assert all(r.ok for r in result.records)
+    ep1 = eps[1]
+    assert [e["event"] for e in ep1["events"]] == ["down", "up"], ep1
+    down_at, back_at = ep1["down_at"], ep1["back_at"]
+    conversations: dict[tuple[int, int], list[RequestRecord]] = defaultdict(list)
+    restarts: dict[int, int] = defaultdict(int)
+    for r in sorted(result.records, key=lambda r: (r.worker, r.started)):
+        if r.turn == 0:
+            restarts[r.worker] += 1
+        conversations[(r.worker, restarts[r.worker])].append(r)
+    moved = 0
+    for conv in conversations.values():
+        eps_seen = [r.endpoint for r in conv]
+        changes = sum(a != b for a, b in itertools.pairwise(eps_seen))
+        if changes:
+            # only a conversation on the dead server, once, away from it, while it was down
+            assert changes == 1 and eps_seen[0] == ep1["endpoint"], eps_seen
+            moved += 1
+    assert moved >= 1, "the test must catch a conversation on the server when it dies"
+    assert [r for r in result.records if r.endpoint == ep1["endpoint"] and r.started > back_at]
+    assert not [
+        r
+        for r in result.records
+        if r.endpoint == ep1["endpoint"] and down_at < r.started and r.finished < back_at
+    ]
 
 
 def test_a_slow_server_gets_fewer_rows_than_round_robin_would_give_it() -> None:

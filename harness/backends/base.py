@@ -49,6 +49,9 @@ class ChatRequest:
     """GBNF grammar (llama.cpp only); takes precedence over `output_schema` there."""
     slot: int | None = None
     """llama.cpp server slot to run on (`id_slot`), to keep a conversation's prefix cached."""
+    turn: int | None = None
+    """The request's place in its conversation (0: it starts one; None: not told). A pool
+    (`harness.backends.pool`) moves a slot back to its own server only at a conversation's start."""
     cache_prompt: bool = True
     """Whether the server may reuse its prefix cache (off for the naive baseline)."""
     timeout_s: float | None = None

@@ -26,7 +26,10 @@ A member that stops answering is taken out, and the run goes on without it:
 - with no member left the pool raises `BackendUnreachable`: the runner retries, then the run
   stops (and resumes from the results file);
 - every `health_interval_s` the members that are out are asked again; one that answers is taken
-  back and its slots return to it.
+  back, and each of its slots returns to it when a conversation next starts on that slot
+  (`ChatRequest.turn` 0: at once for stateless rows), never in the middle of one. A slot moves
+  only when the member it is on leaves, so a conversation changes server only when its server
+  dies.
 
 Token counting and the model's geometry come from a live member. Each answer names its member
 (`ChatResult.endpoint`, then `RequestRecord.endpoint` and `harness.endpoint` in the results),
@@ -233,38 +236,49 @@ class PoolBackend(Backend):
         """The member a global slot is routed to now."""
         return self._eps[self._route[slot % len(self._route)][0]].name
 
-    def _reroute(self) -> None:
-        """Home slots of live members stay home; the others go to the live member with the
-        fewest slots per own slot (spread evenly, each kept on one member until it changes)."""
+    def _none_left(self) -> BackendUnreachable:
+        return BackendUnreachable(
+            "no server of the pool is left: "
+            + "; ".join(f"{e.name}: {e.down_reason}" for e in self._eps)
+        )
+
+    def _move(self, g: int) -> tuple[int, int | None]:
+        """Route global slot `g` (its member and its home are out) to the live member with the
+        fewest slots routed to it per own slot; it stays there until that member leaves or a
+        conversation starts on it while its home is back."""
         live = [i for i, e in enumerate(self._eps) if e.up]
         if not live:
-            return  # nothing to route to: `_pick` raises
+            raise self._none_left()
         load = dict.fromkeys(live, 0)
-        route: list[tuple[int, int | None]] = list(self._home)
-        moved: list[int] = []
-        for g, (i, _) in enumerate(self._home):
-            if self._eps[i].up:
+        for i, _ in self._route:
+            if i in load:
                 load[i] += 1
-            else:
-                moved.append(g)
-        for g in moved:
-            j = min(live, key=lambda k: (load[k] / self._eps[k].slots, k))
-            e = self._eps[j]
-            route[g] = (j, load[j] % e.slots if e.backend.info.supports_slots else None)
-            load[j] += 1
-        self._route = route
+        j = min(live, key=lambda k: (load[k] / self._eps[k].slots, k))
+        e = self._eps[j]
+        self._route[g] = (j, load[j] % e.slots if e.backend.info.supports_slots else None)
+        return self._route[g]
 
-    def _pick(self, slot: int | None) -> tuple[int, int | None]:
+    def _pick(self, slot: int | None, turn: int | None = None) -> tuple[int, int | None]:
+        """The member (and its own slot) for a request on global `slot`.
+
+        A slot stays on its member while that member is up, so a conversation never changes
+        server while its server answers. A slot whose member left moves (`_move`); a moved slot
+        goes back home when its home is up again and a conversation starts on it (`turn` 0, or
+        not told), never in the middle of one."""
         if slot is not None and self._route:
-            i, local = self._route[slot % len(self._route)]
+            g = slot % len(self._route)
+            i, local = self._route[g]
+            home = self._home[g]
+            away = (i, local) != home
+            if away and self._eps[home[0]].up and (not self._eps[i].up or not turn):
+                self._route[g] = home
+                return home
             if self._eps[i].up:
                 return i, local
+            return self._move(g)
         live = [i for i, e in enumerate(self._eps) if e.up]
         if not live:
-            raise BackendUnreachable(
-                "no server of the pool is left: "
-                + "; ".join(f"{e.name}: {e.down_reason}" for e in self._eps)
-            )
+            raise self._none_left()
         i = min(live, key=lambda k: (self._eps[k].in_flight / self._eps[k].slots, k))
         return i, None
 
@@ -277,7 +291,6 @@ class PoolBackend(Backend):
         e.down_reason = reason
         e.down_after = self._answered
         e.events.append({"event": "down", "at": e.down_at, "reason": reason})
-        self._reroute()
 
     def _mark_up(self, i: int) -> None:
         e = self._eps[i]
@@ -286,7 +299,6 @@ class PoolBackend(Backend):
         e.up = True
         e.back_at = time.time()
         e.events.append({"event": "up", "at": e.back_at, "reason": "answers its health check"})
-        self._reroute()
 
     async def _healthy(self, e: EndpointState) -> bool:
         try:
@@ -313,7 +325,7 @@ class PoolBackend(Backend):
     async def chat(self, request: ChatRequest) -> ChatResult:
         slot = request.slot
         while True:
-            i, local = self._pick(slot)
+            i, local = self._pick(slot, request.turn)
             e = self._eps[i]
             sub = request if local == request.slot else replace(request, slot=local)
             e.in_flight += 1

@@ -208,6 +208,7 @@ class Runner:
                 output_schema=item.output_schema if item.constrain else None,
                 grammar=item.grammar if item.constrain else None,
                 slot=slot,
+                turn=conv.requests,
                 timeout_s=self.config.request_timeout_s,
                 extra=item.extra,
                 prompt_ids=plan.prompt_ids,
