@@ -32,9 +32,9 @@ from harness.batch import BatchOptions, make_backend, run_batch
 from harness.cli import main
 from harness.engine import JobSpec, ResultsStore, RetryPolicy, RunnerConfig, run_job
 from harness.engine.job import pending_items
-from harness.engine.runner import duplicate_id
+from harness.engine.runner import Runner, duplicate_id
 from harness.engine.store import read_results
-from harness.engine.strategies import TrimPolicy
+from harness.engine.strategies import StatelessStrategy, TrimPolicy
 from harness.engine.tokens import TokenCounter, estimate_tokenize
 from harness.errors import BackendUnreachable, ConfigError, InputError, TransientServerError
 from harness.models.templates import get_format
@@ -212,6 +212,19 @@ def test_conversations_move_only_when_their_server_dies_and_not_when_it_comes_ba
         for r in result.records
         if r.endpoint == ep1["endpoint"] and down_at < r.started and r.finished < back_at
     ]
+
+
+def test_a_slots_first_request_on_another_server_is_cold_in_the_theoretical_maximum() -> None:
+    """Each server warms its own prefix cache: after a slot moved (its server left, or it went
+    back to one that came back with an empty cache) its reuse bound is the server's report."""
+    counter = TokenCounter(get_format("gemma"), estimate_tokenize(), source="estimate")
+    runner = Runner(InProcessDouble(), StatelessStrategy(), counter)
+    ids = list(range(100))
+    key = ("slot", 0)
+    runner._last[key] = (ids, 5, "http://a")
+    assert runner._reusable(key, ids, 0, "http://a") == 99  # same server: what it held
+    assert runner._reusable(key, ids, 0, "http://b") == 0  # another: only what it reports
+    assert runner._reusable(key, ids, 40, "http://b") == 40
 
 
 def test_a_slow_server_gets_fewer_rows_than_round_robin_would_give_it() -> None:

@@ -111,7 +111,9 @@ class Runner:
         self._ahead: deque[WorkItem] = deque()
         """Items taken from `_items` and tokenized together, not yet handed to a worker."""
         self._take_lock = asyncio.Lock()
-        self._last: dict[object, tuple[TokenSeq, int]] = {}
+        self._last: dict[object, tuple[TokenSeq, int, str | None]] = {}
+        """Per slot (or worker): the last prompt, its reply's length and the server of a pool
+        that held it."""
         self.aborted: BaseException | None = None
 
     # -- the run ---------------------------------------------------------------------------
@@ -165,19 +167,23 @@ class Runner:
 
     # -- one request -----------------------------------------------------------------------
 
-    def _reusable(self, key: object, ids: TokenSeq, reported: int | None) -> int:
+    def _reusable(
+        self, key: object, ids: TokenSeq, reported: int | None, endpoint: str | None = None
+    ) -> int:
         """Upper bound on prefix-cache reuse: the common prefix with what the slot held.
 
         The first request on a slot meets a cache this run did not fill (a server that earlier
         runs warmed, or a cold one): nothing bounds it but the server's own report, so that
-        report is taken as its bound.
+        report is taken as its bound. Over a pool each server warms its own cache: a slot's
+        first request on another server than its last one (it moved when a server left, or went
+        back to one that came back) counts as a first request.
         """
         prev = self._last.get(key)
         if not ids:
             return 0
-        if prev is None:
+        if prev is None or prev[2] != endpoint:
             return min(reported or 0, len(ids) - 1)
-        prev_ids, prev_completion = prev
+        prev_ids, prev_completion, _ = prev
         lcp = common_prefix_len(ids, prev_ids)
         if lcp == len(prev_ids):
             lcp += min(prev_completion, len(ids) - lcp)
@@ -249,8 +255,10 @@ class Runner:
                 return self._fail(
                     rec, shortfall or self._shifted(plan.prompt_tokens), "ContextOverflow"
                 )
-            rec.reusable_tokens = self._reusable(key, plan.prompt_ids, usage.cached_tokens)
-            self._last[key] = (plan.prompt_ids, usage.completion_tokens)
+            rec.reusable_tokens = self._reusable(
+                key, plan.prompt_ids, usage.cached_tokens, result.endpoint
+            )
+            self._last[key] = (plan.prompt_ids, usage.completion_tokens, result.endpoint)
             rec.content = result.content
             rec.raw = result.raw
             rec.prompt_tokens = usage.prompt_tokens
