@@ -9,17 +9,28 @@ What runs where:
   row twice), then the scores CSV is written from that file as usual;
 - a Ray Dataset of the pending rows (`ray.data.from_items`, one small block per batch) is
   mapped with `map_batches` over an actor pool with one actor per server; each actor claims one
-  server, holds the engine (token counter, strategy, `Runner` with `--concurrency` workers
-  pinned to that server's slots), and returns each finished request's record;
+  server as its own and holds the engine (token counter, strategy, one `Runner` for all its
+  batches with `--concurrency` workers pinned to its server's slots) and returns each finished
+  request's record;
+- an actor's backend is a pool of every server with its own first (`PoolBackend`, `fill`
+  layout): it uses only its own server while that answers; if the server dies mid-run, the
+  actor's rows go on the others (the local executor's failover), and the records name the
+  server that answered;
 - the work items travel once, as one object in Ray's object store (`ray.put`), not with each
   row: a rubric of thousands of tokens is not copied 170,000 times;
 - resume is by `custom_id`, as for the local executor: a rerun sends only the ids that the
   results file does not hold.
 
+Why the driver reads the input and writes the results, not `ray.data.read_csv` and a Ray
+writer: the input must fail with the local executor's errors (file, line, column) before any
+server starts, and the results file must stay one exactly-once JSONL that either executor
+resumes; a Ray writer writes one file per block and would write a row again when Ray retries a
+task.
+
 The engine is what sends requests, in the actors as in the local executor, so replies are the
-same (batching inside the server can flip near-ties). Not covered here: a server that dies
-mid-run fails the Ray run (rerun to resume), where the local executor's pool moves its rows to
-the other servers; a conversation restarts at each batch (`BATCH_ROWS`) boundary.
+same (batching inside the server can flip near-ties). A rolling conversation (the conversation
+strategy) goes on across an actor's batches; which rows share a conversation follows Ray's
+batch order, not the input's.
 """
 
 from __future__ import annotations
@@ -107,51 +118,72 @@ def _client(spec: dict[str, Any]) -> Backend:
 
 
 class _Registry:
-    """Hands each actor the next server (one actor per server)."""
+    """Hands each actor the next server as its own (one actor per server)."""
 
     def __init__(self, specs: list[dict[str, Any]]) -> None:
         self.specs = specs
         self.claimed = 0
 
-    def claim(self) -> dict[str, Any]:
-        spec = self.specs[self.claimed % len(self.specs)]
+    def specs_of(self) -> list[dict[str, Any]]:
+        return self.specs
+
+    def claim(self) -> int:
+        k = self.claimed % len(self.specs)
         self.claimed += 1
-        return spec
+        return k
+
+
+def actor_backend(specs: Sequence[dict[str, Any]], own: int) -> Backend:
+    """An actor's share of the servers: its own first, the others behind it as failover (a
+    pool in `fill` layout: with the concurrency of its own server's slots, the actor uses only
+    that server while it answers; if it dies, its rows go on the others)."""
+    order = [own] + [k for k in range(len(specs)) if k != own]
+    members = [_client(specs[k]) for k in order]
+    if len(members) == 1:
+        return members[0]
+    return PoolBackend(members, layout="fill", per_endpoint=1)
 
 
 class EngineActor:
-    """A Ray Data actor: one server, the engine, and the job's work items."""
+    """A Ray Data actor: its share of the servers, the engine, and the job's work items.
 
-    def __init__(
-        self, registry: Any, items_ref: list[Any], spec: JobSpec, use_slots: bool = True
-    ) -> None:
+    One `Runner` serves every batch the actor gets, so a rolling conversation goes on from one
+    batch to the next (it is not restarted every `BATCH_ROWS` rows)."""
+
+    def __init__(self, registry: Any, items_ref: list[Any], spec: JobSpec) -> None:
         ray = _ray()
-        self.server = ray.get(registry.claim.remote())
+        specs: list[dict[str, Any]] = ray.get(registry.specs_of.remote())
+        own = int(ray.get(registry.claim.remote()))
         items: Sequence[WorkItem] = ray.get(items_ref[0])
         self.items = {it.custom_id: it for it in items}
         self.spec = spec
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
-        self.backend = _client(self.server)
-        self.name = str(self.server["base_url"])
+        self.backend = actor_backend(specs, own)
+        self.name = str(specs[own]["base_url"])
         self.counter = self.loop.run_until_complete(self._open())
+        self.out: list[RequestRecord] = []
+        self.runner = Runner(
+            self.backend,
+            make_strategy(spec.strategy, spec.policy),
+            self.counter,
+            config=spec.runner,
+            sinks=[self.out.append],
+        )
 
     async def _open(self) -> Any:
         await self.stack.enter_async_context(self.backend)
         return await self.stack.enter_async_context(open_token_counter(self.backend))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        items = [self.items[str(cid)] for cid in batch["custom_id"]]
-        records: list[RequestRecord] = []
-        strategy = make_strategy(self.spec.strategy, self.spec.policy)
-        runner = Runner(
-            self.backend, strategy, self.counter, config=self.spec.runner, sinks=[records.append]
-        )
-        self.loop.run_until_complete(runner.run(items))
         import numpy as np
 
+        items = [self.items[str(cid)] for cid in batch["custom_id"]]
+        self.out.clear()
+        self.loop.run_until_complete(self.runner.run(items))
+        records = list(self.out)
         for rec in records:
-            rec.endpoint = self.name
+            rec.endpoint = rec.endpoint or self.name  # one server: no pool names it
         return {
             "custom_id": np.array([r.custom_id for r in records], dtype=object),
             "record": np.array([pickle.dumps(r) for r in records], dtype=object),

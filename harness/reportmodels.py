@@ -163,6 +163,8 @@ class ScaleReport(PhaseReport):
     strategy: Obj | None = None
     config: Obj | None = None
     energy_source: str | None = None
+    endpoints: list[Obj] | None = None
+    """Over several servers: each one's figures and history; None for one server."""
 
 
 class QualityReport(PhaseReport):

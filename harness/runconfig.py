@@ -18,6 +18,7 @@ memory of the server this configuration starts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -98,6 +99,33 @@ class RunConfig:
     """Phase 1's base model memory (MODEL_VRAM_GB), when harness.yaml has it."""
     kv_mb_per_token: float | None = None
     """Phase 1's KV memory per token of context (KV_CACHE_PER_TOKEN_MB), when known."""
+    endpoints: Value[tuple[str, ...]] = Value((), DEFAULT)
+    """openai/ollama: every server's URL when the run goes over several (a pool)."""
+    servers: Value[int] = Value(1, DEFAULT)
+    """embedded: how many servers to start (more than one: a pool)."""
+
+    @property
+    def pool_size(self) -> int:
+        """How many servers the run goes over."""
+        if self.backend.value == "embedded":
+            return self.servers.value
+        return max(1, len(self.endpoints.value))
+
+    @property
+    def total_concurrency(self) -> int:
+        """Requests in flight over every server: `concurrency` is per server."""
+        return self.concurrency.value * self.pool_size
+
+    def member_options(self) -> list[dict[str, Any]]:
+        """`backend_options()` of each server of a pool (one entry for one server). Embedded
+        servers share this machine's cores, at least one thread each."""
+        opts = self.backend_options()
+        if self.backend.value == "embedded":
+            if self.servers.value > 1:
+                opts["threads"] = max(1, (os.cpu_count() or 1) // self.servers.value)
+            return [dict(opts) for _ in range(self.servers.value)]
+        urls = self.endpoints.value or (self.base_url.value,)
+        return [{**opts, "base_url": url} for url in urls]
 
     @property
     def policy(self) -> TrimPolicy:
@@ -177,6 +205,8 @@ class RunConfig:
             "TRIM_INTERVAL": self.trim_interval,
             "keep_last": self.keep_last,
             "swa_full": self.swa_full,
+            "endpoints": self.endpoints,
+            "servers": self.servers,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +245,20 @@ def _measured(
             continue
         use[key] = value
     return use, ignored
+
+
+def _endpoints(given: str | None, prof: Any) -> tuple[Value[tuple[str, ...]], Value[str | None]]:
+    """The servers' URLs (the command line's comma list, else the profile's `endpoints:`)
+    and the first of them as the base URL."""
+    urls = tuple(u.strip() for u in (given or "").split(",") if u.strip())
+    source = CLI
+    if not urls and prof is not None and prof.endpoints:
+        urls, source = tuple(prof.endpoints), SCENARIO
+    if len(set(urls)) < len(urls):
+        raise ConfigError(f"endpoints ({source}) name a server twice: {', '.join(urls)}")
+    if not urls:
+        return Value((), DEFAULT), Value(None, DEFAULT)
+    return Value(urls, source), Value(urls[0], source)
 
 
 def resolve_run_config(
@@ -304,11 +348,32 @@ def resolve_run_config(
             "two conversations would share a slot and evict each other's history; give as "
             "many slots as concurrent requests"
         )
+    endpoints, base_url = _endpoints(cli.get("base_url"), prof)
+    servers = _first(
+        1,
+        (cli.get("servers"), CLI),
+        (
+            prof.servers if prof is not None and "servers" in prof.model_fields_set else None,
+            SCENARIO,
+        ),
+    )
+    if backend.value == "embedded" and len(endpoints.value) > 1:
+        raise ConfigError(
+            f"{len(endpoints.value)} endpoints ({endpoints.source}) for the embedded backend, "
+            "which starts its own servers: set servers: N instead"
+        )
+    if backend.value != "embedded" and servers.value > 1:
+        raise ConfigError(
+            f"servers: {servers.value} ({servers.source}) starts embedded servers; for "
+            f"{backend.value}, list each server's URL under endpoints:"
+        )
     return RunConfig(
         profile=profile,
         backend=backend,
         model=model,
-        base_url=_first(None, (cli.get("base_url"), CLI)),
+        base_url=base_url,
+        endpoints=endpoints,
+        servers=servers,
         n_ctx=Value(int(n_ctx.value), n_ctx.source),
         parallel=Value(int(parallel.value), parallel.source),
         concurrency=Value(int(concurrency.value), concurrency.source),

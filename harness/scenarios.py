@@ -159,6 +159,11 @@ class ProfileSpec(_Strict):
     request_path: Literal["chat", "text", "tokens"] | None = None
     """How requests reach a llama.cpp server: `chat` (/v1/chat/completions), `text` (the
     prompt rendered as text to /completion, as Ollama sends it) or `tokens` (token ids)."""
+    endpoints: list[str] | None = None
+    """openai/ollama: the servers of one run (several URLs: a pool, `harness.backends.pool`);
+    the command line's --harness-base-url (a comma list) replaces them."""
+    servers: int = Field(1, ge=1)
+    """embedded: servers to start (more than one: a pool over them; the cores shared)."""
     workload: dict[str, Any] = Field(default_factory=dict)
     strategy: dict[str, Any] = Field(default_factory=dict)
     sweep: list[int] | None = None

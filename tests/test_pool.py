@@ -117,6 +117,43 @@ def test_the_pool_shows_the_sum_of_the_slots_interleaved_across_servers() -> Non
     asyncio.run(pool.stop())
 
 
+def test_a_fill_pool_uses_its_first_server_only_until_that_server_leaves() -> None:
+    """The Ray executor's actors: their own server first, the others only as failover."""
+    own, other = Dying(die_after=30, n_slots=2), InProcessDouble(n_slots=2)
+    pool = PoolBackend([own, other], layout="fill")
+    asyncio.run(pool.start())
+    names = pool.info.extra["endpoints"]
+    assert [pool.endpoint_of(g) for g in range(4)] == [names[0], names[0], names[1], names[1]]
+    asyncio.run(pool.stop())
+    result = run(PoolBackend([own, other], layout="fill"), items(100), spec(2))
+    served = [r.endpoint for r in sorted(result.records, key=lambda r: r.started)]
+    assert sorted(r.custom_id for r in result.records) == sorted(i.custom_id for i in items(100))
+    first_other = served.index(names[1])
+    assert first_other >= 28, "the other server is used only once the first one died"
+    assert set(served[:first_other]) == {names[0]} and served[-1] == names[1]
+
+
+def test_a_runner_fed_batch_by_batch_goes_on_with_its_conversations() -> None:
+    """One Runner, several `run` calls (an actor's batches): the conversation is not restarted
+    at each batch."""
+    from harness.engine.strategies import make_strategy
+
+    async def go() -> list[RequestRecord]:
+        double = InProcessDouble(n_slots=1, n_ctx_per_slot=8192)
+        out: list[RequestRecord] = []
+        async with double:
+            counter = TokenCounter(get_format("gemma"), estimate_tokenize(), source="estimate")
+            strategy = make_strategy("conversation", TrimPolicy(max_context_tokens=8000))
+            runner = Runner(double, strategy, counter, sinks=[out.append])
+            work = items(48)
+            for k in range(0, 48, 16):
+                await runner.run(work[k : k + 16])
+        return out
+
+    records = asyncio.run(go())
+    assert [r.turn for r in records] == list(range(48))
+
+
 def test_each_worker_stays_on_one_server_and_every_id_runs_once() -> None:
     members = [InProcessDouble(n_slots=2, delay_s=0.001) for _ in range(3)]
     result = run(PoolBackend(members), items(600), spec(6))
@@ -656,3 +693,68 @@ def test_per_server_latency_percentiles_are_within_two_percent_in_constant_memor
     assert figures["rows"] == 20_001 and figures["errors"] == 1 and figures["retries"] == 1
     assert figures["latency_ms"]["max"] == max(values)
     assert len(tally.buckets) < 1000  # bounded by the latencies' range, not their number
+
+
+# -- a pool from a scenario profile (the suites) ------------------------------------------------
+
+POOL_SCENARIO = """\
+name: p
+phase: scale
+profiles:
+  three:
+    backend: ollama
+    model: gemma3:12b
+    endpoints: [http://127.0.0.1:11434, http://127.0.0.1:11435, http://127.0.0.1:11436]
+  cpu:
+    backend: embedded
+    model: tiny-gemma3
+    servers: 2
+  bad-embedded:
+    backend: embedded
+    endpoints: [http://127.0.0.1:1, http://127.0.0.1:2]
+  bad-ollama:
+    backend: ollama
+    servers: 3
+"""
+
+
+def pool_config(tmp_path: Path, profile: str, **cli: Any) -> Any:
+    from harness.config import load_profile
+    from harness.runconfig import resolve_run_config
+    from harness.scenarios import load_scenario
+
+    path = tmp_path / "p.yaml"
+    path.write_text(POOL_SCENARIO)
+    return resolve_run_config(
+        profile=profile,
+        config=load_profile(tmp_path / "none.yaml", profile),
+        scenario=load_scenario(path),
+        cli=cli,
+    )
+
+
+def test_a_profiles_endpoints_make_a_pool_with_per_server_concurrency(tmp_path: Path) -> None:
+    cfg = pool_config(tmp_path, "three", concurrency=2)
+    assert cfg.pool_size == 3 and cfg.total_concurrency == 6
+    assert [o["base_url"] for o in cfg.member_options()] == [
+        "http://127.0.0.1:11434", "http://127.0.0.1:11435", "http://127.0.0.1:11436"
+    ]  # fmt: skip
+    assert cfg.endpoints.source == "scenario" and cfg.to_dict()["endpoints"]["value"]
+    # The command line's comma list replaces the profile's.
+    cli = pool_config(tmp_path, "three", base_url="http://127.0.0.1:9,http://127.0.0.1:8")
+    assert cli.endpoints.value == ("http://127.0.0.1:9", "http://127.0.0.1:8")
+    assert (cli.base_url.value, cli.endpoints.source) == ("http://127.0.0.1:9", "command line")
+    emb = pool_config(tmp_path, "cpu")
+    assert emb.pool_size == 2 and len(emb.member_options()) == 2
+    assert all(o["threads"] >= 1 for o in emb.member_options())
+
+
+@pytest.mark.parametrize(
+    ("profile", "message"),
+    [("bad-embedded", "set servers: N instead"), ("bad-ollama", "list each server's URL")],
+)
+def test_a_pool_profile_that_cannot_work_is_refused(
+    tmp_path: Path, profile: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        pool_config(tmp_path, profile)

@@ -130,12 +130,20 @@ class PoolBackend(Backend):
         per_endpoint: int = 1,
         health_interval_s: float = 5.0,
         health_timeout_s: float = 5.0,
+        layout: str = "interleave",
     ) -> None:
         if not members:
             raise ConfigError("a pool needs at least one server")
         if per_endpoint < 1:
             raise ConfigError(f"a pool needs at least 1 request per server, not {per_endpoint}")
+        if layout not in ("interleave", "fill"):
+            raise ConfigError(f"a pool's layout is interleave or fill, not {layout!r}")
         self.members = list(members)
+        self.layout = layout
+        """How global slots map to members: `interleave` (slot 0 on the first server, slot 1
+        on the second, ...: any concurrency spreads evenly) or `fill` (every slot of the first
+        server, then the second's: a client whose concurrency is the first server's slots uses
+        only it, and the others only when it leaves — the Ray executor's actors)."""
         self.per_endpoint = per_endpoint
         """Requests in flight on a member that has no llama.cpp slots (Ollama, vLLM)."""
         self.health_interval_s = health_interval_s
@@ -202,6 +210,11 @@ class PoolBackend(Backend):
 
     def _interleave(self) -> list[tuple[int, int | None]]:
         out: list[tuple[int, int | None]] = []
+        if self.layout == "fill":
+            for i, e in enumerate(self._eps):
+                own = e.backend.info.supports_slots
+                out.extend((i, local if own else None) for local in range(e.slots))
+            return out
         for local in range(max(e.slots for e in self._eps)):
             for i, e in enumerate(self._eps):
                 if local < e.slots:

@@ -111,6 +111,9 @@ class Runner:
         self._ahead: deque[WorkItem] = deque()
         """Items taken from `_items` and tokenized together, not yet handed to a worker."""
         self._take_lock = asyncio.Lock()
+        self._convs: dict[int, Conversation] = {}
+        """Each worker's rolling conversation: kept between `run` calls, so a runner fed one
+        batch at a time (the Ray executor's actors) continues its conversations."""
         self._last: dict[object, tuple[TokenSeq, int, str | None]] = {}
         """Per slot (or worker): the last prompt, its reply's length and the server of a pool
         that held it."""
@@ -155,7 +158,7 @@ class Runner:
             return self._ahead.popleft()
 
     async def _worker(self, w: int, slots: int | None) -> None:
-        conv = Conversation()
+        conv = self._convs.setdefault(w, Conversation())
         slot = w % slots if slots and self.config.use_slots else None
         while True:
             item = await self._take()

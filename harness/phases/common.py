@@ -262,6 +262,9 @@ def scale_figures(
             else None
         ),
         "model_note": model_note,
+        # Over several servers (a pool): each one's rows, req/s, savings, errors, latency, and
+        # when it left and why (harness.engine.job.endpoint_report). None for one server.
+        "endpoints": result.endpoints or None,
     }
     reasons = figures["unknown_reasons"]
     if projection is None or projection.get("error") is None:

@@ -120,9 +120,22 @@ class HarnessSession:
         options = cfg.backend_options()
         if name == "openai" and not options.get("base_url"):
             options["base_url"] = "http://127.0.0.1:8080"
-        key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        key = (
+            name,
+            cfg.pool_size,
+            tuple(sorted((k, repr(v)) for k, v in options.items())),
+            cfg.endpoints.value,
+        )
         if key not in self._backends:
-            backend = Backend.create(name, **options)
+            if cfg.pool_size > 1:
+                # Several servers (the profile's endpoints: or servers: N): one pool over them;
+                # the run's concurrency is per server (`RunConfig.total_concurrency`).
+                members = [Backend.create(name, **o) for o in cfg.member_options()]
+                backend = Backend.create(
+                    "pool", members=members, per_endpoint=cfg.concurrency.value
+                )
+            else:
+                backend = Backend.create(name, **options)
             self.run(backend.__aenter__())
             self._backends[key] = backend
         return self._backends[key]
@@ -157,6 +170,8 @@ class HarnessSession:
             "n_slots": info.n_slots,
             "request_path": info.extra.get("request_path", "native"),
         }
+        if info.extra.get("pool"):
+            out["endpoints"] = list(info.extra.get("endpoints", []))
         for key in ("server_flags", "llama_server_args", "llama_cpp"):
             if key in info.extra:
                 out[key] = info.extra[key]

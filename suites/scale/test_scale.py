@@ -46,7 +46,7 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     spec = JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,
-        runner=RunnerConfig(concurrency=cfg.concurrency.value),
+        runner=RunnerConfig(concurrency=cfg.total_concurrency),  # per server × servers
         desc=f"scale {size}",
         progress_stream=harness.terminal,
     )
@@ -104,6 +104,7 @@ def strategy_figures(cfg: Any) -> dict[str, Any]:
         "trim_threshold": policy.threshold,
         "trim_interval": policy.trim_interval,
         "concurrency": cfg.concurrency.value,
+        "servers": cfg.pool_size,
     }
 
 
