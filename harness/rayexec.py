@@ -42,7 +42,7 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +123,7 @@ class _Registry:
     def __init__(self, specs: list[dict[str, Any]]) -> None:
         self.specs = specs
         self.claimed = 0
+        self.accounts: dict[int, list[dict[str, Any]]] = {}
 
     def specs_of(self) -> list[dict[str, Any]]:
         return self.specs
@@ -132,8 +133,15 @@ class _Registry:
         self.claimed += 1
         return k
 
+    def report(self, actor: int, endpoints: list[dict[str, Any]]) -> None:
+        """An actor's latest account of the servers (its pool's `endpoints()`)."""
+        self.accounts[actor] = endpoints
 
-def actor_backend(specs: Sequence[dict[str, Any]], own: int) -> Backend:
+    def accounts_of(self) -> dict[int, list[dict[str, Any]]]:
+        return self.accounts
+
+
+def actor_backend(specs: Sequence[dict[str, Any]], own: int, concurrency: int = 1) -> Backend:
     """An actor's share of the servers: its own first, the others behind it as failover (a
     pool in `fill` layout: with the concurrency of its own server's slots, the actor uses only
     that server while it answers; if it dies, its rows go on the others)."""
@@ -141,7 +149,44 @@ def actor_backend(specs: Sequence[dict[str, Any]], own: int) -> Backend:
     members = [_client(specs[k]) for k in order]
     if len(members) == 1:
         return members[0]
-    return PoolBackend(members, layout="fill", per_endpoint=1)
+    return PoolBackend(members, layout="fill", per_endpoint=concurrency)
+
+
+def merge_accounts(
+    specs: Sequence[dict[str, Any]], accounts: Mapping[int, Sequence[Mapping[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Each server's history as the actors saw it: when the first actor took it out (and
+    why, after how many answers), the last time one took it back, whether it ended the run
+    in, every actor's events in time order; requests, answers and failures added up."""
+    out = []
+    for spec in specs:
+        name = str(spec["base_url"])
+        seen = [ep for acc in accounts.values() for ep in acc if ep["endpoint"] == name]
+        downs = sorted((ep for ep in seen if ep.get("down_at") is not None), key=_down_at)
+        backs = [ep["back_at"] for ep in seen if ep.get("back_at") is not None]
+        first = downs[0] if downs else {}
+        out.append(
+            {
+                "endpoint": name,
+                "slots": seen[0].get("slots") if seen else None,
+                "up": all(ep.get("up", True) for ep in seen),
+                "requests": sum(int(ep.get("requests") or 0) for ep in seen),
+                "ok": sum(int(ep.get("ok") or 0) for ep in seen),
+                "failures": sum(int(ep.get("failures") or 0) for ep in seen),
+                "down_at": first.get("down_at"),
+                "down_reason": first.get("down_reason"),
+                "down_after_requests": first.get("down_after_requests"),
+                "back_at": max(backs) if backs else None,
+                "events": sorted(
+                    (ev for ep in seen for ev in ep.get("events", [])), key=lambda ev: ev["at"]
+                ),
+            }
+        )
+    return out
+
+
+def _down_at(ep: Mapping[str, Any]) -> float:
+    return float(ep["down_at"])
 
 
 class EngineActor:
@@ -152,15 +197,15 @@ class EngineActor:
 
     def __init__(self, registry: Any, items_ref: list[Any], spec: JobSpec) -> None:
         ray = _ray()
+        self.registry = registry
         specs: list[dict[str, Any]] = ray.get(registry.specs_of.remote())
-        own = int(ray.get(registry.claim.remote()))
+        own = self.own = int(ray.get(registry.claim.remote()))
         items: Sequence[WorkItem] = ray.get(items_ref[0])
         self.items = {it.custom_id: it for it in items}
         self.spec = spec
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
-        self.backend = actor_backend(specs, own)
-        self.name = str(specs[own]["base_url"])
+        self.backend = actor_backend(specs, own, spec.runner.concurrency)
         self.counter = self.loop.run_until_complete(self._open())
         self.out: list[RequestRecord] = []
         self.runner = Runner(
@@ -182,8 +227,9 @@ class EngineActor:
         self.out.clear()
         self.loop.run_until_complete(self.runner.run(items))
         records = list(self.out)
-        for rec in records:
-            rec.endpoint = rec.endpoint or self.name  # one server: no pool names it
+        if isinstance(self.backend, PoolBackend):
+            # Its view of every server (who left, when, why), for the driver's report.
+            _ray().get(self.registry.report.remote(self.own, self.backend.endpoints()))
         return {
             "custom_id": np.array([r.custom_id for r in records], dtype=object),
             "record": np.array([pickle.dumps(r) for r in records], dtype=object),
@@ -249,12 +295,14 @@ def _drain(
     stop: threading.Event,
 ) -> None:
     registry = ray.remote(num_cpus=0)(_Registry).remote(specs)
+    # A batch keeps every worker of an actor busy (a runner starts at most one per row).
+    batch_rows = max(BATCH_ROWS, 4 * spec.runner.concurrency)
     items_ref = ray.put(list(plan.data.items))
-    blocks = max(1, math.ceil(len(pending) / BATCH_ROWS))
+    blocks = max(1, math.ceil(len(pending) / batch_rows))
     ds = ray.data.from_items([{"custom_id": cid} for cid in pending], override_num_blocks=blocks)
     out = ds.map_batches(
         EngineActor,
-        batch_size=BATCH_ROWS,
+        batch_size=batch_rows,
         batch_format="numpy",
         fn_constructor_kwargs={"registry": registry, "items_ref": [items_ref], "spec": spec},
         compute=ray.data.ActorPoolStrategy(size=len(specs)),
@@ -262,17 +310,23 @@ def _drain(
         num_cpus=min(0.5, (os.cpu_count() or 1) / (2 * len(specs))),
     )
     dropped = 0
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        for blob in batch["record"]:
-            rec: RequestRecord = pickle.loads(blob)
-            if rec.custom_id in store:
-                dropped += 1  # a task Ray ran again: the id is written once
-                continue
-            store.write(rec)
-            plan.add(rec)
-            progress.update(rec)
-        if stop.is_set():
-            return
+    try:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for blob in batch["record"]:
+                rec: RequestRecord = pickle.loads(blob)
+                if rec.custom_id in store:
+                    dropped += 1  # a task Ray ran again: the id is written once
+                    continue
+                store.write(rec)
+                plan.add(rec)
+                progress.update(rec)
+            if stop.is_set():
+                return
+    finally:
+        if len(specs) > 1:
+            with contextlib.suppress(Exception):
+                accounts = ray.get(registry.accounts_of.remote(), timeout=30)
+                plan.endpoint_history = merge_accounts(specs, accounts)
     if dropped:
         print(
             f"harness run: {dropped} repeated results from Ray task retries were dropped "
@@ -301,9 +355,8 @@ async def execute_ray(
             async with server, open_token_counter(server) as counter:
                 spec = await preflight(plan, server, counter)
                 specs = member_specs(server)
-                plan.endpoint_history = [
-                    {"endpoint": str(s["base_url"]), "slots": None, "down_at": None} for s in specs
-                ]
+                if len(specs) > 1:  # the actors' accounts replace this as batches finish
+                    plan.endpoint_history = merge_accounts(specs, {})
                 plan.backend = None  # the actors hold their own clients: figures come from records
                 # Each actor runs one server's share: the job's concurrency is per server.
                 per_server = replace(

@@ -353,15 +353,110 @@ def test_a_server_that_answers_again_is_taken_back() -> None:
             assert pool.endpoints()[1]["up"] is False
             dying.revive()
             await pool.check_health()
+            back = pool.endpoints()
             second = await run_job(pool, items(40, "b"), spec(2))
             name = pool.endpoints()[1]["endpoint"]
             assert sorted(r.custom_id for r in first.records) == sorted(f"a{i}" for i in range(40))
-            return pool.endpoints(), Counter(r.endpoint for r in second.records), name
+            # The second run's report is the second run's: no history from the first.
+            assert second.endpoints[1]["events"] == [] and second.endpoints[1]["down_at"] is None
+            assert sum(ep["requests"] for ep in second.endpoints) == 40
+            return back, Counter(r.endpoint for r in second.records), name
 
     eps, split, name = asyncio.run(go())
     assert eps[1]["up"] is True and eps[1]["back_at"] >= eps[1]["down_at"]
     assert [e["event"] for e in eps[1]["events"]] == ["down", "up"]
     assert split[name] > 0, split
+
+
+class Hung(InProcessDouble):
+    """A server that accepts connections but no longer answers (a stuck GPU, SIGSTOP)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.hung = False
+
+    async def health(self) -> bool:
+        if self.hung:
+            await asyncio.sleep(3600)
+        return True
+
+
+def test_a_live_server_that_misses_its_health_checks_is_taken_out() -> None:
+    async def go() -> list[dict[str, Any]]:
+        hung = Hung()
+        pool = PoolBackend([InProcessDouble(), hung], health_interval_s=0, health_timeout_s=0.05)
+        async with pool:
+            await pool.check_health()
+            assert all(ep["up"] for ep in pool.endpoints())
+            hung.hung = True
+            await pool.check_health()  # one miss: still in
+            assert pool.endpoints()[1]["up"] is True
+            await pool.check_health()  # two in a row: out
+            return pool.endpoints()
+
+    eps = asyncio.run(go())
+    assert eps[1]["up"] is False and "missed 2 health checks" in eps[1]["down_reason"]
+    assert eps[0]["up"] is True
+
+
+def test_a_moved_slot_lands_on_an_idle_slot_of_the_server_it_moves_to() -> None:
+    async def go() -> tuple[str, int | None, set[int | None]]:
+        a, b = InProcessDouble(n_slots=4), InProcessDouble(n_slots=4)
+        pool = PoolBackend([a, b], health_interval_s=0)
+        async with pool:
+            # Two workers on the first server's slots 0 and 1 (global 0 and 2), one on b.
+            for g in (0, 2, 1):
+                await pool.chat(ChatRequest(items(1)[0].messages, 8, slot=g))
+            pool._mark_down(1, "test")
+            i, local = pool._pick(1, 0)
+            busy = {pool._route[g][1] for g in (0, 2)}
+            return pool._eps[i].name, local, busy
+
+    _, local, busy = asyncio.run(go())
+    assert local is not None and local not in busy, (local, busy)
+
+
+def test_a_stopped_pool_starts_again() -> None:
+    async def go() -> tuple[bool, bool, int]:
+        pool = PoolBackend([InProcessDouble(), InProcessDouble()], health_interval_s=0)
+        async with pool:
+            pass
+        after_stop = await pool.health()
+        async with pool:
+            res = await run_job(pool, items(10), spec(2))
+            return after_stop, await pool.health(), len(res.records)
+
+    after_stop, again, n = asyncio.run(go())
+    assert after_stop is False and again is True and n == 10
+
+
+def test_the_ray_driver_merges_each_actors_account_of_the_servers() -> None:
+    from harness.rayexec import merge_accounts
+
+    specs = [{"base_url": "http://a"}, {"base_url": "http://b"}]
+    down = {"event": "down", "at": 105.0, "reason": "killed"}
+    accounts = {
+        0: [
+            {"endpoint": "http://a", "slots": 1, "up": True, "requests": 50, "ok": 50,
+             "failures": 0, "down_at": None, "events": []},
+            {"endpoint": "http://b", "slots": 1, "up": False, "requests": 0, "ok": 0,
+             "failures": 0, "down_at": 110.0, "down_reason": "late", "events": [
+                 {"event": "down", "at": 110.0, "reason": "late"}]},
+        ],
+        1: [
+            {"endpoint": "http://a", "slots": 1, "up": True, "requests": 20, "ok": 20,
+             "failures": 0, "down_at": None, "events": []},
+            {"endpoint": "http://b", "slots": 1, "up": False, "requests": 31, "ok": 30,
+             "failures": 1, "down_at": 105.0, "down_reason": "killed",
+             "down_after_requests": 60, "events": [down]},
+        ],
+    }  # fmt: skip
+    a, b = merge_accounts(specs, accounts)
+    assert a["up"] and a["requests"] == 70 and a["down_at"] is None
+    assert b["up"] is False and b["down_at"] == 105.0 and b["down_reason"] == "killed"
+    assert b["down_after_requests"] == 60 and b["failures"] == 1 and b["requests"] == 31
+    assert [e["at"] for e in b["events"]] == [105.0, 110.0]
+    assert merge_accounts(specs, {})[0]["up"] is True
 
 
 def test_with_no_server_left_the_run_stops_and_the_rest_resumes_later(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -111,3 +112,69 @@ def test_ray_executor_matches_the_local_one_and_resumes_after_sigkill(tmp_path: 
     )
     assert same >= 0.98 * ROWS
     assert len(endpoints) == 2 and None not in endpoints
+
+
+def test_ray_executor_goes_on_when_one_of_two_servers_is_killed(tmp_path: Path) -> None:
+    """A server SIGKILLed mid-run: the actor that had it as its own sends its rows to the
+    other (its pool's failover); every id once, and the report shows when the server left."""
+    import json
+    import threading
+
+    from harness.backends.embedded import EmbeddedServer
+    from harness.backends.server import ServerSettings
+
+    rows = 200
+    servers = [
+        EmbeddedServer(ServerSettings(model="tiny-gemma3", n_ctx=4096, threads=1)) for _ in range(2)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        src = write_candidates_csv(tmp_path / "c.csv", rows)
+        results = tmp_path / "k_results.jsonl"
+        killed: dict[str, Any] = {}
+
+        def kill_at_60() -> None:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                if lines_in(results) >= 60:
+                    killed["url"], killed["at"] = servers[1].url, time.time()
+                    servers[1].kill()  # SIGKILL
+                    return
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=kill_at_60, daemon=True)
+        watcher.start()
+        opts = BatchOptions(
+            src,
+            backend="openai",
+            base_url=",".join(s.url or "" for s in servers),
+            executor="ray",
+            prompt=SHORT_PROMPT,
+            progress=False,
+            config=tmp_path / "no-harness.yaml",
+            output=tmp_path / "k.csv",
+        )
+        result = run_batch(opts)
+        watcher.join(timeout=5)
+    finally:
+        for s in servers:
+            s.stop()
+    assert killed, "the kill must land mid-run"
+    ids = Counter(line["custom_id"] for line in read_results(results))
+    assert len(ids) == rows and set(ids.values()) == {1}, "every id exactly once"
+    assert result.done == rows and result.failed == 0
+    report = json.loads((tmp_path / "k_results.endpoints.json").read_text())
+    gone = next(ep for ep in report["endpoints"] if ep["endpoint"] == killed["url"])
+    assert gone["up"] is False and gone["down_at"] >= killed["at"] - 0.5 and gone["down_reason"]
+    late = [
+        ln
+        for ln in read_results(results)
+        if ln["harness"].get("endpoint") == killed["url"]
+        and ln["harness"]["started"] > gone["down_at"]
+    ]
+    assert not late, "no row may be sent to the server after it left"
+    print(
+        f"\nRay run with {killed['url']} SIGKILLed at 60 results:\n"
+        + "\n".join(result.endpoint_lines())
+    )

@@ -175,6 +175,10 @@ class OpenAIBackend(Backend):
     async def health(self) -> bool:
         try:
             resp = await self.client.get("/health")
+            if resp.status_code == 404:
+                # An OpenAI-compatible server without llama.cpp's / vLLM's /health: it is
+                # ready when it lists its models.
+                resp = await self.client.get("/v1/models")
         except httpx.TransportError:
             return False
         return resp.status_code == 200

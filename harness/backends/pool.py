@@ -78,6 +78,16 @@ class EndpointState:
     """When it was last taken back after leaving."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """Every change: {"event": "down" | "up", "at": Unix time, "reason": ...}."""
+    missed: int = 0
+    """Health checks missed in a row while up (`PoolBackend.misses_allowed` take it out)."""
+
+    def begin_run(self) -> None:
+        """Count from here (a pool that serves several runs reports each run's own figures);
+        a member that is out stays out, with why."""
+        self.requests = self.ok = self.failures = 0
+        if self.up:
+            self.down_at = self.down_reason = self.down_after = self.back_at = None
+            self.events = []
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -131,6 +141,7 @@ class PoolBackend(Backend):
         health_interval_s: float = 5.0,
         health_timeout_s: float = 5.0,
         layout: str = "interleave",
+        misses_allowed: int = 2,
     ) -> None:
         if not members:
             raise ConfigError("a pool needs at least one server")
@@ -148,12 +159,19 @@ class PoolBackend(Backend):
         """Requests in flight on a member that has no llama.cpp slots (Ollama, vLLM)."""
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
+        self.misses_allowed = misses_allowed
+        """Health checks a live member may miss in a row before it is taken out (a hung
+        server that still accepts connections); 0: live members are not checked."""
         self._eps: list[EndpointState] = []
         self._home: list[tuple[int, int | None]] = []
         """Global slot -> (member, its own slot) while every member is up."""
         self._route: list[tuple[int, int | None]] = []
         """Global slot -> (member, its own slot) now: only live members."""
         self._answered = 0
+        self._started = False
+        self._used: set[int] = set()
+        """Global slots that requests have used (a moved slot avoids the local slots these
+        are on)."""
         self._watch: asyncio.Task[None] | None = None
         first = self.members[0].info
         self.info = ServerInfo(
@@ -166,7 +184,7 @@ class PoolBackend(Backend):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._eps:
+        if self._started:
             return
         outcomes = await asyncio.gather(*(m.start() for m in self.members), return_exceptions=True)
         for outcome in outcomes:
@@ -187,6 +205,9 @@ class PoolBackend(Backend):
         ]
         self._home = self._interleave()
         self._route = list(self._home)
+        self._used = set()
+        self._answered = 0
+        self._started = True
         first = infos[0]
         self.info = ServerInfo(
             backend=first.backend,
@@ -228,18 +249,26 @@ class PoolBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
         outcomes = await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
+        self._started = False  # `endpoints()` still tells this run's story; start() anew
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
 
     async def health(self) -> bool:
-        return any(e.up for e in self._eps) if self._eps else False
+        return self._started and any(e.up for e in self._eps)
 
     # -- routing ---------------------------------------------------------------------------
 
     @property
     def live(self) -> list[EndpointState]:
         return [e for e in self._eps if e.up]
+
+    def begin_run(self) -> None:
+        """A run starts: each member's counts and history from here (see
+        `EndpointState.begin_run`)."""
+        self._answered = 0
+        for e in self._eps:
+            e.begin_run()
 
     def endpoints(self) -> list[dict[str, Any]]:
         """Each member's figures and history (see `EndpointState`)."""
@@ -268,7 +297,17 @@ class PoolBackend(Backend):
                 load[i] += 1
         j = min(live, key=lambda k: (load[k] / self._eps[k].slots, k))
         e = self._eps[j]
-        self._route[g] = (j, load[j] % e.slots if e.backend.info.supports_slots else None)
+        if not e.backend.info.supports_slots:
+            self._route[g] = (j, None)
+            return self._route[g]
+        # The local slot of j that the fewest slots in use are on (an idle one if any), so a
+        # moved conversation does not queue behind, and evict, one that is running there.
+        busy = dict.fromkeys(range(e.slots), 0)
+        for h in self._used:
+            i, local = self._route[h]
+            if h != g and i == j and local is not None:
+                busy[local] += 1
+        self._route[g] = (j, min(busy, key=lambda k: (busy[k], k)))
         return self._route[g]
 
     def _pick(self, slot: int | None, turn: int | None = None) -> tuple[int, int | None]:
@@ -280,6 +319,7 @@ class PoolBackend(Backend):
         not told), never in the middle of one."""
         if slot is not None and self._route:
             g = slot % len(self._route)
+            self._used.add(g)
             i, local = self._route[g]
             home = self._home[g]
             away = (i, local) != home
@@ -310,6 +350,7 @@ class PoolBackend(Backend):
         if e.up:
             return
         e.up = True
+        e.missed = 0
         e.back_at = time.time()
         e.events.append({"event": "up", "at": e.back_at, "reason": "answers its health check"})
 
@@ -323,15 +364,28 @@ class PoolBackend(Backend):
     async def _watch_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            for i, e in enumerate(self._eps):
-                if not e.up and await self._healthy(e):
-                    self._mark_up(i)
+            await self.check_health()
 
     async def check_health(self) -> None:
-        """Ask every member that is out now (what the watch does every `health_interval_s`)."""
+        """Ask every member (what the watch does every `health_interval_s`): one that is out
+        and answers is taken back; one that is up and misses `misses_allowed` checks in a row
+        (a hung server that still accepts connections) is taken out."""
         for i, e in enumerate(self._eps):
-            if not e.up and await self._healthy(e):
-                self._mark_up(i)
+            if not e.up:
+                if await self._healthy(e):
+                    self._mark_up(i)
+                continue
+            if self.misses_allowed <= 0:
+                continue
+            if await self._healthy(e):
+                e.missed = 0
+                continue
+            e.missed += 1
+            if e.missed >= self.misses_allowed:
+                self._mark_down(
+                    i,
+                    f"missed {e.missed} health checks in a row",
+                )
 
     # -- requests --------------------------------------------------------------------------
 

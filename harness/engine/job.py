@@ -235,6 +235,8 @@ async def run_job(
             stack.callback(mon.stop)
 
         runner = Runner(backend, strategy, counter, config=spec.runner, sinks=all_sinks)
+        if isinstance(backend, PoolBackend):
+            backend.begin_run()  # each server's counts and history: this run's
         started_unix = time.time()
         started = time.perf_counter()
         failure: Exception | None = None

@@ -100,8 +100,10 @@ class Progress:
             self.prompt += rec.prompt_tokens
             self.cached += rec.cached_tokens
         now = time.monotonic()
-        if len(self._window) > 1 and now - self._window[-1][0] < _SAMPLE_S:
-            self._window[-1] = (now, self.done)  # one sample per _SAMPLE_S: a bounded window
+        if len(self._window) > 1 and now - self._window[-2][0] < _SAMPLE_S:
+            # One sample per _SAMPLE_S (the last one moves until it is _SAMPLE_S past the one
+            # before it): a bounded window that still slides.
+            self._window[-1] = (now, self.done)
         else:
             self._window.append((now, self.done))
         while len(self._window) > 2 and now - self._window[0][0] > self.window_s:
