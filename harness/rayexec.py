@@ -362,7 +362,13 @@ async def execute_ray(
                 per_server = replace(
                     spec,
                     runner=replace(
-                        spec.runner, concurrency=spec.runner.concurrency // len(specs) or 1
+                        spec.runner,
+                        concurrency=spec.runner.concurrency // len(specs) or 1,
+                        # Another actor's rows may land on a server whose actor pins its slots
+                        # (after a failover): pinned requests to one busy slot wedge llama.cpp.
+                        # Stateless rows need no pinning (the server picks the slot that holds
+                        # the rubric); a conversation keeps its slot.
+                        use_slots=len(specs) == 1 or spec.strategy == "conversation",
                     ),
                 )
                 drained = asyncio.ensure_future(

@@ -853,3 +853,14 @@ def test_a_pool_profile_that_cannot_work_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         pool_config(tmp_path, profile)
+
+
+def test_a_server_given_more_slots_in_use_than_it_has_gets_no_pinned_request() -> None:
+    """Two requests pinned to one busy llama.cpp slot crash or wedge the server (seen in the
+    live SIGKILL test: the moved slot and the host's own worker both on slot 0): once a slot
+    moves onto a server with no idle slot, every request to that server goes unpinned."""
+    a, b = InProcessDouble(n_slots=1, delay_s=0.001), Dying(die_after=5, n_slots=1)
+    result = run(PoolBackend([a, b], health_interval_s=0), items(40), spec(2))
+    assert sorted(r.custom_id for r in result.records) == sorted(i.custom_id for i in items(40))
+    assert a.requests[0][0] == 0  # while both were up: one worker per server, pinned
+    assert a.requests[-1][0] is None and b.calls > 5  # after the move: unpinned

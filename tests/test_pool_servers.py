@@ -26,7 +26,8 @@ from harness.engine.store import read_results
 from harness.testing import FaultConfig, FaultProxy
 from harness.workload import write_candidates_csv
 
-pytestmark = pytest.mark.integration
+# Minutes each on 2 cores (600 rows over three servers): run on purpose, `pytest tests -m slow`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SHORT_PROMPT = Path(__file__).parent / "data" / "batch" / "short_prompt.yaml"
 

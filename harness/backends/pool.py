@@ -170,6 +170,7 @@ class PoolBackend(Backend):
         self._answered = 0
         self._started = False
         self._used: set[int] = set()
+        self._shared: dict[int, int] = {}
         """Global slots that requests have used (a moved slot avoids the local slots these
         are on)."""
         self._watch: asyncio.Task[None] | None = None
@@ -206,6 +207,7 @@ class PoolBackend(Backend):
         self._home = self._interleave()
         self._route = list(self._home)
         self._used = set()
+        self._shared = {}
         self._answered = 0
         self._started = True
         first = infos[0]
@@ -307,7 +309,8 @@ class PoolBackend(Backend):
             i, local = self._route[h]
             if h != g and i == j and local is not None:
                 busy[local] += 1
-        self._route[g] = (j, min(busy, key=lambda k: (busy[k], k)))
+        k = min(busy, key=lambda k: (busy[k], k))
+        self._route[g] = (j, k if busy[k] == 0 else None)  # never pinned onto a slot in use
         return self._route[g]
 
     def _pick(self, slot: int | None, turn: int | None = None) -> tuple[int, int | None]:
@@ -319,21 +322,34 @@ class PoolBackend(Backend):
         not told), never in the middle of one."""
         if slot is not None and self._route:
             g = slot % len(self._route)
-            self._used.add(g)
+            if g not in self._used:
+                self._used.add(g)
+                self._recount()
             i, local = self._route[g]
             home = self._home[g]
             away = (i, local) != home
             if away and self._eps[home[0]].up and (not self._eps[i].up or not turn):
                 self._route[g] = home
-                return home
-            if self._eps[i].up:
-                return i, local
-            return self._move(g)
+                self._recount()
+                i, local = home
+            elif not self._eps[i].up:
+                i, local = self._move(g)
+                self._recount()
+            return i, (None if self._shared.get(i, 0) > self._eps[i].slots else local)
         live = [i for i, e in enumerate(self._eps) if e.up]
         if not live:
             raise self._none_left()
         i = min(live, key=lambda k: (self._eps[k].in_flight / self._eps[k].slots, k))
         return i, None
+
+    def _recount(self) -> None:
+        """Slots in use routed to each member. A member with more of them than its own slots
+        (slots moved onto it) gets every request unpinned: two requests pinned to one busy
+        llama.cpp slot crash or wedge the server (harness.engine.runner's docstring)."""
+        self._shared = {}
+        for g in self._used:
+            i = self._route[g][0]
+            self._shared[i] = self._shared.get(i, 0) + 1
 
     def _mark_down(self, i: int, reason: str) -> None:
         e = self._eps[i]
