@@ -118,6 +118,12 @@ class RunMetrics:
         return asdict(self)
 
 
+def count_error(by_type: dict[str, int], rec: RequestRecord) -> None:
+    """One more failed request of `rec`'s error type."""
+    key = rec.error_type or "Error"
+    by_type[key] = by_type.get(key, 0) + 1
+
+
 class MetricsCollector:
     """Accumulates records into compact columns; `summary()` gives `RunMetrics`."""
 
@@ -163,8 +169,7 @@ class MetricsCollector:
             self.context_shifts += 1
         if not rec.ok:
             self.errors += 1
-            key = rec.error_type or "Error"
-            self.errors_by_type[key] = self.errors_by_type.get(key, 0) + 1
+            count_error(self.errors_by_type, rec)
             return
         self.completed += 1
         self.latency.append(rec.latency_ms)
@@ -278,8 +283,7 @@ class EndpointTally:
         self.retries += max(0, rec.attempts - 1)
         if not rec.ok:
             self.errors += 1
-            key = rec.error_type or "Error"
-            self.errors_by_type[key] = self.errors_by_type.get(key, 0) + 1
+            count_error(self.errors_by_type, rec)
             return
         self.completed += 1
         ms = rec.latency_ms
