@@ -89,6 +89,7 @@ def test_ray_executor_matches_the_local_one_and_resumes_after_sigkill(tmp_path: 
         assert time.monotonic() < deadline, "the Ray run wrote no results in 300 s"
         time.sleep(0.05)
     left = kill_tree(first)
+    log.close()
     at_kill = lines_in(results)
     assert at_kill < ROWS, "the kill must land mid-run"
 
