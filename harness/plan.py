@@ -54,6 +54,8 @@ class Plan:
             f"each, measured in {src})",
             f"time: {self.hours:.1f} h on {self.servers} server(s), assuming they add up (each "
             "warms its own prefix cache; measure the scaling before relying on it)",
+            f"server time: {self.servers * self.hours:.1f} server-hours (the rows ÷ the measured "
+            "req/s: the cost on servers rented by the hour)",
             f"errors: {self.error_rate:.2%} of requests failed in that run: "
             f"~{math.ceil(self.rows * self.error_rate):,} rows to retry (--retry-failed)",
         ]

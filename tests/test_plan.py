@@ -62,6 +62,8 @@ def test_plan_from_a_measured_report(tmp_path: Path, capsys: pytest.CaptureFixtu
     # 40 Wh for 998 requests -> 68.1 kWh for 1.7M rows, $20.44 at $0.30.
     assert "energy: 68.1 kWh, cost $20.44 at $0.3/kWh (nvml:gpu0 (RTX 4080)" in out
     assert "~3,400 rows to retry" in out
+    # 1,700,000 / 6.5 req/s = 72.6 server-hours, however many servers share them.
+    assert "server time: 72.6 server-hours" in out
     assert "stand-in" not in out
 
 
