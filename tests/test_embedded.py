@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -21,6 +22,62 @@ from harness.models import geometry_from_gguf, kv_theory, resolve_model
 from harness.workload import generate_candidates, load_prompt
 
 pytestmark = pytest.mark.integration
+
+
+def test_the_backend_holds_no_more_connections_than_the_server_can_serve(
+    tiny_server: EmbeddedServer,
+) -> None:
+    """llama-server has at least slots + 2 HTTP threads, and a kept-alive connection keeps one.
+    In the performance suite's rounds, bursts of 8 `/tokenize` calls from an uncapped pool
+    stalled 5.11 s (6 of 62 rounds in three runs; none of 36 with the cap): so the backend keeps
+    to slots + 1 connections. Counted at the server (its process's TCP connections), during a
+    burst of 12 calls; a plain client opens one per call, so the count can fail."""
+    import psutil
+
+    url = tiny_server.url or ""
+    port = int(url.rsplit(":", 1)[1])
+    server = psutil.Process(tiny_server.pid)
+    texts = [f"candidate {i} " * 20 for i in range(12)]
+
+    def open_to_server() -> int:
+        return sum(
+            1
+            for c in server.net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+        )
+
+    async def most_open(send: Callable[[], Awaitable[object]]) -> int:
+        seen = [0]
+
+        async def watch() -> None:
+            while True:
+                seen[0] = max(seen[0], open_to_server())
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        await send()
+        seen[0] = max(seen[0], open_to_server())  # kept alive after the burst
+        watcher.cancel()
+        return seen[0]
+
+    async def go() -> tuple[int, int, object]:
+        async with httpx.AsyncClient(base_url=url, timeout=30.0) as plain:
+            uncapped = await most_open(
+                lambda: asyncio.gather(
+                    *(plain.post("/tokenize", json={"content": t}) for t in texts)
+                )
+            )
+        await asyncio.sleep(0.2)  # the plain client's connections are closed
+        backend = OpenAIBackend(url)
+        async with backend:
+            capped = await most_open(lambda: backend.tokenize(texts))
+        return uncapped, capped, backend.info.extra.get("connections")
+
+    uncapped, capped, connections = asyncio.run(go())
+    print(f"\n12 /tokenize at once: plain client {uncapped} connections, backend {capped}")
+    assert connections == 2  # one slot
+    assert uncapped > 2, "the plain client should open a connection per call"
+    assert capped <= 2
 
 
 def test_shared_rubric_is_served_from_the_prefix_cache(gemma_server: EmbeddedServer) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from harness.backends.base import Backend, ChatRequest, ChatResult
-from harness.backends.openai import OpenAIBackend
+from harness.backends.openai import OpenAIBackend, llama_connections
 from harness.errors import (
     BackendError,
     BackendUnreachable,
@@ -202,6 +202,21 @@ def test_unknown_model_is_refused_at_start_with_the_served_list() -> None:
     )
     with pytest.raises(ModelNotFound, match=r"'nope' is not served .* gemma, other"):
         run_chat(backend)
+
+
+def test_connections_to_a_llama_server_are_capped_at_its_slots_plus_one() -> None:
+    """llama-server has at least slots + 2 HTTP threads; the client keeps to slots + 1."""
+    ok = lambda r: httpx.Response(200, json=reply({"prompt_tokens": 3}))  # noqa: E731
+
+    async def connections(backend: OpenAIBackend) -> object:
+        async with backend:
+            await backend.chat(ChatRequest(MESSAGES, max_tokens=8))
+            return backend.info.extra.get("connections")
+
+    assert asyncio.run(connections(make_backend(ok)[0])) == 3  # /props: total_slots 2
+    assert asyncio.run(connections(make_backend(ok, max_connections=2)[0])) == 2  # asked fewer
+    assert asyncio.run(connections(make_backend(ok, llama=False)[0])) is None  # not llama.cpp
+    assert llama_connections(1) == 2 and llama_connections(None) == 2
 
 
 def test_unreachable_server_message_names_the_url() -> None:

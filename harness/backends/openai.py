@@ -13,6 +13,12 @@ Cached tokens come from `usage.prompt_tokens_details.cached_tokens`, else llama.
   tokenization on the server. The fastest path; it needs the engine's exact count
   (`ChatRequest.prompt_ids`).
 
+Connections to a llama.cpp server are capped at its slots + 1 (`llama_connections`): llama-server
+serves HTTP on `max(slots + 2, cores - 1)` threads, and a keep-alive connection keeps its thread
+until it has been idle for 5 s. A client with more connections open than that makes the extra
+requests wait those 5 s (measured: a burst of 8 `/tokenize` calls against a 1-slot server on 2
+cores took 5.11 s, not 10 ms). Idle connections are also dropped before the server's 5 s.
+
 The API key is read from an environment variable (named by `api_key_env`) when the backend
 starts; it goes into the Authorization header and nowhere else.
 """
@@ -41,11 +47,27 @@ from harness.errors import (
 from harness.memory import MemoryProbe, local_gpu_probe
 from harness.models.templates import ChatFormat
 
-__all__ = ["REQUEST_PATHS", "OpenAIBackend"]
+__all__ = ["LLAMA_KEEPALIVE_S", "REQUEST_PATHS", "OpenAIBackend", "llama_connections"]
 
 REQUEST_PATHS = ("chat", "text", "tokens")
 """How a request reaches a llama.cpp server (see the module docstring)."""
 _STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
+LLAMA_KEEPALIVE_S = 5.0
+"""How long llama-server keeps an idle connection, and the HTTP thread serving it (cpp-httplib's
+`CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND`)."""
+
+
+def llama_connections(n_slots: int | None) -> int:
+    """The most connections a client should hold to a llama.cpp server with `n_slots` slots.
+
+    llama-server started without `--threads-http` (Ollama passes none) has `max(n_parallel + 2,
+    cores - 1)` HTTP threads (tools/server), so at least slots + 2 whatever machine it runs on;
+    each open keep-alive connection holds one. Slots + 1 leaves one for another client (a
+    baseline, a health check) and is still one more than the slots: a request waits at the server
+    (tokenized, in the queue) while the slots compute. More in flight than that cannot be read by
+    the server before a thread frees: they wait in the client's pool instead.
+    """
+    return max(1, (n_slots or 1) + 1)
 
 
 @Backend.register("openai")
@@ -81,6 +103,8 @@ class OpenAIBackend(Backend):
         self.max_connections = max_connections
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._capped = False
+        """Whether the client's pool is already fitted to a llama.cpp server's HTTP threads."""
         self.info = ServerInfo(
             backend=self.name, base_url=self.base_url, model=model or "", chat_format=chat_format
         )
@@ -97,20 +121,32 @@ class OpenAIBackend(Backend):
             raise BackendError(f"backend for {self.base_url} is not started; use `async with`")
         return self._client
 
+    def _new_client(self, connections: int, keepalive_s: float | None = 5.0) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers(),
+            timeout=httpx.Timeout(self.timeout_s, connect=10.0),
+            limits=httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                keepalive_expiry=keepalive_s,
+            ),
+            transport=self._transport,
+        )
+
     async def start(self) -> None:
         if self._client is None:
-            limits = httpx.Limits(
-                max_connections=self.max_connections,
-                max_keepalive_connections=self.max_connections,
-            )
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=self._headers(),
-                timeout=httpx.Timeout(self.timeout_s, connect=10.0),
-                limits=limits,
-                transport=self._transport,
-            )
+            self._client = self._new_client(self.max_connections)
+            self._capped = False
         await self._discover()
+        if self.info.supports_slots and not self._capped:
+            # A llama.cpp server: no more connections than it has HTTP threads to serve (see the
+            # module docstring), and none kept idle for as long as the server keeps them.
+            cap = min(self.max_connections, llama_connections(self.info.n_slots))
+            await self.client.aclose()
+            self._client = self._new_client(cap, keepalive_s=LLAMA_KEEPALIVE_S - 1.0)
+            self._capped = True
+            self.info.extra["connections"] = cap
 
     async def stop(self) -> None:
         if self._client is not None:
