@@ -225,6 +225,11 @@ class PerformanceReport(PhaseReport):
     conversation_over_stateless: float
     stateless_efficiency: float
     cached_over_naive: float
+    replies: Obj
+    """The same items on the token path and on the text path (gated) and the chat path
+    (reported): shares of equal prompt tokens, replies and scores."""
+    replies_same_reply: Num
+    replies_same_score: Num
     breakdown_ms: Obj
     plots: list[str]
     overlap: list[Obj]

@@ -102,6 +102,8 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "errors",
         "uncached_ratio_conversation_over_stateless_ollama",
         "tokens_over_chat",
+        "replies_same_reply",
+        "replies_same_score",
         "conversation_over_stateless",
         "stateless_efficiency",
         "engine_over_direct",

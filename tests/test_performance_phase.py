@@ -82,3 +82,47 @@ def test_a_request_path_chosen_by_the_interleaved_rounds_restricts_the_sweep() -
     assert perf.pick_settings(OVERLAP, [], max_slots=1, request_path="text")["REQUEST_PATH"] == (
         "chat"
     )
+
+
+def test_replies_on_two_paths_are_compared_item_by_item() -> None:
+    def rec(cid: str, content: str, score: int | None, prompt: int = 4000) -> RequestRecord:
+        parsed = {"score": score} if score is not None else None
+        return RequestRecord(cid, "ok", content=content, parsed=parsed, prompt_tokens=prompt)
+
+    tokens = [rec("a", '{"score": 7}', 7), rec("b", '{"score": 3}', 3), rec("c", "x", None)]
+    chat = [
+        rec("c", "x", None),  # same text, but no score: matches as a reply, not as a score
+        rec("b", '{"score":3}', 3, prompt=4001),  # same score, other text and prompt length
+        rec("a", '{"score": 7}', 7),
+        rec("z", '{"score": 1}', 1),  # only on one path: not compared
+    ]
+    out = perf.compare_replies(tokens, chat)
+    assert out["items"] == 3
+    assert out["same_reply"] == pytest.approx(2 / 3)
+    assert out["same_score"] == pytest.approx(2 / 3)
+    assert out["same_prompt_tokens"] == pytest.approx(2 / 3)
+    assert out["parsed"] == pytest.approx(2 / 3)
+    assert [d["custom_id"] for d in out["differ"]] == ["b"]
+    failed = [RequestRecord("a", "error"), RequestRecord("b", "ok", content='{"score": 3}')]
+    assert perf.compare_replies(failed, failed)["same_reply"] == 0.5  # an error matches nothing
+    assert perf.compare_replies([], chat)["same_score"] is None
+
+
+def test_the_prefill_rate_between_calibrated_chunks_interpolates_time_per_token() -> None:
+    rates = {32: 200.0, 128: 400.0, 512: 500.0}
+    # 80 tokens: halfway from 32 to 128 in time per token (5 ms and 2.5 ms): 3.75 ms a token.
+    assert perf.prefill_rate_at(rates, 80) == pytest.approx(1000 / 3.75)
+    assert perf.prefill_rate_at(rates, 128) == pytest.approx(400.0)
+    assert perf.prefill_rate_at(rates, 8) == 200.0 and perf.prefill_rate_at(rates, 4096) == 500.0
+    assert perf.prefill_rate_at({}, 80) == 0.0  # no calibration: no bound
+
+
+def test_calibrations_of_several_rounds_combine_by_median() -> None:
+    curves = [
+        perf.Curve(3874, {32: 190.0, 128: 300.0}, 60.0),
+        perf.Curve(3874, {32: 210.0, 128: 240.0}, 66.0),
+        perf.Curve(3874, {32: 205.0, 128: 290.0}, 20.0),  # a round the machine slowed
+    ]
+    m = perf.median_curve(curves)
+    assert m.prefill_tps == {32: 205.0, 128: 290.0} and m.decode_tps == 60.0
+    assert m.depth_tokens == 3874 and "median of 3" in m.source

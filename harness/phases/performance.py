@@ -6,11 +6,17 @@ Ratios that repeat: on a shared 2-core machine one round of 20 requests per vari
 conversation ÷ stateless 0.57 in one run and 0.89 in the next. So the variants run interleaved
 (round 1 of every variant, then round 2, ...), every ratio is computed per round, and the report
 gives each ratio's median and spread (min, max); criteria gate the median.
+
+Replies that do not change with the request's form: the same items, each after the same primer
+and in the same order, on the token path and the chat path (`compare_replies`). Every request then
+finds the server's cache as the other path found it, so with the same prompt ids, seed and
+greedy decoding the replies must be the same text, and their parsed scores equal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -19,6 +25,7 @@ from typing import Any
 
 from harness.backends.base import Backend, ChatRequest, ChatResult
 from harness.engine.tokens import TokenCounter
+from harness.phases.quality import score as score_of
 from harness.plots import BreakdownRow
 from harness.records import RequestRecord
 from harness.reuse import padded_candidate
@@ -29,8 +36,11 @@ __all__ = [
     "batched_rates",
     "breakdown",
     "calibrate_curve",
+    "compare_replies",
     "interleave",
+    "median_curve",
     "pick_settings",
+    "prefill_rate_at",
     "ratio_spreads",
 ]
 
@@ -88,6 +98,35 @@ async def interleave(
     return out
 
 
+def compare_replies(
+    first: Sequence[RequestRecord], second: Sequence[RequestRecord], *, shown: int = 5
+) -> dict[str, Any]:
+    """The same items answered twice (by custom_id): shares with the same prompt tokens, the same
+    reply text and the same parsed score (a failed or unparsed reply matches nothing), and the
+    first `shown` items that differ."""
+    other = {r.custom_id: r for r in second}
+    pairs = [(a, other[a.custom_id]) for a in first if a.custom_id in other]
+    n = len(pairs)
+
+    def share(same: Callable[[RequestRecord, RequestRecord], bool]) -> float | None:
+        return sum(1 for a, b in pairs if a.ok and b.ok and same(a, b)) / n if n else None
+
+    differ = [
+        {"custom_id": a.custom_id, "first": a.content, "second": b.content}
+        for a, b in pairs
+        if not (a.ok and b.ok and a.content == b.content)
+    ]
+    return {
+        "items": n,
+        "same_prompt_tokens": share(lambda a, b: a.prompt_tokens == b.prompt_tokens),
+        "same_reply": share(lambda a, b: a.content == b.content),
+        "same_score": share(lambda a, b: score_of(a) is not None and score_of(a) == score_of(b)),
+        "parsed": share(lambda a, b: score_of(a) is not None),
+        "differ": differ[:shown],
+        "source": "server replies",
+    }
+
+
 def breakdown(label: str, records: Sequence[RequestRecord]) -> BreakdownRow:
     """Mean time per request: what the server spent on prompt and decode, and the rest."""
     ok = [r for r in records if r.ok]
@@ -128,6 +167,35 @@ def _timed(result: ChatResult) -> tuple[int, float, int, float]:
     )
 
 
+def median_curve(curves: Sequence[Curve]) -> Curve:
+    """Each rate's median over curves measured apart (e.g. one per round)."""
+    chunks = sorted({c for curve in curves for c in curve.prefill_tps})
+    return Curve(
+        max((c.depth_tokens for c in curves), default=0),
+        {
+            chunk: statistics.median(c.prefill_tps[chunk] for c in curves if chunk in c.prefill_tps)
+            for chunk in chunks
+        },
+        statistics.median(c.decode_tps for c in curves) if curves else 0.0,
+        f"llama.cpp timings, median of {len(curves)} calibrations",
+    )
+
+
+def prefill_rate_at(rates: Mapping[int, float], chunk: float) -> float:
+    """The prefill rate at `chunk` new tokens: time per token interpolated linearly between the
+    two calibrated chunk sizes around it (the nearest one's rate outside them)."""
+    known = sorted((c, r) for c, r in rates.items() if r > 0)
+    if not known:
+        return 0.0
+    if chunk <= known[0][0]:
+        return known[0][1]
+    for (c0, r0), (c1, r1) in itertools.pairwise(known):
+        if chunk <= c1:
+            w = (chunk - c0) / (c1 - c0)
+            return 1.0 / ((1 - w) / r0 + w / r1)
+    return known[-1][1]
+
+
 async def calibrate_curve(
     backend: Backend,
     counter: TokenCounter,
@@ -136,8 +204,11 @@ async def calibrate_curve(
     chunks: Sequence[int] = (32, 128, 512),
     samples: int = 3,
     decode_tokens: int = 16,
+    label: str = "calibration",
 ) -> Curve:
-    """Prefill rate at each chunk size after the cached rubric, and the decode rate there."""
+    """Prefill rate at each chunk size after the cached rubric, and the decode rate there.
+    Prompts are new to the server for each `label` (llama-server's host prompt cache would
+    otherwise serve a repeat of an earlier calibration from memory)."""
     system = {"role": "system", "content": rubric}
     warm = [system, {"role": "user", "content": "warm-up"}]
     await backend.chat(ChatRequest(warm, max_tokens=1, prompt_ids=await counter.count(warm)))
@@ -151,7 +222,7 @@ async def calibrate_curve(
             k += 1
             msgs = [
                 system,
-                {"role": "user", "content": padded_candidate(f"calibration {k}: ", chunk)},
+                {"role": "user", "content": padded_candidate(f"{label} {k}: ", chunk)},
             ]
             ids = await counter.count(msgs)
             res = await backend.chat(

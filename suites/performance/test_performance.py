@@ -1,19 +1,25 @@
 """Performance: the request paths side by side, the real limit, and the settings they pick.
 
-    pytest suites/performance -k test_performance   # gemma3-270m on the CPU, ~14 min on 2 cores
+    pytest suites/performance -k test_performance   # gemma3-270m on the CPU, ~11 min on 2 cores
 
 On one server, round by round (harness.phases.performance): the engine on the token path, the
 chat path and the text path (Ollama's form), a minimal direct client (chat bodies), the
 conversation strategy, and a naive client with the prefix cache off. Every ratio is computed per
-round and reported as median and spread. The limit: prefill by chunk size after the rubric and
-decode (llama-bench's pp/tg at depth), single-stream and batched across slots; efficiency against
-both bounds. Then client concurrency × slots × path, and the trim interval, measured; the best
-go to harness.yaml with `--harness-write-config` (after the gate).
+round and reported as median and spread. Then the same items, scored as production scores them
+(the rubric's output schema under a grammar), on the token, text and chat paths: on the token
+path the replies must be those of the text path (Ollama's form, the same `/completion`), the same
+text and scores; the chat path's are reported beside them (llama-server runs another chat parser
+there, `peg-native`, and near-ties can fall the other way). The limit: prefill by chunk size
+after the rubric and decode (llama-bench's pp/tg at depth), calibrated in every round beside the
+variants, single-stream and batched across slots; efficiency against both bounds. Then client
+concurrency × slots × path, and the trim interval, measured; the best go to harness.yaml with
+`--harness-write-config` (after the gate).
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -29,7 +35,7 @@ from harness.phases.common import phase1_budget
 from harness.plots import BreakdownRow, plot_breakdown, plot_throughput_over_run
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
-from harness.workload import WorkItem
+from harness.workload import PromptSpec, WorkItem, tight_grammar
 
 SCENARIO = "performance.yaml"
 VARIANTS = ("tokens", "chat", "text", "direct", "conversation")
@@ -53,18 +59,29 @@ class Bench:
         pool: list[WorkItem],
         n: int,
         policy: TrimPolicy,
+        rubric: str,
     ) -> None:
         self.harness, self.backend, self.counter = harness, backend, counter
+        self.rubric = rubric
         self.pool, self.n, self.policy = pool, n, policy
         self.records: dict[str, list[RequestRecord]] = {v: [] for v in VARIANTS}
+        self.curves: list[perf.Curve] = []
+        """The roofline's rates, calibrated once a round (with the round's variants)."""
         self.next = 0
 
-    def take(self) -> list[WorkItem]:
-        chunk = self.pool[self.next : self.next + self.n]
-        self.next += self.n
+    def take(self, n: int | None = None) -> list[WorkItem]:
+        n = self.n if n is None else n
+        chunk = self.pool[self.next : self.next + n]
+        self.next += n
         return chunk
 
     async def run(self, variant: str, r: int) -> dict[str, Any]:
+        if variant == "roofline":
+            curve = await perf.calibrate_curve(
+                self.backend, self.counter, self.rubric, samples=1, label=f"round {r} calibration"
+            )
+            self.curves.append(curve)
+            return curve.to_dict()
         items = self.take()
         if variant == "direct":
             d = await direct_loop(self.backend.info.base_url, items)
@@ -102,8 +119,8 @@ def test_performance(harness: HarnessSession) -> None:
     backend = harness.backend(cfg)
     rounds, n = int(opts.get("rounds", 5)), int(opts.get("requests", 10))
     pool = items_for(scenario, harness.profile, n * rounds * len(VARIANTS) + 200)
-    rubric = prompt_for(scenario, harness.profile).system
-    figures = harness.run(measure(harness, backend, pool, rubric, rounds, n, opts))
+    prompt = prompt_for(scenario, harness.profile)
+    figures = harness.run(measure(harness, backend, pool, prompt, rounds, n, opts))
     harness.release(backend)
     figures.update(sweeps(harness, scenario, pool[-150:], opts, figures["workload_chunk_tokens"]))
     figures["stateless_efficiency_batched"] = batched_efficiency(figures)
@@ -141,31 +158,45 @@ async def measure(
     harness: HarnessSession,
     backend: Backend,
     pool: list[WorkItem],
-    rubric: str,
+    prompt: PromptSpec,
     rounds: int,
     n: int,
     opts: dict[str, Any],
 ) -> dict[str, Any]:
     async with open_token_counter(backend) as counter:
-        curve = await perf.calibrate_curve(backend, counter, rubric)
         per_slot = backend.info.n_ctx_per_slot or 8192
-        bench = Bench(harness, backend, counter, pool, n, TrimPolicy(per_slot, trim_interval=50))
+        policy = TrimPolicy(per_slot, trim_interval=50)
+        bench = Bench(harness, backend, counter, pool, n, policy, prompt.system)
         await bench.run("tokens", -1)  # warm-up, not counted
-        by_round = await perf.interleave(VARIANTS, rounds, bench.run)
+        # The roofline is calibrated in every round, beside the variants it bounds: a machine
+        # that slows for a while slows both, and each round's efficiency uses its own rates.
+        by_round = await perf.interleave((*VARIANTS, "roofline"), rounds, bench.run)
+        checked = scored(bench.take(int(opts.get("reply_items", 8)) + 1), prompt)
+        replies = await replies_on_both_paths(backend, counter, checked, policy)
         naive = await direct_loop(backend.info.base_url, bench.take()[:3], cache_prompt=False)
     chunk = int(
         statistics.median(r.prompt_tokens - (r.cached_tokens or 0) for r in bench.records["tokens"])
     )
-    workload_tps = min(curve.prefill_tps.items(), key=lambda kv: abs(kv[0] - chunk))[1]
+    curve = perf.median_curve(bench.curves)
+    workload_tps = perf.prefill_rate_at(curve.prefill_tps, chunk)
     for rows in by_round.values():
-        for row in rows:
+        for r, row in enumerate(rows):
             if "uncached" in row:
-                b = perf.bound_s(workload_tps, curve.decode_tps, row["uncached"], row["completion"])
+                own = bench.curves[r]
+                tps = perf.prefill_rate_at(own.prefill_tps, chunk)
+                b = perf.bound_s(tps, own.decode_tps, row["uncached"], row["completion"])
                 row["bound_s"], row["efficiency"] = b, b / row["elapsed_s"]
     spreads = perf.ratio_spreads(by_round, RATIOS)
     spreads["stateless_efficiency"] = perf.spread([r["efficiency"] for r in by_round["tokens"]])
     plots = draw(harness, bench, workload_tps, curve)
+    same = perf.compare_replies(replies["tokens"], replies["text"])
     return {
+        "replies": {
+            "tokens_vs_text": same,
+            "tokens_vs_chat": perf.compare_replies(replies["tokens"], replies["chat"]),
+        },
+        "replies_same_reply": same["same_reply"],
+        "replies_same_score": same["same_score"],
         "calibration": curve.to_dict(),
         "workload_chunk_tokens": chunk,
         "rounds": {v: list(rows) for v, rows in by_round.items()},
@@ -178,6 +209,37 @@ async def measure(
         },
         "plots": plots,
     }
+
+
+def scored(items: list[WorkItem], prompt: PromptSpec) -> list[WorkItem]:
+    """The items as production sends them: the rubric's output schema under a tight grammar
+    (and room for `{"score": 10}`, which the workload's 8 tokens do not always leave)."""
+    schema = prompt.output_schema
+    return [
+        replace(
+            it,
+            output_schema=schema,
+            grammar=tight_grammar(schema),
+            constrain=True,
+            max_tokens=max(16, it.max_tokens or 0),
+        )
+        for it in items
+    ]
+
+
+async def replies_on_both_paths(
+    backend: Backend, counter: TokenCounter, items: list[WorkItem], policy: TrimPolicy
+) -> dict[str, list[RequestRecord]]:
+    """`items` on each request path, one at a time. The first item is a primer whose reply is
+    not compared: each compared request follows the same prompt on every path, so it finds the
+    same tokens cached and its prefill runs the same batches."""
+    out: dict[str, list[RequestRecord]] = {}
+    for path in ("tokens", "text", "chat"):
+        backend.request_path = path
+        spec = JobSpec(policy=policy, keep_records=True, progress=False)
+        res = await run_job(backend, items, spec, counter=counter)
+        out[path] = sorted(res.records, key=lambda r: r.started)[1:]
+    return out
 
 
 def vars_of(row: BreakdownRow) -> dict[str, float]:
