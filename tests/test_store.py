@@ -57,6 +57,27 @@ def test_resume_skips_done_ids_and_drops_a_cut_short_line(tmp_path: Path) -> Non
     assert path.read_text().count("\n") == 3
 
 
+def test_a_line_cut_inside_a_character_is_dropped_not_an_error(tmp_path: Path) -> None:
+    """A full disk (the reliability suite's 20 KB RLIMIT_FSIZE) can cut a line inside a
+    multi-byte character: the complete lines are read, the torn one is skipped, and resuming
+    drops it. A complete line that is not UTF-8 is still named as corrupt."""
+    path = tmp_path / "r.jsonl"
+    with ResultsStore(path) as store:
+        store.write(rec("a"))
+    torn = json.dumps({"custom_id": "b", "content": "Ø"}, ensure_ascii=False).encode()
+    with path.open("ab") as fh:
+        fh.write(torn[: torn.index("Ø".encode()) + 1])  # the first of Ø's two bytes
+    assert [line["custom_id"] for line in read_results(path)] == ["a"]
+    store = ResultsStore(path).open()
+    assert store.done == {"a"}
+    store.close()
+    assert path.read_bytes().count(b"\n") == 1  # resuming cut the torn line off
+    with path.open("ab") as fh:
+        fh.write(b"\xd8\n")
+    with pytest.raises(OutputError, match=r"r\.jsonl:2: results line is corrupt"):
+        list(read_results(path))
+
+
 def test_an_id_is_never_written_twice(tmp_path: Path) -> None:
     with ResultsStore(tmp_path / "r.jsonl") as store:
         store.write(rec("a"))

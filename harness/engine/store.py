@@ -32,18 +32,24 @@ __all__ = ["ResultsStore", "read_final", "read_results"]
 
 
 def read_results(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The complete lines of a results file (a cut-short last line is skipped)."""
+    """The complete lines of a results file (a cut-short last line is skipped).
+
+    Read as bytes, as `ResultsStore` recovers: a write cut short by a crash or a full disk can
+    end inside a multi-byte character, which a text-mode read fails to decode before the line
+    is seen to be incomplete."""
     p = Path(path)
     if not p.exists():
         return
-    with p.open("r", encoding="utf-8") as fh:
+    with p.open("rb") as fh:
         for n, line in enumerate(fh, start=1):
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 return  # cut short by a crash
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise OutputError(f"{p}:{n}: results line is corrupt ({exc.reason})") from None
             except json.JSONDecodeError as exc:
                 raise OutputError(f"{p}:{n}: results line is corrupt ({exc.msg})") from None
 
