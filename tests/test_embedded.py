@@ -29,9 +29,9 @@ def test_the_backend_holds_no_more_connections_than_the_server_can_serve(
 ) -> None:
     """llama-server has at least slots + 2 HTTP threads, and a kept-alive connection keeps one.
     In the performance suite's rounds, bursts of 8 `/tokenize` calls from an uncapped pool
-    stalled 5.11 s (6 of 62 rounds in three runs; none of 36 with the cap): so the backend keeps
-    to slots + 1 connections. Counted at the server (its process's TCP connections), during a
-    burst of 12 calls; a plain client opens one per call, so the count can fail."""
+    waited 5.11 s (11 times in 7 runs; never with the cap), so the backend keeps to slots + 1
+    connections. Counted at the server (its process's TCP connections) during a burst of 12
+    calls; a plain client opens one per call, so the count can fail."""
     import psutil
 
     url = tiny_server.url or ""

@@ -13,11 +13,14 @@ Cached tokens come from `usage.prompt_tokens_details.cached_tokens`, else llama.
   tokenization on the server. The fastest path; it needs the engine's exact count
   (`ChatRequest.prompt_ids`).
 
-Connections to a llama.cpp server are capped at its slots + 1 (`llama_connections`): llama-server
-serves HTTP on `max(slots + 2, cores - 1)` threads, and a keep-alive connection keeps its thread
-until it has been idle for 5 s. A client with more connections open than that makes the extra
-requests wait those 5 s (measured: a burst of 8 `/tokenize` calls against a 1-slot server on 2
-cores took 5.11 s, not 10 ms). Idle connections are also dropped before the server's 5 s.
+Connections to a llama.cpp server are capped at its slots + 1 (`llama_connections`). llama-server
+serves HTTP on `max(slots + 2, cores - 1)` threads (3 for one slot on 2 cores), and cpp-httplib
+keeps an idle keep-alive connection, with its thread, for 5 s. Uncapped, the token counter's
+bursts of 8 `/tokenize` calls sometimes took 5.11 s instead of milliseconds: 11 times in 7 runs
+of the performance suite or its replay on one slot, none with the cap (nor in four 200-row
+`harness run`s). Which connection history triggers it was not isolated (a fresh client's burst
+of 12 did not wait); the cap keeps every client within the threads the server has. Idle
+connections are also dropped before the server's 5 s.
 
 The API key is read from an environment variable (named by `api_key_env`) when the backend
 starts; it goes into the Authorization header and nowhere else.

@@ -8,9 +8,12 @@ conversation ÷ stateless 0.57 in one run and 0.89 in the next. So the variants 
 gives each ratio's median and spread (min, max); criteria gate the median.
 
 Replies that do not change with the request's form: the same items, each after the same primer
-and in the same order, on the token path and the chat path (`compare_replies`). Every request then
-finds the server's cache as the other path found it, so with the same prompt ids, seed and
-greedy decoding the replies must be the same text, and their parsed scores equal.
+and in the same order, on the token path and the text path (`compare_replies`). Both reach
+llama-server's `/completion` with the same prompt ids and find its cache in the same state, so
+with the same seed and greedy decoding the replies must be the same text and the same scores.
+The chat path is compared too, but not gated: `/v1/chat/completions` runs another chat format
+(`peg-native`, with a generation prompt), and near-ties can fall the other way (15 of 200 rows
+of `harness run` scored 6 on one and 10 on the other, the ids equal on all 200).
 """
 
 from __future__ import annotations
