@@ -321,6 +321,9 @@ def sweeps(
                         "slots": slots,
                         "request_path": path,
                         "concurrency": conc,
+                        # What the server can hold at once from this client (slots + 1 on
+                        # llama.cpp): concurrency beyond it waits in the client's pool.
+                        "connections": backend.info.extra.get("connections"),
                         "throughput_rps": m.throughput_rps,
                         "errors": m.errors,
                     }
