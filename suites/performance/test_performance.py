@@ -94,7 +94,8 @@ class Bench:
             progress=False,
         )
         res = await run_job(self.backend, items, spec, counter=self.counter)
-        self.records[variant] += res.records
+        if r >= 0:  # the warm-up (round -1) pays the fresh server's cold rubric: not a sample
+            self.records[variant] += res.records
         m = res.metrics
         return {
             "throughput_rps": m.throughput_rps,
