@@ -233,8 +233,12 @@ class PerformanceReport(PhaseReport):
     breakdown_ms: Obj
     plots: list[str]
     overlap: list[Obj]
+    """Each cell (slots × request path × client concurrency): its median req/s over
+    `sweep_rounds` interleaved rounds, its spread and every round's value."""
+    sweep_rounds: int
     trim_intervals: list[Obj]
     batched_calibration: Obj
+    """The batched bound's rates: medians of one calibration a round."""
     stateless_efficiency_batched: Num
     max_slots_within_budget: int | None
     uncached_tokens_per_request: Obj

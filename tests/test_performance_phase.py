@@ -25,6 +25,50 @@ def test_variants_run_round_by_round() -> None:
     assert {k: len(v) for k, v in out.items()} == {"a": 2, "b": 2, "c": 2}
 
 
+def test_rotated_rounds_start_each_round_further_on() -> None:
+    order: list[tuple[str, int]] = []
+
+    async def run(variant: str, r: int) -> dict[str, Any]:
+        order.append((variant, r))
+        return {"throughput_rps": 1.0}
+
+    cells = ["a", "b", "c", "d", "e", "f"]
+    out = asyncio.run(perf.interleave(cells, 3, run, rotate=True))
+    firsts = [v for v, r in order if (v, r) == next(x for x in order if x[1] == r)]
+    assert firsts == ["a", "c", "e"]  # 6 cells over 3 rounds: 2 further on each round
+    for r in range(3):  # still every cell once a round
+        assert sorted(v for v, rr in order if rr == r) == cells
+    assert all(len(v) == 3 for v in out.values())
+
+
+def test_a_cell_is_its_median_over_rounds_with_its_spread_and_errors() -> None:
+    samples = {
+        "1/tokens/2": [
+            {"throughput_rps": x, "errors": e} for x, e in ((2.0, 0), (1.0, 1), (2.2, 0))
+        ],
+        "1/tokens/4": [],
+    }
+    got = perf.cell_medians(samples)
+    assert got["1/tokens/2"]["throughput_rps"] == 2.0  # the slow round moves no median
+    assert got["1/tokens/2"]["spread"] == pytest.approx((2.2 - 1.0) / 2.0)
+    assert got["1/tokens/2"]["rounds"] == [2.0, 1.0, 2.2]
+    assert got["1/tokens/2"]["errors"] == 1
+    assert got["1/tokens/4"]["throughput_rps"] == 0.0  # no rounds: nothing measured, no crash
+
+
+def test_batched_calibrations_are_taken_as_medians() -> None:
+    rates = [
+        {"slots": 2.0, "prefill_tps": p, "decode_tps": d}
+        for p, d in ((230.0, 57.0), (180.0, 58.0), (240.0, 40.0))
+    ]
+    got = perf.median_rates(rates)
+    assert (got["prefill_tps"], got["decode_tps"]) == (230.0, 57.0)
+    assert got["prefill_tps_spread"] == pytest.approx(60.0 / 230.0)
+    assert got["slots"] == 2.0 and got["calibrations"] == 3
+    assert "median of 3" in got["source"]
+    assert perf.median_rates([]) == {}
+
+
 def test_ratios_are_taken_per_round_and_gated_on_the_median() -> None:
     rounds = {
         "tokens": [{"throughput_rps": r} for r in (1.3, 1.2, 2.6, 1.25, 1.3)],
@@ -73,6 +117,19 @@ def test_the_settings_are_the_best_measured_within_the_memory_budget() -> None:
     assert got == {"REQUEST_PATH": "chat", "parallel": 1, "CONCURRENCY": 2, "TRIM_INTERVAL": 25}
     # Interval 10 is fastest but loses 4.5 points of savings: the fastest within 2% of the best.
     assert perf.pick_settings(OVERLAP, INTERVALS)["parallel"] == 4
+
+
+def test_cells_that_tie_within_the_noise_pick_the_fewest_slots_then_the_least_concurrency() -> None:
+    ties = [
+        {"slots": 2, "request_path": "tokens", "concurrency": 4, "throughput_rps": 2.00},
+        {"slots": 1, "request_path": "tokens", "concurrency": 4, "throughput_rps": 1.99},
+        {"slots": 1, "request_path": "tokens", "concurrency": 2, "throughput_rps": 1.96},
+        {"slots": 1, "request_path": "tokens", "concurrency": 1, "throughput_rps": 1.60},
+    ]
+    got = perf.pick_settings(ties, [])
+    assert (got["parallel"], got["CONCURRENCY"]) == (1, 2)  # 1.96 is within 3% of 2.00
+    got = perf.pick_settings(ties, [], tolerance=0.0)
+    assert (got["parallel"], got["CONCURRENCY"]) == (2, 4)  # no tolerance: the fastest cell
 
 
 def test_a_request_path_chosen_by_the_interleaved_rounds_restricts_the_sweep() -> None:

@@ -39,9 +39,11 @@ __all__ = [
     "batched_rates",
     "breakdown",
     "calibrate_curve",
+    "cell_medians",
     "compare_replies",
     "interleave",
     "median_curve",
+    "median_rates",
     "pick_settings",
     "prefill_rate_at",
     "ratio_spreads",
@@ -92,12 +94,50 @@ async def interleave(
     variants: Sequence[str],
     rounds: int,
     run: Callable[[str, int], Awaitable[Mapping[str, Any]]],
+    *,
+    rotate: bool = False,
 ) -> dict[str, list[Mapping[str, Any]]]:
-    """Round r of every variant, then round r + 1: a noisy machine hits every variant alike."""
+    """Round r of every variant, then round r + 1: a noisy machine hits every variant alike.
+    With `rotate`, round r starts `r × len(variants) ÷ rounds` variants further on, so no variant
+    always runs first (after a server switch, say) or last."""
     out: dict[str, list[Mapping[str, Any]]] = {v: [] for v in variants}
+    step = max(1, len(variants) // max(1, rounds)) if rotate else 0
     for r in range(rounds):
-        for v in variants:
+        k = (r * step) % len(variants) if variants else 0
+        for v in [*variants[k:], *variants[:k]]:
             out[v].append(await run(v, r))
+    return out
+
+
+def cell_medians(
+    samples: Mapping[Any, Sequence[Mapping[str, Any]]], key: str = "throughput_rps"
+) -> dict[Any, dict[str, Any]]:
+    """Per cell: the median of `key` over its rounds (what is compared), its spread, every
+    round's value, and the errors summed over the rounds."""
+    out: dict[Any, dict[str, Any]] = {}
+    for cell, rows in samples.items():
+        values = [float(r.get(key) or 0.0) for r in rows]
+        s = spread(values)
+        out[cell] = {
+            key: s.median,
+            "spread": s.spread,
+            "rounds": [round(v, 4) for v in values],
+            "errors": sum(int(r.get("errors") or 0) for r in rows),
+        }
+    return out
+
+
+def median_rates(rates: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Batched calibrations measured apart (one per round): each rate's median and spread."""
+    if not rates:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("prefill_tps", "decode_tps"):
+        s = spread([r[key] for r in rates if r.get(key)])
+        out[key], out[f"{key}_spread"] = s.median, s.spread
+    out["slots"] = max(float(r.get("slots") or 0.0) for r in rates)
+    out["calibrations"] = len(rates)
+    out["source"] = f"llama.cpp timings, median of {len(rates)} batched calibrations"
     return out
 
 
@@ -259,13 +299,15 @@ async def batched_rates(
     slots: int,
     chunk: int,
     decode_tokens: int = 16,
+    label: str = "batched",
 ) -> dict[str, float]:
     """Aggregate prefill and decode rates with `slots` requests in flight on `slots` slots
-    (batched across slots, as llama-server's continuous batching runs them)."""
+    (batched across slots, as llama-server's continuous batching runs them). Prompts are new
+    to the server for each `label`, as in `calibrate_curve`."""
     system = {"role": "system", "content": rubric}
 
     async def one(i: int, n_out: int) -> ChatResult:
-        msgs = [system, {"role": "user", "content": padded_candidate(f"batched {i}: ", chunk)}]
+        msgs = [system, {"role": "user", "content": padded_candidate(f"{label} {i}: ", chunk)}]
         return await backend.chat(
             ChatRequest(
                 msgs,
@@ -305,17 +347,23 @@ def pick_settings(
     *,
     max_slots: int | None = None,
     request_path: str | None = None,
+    tolerance: float = 0.03,
 ) -> dict[str, Any]:
     """The settings the measurements pick: the request path, slots and concurrency with the
     most completed requests per second (no errors; no more slots than `max_slots`, what phase
     1's memory budget allows; only cells of `request_path` when the path was chosen by a
-    better measurement); the trim interval with the most requests per second among those
+    better measurement), and among cells within `tolerance` of that best, the one with the
+    fewest slots (memory), then the lowest concurrency: cells that tie within the noise (on
+    llama.cpp, concurrency 2 and 4 on one slot both hold 2 requests at the server) must not
+    flip the pick from run to run. The trim interval: the most requests per second among those
     within 2% of the best savings."""
     allowed = [r for r in overlap if max_slots is None or int(r["slots"]) <= max_slots]
     if request_path is not None:
         allowed = [r for r in allowed if r["request_path"] == request_path] or allowed
     clean = [r for r in allowed if not r.get("errors")] or list(allowed)
-    best = max(clean, key=lambda r: float(r.get("throughput_rps") or 0.0))
+    top = max(float(r.get("throughput_rps") or 0.0) for r in clean)
+    near = [r for r in clean if float(r.get("throughput_rps") or 0.0) >= top * (1 - tolerance)]
+    best = min(near, key=lambda r: (int(r["slots"]), int(r["concurrency"])))
     out: dict[str, Any] = {
         "REQUEST_PATH": best["request_path"],
         "parallel": int(best["slots"]),

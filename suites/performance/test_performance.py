@@ -60,6 +60,7 @@ class Bench:
         n: int,
         policy: TrimPolicy,
         rubric: str,
+        batched: Backend | None = None,
     ) -> None:
         self.harness, self.backend, self.counter = harness, backend, counter
         self.rubric = rubric
@@ -67,6 +68,11 @@ class Bench:
         self.records: dict[str, list[RequestRecord]] = {v: [] for v in VARIANTS}
         self.curves: list[perf.Curve] = []
         """The roofline's rates, calibrated once a round (with the round's variants)."""
+        self.batched = batched
+        """A server with several slots, for the batched bound (calibrated once a round too)."""
+        self.batched_rates: list[dict[str, float]] = []
+        self.chunk = 128
+        """New tokens per request of the workload (from the warm-up), the batched bound's chunk."""
         self.next = 0
 
     def take(self, n: int | None = None) -> list[WorkItem]:
@@ -82,6 +88,18 @@ class Bench:
             )
             self.curves.append(curve)
             return curve.to_dict()
+        if variant == "batched":
+            assert self.batched is not None
+            rates = await perf.batched_rates(
+                self.batched,
+                self.counter,
+                self.rubric,
+                slots=self.batched.info.n_slots or 2,
+                chunk=self.chunk,
+                label=f"round {r} batched",
+            )
+            self.batched_rates.append(rates)
+            return rates
         items = self.take()
         if variant == "direct":
             d = await direct_loop(self.backend.info.base_url, items)
@@ -96,6 +114,10 @@ class Bench:
         res = await run_job(self.backend, items, spec, counter=self.counter)
         if r >= 0:  # the warm-up (round -1) pays the fresh server's cold rubric: not a sample
             self.records[variant] += res.records
+        else:
+            self.chunk = int(
+                statistics.median(x.prompt_tokens - (x.cached_tokens or 0) for x in res.records[1:])
+            )
         m = res.metrics
         return {
             "throughput_rps": m.throughput_rps,
@@ -118,12 +140,22 @@ def test_performance(harness: HarnessSession) -> None:
             "scale phases with --harness-... concurrency N to compare"
         )
     backend = harness.backend(cfg)
+    # The batched bound's server (the sweep's most slots, token path), calibrated in every round
+    # beside the single-stream roofline; the sweep reuses it.
+    top = max(int(s) for s in opts.get("slots", [1, 2]))
+    batched = (
+        harness.backend(
+            harness.run_config(scenario, parallel=top, concurrency=top, request_path="tokens")
+        )
+        if top > 1
+        else None
+    )
     rounds, n = int(opts.get("rounds", 5)), int(opts.get("requests", 10))
-    pool = items_for(scenario, harness.profile, n * rounds * len(VARIANTS) + 200)
+    pool = items_for(scenario, harness.profile, n * rounds * len(VARIANTS) + 300)
     prompt = prompt_for(scenario, harness.profile)
-    figures = harness.run(measure(harness, backend, pool, prompt, rounds, n, opts))
+    figures = harness.run(measure(harness, backend, batched, pool, prompt, rounds, n, opts))
     harness.release(backend)
-    figures.update(sweeps(harness, scenario, pool[-150:], opts, figures["workload_chunk_tokens"]))
+    figures.update(sweeps(harness, scenario, pool[-250:], opts))
     figures["stateless_efficiency_batched"] = batched_efficiency(figures)
     figures["max_slots_within_budget"] = max_slots(harness, scenario)
     # The request path from the interleaved rounds (5 rounds of both paths on one server), not
@@ -158,6 +190,7 @@ def test_performance(harness: HarnessSession) -> None:
 async def measure(
     harness: HarnessSession,
     backend: Backend,
+    batched: Backend | None,
     pool: list[WorkItem],
     prompt: PromptSpec,
     rounds: int,
@@ -167,11 +200,13 @@ async def measure(
     async with open_token_counter(backend) as counter:
         per_slot = backend.info.n_ctx_per_slot or 8192
         policy = TrimPolicy(per_slot, trim_interval=50)
-        bench = Bench(harness, backend, counter, pool, n, policy, prompt.system)
+        bench = Bench(harness, backend, counter, pool, n, policy, prompt.system, batched)
         await bench.run("tokens", -1)  # warm-up, not counted
         # The roofline is calibrated in every round, beside the variants it bounds: a machine
         # that slows for a while slows both, and each round's efficiency uses its own rates.
-        by_round = await perf.interleave((*VARIANTS, "roofline"), rounds, bench.run)
+        # So is the batched bound (one calibration a run moved it 18% between runs).
+        extra = ("roofline", "batched") if batched is not None else ("roofline",)
+        by_round = await perf.interleave((*VARIANTS, *extra), rounds, bench.run)
         checked = scored(bench.take(int(opts.get("reply_items", 8)) + 1), prompt)
         replies = await replies_on_both_paths(backend, counter, checked, policy)
         naive = await direct_loop(backend.info.base_url, bench.take()[:3], cache_prompt=False)
@@ -199,6 +234,7 @@ async def measure(
         "replies_same_reply": same["same_reply"],
         "replies_same_score": same["same_score"],
         "calibration": curve.to_dict(),
+        "batched_calibration": perf.median_rates(bench.batched_rates),
         "workload_chunk_tokens": chunk,
         "rounds": {v: list(rows) for v, rows in by_round.items()},
         "ratios": {k: s.to_dict() for k, s in spreads.items()},
@@ -278,58 +314,68 @@ def draw(harness: HarnessSession, bench: Bench, prefill_tps: float, curve: perf.
     return [harness.relpath(p) for p in paths]
 
 
-async def batched_bound(backend: Backend, rubric: str, slots: int, chunk: int) -> dict[str, float]:
-    async with open_token_counter(backend) as counter:
-        return await perf.batched_rates(backend, counter, rubric, slots=slots, chunk=chunk)
-
-
 def sweeps(
-    harness: HarnessSession,
-    scenario: Any,
-    items: list[WorkItem],
-    opts: dict[str, Any],
-    chunk: int,
+    harness: HarnessSession, scenario: Any, items: list[WorkItem], opts: dict[str, Any]
 ) -> dict[str, Any]:
-    """Client concurrency × slots × request path (and the batched rates of the most slots),
-    then the trim interval: each measured."""
-    overlap = []
-    batched: dict[str, float] = {}
-    per = int(opts.get("sweep_requests", 12))
-    for slots in [int(s) for s in opts.get("slots", [1, 2])]:
+    """Client concurrency × slots × request path, round by round, then the trim interval.
+
+    Every server of the sweep is up at once, and each round runs every cell (a server and a
+    client concurrency) once, in an order that rotates from round to round: one cell a run
+    flipped the pick between runs (CONCURRENCY 4, 2, 4 in three runs). A cell's figure is its
+    median over the rounds. The items are new to a server in every cell (the host prompt cache
+    would serve a repeat), and the same in the same (round, concurrency) on every server."""
+    per = int(opts.get("sweep_requests", 8))
+    rounds = int(opts.get("sweep_rounds", 3))
+    slot_counts = [int(s) for s in opts.get("slots", [1, 2])]
+    concs = sorted({*slot_counts, *[int(c) for c in opts.get("concurrency", [1, 2, 4])]})
+    servers: dict[tuple[int, str], Backend] = {}
+    for slots in slot_counts:
         for path in ("chat", "tokens"):
             cfg = harness.run_config(scenario, parallel=slots, concurrency=slots, request_path=path)
-            backend = harness.backend(cfg)
-            if path == "tokens" and slots > 1:
-                rubric = prompt_for(scenario, harness.profile).system
-                batched = harness.run(batched_bound(backend, rubric, slots, chunk))
-            # A fresh server: every slot prefills the rubric once before any cell is timed (else
-            # the first cell pays a cold ~4,000-token prefill and always loses).
+            servers[(slots, path)] = backend = harness.backend(cfg)
+            # Every slot prefills the rubric once before any cell is timed (else the first cell
+            # pays a cold ~4,000-token prefill and always loses).
             warm = JobSpec(
                 runner=RunnerConfig(concurrency=slots),
                 progress=False,
                 policy=TrimPolicy(backend.info.n_ctx_per_slot or 8192),
             )
-            harness.run(run_job(backend, items[per : per + slots], warm))
-            for conc in sorted({slots, *[int(c) for c in opts.get("concurrency", [1, 2, 4])]}):
-                spec = JobSpec(
-                    runner=RunnerConfig(concurrency=conc),
-                    progress=False,
-                    policy=TrimPolicy(backend.info.n_ctx_per_slot or 8192),
-                )
-                m = harness.run(run_job(backend, items[:per], spec)).metrics
-                overlap.append(
-                    {
-                        "slots": slots,
-                        "request_path": path,
-                        "concurrency": conc,
-                        # What the server can hold at once from this client (slots + 1 on
-                        # llama.cpp): concurrency beyond it waits in the client's pool.
-                        "connections": backend.info.extra.get("connections"),
-                        "throughput_rps": m.throughput_rps,
-                        "errors": m.errors,
-                    }
-                )
-            harness.release(backend)
+            harness.run(run_job(backend, items[:slots], warm))
+    cells = {
+        f"{slots}/{path}/{conc}": (slots, path, conc)
+        for (slots, path) in servers
+        for conc in sorted({slots, *[int(c) for c in opts.get("concurrency", [1, 2, 4])]})
+    }
+    base = max(slot_counts)
+
+    async def cell(name: str, r: int) -> dict[str, Any]:
+        slots, path, conc = cells[name]
+        backend = servers[(slots, path)]
+        k = base + (r * len(concs) + concs.index(conc)) * per
+        spec = JobSpec(
+            runner=RunnerConfig(concurrency=conc),
+            progress=False,
+            policy=TrimPolicy(backend.info.n_ctx_per_slot or 8192),
+        )
+        m = (await run_job(backend, items[k : k + per], spec)).metrics
+        return {"throughput_rps": m.throughput_rps, "errors": m.errors}
+
+    samples = harness.run(perf.interleave(list(cells), rounds, cell, rotate=True))
+    medians = perf.cell_medians(samples)
+    overlap = [
+        {
+            "slots": slots,
+            "request_path": path,
+            "concurrency": conc,
+            # What the server can hold at once from this client (slots + 1 on llama.cpp):
+            # concurrency beyond it waits in the client's pool.
+            "connections": servers[(slots, path)].info.extra.get("connections"),
+            **medians[name],
+        }
+        for name, (slots, path, conc) in cells.items()
+    ]
+    for backend in servers.values():
+        harness.release(backend)
     intervals = []
     cfg = harness.run_config(scenario, parallel=1, concurrency=1, request_path="tokens")
     backend = harness.backend(cfg)
@@ -349,19 +395,23 @@ def sweeps(
             }
         )
     harness.release(backend)
-    return {"overlap": overlap, "trim_intervals": intervals, "batched_calibration": batched}
+    return {"overlap": overlap, "trim_intervals": intervals, "sweep_rounds": rounds}
 
 
 def batched_efficiency(figures: dict[str, Any]) -> float | None:
-    """The token path's efficiency against the best batched bound (all slots busy)."""
-    rates = figures.get("batched_calibration") or {}
-    if not rates:
+    """The token path's efficiency against the batched bound (all slots busy), each round
+    against that round's batched rates (the median rates where a round has none)."""
+    median = figures.get("batched_calibration") or {}
+    if not median:
         return None
-    effs = [
-        perf.bound_s(rates["prefill_tps"], rates["decode_tps"], r["uncached"], r["completion"])
-        / r["elapsed_s"]
-        for r in figures["rounds"]["tokens"]
-    ]
+    own = figures["rounds"].get("batched", [])
+    effs = []
+    for r, row in enumerate(figures["rounds"]["tokens"]):
+        rates = own[r] if r < len(own) else median
+        bound = perf.bound_s(
+            rates["prefill_tps"], rates["decode_tps"], row["uncached"], row["completion"]
+        )
+        effs.append(bound / row["elapsed_s"])
     return statistics.median(effs)
 
 
