@@ -240,6 +240,11 @@ class PerformanceReport(PhaseReport):
     batched_calibration: Obj
     """The batched bound's rates: medians of one calibration a round."""
     stateless_efficiency_batched: Num
+    """The token path against the best bound each round's calibrations found (per rate, the
+    faster of single-stream and batched across slots)."""
+    batched_speedup: Num
+    """The single-stream bound's time ÷ the batched bound's for the workload (< 1: batching
+    across slots is slower on this machine)."""
     max_slots_within_budget: int | None
     uncached_tokens_per_request: Obj
     recommended: Obj

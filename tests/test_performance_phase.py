@@ -87,6 +87,25 @@ def test_the_bound_is_prefill_plus_decode_at_the_calibrated_rates() -> None:
     assert perf.bound_s(0.0, 20.0, 900, 40) == 0.0  # no calibration: no bound, not infinity
 
 
+def test_the_best_bound_takes_the_faster_of_single_stream_and_batched_per_rate() -> None:
+    rounds = [{"uncached": 900, "completion": 40, "elapsed_s": 20.0}] * 2
+    single = [perf.Curve(4000, {32: 100.0, 512: 100.0}, 20.0)] * 2
+    # Batched prefill faster, batched decode slower: the best bound is 900/300 + 40/20 = 5 s.
+    faster = [{"prefill_tps": 300.0, "decode_tps": 10.0}] * 2
+    got = perf.against_best_bound(rounds, single, faster, 88)
+    assert got["efficiency"] == pytest.approx(5.0 / 20.0)
+    assert got["batched_speedup"] == pytest.approx((9.0 + 2.0) / (3.0 + 4.0))
+    # Batching slower at both (2 CPU cores): the single-stream bound, never a bound above it.
+    slower = [{"prefill_tps": 50.0, "decode_tps": 10.0}] * 2
+    got = perf.against_best_bound(rounds, single, slower, 88)
+    assert got["efficiency"] == pytest.approx(11.0 / 20.0)
+    assert got["batched_speedup"] == pytest.approx(11.0 / 22.0)
+    assert perf.against_best_bound(rounds, single, [], 88) == {
+        "efficiency": None,
+        "batched_speedup": None,
+    }
+
+
 def test_the_breakdown_is_what_the_server_did_not_account_for() -> None:
     recs = [
         RequestRecord("a", "ok", latency_ms=300.0, prompt_ms=100.0, decode_ms=150.0),

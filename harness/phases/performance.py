@@ -36,6 +36,7 @@ from harness.reuse import padded_candidate
 __all__ = [
     "Curve",
     "Spread",
+    "against_best_bound",
     "batched_rates",
     "breakdown",
     "calibrate_curve",
@@ -331,6 +332,36 @@ async def batched_rates(
         "prefill_tps": sum(t[0] for t in timed) / prompt_ms * 1000.0,
         "decode_tps": sum(t[2] for t in timed) / decode_ms * 1000.0,
         "wall_s": wall,
+    }
+
+
+def against_best_bound(
+    rounds: Sequence[Mapping[str, Any]],
+    single: Sequence[Curve],
+    batched: Sequence[Mapping[str, float]],
+    chunk: float,
+) -> dict[str, float | None]:
+    """Each round of a variant (`uncached`, `completion`, `elapsed_s`) against the best bound
+    that round's calibrations found: per rate, the faster of single-stream (at the workload's
+    `chunk`) and batched across slots. Where batching across slots is slower (on 2 CPU cores one
+    stream already fills them) the best bound is the single-stream one: a batched figure alone
+    would be no bound, and an efficiency above 1 against it would say nothing. Also the
+    batched speed-up: the single-stream bound's time ÷ the batched bound's (< 1: slower)."""
+    effs, speedups = [], []
+    for row, one, many in zip(rounds, single, batched, strict=False):
+        if not row.get("elapsed_s"):
+            continue
+        sp, sd = prefill_rate_at(one.prefill_tps, chunk), one.decode_tps
+        bp, bd = float(many.get("prefill_tps") or 0.0), float(many.get("decode_tps") or 0.0)
+        n, out = int(row["uncached"]), int(row["completion"])
+        best = bound_s(max(sp, bp), max(sd, bd), n, out)
+        if best > 0:
+            effs.append(best / float(row["elapsed_s"]))
+        if bound_s(bp, bd, n, out) > 0:
+            speedups.append(bound_s(sp, sd, n, out) / bound_s(bp, bd, n, out))
+    return {
+        "efficiency": statistics.median(effs) if effs else None,
+        "batched_speedup": statistics.median(speedups) if speedups else None,
     }
 
 
