@@ -299,6 +299,9 @@ def _drain(
     batch_rows = max(BATCH_ROWS, 4 * spec.runner.concurrency)
     items_ref = ray.put(list(plan.data.items))
     blocks = max(1, math.ceil(len(pending) / batch_rows))
+    # One block, one batch: 60 rows in 4 blocks are blocks of 15, and with batch_size 16 Ray
+    # Data bundled two blocks a batch (2 batches of 30, whose results reached the file together).
+    batch_rows = max(1, math.ceil(len(pending) / blocks))
     ds = ray.data.from_items([{"custom_id": cid} for cid in pending], override_num_blocks=blocks)
     out = ds.map_batches(
         EngineActor,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,8 +54,13 @@ class OllamaReplay:
         content: str | None = None,
         oom_above: int | None = 1_000_000,
         kv_bytes_per_token: int | None = None,
+        chat_seconds: float = 0.0,
     ) -> None:
         self.model = model
+        self.chat_seconds = chat_seconds
+        """How long each `/api/chat` reply holds the (one) model, chats one at a time: a test
+        double's pace, for a test whose outcome must not depend on this machine's speed."""
+        self._model_lock = threading.Lock()
         self.version = version
         self.chat_body = recorded(chat)
         self.counts = counts
@@ -105,6 +111,9 @@ class OllamaReplay:
         if (method, path) == ("POST", "/api/generate"):
             return 200, {"model": self.model, "response": "", "done": True}
         if (method, path) == ("POST", "/api/chat"):
+            if self.chat_seconds > 0:
+                with self._model_lock:
+                    time.sleep(self.chat_seconds)
             num_ctx = ((body or {}).get("options") or {}).get("num_ctx") or 0
             if self.oom_above is not None and num_ctx > self.oom_above:
                 return 500, recorded("error_500_requires_more_system_memory.json")

@@ -90,10 +90,14 @@ def test_the_readme_path_for_your_own_ollama_job(
                 continue  # stated in NOT_HERE
             if why:  # the reliability half of `pytest suites/quality suites/reliability ...`
                 cmd = cmd.replace("suites/quality ", "")
+            # The one gate a replay must not meet: GPU throughput (> 6 req/s). The replay's own
+            # speed follows this machine's (8.97 req/s on one run here), so in that phase each
+            # chat holds the replay's one model for 0.2 s: at most 5 req/s, on any machine.
+            replay.chat_seconds = 0.2 if "-m scale_100" in cmd else 0.0
             done = run(cmd, cwd, env)
             said = f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             if "-m scale_100" in cmd:
-                # The one gate a replay cannot meet: GPU throughput. Every other criterion holds.
+                # Every other criterion holds.
                 assert done.returncode == 1, said
                 failed = re.findall(r"^FAILED .*$", done.stdout, re.M)
                 assert failed and all("throughput_rps" in f for f in failed), said
