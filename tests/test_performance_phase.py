@@ -151,6 +151,22 @@ def test_cells_that_tie_within_the_noise_pick_the_fewest_slots_then_the_least_co
     assert (got["parallel"], got["CONCURRENCY"]) == (2, 4)  # no tolerance: the fastest cell
 
 
+def test_trim_intervals_that_tie_on_speed_pick_the_fewest_uncached_tokens() -> None:
+    def runs(rps25: float, rps50: float) -> list[dict[str, float]]:
+        return [  # two runs of the suite here: savings and uncached tokens equal, req/s not
+            {"interval": 10, "throughput_rps": 1.1, "token_savings": 0.9284,
+             "uncached_tokens_per_request": 322.4},
+            {"interval": 25, "throughput_rps": rps25, "token_savings": 0.9743,
+             "uncached_tokens_per_request": 132.4},
+            {"interval": 50, "throughput_rps": rps50, "token_savings": 0.9751,
+             "uncached_tokens_per_request": 128.7},
+        ]  # fmt: skip
+
+    assert perf.pick_settings(OVERLAP, runs(2.285, 2.418))["TRIM_INTERVAL"] == 50
+    assert perf.pick_settings(OVERLAP, runs(2.030, 2.009))["TRIM_INTERVAL"] == 50  # a tie: 50
+    assert perf.pick_settings(OVERLAP, runs(2.400, 2.200))["TRIM_INTERVAL"] == 25  # 8% faster
+
+
 def test_a_request_path_chosen_by_the_interleaved_rounds_restricts_the_sweep() -> None:
     got = perf.pick_settings(OVERLAP, INTERVALS, max_slots=2, request_path="tokens")
     assert (got["REQUEST_PATH"], got["parallel"], got["CONCURRENCY"]) == ("tokens", 1, 4)

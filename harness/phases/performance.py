@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -386,8 +387,10 @@ def pick_settings(
     better measurement), and among cells within `tolerance` of that best, the one with the
     fewest slots (memory), then the lowest concurrency: cells that tie within the noise (on
     llama.cpp, concurrency 2 and 4 on one slot both hold 2 requests at the server) must not
-    flip the pick from run to run. The trim interval: the most requests per second among those
-    within 2% of the best savings."""
+    flip the pick from run to run. The trim interval: among those within 2% of the best
+    savings, and within `tolerance` of the most requests per second of those, the one with the
+    fewest uncached prompt tokens per request (the server's own count, the same run to run;
+    req/s alone flipped 50 / 25 between two runs a few minutes apart)."""
     allowed = [r for r in overlap if max_slots is None or int(r["slots"]) <= max_slots]
     if request_path is not None:
         allowed = [r for r in allowed if r["request_path"] == request_path] or allowed
@@ -403,5 +406,10 @@ def pick_settings(
     if intervals:
         top = max(float(r.get("token_savings") or 0.0) for r in intervals)
         near = [r for r in intervals if float(r.get("token_savings") or 0.0) >= top - 0.02]
-        out["TRIM_INTERVAL"] = int(max(near, key=lambda r: r["throughput_rps"])["interval"])
+        fastest = max(float(r.get("throughput_rps") or 0.0) for r in near)
+        quick = [
+            r for r in near if float(r.get("throughput_rps") or 0.0) >= fastest * (1 - tolerance)
+        ]
+        pick = min(quick, key=lambda r: float(r.get("uncached_tokens_per_request") or math.inf))
+        out["TRIM_INTERVAL"] = int(pick["interval"])
     return out
