@@ -158,8 +158,8 @@ def test_performance(harness: HarnessSession) -> None:
     harness.release(backend)
     figures.update(sweeps(harness, scenario, pool[-250:], opts))
     figures["max_slots_within_budget"] = max_slots(harness, scenario)
-    # The request path from the interleaved rounds (5 rounds of both paths on one server), not
-    # from the sweep's single 12-request cells; the sweep picks slots and concurrency for it.
+    # The request path from the interleaved rounds (both paths on one server, every round), not
+    # from the sweep's cells (3 rounds of 8 requests); the sweep picks slots and concurrency.
     path = "tokens" if figures["tokens_over_chat"] >= 1.0 else "chat"
     figures["recommended"] = perf.pick_settings(
         figures["overlap"],
