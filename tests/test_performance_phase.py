@@ -41,6 +41,23 @@ def test_rotated_rounds_start_each_round_further_on() -> None:
     assert all(len(v) == 3 for v in out.values())
 
 
+def test_alternated_rounds_run_backwards_every_other_round() -> None:
+    order: list[tuple[str, int]] = []
+
+    async def run(variant: str, r: int) -> dict[str, Any]:
+        order.append((variant, r))
+        return {"throughput_rps": float(r)}
+
+    out = asyncio.run(perf.interleave(["a", "b", "c"], 4, run, alternate=True))
+    assert [v for v, _ in order] == list("abccbaabccba")
+    assert [r for _, r in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    # each variant's samples stay in round order, so ratios pair the same round
+    assert out["a"] == out["c"] == [{"throughput_rps": float(r)} for r in range(4)]
+    # of any two variants, each runs first in half the rounds
+    firsts = [min(("a", "c"), key=lambda v, r=r: order.index((v, r))) for r in range(4)]
+    assert firsts.count("a") == firsts.count("c") == 2
+
+
 def test_a_cell_is_its_median_over_rounds_with_its_spread_and_errors() -> None:
     samples = {
         "1/tokens/2": [

@@ -98,15 +98,20 @@ async def interleave(
     run: Callable[[str, int], Awaitable[Mapping[str, Any]]],
     *,
     rotate: bool = False,
+    alternate: bool = False,
 ) -> dict[str, list[Mapping[str, Any]]]:
     """Round r of every variant, then round r + 1: a noisy machine hits every variant alike.
     With `rotate`, round r starts `r × len(variants) ÷ rounds` variants further on, so no variant
-    always runs first (after a server switch, say) or last."""
+    always runs first (after a server switch, say) or last. With `alternate`, odd rounds run the
+    order backwards (a b c, c b a, a b c, ...): of any two variants each runs first in half the
+    rounds, so a machine slowing or speeding up over a round does not favour one side of a
+    ratio in every round."""
     out: dict[str, list[Mapping[str, Any]]] = {v: [] for v in variants}
     step = max(1, len(variants) // max(1, rounds)) if rotate else 0
     for r in range(rounds):
         k = (r * step) % len(variants) if variants else 0
-        for v in [*variants[k:], *variants[:k]]:
+        order = [*variants[k:], *variants[:k]]
+        for v in reversed(order) if alternate and r % 2 else order:
             out[v].append(await run(v, r))
     return out
 
