@@ -230,6 +230,10 @@ class PerformanceReport(PhaseReport):
     (reported): shares of equal prompt tokens, replies and scores."""
     replies_same_reply: Num
     replies_same_score: Num
+    tokens_over_chat_ceiling: Num = None
+    """The chat path's mean request time ÷ its server compute (prefill + decode): what the
+    token path would reach were all of the chat path's other time removed (from the breakdown:
+    client wall time and llama.cpp timings)."""
     breakdown_ms: Obj
     plots: list[str]
     overlap: list[Obj]

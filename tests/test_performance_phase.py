@@ -131,6 +131,9 @@ def test_the_breakdown_is_what_the_server_did_not_account_for() -> None:
     ]
     row = perf.breakdown("tokens", recs)
     assert (row.prefill_ms, row.decode_ms, row.overhead_ms) == (150.0, 200.0, 50.0)
+    # removing all 50 ms of overhead would make the request 400 / 350 times faster, no more
+    assert perf.overhead_ceiling(row) == pytest.approx(400.0 / 350.0)
+    assert perf.overhead_ceiling(perf.breakdown("none", [])) is None
 
 
 OVERLAP = [

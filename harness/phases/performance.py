@@ -46,6 +46,7 @@ __all__ = [
     "interleave",
     "median_curve",
     "median_rates",
+    "overhead_ceiling",
     "pick_settings",
     "prefill_rate_at",
     "ratio_spreads",
@@ -186,6 +187,14 @@ def breakdown(label: str, records: Sequence[RequestRecord]) -> BreakdownRow:
     prefill = statistics.fmean(r.prompt_ms or 0.0 for r in ok)
     decode = statistics.fmean(r.decode_ms or 0.0 for r in ok)
     return BreakdownRow(label, max(0.0, total - prefill - decode), prefill, decode)
+
+
+def overhead_ceiling(row: BreakdownRow) -> float | None:
+    """A request's mean time ÷ its server compute (prefill + decode): the most any change of
+    the request's form can gain over this variant, were every millisecond outside the
+    server's prompt and decode removed and the compute left as it is."""
+    compute = row.prefill_ms + row.decode_ms
+    return (compute + row.overhead_ms) / compute if compute > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
