@@ -368,8 +368,10 @@ class EnergyMeter:
 class MemoryMonitor:
     """Samples a probe every `interval_s` on a daemon thread; a context manager.
 
-    Failed readings (a process that died) are counted, not raised: memory watching must never
-    bring a run down.
+    Failed readings (a process that died, a server that did not answer) are counted, not
+    raised: memory watching must never bring a run down. A server that answered that the model
+    is not loaded (yet: Ollama loads it with the first request; or again, after an unload) gave
+    a reading, not a failure: those are counted apart, as `not_loaded`.
     """
 
     def __init__(
@@ -381,6 +383,7 @@ class MemoryMonitor:
         self.interval_s = interval_s
         self.samples: list[MemorySample] = []
         self.failures = 0
+        self.not_loaded = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -392,6 +395,9 @@ class MemoryMonitor:
     def sample_now(self) -> MemorySample | None:
         try:
             sample: MemorySample = self._read()
+        except ModelNotFound:
+            self.not_loaded += 1
+            return None
         except Exception:
             self.failures += 1
             return None

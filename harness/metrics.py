@@ -3,8 +3,9 @@
 The collector keeps compact numeric columns (arrays of doubles and ints), never the records, so
 a 170,000-request run costs a few megabytes. Definitions:
 
-- `token_savings` = cached prompt tokens ÷ prompt tokens, over completed requests whose server
-  reported cached tokens (server-reported, never estimated, unless `cached_source` says so);
+- `token_savings` = cached prompt tokens ÷ prompt tokens, over completed requests whose cached
+  tokens are known (server-reported, never estimated; a count a server that sends it left out
+  is 0, `cached_omitted`); `cached_source` is the source of every one of them, or `mixed`;
 - `token_savings_theoretical_max` = Σ reusable tokens ÷ Σ prompt tokens, where a request's
   reusable tokens are the longest prefix it shares with what its slot held before (at most
   its prompt minus one token: the server must compute at least one); for the first request on
@@ -32,6 +33,7 @@ __all__ = [
     "endpoint_figures",
     "linear_fit",
     "percentile",
+    "source_label",
 ]
 
 
@@ -100,9 +102,13 @@ class RunMetrics:
     figure that compares across strategies (conversation batching re-sends its history, which
     raises `token_savings` without saving work)."""
     cached_coverage: float | None
-    """Share of completed requests whose server reported cached tokens."""
+    """Share of completed requests whose cached tokens are known: reported, or left out by a
+    server that leaves a zero out (`cached_omitted`)."""
     cached_sources: dict[str, int]
-    """Completed requests by the source of their cached-token figure."""
+    """Completed requests with a cached-token figure, by its source."""
+    cached_omitted: int
+    """Of those, replies whose server left the count out, counted as 0 (it sent the field on
+    earlier replies)."""
     context_shifts: int
     """Requests the server answered after shifting its context (dropping tokens)."""
     latency_ms: LatencyStats
@@ -116,6 +122,14 @@ class RunMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def source_label(sources: Mapping[str, int]) -> str:
+    """The source of every cached-token figure counted: its one word, `mixed` when they came
+    from several (never the majority's: a `== server` criterion must hold for every request),
+    `unknown` when none was."""
+    names = [name for name, n in sources.items() if n]
+    return names[0] if len(names) == 1 else ("mixed" if names else "unknown")
 
 
 def count_error(by_type: dict[str, int], rec: RequestRecord) -> None:
@@ -148,6 +162,8 @@ class MetricsCollector:
         self.errors_by_type: dict[str, int] = {}
         self.cached_sources: dict[str, int] = {}
         self.with_cache_info = 0
+        self.cached_omitted = 0
+        """Completed requests whose server left its cached count out, counted as 0."""
         self.context_shifts = 0
         self.by_endpoint: dict[str, EndpointTally] = {}
         """Figures per server of a pool (records that name their `endpoint`)."""
@@ -179,8 +195,10 @@ class MetricsCollector:
             self.prompt_ms.append(rec.prompt_ms)
         if rec.decode_ms is not None:
             self.decode_ms.append(rec.decode_ms)
-        self.cached_sources[rec.cached_source] = self.cached_sources.get(rec.cached_source, 0) + 1
         if rec.cached_tokens is not None:
+            source = rec.cached_source
+            self.cached_sources[source] = self.cached_sources.get(source, 0) + 1
+            self.cached_omitted += rec.cached_omitted
             self.with_cache_info += 1
             self.cached += rec.cached_tokens
             self.prompt_with_cache_info += rec.prompt_tokens
@@ -211,7 +229,7 @@ class MetricsCollector:
         efficiency = savings / theory if savings is not None and theory else None
         # Completed requests only: an error or a refusal finishes at once and is no work done.
         rps = self.completed / elapsed_s if elapsed_s > 0 else 0.0
-        source = max(self.cached_sources, key=lambda k: self.cached_sources[k], default="unknown")
+        source = source_label(self.cached_sources)
         return RunMetrics(
             requests=self.requests,
             completed=self.completed,
@@ -238,6 +256,7 @@ class MetricsCollector:
             ),
             cached_coverage=self.with_cache_info / self.completed if self.completed else None,
             cached_sources=dict(self.cached_sources),
+            cached_omitted=self.cached_omitted,
             context_shifts=self.context_shifts,
             latency_ms=LatencyStats(
                 p50=percentile(lat, 50),

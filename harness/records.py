@@ -28,6 +28,8 @@ class RequestRecord:
     cached_tokens: int | None = None
     """Prompt tokens the server reused from its prefix cache (None: not reported)."""
     cached_source: str = "unknown"
+    cached_omitted: bool = False
+    """The server left its cached count out and it is 0 by inference (`Usage.cached_omitted`)."""
     completion_tokens: int = 0
     expected_prompt_tokens: int = 0
     """The engine's own count before sending (checks the server's)."""
@@ -53,6 +55,9 @@ class RequestRecord:
     endpoint: str | None = None
     """The server of a pool that answered (or last failed) this request; None for a run on
     one server (its results lines then carry no `endpoint`)."""
+    reuse_alarm: Mapping[str, Any] | None = None
+    """Set on the request that closed a window of requests whose server stopped reusing the
+    shared prefix (harness.engine.reusewatch): the results file keeps the alarm."""
 
     @property
     def ok(self) -> bool:
@@ -89,8 +94,12 @@ class RequestRecord:
             "started": self.started,
             "finished": self.finished,
         }
+        if self.cached_omitted:
+            harness["cached_omitted"] = True
         if self.endpoint is not None:
             harness["endpoint"] = self.endpoint
+        if self.reuse_alarm is not None:
+            harness["reuse_alarm"] = dict(self.reuse_alarm)
         return {
             "id": f"batch_req_{seq}",
             "custom_id": self.custom_id,

@@ -5,7 +5,9 @@ It answers Ollama's native routes with the recorded bodies of `tests/data/ollama
 test, and said so: the server's version (to replay a body as 0.30.0 or 0.34.0) and the token
 counts of each `/api/chat` reply, which must describe *this* request (`counts(request_body)`
 returns the fields to put over the recorded body's, e.g. `prompt_eval_count`). Unknown paths get
-Go's plain `404 page not found`, as Ollama's do.
+Go's plain `404 page not found`, as Ollama's do. It says it is a replay (`/api/version` answers
+`replay` beside `version`, every reply carries `X-Harness-Replay`): the harness records it in
+every report it feeds and the verdict never counts those figures as measurements.
 
     with OllamaReplay(version="0.34.0", counts=lambda body: {...}) as replay:
         ... replay.url ...
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 RECORDED = Path(__file__).parent / "data" / "ollama" / "recorded"
+MARKER = "tests/ollama_replay.py: recorded Ollama bodies, counts set by the test"
+"""What the replay says it is, in its `/api/version` answer and an `X-Harness-Replay` header."""
 
 Counts = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
@@ -83,6 +87,12 @@ class OllamaReplay:
         """A chat asking a larger num_ctx gets the recorded out-of-memory reply (Easy-RAG#9)."""
         """Reply text to put in `message.content` (None: the recorded one)."""
         self.requests: list[tuple[str, str, Any]] = []
+        self.loaded = True
+        """Whether the model is loaded (`/api/ps` lists it): keep_alive 0 or a restart unloads
+        it, the next chat or generate loads it."""
+        self.down_s = 1.0
+        self.down_until = 0.0
+        """`POST /_replay/restart` drops every connection until then (monotonic s)."""
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -96,12 +106,22 @@ class OllamaReplay:
 
     def reply(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if (method, path) == ("GET", "/api/version"):
-            return 200, {"version": self.version}
+            # A replay says what it is (real Ollama answers only `version`): the harness records
+            # it, and the verdict never takes its figures for a measurement.
+            return 200, {"version": self.version, "replay": MARKER}
+        if (method, path) == ("POST", "/_replay/restart"):
+            # As a restart does: the loaded model is gone, and for `down_s` every connection is
+            # dropped unanswered.
+            self.down_until = time.monotonic() + self.down_s
+            self.loaded = False
+            return 200, {"restarted": True}
         if (method, path) == ("POST", "/api/show"):
             if isinstance(body, dict) and body.get("model") != self.model:
                 return 404, {"error": f"model '{body.get('model')}' not found"}
             return 200, self.show_body
         if (method, path) == ("GET", "/api/ps"):
+            if not self.loaded:
+                return 200, {"models": []}
             if self.kv_bytes_per_token is not None:
                 entry = self.ps_body["models"][0]
                 entry["size"] = self.base_size + self.kv_bytes_per_token * self.num_ctx
@@ -109,7 +129,10 @@ class OllamaReplay:
                 entry["context_length"] = self.num_ctx
             return 200, self.ps_body
         if (method, path) == ("POST", "/api/generate"):
-            return 200, {"model": self.model, "response": "", "done": True}
+            # keep_alive 0 unloads the model (Ollama's documented way); anything else loads it.
+            self.loaded = not (isinstance(body, dict) and body.get("keep_alive") in (0, "0"))
+            reason = "load" if self.loaded else "unload"
+            return 200, {"model": self.model, "response": "", "done": True, "done_reason": reason}
         if (method, path) == ("POST", "/api/chat"):
             if self.chat_seconds > 0:
                 with self._model_lock:
@@ -119,6 +142,7 @@ class OllamaReplay:
                 return 500, recorded("error_500_requires_more_system_memory.json")
             if num_ctx:
                 self.num_ctx = num_ctx
+            self.loaded = True
             out = copy.deepcopy(self.chat_body)
             out["model"] = self.model
             if self.content is not None:
@@ -143,6 +167,9 @@ class OllamaReplay:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = raw.decode(errors="replace")
+                if time.monotonic() < replay.down_until:
+                    self.close_connection = True  # "restarting": no answer on this connection
+                    return
                 replay.requests.append((self.command, self.path, body))
                 status, reply = replay.reply(self.command, self.path, body)
                 data = (json.dumps(reply) if not isinstance(reply, str) else reply).encode()
@@ -150,6 +177,7 @@ class OllamaReplay:
                 kind = "text/plain" if isinstance(reply, str) else "application/json"
                 self.send_header("Content-Type", f"{kind}; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("X-Harness-Replay", MARKER)
                 self.end_headers()
                 self.wfile.write(data)
 

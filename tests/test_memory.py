@@ -411,3 +411,65 @@ def test_monitor_can_be_started_again_after_stop() -> None:
     with monitor:
         time.sleep(0.2)
     assert len(monitor.samples) - first >= 3
+
+
+# -- what a run reports of its memory: spill known or unknown, a pool's servers apart ----------
+
+
+class _Fixed:
+    def __init__(self, source: str, used: int, spilled: bool | None = None) -> None:
+        self.source = source
+        self.used = used
+        self.spilled = spilled
+
+    def sample(self) -> MemorySample:
+        detail = {} if self.spilled is None else {"spilled": self.spilled}
+        return MemorySample(self.used, self.source, "ollama", detail=detail)
+
+
+class _Dead:
+    source = "ollama:/api/ps dead"
+
+    def sample(self) -> MemorySample:
+        raise BackendUnreachable("gone")
+
+
+def test_a_pool_keeps_each_servers_memory_and_spill_not_their_sum() -> None:
+    from harness.backends.pool import _MembersProbe
+    from harness.engine.job import _memory_summary
+
+    probe = _MembersProbe([_Fixed("a", 9_000, False), _Fixed("b", 11_000, True), _Dead()])
+    monitor = MemoryMonitor(probe, interval_s=60)
+    monitor.sample_now()
+    summary = _memory_summary(monitor)
+    assert summary is not None
+    assert summary["peak_bytes"] == 11_000  # the largest server, never 20,000 against one card
+    assert summary["spilled"] is True  # any member
+    assert summary["members_peak_bytes"] == {"a": 9_000, "b": 11_000}
+    assert monitor.samples[0].detail["unread"] == ["ollama:/api/ps dead"]
+
+
+def test_no_reading_is_not_not_spilled() -> None:
+    from harness.engine.job import _memory_summary
+
+    never = MemoryMonitor(_Dead(), interval_s=60)
+    never.sample_now()
+    summary = _memory_summary(never)
+    assert summary is not None
+    assert summary["spilled"] is None and summary["samples"] == 0
+    assert summary["failed_readings"] == 1
+    rss = MemoryMonitor(_Fixed("rss:pid=1", 5), interval_s=60)  # RSS cannot tell a spill
+    rss.sample_now()
+    assert (_memory_summary(rss) or {})["spilled"] is None
+    told = MemoryMonitor(_Fixed("ollama", 5, spilled=False), interval_s=60)
+    told.sample_now()
+    assert (_memory_summary(told) or {})["spilled"] is False
+
+
+def test_a_model_not_loaded_yet_is_a_reading_not_a_failure() -> None:
+    def absent() -> MemorySample:
+        raise ModelNotFound("model 'gemma3:12b' is not loaded in Ollama")
+
+    monitor = MemoryMonitor(absent, interval_s=60)
+    monitor.sample_now()
+    assert monitor.not_loaded == 1 and monitor.failures == 0

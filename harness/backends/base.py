@@ -80,6 +80,10 @@ class Usage:
     prompt_tokens_complete: bool = True
     """False when the server's prompt count does not cover the whole prompt (Ollama 0.30.0
     counted only new tokens): such a count cannot reveal a truncated prompt."""
+    cached_omitted: bool = False
+    """The reply left the cached count out and `cached_tokens` is 0 by inference: the same
+    server sent the field on earlier replies, so it leaves a zero out (counted as 0, never
+    dropped from the savings ratio, where it would make savings read high)."""
 
     @property
     def uncached_tokens(self) -> int:

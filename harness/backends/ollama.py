@@ -6,8 +6,11 @@
   (ollama#9221); with it, the overflow comes back as an error, mapped to `ContextOverflow`.
 - Replies are read from the body itself: the `ollama` client's response models drop fields
   they do not know, such as `prompt_eval_cached_count`, the cached prompt tokens newer servers
-  (0.33.x, Sept. 2026) report. That figure is `server`-sourced; a reply without it has cached
-  tokens `unknown` (never estimated from durations).
+  report (`CACHED_FIELD_EVIDENCE` says what is known of which). That figure is `server`-sourced.
+  A reply without it has cached tokens `unknown` (never estimated from durations) — unless the
+  same server sent the field on earlier replies: then it leaves a zero out, and the reply counts
+  0 cached tokens (`Usage.cached_omitted`), so a request that reused nothing (a cold start, a
+  trim, a prefix that stopped matching) stays in the savings ratio instead of vanishing.
 - `prompt_eval_count` changed meaning across versions (ollama#16414, #16428): omitted when the
   whole prompt was cached (before mid-2024), newly evaluated tokens only in 0.30.0, every prompt
   token (cached included) from 0.30.1 on. The version comes from `/api/version`; only where it
@@ -44,9 +47,18 @@ from harness.memory import MemoryProbe, OllamaPsProbe, local_gpu_probe, normalis
 from harness.models.geometry import ModelGeometry, geometry_from_metadata
 from harness.models.templates import get_format
 
-__all__ = ["DEFAULT_HOST", "OllamaBackend", "parse_version", "prompt_count_complete"]
+__all__ = [
+    "CACHED_FIELD_EVIDENCE",
+    "DEFAULT_HOST",
+    "REPLAY_HEADER",
+    "OllamaBackend",
+    "parse_version",
+    "prompt_count_complete",
+]
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
+REPLAY_HEADER = "X-Harness-Replay"
+"""The header a replay of recorded Ollama replies names itself in (tests/ollama_replay.py)."""
 _NS_PER_MS = 1_000_000.0
 # Substrings of Ollama's load failures for want of memory. Ollama's own check answers 500
 # "model requires more system memory (7.5 GiB) than is available (5.2 GiB)"; the runner's
@@ -64,6 +76,17 @@ _OOM_MARKERS = (
 _CONTEXT_MARKERS = ("longer than the context length", "exceeds the context length",
                     "exceeds the available context size")  # fmt: skip
 _LLAMA_OVERFLOW = re.compile(r"request \((\d+) tokens\) exceeds the available context size \((\d+)")
+
+
+CACHED_FIELD_EVIDENCE = (
+    "Ollama's prompt_eval_cached_count: added by ollama PR #17943 (merged 2026-08-22, after "
+    "v0.33.0-rc2); a third-party client (openclaw PR #140222, 2026-09-06) names 0.33.3 as the "
+    "first release with it; upstream declares it `*int` with omitempty (stdapi.ai#252), so a "
+    "zero is sent, and an earlier branch (int, omitempty) left a zero out. No recorded reply of "
+    "a named release shows it (an unattributed 0.34.0 body does, with 0). The harness reads it "
+    "from each reply, and counts a missing one as 0 only where the same server sent it before"
+)
+"""What the evidence supports about which Ollama sends the cached count (doctor and README)."""
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
@@ -109,6 +132,9 @@ class OllamaBackend(Backend):
         self._sync_transport = sync_transport
         self._client: Any = None
         self.version: tuple[int, int, int] | None = None
+        self._cached_field_seen = False
+        """Whether a reply of this server carried `prompt_eval_cached_count`: from then on a
+        reply without it left a zero out (see the module docstring)."""
         self.info = ServerInfo(
             backend=self.name,
             base_url=self.base_url,
@@ -191,13 +217,32 @@ class OllamaBackend(Backend):
             if self._transport is not None:
                 kwargs["transport"] = self._transport
             self._client = ollama.AsyncClient(host=self.base_url, **kwargs)
-        version = str((await self._request("GET", "/api/version")).get("version", "?"))
+        version, replay = await self._version()
         self.version = parse_version(version)
         self.info.server = f"ollama {version}"
+        if replay:
+            # Not Ollama: a replay of recorded bodies that says so. Every report it feeds
+            # carries it, and the verdict never takes its figures for measurements.
+            self.info.server += f" (a replay: {replay})"
+            self.info.extra["replay"] = replay
         self.info.extra["prompt_eval_count_counts_cached"] = prompt_count_complete(self.version)
         await self._request("POST", "/api/show", json={"model": self.model})
         if self.num_ctx is None:
             await self._load_and_read_context()
+
+    async def _version(self) -> tuple[str, str | None]:
+        """The server's version, and what it says it is when it is a replay of recorded replies
+        (its `/api/version` answer's `replay`, or its `X-Harness-Replay` header); Ollama says
+        neither."""
+        try:
+            resp = await self._client._request_raw("GET", "/api/version")
+            data = resp.json()
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        if not isinstance(data, dict):
+            raise ProtocolError(f"Ollama at {self.base_url}/api/version sent {data!r:.200}")
+        replay = data.get("replay") or resp.headers.get(REPLAY_HEADER)
+        return str(data.get("version", "?")), str(replay) if replay else None
 
     async def _load_and_read_context(self) -> None:
         """Load the model (an empty generate) and read its context from `/api/ps`."""
@@ -281,6 +326,11 @@ class OllamaBackend(Backend):
             cached = int(raw_cached) if raw_cached is not None else None
         except (TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"Ollama at {self.base_url} sent a malformed reply") from exc
+        omitted = False
+        if cached is not None:
+            self._cached_field_seen = True
+        elif self._cached_field_seen and evaluated is not None:
+            cached, omitted = 0, True  # this server sends the field: it left a zero out
         complete = prompt_count_complete(self.version) and evaluated is not None
         if cached is not None and self.version == (0, 30, 0):
             prompt_tokens += cached  # 0.30.0 counted new tokens only
@@ -298,6 +348,7 @@ class OllamaBackend(Backend):
                 cached,
                 "server" if cached is not None else "unknown",
                 prompt_tokens_complete=complete,
+                cached_omitted=omitted,
             ),
             timings=Timings(
                 total_ms=total_ms,

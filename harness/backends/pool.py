@@ -105,27 +105,46 @@ class EndpointState:
         }
 
 
-class _SumProbe:
-    """The memory of every member that can be read, added up (a dead member is skipped)."""
+class _MembersProbe:
+    """Each member's memory, read together: the sample is the largest member's (each server
+    has its own card or process: a pool's memory is never a sum compared with one card's
+    limit), with every member's reading and whether any spilled in `detail`. A dead member is
+    skipped (and named in `detail["unread"]`)."""
 
     def __init__(self, probes: Sequence[MemoryProbe]) -> None:
         self.probes = list(probes)
 
     @property
     def source(self) -> str:
-        return "sum of " + ", ".join(p.source for p in self.probes)
+        return "each of " + ", ".join(p.source for p in self.probes)
 
     def sample(self) -> MemorySample:
         samples: list[MemorySample] = []
+        unread: list[str] = []
         for probe in self.probes:
-            with contextlib.suppress(Exception):
+            try:
                 samples.append(probe.sample())
+            except Exception:
+                unread.append(probe.source)
         if not samples:
             raise BackendUnreachable("no server of the pool can be measured")
+        top = max(samples, key=lambda s: s.used_bytes)
+        detail: dict[str, Any] = {
+            "members": [
+                {"source": s.source, "used_bytes": s.used_bytes, "spilled": s.detail.get("spilled")}
+                for s in samples
+            ],
+            "sum_bytes": sum(s.used_bytes for s in samples),
+            "unread": unread,
+        }
+        if any("spilled" in s.detail for s in samples):
+            detail["spilled"] = any(bool(s.detail.get("spilled")) for s in samples)
         return MemorySample(
-            used_bytes=sum(s.used_bytes for s in samples),
-            source=f"sum of {len(samples)} servers: " + ", ".join(s.source for s in samples),
-            kind=samples[0].kind,
+            used_bytes=top.used_bytes,
+            source=f"largest of {len(samples)} servers: {top.source}",
+            kind=top.kind,
+            total_bytes=top.total_bytes,
+            detail=detail,
         )
 
 
@@ -468,4 +487,4 @@ class PoolBackend(Backend):
                 probe = m.memory_probe()
                 if probe is not None:
                     probes.append(probe)
-        return _SumProbe(probes) if probes else None
+        return _MembersProbe(probes) if probes else None

@@ -18,6 +18,7 @@ from typing import Any, TextIO, overload
 from harness.backends.base import Backend
 from harness.backends.pool import PoolBackend
 from harness.engine.progress import Progress
+from harness.engine.reusewatch import ReuseWatch, ReuseWatchConfig
 from harness.engine.runner import Runner, RunnerConfig
 from harness.engine.store import ResultsStore
 from harness.engine.strategies import TrimPolicy, make_strategy
@@ -57,6 +58,9 @@ class JobSpec:
     memory_interval_s: float = 1.0
     keep_records: bool = False
     """Keep every record in `JobResult.records` (tests, quality checks; not for 170K runs)."""
+    reuse: ReuseWatchConfig = field(default_factory=ReuseWatchConfig)
+    """How the run watches prefix reuse (harness.engine.reusewatch): an alarm when a window of
+    requests computes more than twice what the strategy expects; `stop` ends the run there."""
 
 
 @dataclass(slots=True)
@@ -77,6 +81,11 @@ class JobResult:
     endpoints: list[dict[str, Any]] = field(default_factory=list)
     """A pool's servers (`PoolBackend.endpoints()`: counts, when each left and why, merged
     with the per-server figures of this run's records); empty for a single server."""
+    reuse_alarms: list[dict[str, Any]] = field(default_factory=list)
+    """Windows of requests whose server computed more than the strategy expects
+    (harness.engine.reusewatch), in order."""
+    reuse_windows: int = 0
+    """Windows the reuse watch checked."""
 
 
 _PARTIAL = "harness_partial_result"
@@ -159,23 +168,41 @@ async def open_token_counter(backend: Backend) -> AsyncIterator[TokenCounter]:
 
 
 def _memory_summary(monitor: MemoryMonitor | None) -> dict[str, Any] | None:
-    if monitor is None or not monitor.samples:
+    """A monitor's readings: peak, first, last, leak slope, samples and failed readings, and
+    whether the model spilled — None when no reading could tell (a process's RSS cannot; an
+    Ollama /api/ps that was never read could not): never "not spilled" without evidence. A
+    pool's per-server peaks under `members`."""
+    if monitor is None:
         return None
+    if not monitor.samples:
+        return {"samples": 0, "failed_readings": monitor.failures, "spilled": None,
+                "not_loaded_readings": monitor.not_loaded, "peak_bytes": None, "source": None,
+                "kind": None}  # fmt: skip
     peak = monitor.peak
     assert peak is not None
     points = [(s.timestamp, s.used_bytes) for s in monitor.samples]
-    return {
+    told = [s for s in monitor.samples if "spilled" in s.detail]
+    members: dict[str, int] = {}
+    for s in monitor.samples:
+        for m in s.detail.get("members") or ():
+            members[m["source"]] = max(members.get(m["source"], 0), int(m["used_bytes"]))
+    out: dict[str, Any] = {
         "source": peak.source,
         "kind": peak.kind,
-        "spilled": any(bool(s.detail.get("spilled")) for s in monitor.samples),
+        "spilled": any(bool(s.detail["spilled"]) for s in told) if told else None,
+        "spill_readings": len(told),
         "peak_bytes": peak.used_bytes,
         "first_bytes": monitor.samples[0].used_bytes,
         "last_bytes": monitor.samples[-1].used_bytes,
         "total_bytes": peak.total_bytes,
         "samples": len(monitor.samples),
         "failed_readings": monitor.failures,
+        "not_loaded_readings": monitor.not_loaded,
         "leak": memory_slope(points),
     }
+    if members:
+        out["members_peak_bytes"] = members
+    return out
 
 
 async def run_job(
@@ -209,7 +236,10 @@ async def run_job(
             stream=spec.progress_stream,
         )
         stack.callback(progress.close)
-        all_sinks: list[Callable[[RequestRecord], None]] = []
+        # The reuse watch first: the record that closes an alarming window carries the alarm
+        # into the results file.
+        watch = ReuseWatch(spec.reuse, say=progress.say)
+        all_sinks: list[Callable[[RequestRecord], None]] = [watch]
         if store is not None:
             all_sinks.append(store.write)
         all_sinks += [collector.add, progress.update, *sinks]
@@ -235,6 +265,7 @@ async def run_job(
             stack.callback(mon.stop)
 
         runner = Runner(backend, strategy, counter, config=spec.runner, sinks=all_sinks)
+        watch.stop = runner.stop
         if isinstance(backend, PoolBackend):
             backend.begin_run()  # each server's counts and history: this run's
         started_unix = time.time()
@@ -256,9 +287,17 @@ async def run_job(
         skipped=skipped,
         records=records,
         memory_samples={name: list(mon.samples) for name, mon in monitors.items()},
-        error=f"{type(failure).__name__}: {failure}" if failure is not None else None,
+        error=(
+            f"{type(failure).__name__}: {failure}"
+            if failure is not None
+            else f"stopped on a reuse alarm (--stop-on-cache-miss): {runner.stop_reason}"
+            if runner.stop_reason is not None and ran < len(pending)
+            else None
+        ),
         eta=eta,
         endpoints=endpoint_report(backend, metrics.extra.get("endpoints", {}), started_unix),
+        reuse_alarms=list(watch.alarms),
+        reuse_windows=watch.windows,
     )
     if failure is not None:
         setattr(failure, _PARTIAL, result)

@@ -135,6 +135,13 @@ class Progress:
             self._last_log_t, self._last_log_n = now, self.done
             print(self.line(), file=self.stream, flush=True)
 
+    def say(self, text: str) -> None:
+        """A line for the user (a warning), shown even with progress off, above the bar."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def line(self) -> str:
         """One log line: done/total, rate, savings so far, errors, ETA."""
         rate = self.rate()

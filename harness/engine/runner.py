@@ -118,6 +118,8 @@ class Runner:
         """Per slot (or worker): the last prompt, its reply's length and the server of a pool
         that held it."""
         self.aborted: BaseException | None = None
+        self.stop_reason: str | None = None
+        """Why the run was asked to stop early (`stop`): no item is taken after it."""
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -145,8 +147,15 @@ class Runner:
             raise
         return self._pos
 
+    def stop(self, reason: str) -> None:
+        """Take no further item: the requests in flight finish and are recorded, `run`
+        returns, the items not taken stay pending (a later run resumes them)."""
+        self.stop_reason = self.stop_reason or reason
+
     async def _take(self) -> WorkItem | None:
         async with self._take_lock:
+            if self.stop_reason is not None:
+                return None
             if not self._ahead:
                 end = min(len(self._items), self._pos + self.config.prefetch)
                 if self._pos >= end:
@@ -267,6 +276,7 @@ class Runner:
             rec.prompt_tokens = usage.prompt_tokens
             rec.cached_tokens = usage.cached_tokens
             rec.cached_source = usage.cached_source
+            rec.cached_omitted = usage.cached_omitted
             rec.completion_tokens = usage.completion_tokens
             rec.latency_ms = result.timings.total_ms
             rec.prompt_ms = result.timings.prompt_ms
