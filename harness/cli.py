@@ -314,10 +314,12 @@ def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
         "plan",
         help="how many servers the next job needs, from the scale reports measured",
         formatter_class=_Formatter,
-        description="Reads the largest finished scale report (performance_benchmarks_<N>.json)\n"
-        "of the asked model, backend and strategy and prints the servers of that kind the job\n"
-        "needs by the deadline, its time, energy and cost, each with its report. Exit 2 when\n"
-        "no report matches (it lists the ones it has).",
+        description="Reads the largest finished scale report that passed its criteria and was\n"
+        "measured (performance_benchmarks_<N>.*.json; no test double, no replay) of the asked\n"
+        "model, backend and strategy and prints the servers of that kind the job needs by the\n"
+        "deadline (per-server throughput; a pool run's measured scaling efficiency when there\n"
+        "is one), its time, energy and cost, each with its report. Exit 2 when no report\n"
+        "matches (it lists the ones it has, and why others cannot be used).",
     )
     p.add_argument("--rows", type=_positive_int, required=True, help="rows of the job")
     p.add_argument("--deadline", required=True, help="e.g. 24h, 90m, 2d")
@@ -343,6 +345,49 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for line in result.lines(args.price_per_kwh):
         print(line)
     return 0
+
+
+def _add_verdict(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "verdict",
+        help="GO / NO-GO for the production run, from a reports folder (runs nothing)",
+        formatter_class=_Formatter,
+        description="Reads every phase report in REPORT_DIR and prints the verdict for the\n"
+        "production profile (gpu-gemma3-12b: Ollama, gemma3:12b): GO only when every phase\n"
+        "passed and measured what will run (that model and backend, one server and its\n"
+        "flags, the prompt harness run sends, harness.yaml's settings now, this harness\n"
+        "version; never a test double or a replay). It prints the reports it read (date,\n"
+        "harness version, commit), the settings to run with and the 170K projection.\n"
+        "Exit 0 for GO; 1 for NO-GO, incomplete or not measured for production; 2 when the\n"
+        "folder cannot be read. A CI job gates on it: `harness verdict reports`.",
+    )
+    p.add_argument(
+        "report_dir", nargs="?", default="reports", metavar="REPORT_DIR",
+        help="the folder pytest wrote its reports to",
+    )  # fmt: skip
+    p.add_argument("--config", default="harness.yaml", help="the run's configuration file")
+    p.add_argument(
+        "--prompt", default=None,
+        help="the prompt file harness run will send (default: the packaged rubric, as harness "
+        "run)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+
+def _cmd_verdict(args: argparse.Namespace) -> int:
+    import json
+
+    from harness.verdict import check_folder, verdict
+
+    folder = Path(args.report_dir)
+    check_folder(folder)
+    result = verdict(folder, Path(args.config), prompt=Path(args.prompt) if args.prompt else None)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.lines():
+            print(line)
+    return result.exit_code
 
 
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -493,6 +538,14 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "the scores (the latest result wins; the results file marks the retry)",
     )
     p.add_argument(
+        "--stop-on-cache-miss",
+        action="store_true",
+        help="stop at the first reuse alarm: a window of 50 rows whose server computed more "
+        "than twice the prompt tokens the strategy expects (it stopped reusing the rubric); "
+        "finished rows are kept, the same command resumes. Without it the alarm is printed "
+        "and recorded in the results, and the run goes on",
+    )
+    p.add_argument(
         "--new",
         action="store_true",
         help="start over when the results file belongs to another job (another prompt, model, "
@@ -535,6 +588,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         profile=args.profile,
         retry_failed=args.retry_failed,
         new=args.new,
+        stop_on_cache_miss=args.stop_on_cache_miss,
     )
     try:
         result = run_batch(options)
@@ -558,9 +612,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(result.summary())
     for line in result.endpoint_lines():
         print(line)
-    if result.interrupted:
+    if result.interrupted or result.stopped_reason:
+        what = "interrupted" if result.interrupted else "stopped on a reuse alarm"
         print(
-            f"interrupted: {result.done + result.failed} results kept in {result.results_path}; "
+            f"{what}: {result.done + result.failed} results kept in {result.results_path}; "
             "run the same command again to resume",
             file=sys.stderr,
         )
@@ -581,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_doctor(sub)
     _add_plan(sub)
+    _add_verdict(sub)
     sub.add_parser(
         "api",
         help="serve OpenAI's Files and Batches API over the engine on 127.0.0.1 "
@@ -597,6 +653,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "doctor": _cmd_doctor,
     "plan": _cmd_plan,
+    "verdict": _cmd_verdict,
 }
 
 

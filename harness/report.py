@@ -106,6 +106,7 @@ def write_report(
     criteria: list[dict[str, Any]],
     machine: Mapping[str, Any] | None = None,
     commit: Mapping[str, Any] | None = None,
+    prompt: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate the envelope, write the report atomically, and return it as a dict."""
     model = phase_model_for(Path(path).name)
@@ -119,6 +120,7 @@ def write_report(
         commit_info=dict(commit) if commit is not None else commit_info(),
         backend=dict(backend),
         criteria=criteria,
+        prompt=dict(prompt) if prompt is not None else None,
         passed=all(c.get("passed") for c in criteria) if criteria else None,
         result=("PASS" if all(c.get("passed") for c in criteria) else "FAIL")
         if criteria

@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from harness.reportfiles import base_name
+
 __all__ = [
     "SCHEMA_VERSION",
     "ContextLimitsReport",
@@ -61,6 +63,15 @@ class PhaseReport(BaseModel):
     """True: criteria checked and met; False: one failed; None: ungated (never a pass)."""
     result: str
     """`PASS`, `FAIL` or `ungated`."""
+    prompt: Obj | None = None
+    """The prompt the phase sent: its file and `sha256` (system, template and schema), so the
+    verdict can tell whether every phase measured the prompt `harness run` will send."""
+    criteria_notes: Obj | None = None
+    """Per metric, how its figure was counted (e.g. cached tokens a server left out, counted
+    as 0): added to a failed criterion's message."""
+    criteria_vetoes: Obj | None = None
+    """Per metric, why its figure cannot pass whatever its value (e.g. a reuse alarm fired
+    during the run): its criterion fails with this in the message."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -165,6 +176,14 @@ class ScaleReport(PhaseReport):
     energy_source: str | None = None
     endpoints: list[Obj] | None = None
     """Over several servers: each one's figures and history; None for one server."""
+    cached_omitted: int | None = None
+    """Completed requests whose server left its cached count out, counted as 0."""
+    reuse_alarms: list[Obj] | None = None
+    """Windows of requests whose server computed more than twice what the strategy expects."""
+    reuse_windows: int | None = None
+    scaling: Obj | None = None
+    """A pool run: its throughput against its servers × the largest single-server run's."""
+    scaling_efficiency: Num = None
 
 
 class QualityReport(PhaseReport):
@@ -172,7 +191,6 @@ class QualityReport(PhaseReport):
 
     model: str
     model_scored: str
-    prompt: Obj
     requests: int
     consistency_rate: float
     consistency_scores: list[int | None]
@@ -203,6 +221,8 @@ class ReliabilityReport(PhaseReport):
     completed: int | None
     cases_run: int
     cases_failed: int
+    cases_skipped: Obj | None = None
+    """Cases that did not run, each with why (not counted in `cases_run`)."""
     keys_leaked: int | None
     replies_differ: int | None
     restart_failed: int | None
@@ -234,6 +254,11 @@ class PerformanceReport(PhaseReport):
     """The chat path's mean request time ÷ its server compute (prefill + decode): what the
     token path would reach were all of the chat path's other time removed (from the breakdown:
     client wall time and llama.cpp timings)."""
+    tokens_over_chat_of_ceiling: Num = None
+    """`tokens_over_chat` ÷ `tokens_over_chat_ceiling`: the share of what this machine allows
+    that the token path reached (gated)."""
+    tokens_over_chat_goal: Num = None
+    """The gain asked of the token path (1.25): reported beside what was measured."""
     breakdown_ms: Obj
     plots: list[str]
     overlap: list[Obj]
@@ -307,9 +332,11 @@ _FILES: tuple[tuple[str, type[BaseModel]], ...] = (
 
 
 def model_for_file(name: str) -> type[BaseModel] | None:
-    """The model of a report file, by its name (None for files that are not known reports)."""
+    """The model of a report file, by its name in either layout (`<base>.json` or
+    `<base>.<profile>.<model>.json`); None for files that are not known reports."""
+    base = base_name(name)
     for pattern, model in _FILES:
-        if fnmatch.fnmatch(name, pattern):
+        if fnmatch.fnmatch(base, pattern):
             return model
     return None
 

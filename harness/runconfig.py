@@ -34,6 +34,7 @@ __all__ = [
     "SAFE_FRACTION",
     "RunConfig",
     "Value",
+    "measured_values",
     "resolve_run_config",
 ]
 
@@ -224,7 +225,7 @@ def _replace(cfg: RunConfig, **changes: Any) -> RunConfig:
     return replace(cfg, **changes)
 
 
-def _measured(
+def measured_values(
     config: ProfileConfig, backend: str, model: str | None
 ) -> tuple[dict[str, Any], list[str]]:
     """harness.yaml values measured on this backend and model (or set by hand: no
@@ -299,7 +300,7 @@ def resolve_run_config(
         backend_default, (cli.get("backend"), CLI), (scen.get("backend"), SCENARIO)
     )
     model_given = cli.get("model") or scen.get("model") or DEFAULT_MODELS.get(backend.value)
-    measured, ignored = _measured(config, backend.value, model_given or None)
+    measured, ignored = measured_values(config, backend.value, model_given or None)
 
     def pick(key: str, yaml_key: str | None, default: Any) -> Value[Any]:
         return _first(

@@ -52,7 +52,8 @@ _SCALE_METRICS = (
     "projected_170k_s", "energy_wh", "cost", "projection_error",
     "uncached_tokens_per_request", "cached_coverage", "cached_tokens_source", "context_shifts",
     "memory.spilled", "finished", "memory.within_budget", "eta_error_max", "overflow_errors",
-    "projected_170k_cost",
+    "projected_170k_cost", "cached_omitted", "memory.failed_readings_rate",
+    "memory.predicted_ratio_error", "scaling_efficiency",
 )  # fmt: skip
 PHASE_METRICS: dict[str, tuple[str, ...]] = {
     "context_limits": (
@@ -102,6 +103,7 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "errors",
         "uncached_ratio_conversation_over_stateless_ollama",
         "tokens_over_chat",
+        "tokens_over_chat_of_ceiling",
         "replies_same_reply",
         "replies_same_score",
         "conversation_over_stateless",
@@ -283,7 +285,15 @@ class Criterion:
             reasons = report.get("unknown_reasons")
             if isinstance(reasons, Mapping):
                 reason = reasons.get(self.metric) or reasons.get(self.metric.split(".")[0])
-        return CriterionResult(self, value, bool(passed), reason)
+        # A report may veto a metric (the figure is not to be trusted: a reuse alarm during
+        # the run) and annotate one (how it was counted); both go into the message.
+        vetoes = report.get("criteria_vetoes")
+        veto = vetoes.get(self.metric) if isinstance(vetoes, Mapping) else None
+        notes = report.get("criteria_notes")
+        note = notes.get(self.metric) if isinstance(notes, Mapping) else None
+        if veto:
+            passed = False
+        return CriterionResult(self, value, bool(passed), reason, veto or note)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +303,9 @@ class CriterionResult:
     passed: bool
     reason: str | None = None
     """Why the value is unknown, when the report says (e.g. not reported by this server)."""
+    note: str | None = None
+    """What the report says of the figure (`criteria_notes`), or why it vetoed it
+    (`criteria_vetoes`): put in the message."""
 
     def message(self) -> str:
         c = self.criterion
@@ -301,7 +314,8 @@ class CriterionResult:
         else:
             shown = _fmt(self.value)
         threshold = c.threshold if isinstance(c.threshold, str) else f"{c.threshold:g}"
-        return f"{c.metric} = {shown}, needs {c.op} {threshold} ({c.source})"
+        note = f"; {self.note}" if self.note else ""
+        return f"{c.metric} = {shown}, needs {c.op} {threshold} ({c.source}){note}"
 
     def to_dict(self) -> dict[str, Any]:
         c = self.criterion
@@ -314,6 +328,8 @@ class CriterionResult:
         }
         if self.reason:
             out["reason"] = self.reason
+        if self.note:
+            out["note"] = self.note
         return out
 
 

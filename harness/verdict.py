@@ -1,19 +1,27 @@
 """The answer a user came for: go or no-go for the production run, read from every report.
 
 `read_reports(report_dir)` lists every phase report in the folder (not only this session's),
-each with its model, backend, profile, time and result: `PASS` (criteria checked and met),
-`FAIL`, or `ungated` (no criteria: never a pass). `verdict(...)` then says:
+each with its model, backend, profile, prompt, server, time, harness version and result:
+`PASS` (criteria checked and met), `FAIL`, or `ungated` (no criteria: never a pass).
+`verdict(...)` then says, for the production profile (`PRODUCTION`: Ollama, Gemma 3 12B):
 
-- **GO** only from the production profile's own reports (`gpu-gemma3-12b`): every phase the
-  roadmap asks for present and passed;
-- **NO-GO** when a production report failed (which, and why);
-- **incomplete** when production reports exist but phases are missing (which);
+- **GO** only when every phase the roadmap asks for has a report of that profile that passed,
+  and every one of them measured what will run: the profile's backend and model, one server
+  and its flags, the prompt `harness run` sends (its sha256), the settings harness.yaml holds
+  now, written by this harness version — from a real server, never a test double or a replay;
+- **NO-GO** when a production report failed, or measured something else (another model or
+  backend, a second prompt or server, a test double, a replayed Ollama): it names the report
+  and the field;
+- **incomplete** when phases are missing, ungated, or their evidence is stale (another harness
+  version, settings harness.yaml no longer holds, a report that does not name its prompt);
 - **not measured for production** when only a stand-in ran (the embedded CPU profile): what it
-  predicts, and that it is a prediction;
+  predicts, and that it is a prediction.
 
-with the settings to run with (harness.yaml's values and their provenance), the projected 170K
-time and cost with the report each comes from, and what was not measured (missing phases,
-ungated reports, cached tokens not reported by the server).
+With it: the settings to run with (harness.yaml's values and their provenance), every report
+the decision read (its date, harness version and commit), the 170K projection from a finished,
+passing scale run of the same identity (`projection_sources`, the rule `harness plan` uses
+too), and what was not measured. Every rule that can make it GO has a test in
+tests/test_verdict.py that fails when the rule is removed.
 """
 
 from __future__ import annotations
@@ -24,18 +32,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import load_profile
+from harness import __version__
+from harness.config import ProfileConfig, load_profile
+from harness.errors import ConfigError, HarnessError
+from harness.reportfiles import base_name
+from harness.runconfig import measured_values
+from harness.workload import load_prompt
 
 __all__ = [
+    "PRODUCTION",
     "PRODUCTION_PROFILE",
+    "PROMPT_BOUND",
     "REQUIRED_PHASES",
     "ReportEntry",
     "Verdict",
+    "is_double",
+    "largest",
+    "projection_sources",
     "read_reports",
+    "servers_of",
     "verdict",
 ]
 
 PRODUCTION_PROFILE = "gpu-gemma3-12b"
+PRODUCTION: Mapping[str, str] = {
+    "profile": PRODUCTION_PROFILE,
+    "backend": "ollama",
+    "model": "gemma3:12b",
+}
+"""What the production run is; the scenarios' `gpu-gemma3-12b` profiles name the same backend
+and model (tests/test_verdict.py checks they agree)."""
 REQUIRED_PHASES: tuple[tuple[str, str], ...] = (
     ("context limits", "context_limit_results.json"),
     ("prefix reuse", "prefix_reuse_results.json"),
@@ -45,8 +71,24 @@ REQUIRED_PHASES: tuple[tuple[str, str], ...] = (
     ("quality", "quality_results.json"),
     ("reliability", "reliability_results.json"),
 )
-"""The roadmap's phases a production run needs, by report file."""
+"""The roadmap's phases a production run needs, by report (base) name."""
+PROMPT_BOUND = frozenset({"context_limits", "scale", "quality", "performance"})
+"""Phases whose figures depend on the prompt (its length, its reuse, its scores): their reports
+must name the prompt `harness run` sends. Reliability counts ids, retries and faults: its own
+short prompt does not change what it shows. Prefix reuse (phase `context_limits`) is bound."""
 ROWS = 170_000
+_CONFIG_KEYS = {
+    "MAX_CONTEXT_TOKENS": "MAX_CONTEXT_TOKENS",
+    "CONTEXT_TRIM_THRESHOLD": "CONTEXT_TRIM_THRESHOLD",
+    "TRIM_INTERVAL": "TRIM_INTERVAL",
+    "n_ctx": "n_ctx",
+    "parallel": "parallel",
+    "CONCURRENCY": "concurrency",
+    "STRATEGY": "strategy",
+    "REQUEST_PATH": "request_path",
+    "SERVER_FLAGS": "server_flags",
+}
+"""harness.yaml keys → the setting's name in a report's `config` block."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +107,53 @@ class ReportEntry:
     data: Mapping[str, Any] = field(repr=False, compare=False)
 
     @property
+    def base(self) -> str:
+        """The roadmap's name of the report (`performance_benchmarks_100.json`)."""
+        return base_name(self.file)
+
+    @property
     def strategy(self) -> str | None:
         st = self.data.get("strategy")
         return st.get("name") if isinstance(st, Mapping) else None
+
+    @property
+    def backend_block(self) -> Mapping[str, Any]:
+        b = self.data.get("backend")
+        return b if isinstance(b, Mapping) else {}
+
+    @property
+    def server(self) -> str | None:
+        """The server software and version that answered (`ollama 0.34.0`), when named."""
+        s = self.backend_block.get("server")
+        return str(s) if s else None
+
+    @property
+    def server_identity(self) -> tuple[str, str] | None:
+        """(server, flags): what must be one across a production set."""
+        if self.server is None:
+            return None
+        flags = self.backend_block.get("server_flags") or "-"
+        return (self.server, str(flags))
+
+    @property
+    def prompt_sha256(self) -> str | None:
+        prompt = self.data.get("prompt")
+        sha = prompt.get("sha256") if isinstance(prompt, Mapping) else None
+        return str(sha) if sha else None
+
+    @property
+    def provenance(self) -> str:
+        """`<date>, harness <version> @ <commit>`: who wrote the report, when."""
+        commit = self.data.get("commit_info")
+        ident = "no commit"
+        if isinstance(commit, Mapping) and commit.get("id"):
+            ident = str(commit["id"])[:12] + (" (dirty)" if commit.get("dirty") else "")
+        version = self.data.get("harness_version")
+        return f"{self.generated_at or 'no date'}, harness {version} @ {ident}"
+
+    @property
+    def finished(self) -> bool:
+        return self.data.get("finished") is not False
 
 
 def _result(data: Mapping[str, Any]) -> str:
@@ -79,13 +165,16 @@ def _result(data: Mapping[str, Any]) -> str:
     return "ungated"
 
 
-def read_reports(report_dir: Path) -> list[ReportEntry]:
-    """Every phase report (a JSON file with `phase` and `criteria`) in the folder, by name."""
+def read_reports(report_dir: Path, *, unreadable: list[str] | None = None) -> list[ReportEntry]:
+    """Every phase report (a JSON file with `phase` and `criteria`) in the folder, by name.
+    Files that do not parse are skipped; their names go to `unreadable` when given."""
     out: list[ReportEntry] = []
     for path in sorted(report_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if unreadable is not None:
+                unreadable.append(f"{path.name}: unreadable ({type(exc).__name__})")
             continue
         if not isinstance(data, dict) or "phase" not in data or "criteria" not in data:
             continue
@@ -93,6 +182,8 @@ def read_reports(report_dir: Path) -> list[ReportEntry]:
         backend: dict[str, Any] = raw_backend if isinstance(raw_backend, dict) else {}
         failed = tuple(
             f"{c.get('metric')} = {c.get('value')!r}, needs {c.get('op')} {c.get('threshold')}"
+            + (f" ({c['reason']})" if c.get("reason") else "")
+            + (f"; {c['note']}" if c.get("note") else "")
             for c in data.get("criteria") or []
             if isinstance(c, dict) and c.get("passed") is False
         )
@@ -112,6 +203,52 @@ def read_reports(report_dir: Path) -> list[ReportEntry]:
     return out
 
 
+def is_double(e: ReportEntry) -> str | None:
+    """Why a report's figures are not a measurement (a test double, a replayed server), or
+    None. A replay says so in its `/api/version` answer or its own header; the backend records
+    it (`backend.replay`) in every report it feeds."""
+    b = e.backend_block
+    if b.get("replay"):
+        return f"a replayed server ({b['replay']}), not a measurement"
+    server = str(b.get("server") or "")
+    if "test double" in server or e.data.get("cached_tokens_source") == "double":
+        return "a test double's figures, not measurements"
+    if "replay" in server.lower():
+        return f"a replayed server ({server}), not a measurement"
+    return None
+
+
+def projection_sources(
+    entries: Sequence[ReportEntry],
+    *,
+    model: str | None = None,
+    backend: str | None = None,
+    strategy: str | None = None,
+    profile: str | None = None,
+) -> list[ReportEntry]:
+    """The scale reports a projection may come from: finished, passed, measured (no double or
+    replay), with a throughput; of this model, backend, strategy and profile where given.
+    `harness plan` and the verdict both take the largest of these (`max(..., key=requests)`)."""
+    return [
+        e
+        for e in entries
+        if e.phase == "scale"
+        and e.finished
+        and e.result == "PASS"
+        and is_double(e) is None
+        and float(e.data.get("throughput_rps") or 0) > 0
+        and (model is None or e.model == model)
+        and (backend is None or e.backend == backend)
+        and (strategy is None or e.strategy == strategy)
+        and (profile is None or e.profile == profile)
+    ]
+
+
+def largest(entries: Sequence[ReportEntry]) -> ReportEntry:
+    """The report of the most requests (the longest, steadiest measurement)."""
+    return max(entries, key=lambda e: int(e.data.get("requests") or 0))
+
+
 @dataclass(slots=True)
 class Verdict:
     decision: str
@@ -120,10 +257,20 @@ class Verdict:
     settings: list[str]
     projection: list[str]
     not_measured: list[str]
+    evidence: list[str] = field(default_factory=list)
+    """Each report the decision read: its file, result, date, harness version and commit."""
+
+    @property
+    def exit_code(self) -> int:
+        """`harness verdict`'s exit status: 0 for GO, 1 for anything else."""
+        return 0 if self.decision == "GO" else 1
 
     def lines(self) -> list[str]:
         out = [f"verdict: {self.decision}"]
         out += [f"  {r}" for r in self.reasons]
+        if self.evidence:
+            out.append("evidence read:")
+            out += [f"  {e}" for e in self.evidence]
         if self.settings:
             out.append("settings to run with (harness.yaml):")
             out += [f"  {s}" for s in self.settings]
@@ -142,17 +289,16 @@ class Verdict:
             "settings": self.settings,
             "projection": self.projection,
             "not_measured": self.not_measured,
+            "evidence": self.evidence,
         }
 
 
-def _settings(config_path: Path, profile: str) -> list[str]:
-    try:
-        cfg = load_profile(config_path, profile)
-    except Exception as exc:  # a broken harness.yaml is reported, not fatal here
-        return [f"{config_path}: {exc}"]
+def _settings(config: ProfileConfig | str) -> list[str]:
+    if isinstance(config, str):
+        return [config]
     out = []
-    for key, value in cfg.values.items():
-        prov = cfg.provenance.get(key)
+    for key, value in config.values.items():
+        prov = config.provenance.get(key)
         src = (
             f"{prov.get('report')} ({prov.get('backend')}, {prov.get('date')})"
             if isinstance(prov, Mapping)
@@ -162,27 +308,60 @@ def _settings(config_path: Path, profile: str) -> list[str]:
     return out
 
 
-def _is_double(e: ReportEntry) -> bool:
-    backend = e.data.get("backend")
-    server = str(backend.get("server", "")) if isinstance(backend, Mapping) else ""
-    return "test double" in server or e.data.get("cached_tokens_source") == "double"
+def _load_config(config_path: Path, profile: str) -> ProfileConfig | str:
+    try:
+        return load_profile(config_path, profile)
+    except HarnessError as exc:  # a broken harness.yaml is reported, not fatal here
+        return f"{config_path}: {exc}"
 
 
-def _projection(entries: Sequence[ReportEntry]) -> list[str]:
-    scale = [
-        e
-        for e in entries
-        if e.phase == "scale" and e.data.get("throughput_rps") and not _is_double(e)
-    ]
-    if not scale:
+def stale_reasons(e: ReportEntry, config: ProfileConfig | None) -> list[str]:
+    """Why a report no longer describes what would run: another harness version wrote it, or
+    it measured settings harness.yaml no longer holds (values harness.yaml takes for this
+    backend and model, other than those the report itself wrote back)."""
+    out: list[str] = []
+    if e.data.get("harness_version") != __version__:
+        out.append(
+            f"written by harness {e.data.get('harness_version')}, this is harness {__version__}"
+        )
+    block = e.data.get("config")
+    if config is None or not isinstance(block, Mapping):
+        return out
+    applies, _ = measured_values(config, e.backend, e.model)
+    for key, value in applies.items():
+        name = _CONFIG_KEYS.get(key)
+        setting = block.get(name) if name else None
+        if not isinstance(setting, Mapping):
+            continue
+        prov = config.provenance.get(key)
+        if isinstance(prov, Mapping) and base_name(Path(str(prov.get("report"))).name) == e.base:
+            continue  # this report wrote the value: it does not depend on it
+        source = str(setting.get("source", ""))
+        if source.startswith("capped") or "server's context" in source:
+            continue  # the server's context capped it: `harness run` caps it the same way
+        if setting.get("value") != value:
+            out.append(
+                f"measured with {name} = {setting.get('value')!r} ({source}); harness.yaml "
+                f"now says {key}: {value!r}"
+            )
+    return out
+
+
+def _newest(entries: Sequence[ReportEntry]) -> ReportEntry:
+    return max(entries, key=lambda e: e.generated_at)
+
+
+def _projection(source: Sequence[ReportEntry], note: str = "") -> list[str]:
+    if not source:
         return []
-    best = max(
-        scale, key=lambda e: int(e.data.get("requests_planned") or e.data.get("requests") or 0)
-    )
+    best = largest(source)
     rps = float(best.data["throughput_rps"])
+    servers = servers_of(best)
+    each = f", {rps / servers:.2f} req/s per server over {servers} servers" if servers > 1 else ""
     out = [
-        f"{ROWS:,} rows at {rps:.2f} req/s (measured in {best.file}, {best.model} on "
-        f"{best.backend}): {ROWS / rps / 3600:.1f} h"
+        f"{ROWS:,} rows at {rps:.2f} req/s{each} (measured in {best.file}, {best.model} on "
+        f"{best.backend}, a finished run that passed its criteria): "
+        f"{ROWS / rps / 3600:.1f} h{note}"
     ]
     energy, done = best.data.get("energy_wh"), best.data.get("completed")
     price = best.data.get("price_per_kwh")
@@ -198,68 +377,170 @@ def _projection(entries: Sequence[ReportEntry]) -> list[str]:
     return out
 
 
-def verdict(report_dir: Path, config_path: Path) -> Verdict:
-    """The verdict over every report in `report_dir` (see the module docstring)."""
-    entries = read_reports(report_dir)
-    # Production's own measurements only: its profile, on Ollama, not a test double, one model.
-    prod = [
-        e
-        for e in entries
-        if e.profile == PRODUCTION_PROFILE and e.backend == "ollama" and not _is_double(e)
-    ]
-    models = sorted({e.model for e in prod})
-    if len(models) > 1:
-        newest = max(prod, key=lambda e: e.generated_at).model
-        prod = [e for e in prod if e.model == newest]
-    files = {e.file: e for e in prod}
-    missing = [name for name, file in REQUIRED_PHASES if file not in files]
-    not_measured = [f"{e.file}: ungated (no criteria were checked)" for e in entries
-                    if e.result == "ungated"]  # fmt: skip
+def servers_of(e: ReportEntry) -> int:
+    """How many servers a scale run went over (a pool's aggregate throughput is theirs)."""
+    st = e.data.get("strategy")
+    n = st.get("servers") if isinstance(st, Mapping) else None
+    endpoints = e.data.get("endpoints")
+    if isinstance(endpoints, list) and endpoints:
+        return len(endpoints)
+    return int(n) if isinstance(n, int) and n > 0 else 1
+
+
+def verdict(report_dir: Path, config_path: Path, *, prompt: Path | None = None) -> Verdict:
+    """The verdict over every report in `report_dir` (see the module docstring). `prompt`: the
+    prompt file `harness run` will send (default: the packaged rubric, as `harness run`)."""
+    unreadable: list[str] = []
+    entries = read_reports(report_dir, unreadable=unreadable)
+    not_measured = list(unreadable)
     for e in entries:
+        why = is_double(e)
+        if e.result == "ungated":
+            not_measured.append(f"{e.file}: ungated (no criteria were checked)")
+        if why:
+            not_measured.append(f"{e.file}: {why}")
         source = e.data.get("cached_tokens_source")
-        if _is_double(e):
-            not_measured.append(f"{e.file}: a test double's figures, not measurements")
-        elif e.phase == "scale" and source not in (None, "server", "llama.cpp timings"):
+        if e.phase == "scale" and not why and source not in (None, "server", "llama.cpp timings"):
             not_measured.append(f"{e.file}: cached tokens {source}, not reported by the server")
+    prod = [e for e in entries if e.profile == PRODUCTION_PROFILE]
     if not prod:
-        stand_ins = sorted({f"{e.profile} ({e.model} on {e.backend})" for e in entries})
-        reasons = [
-            "no report of the production profile (gpu-gemma3-12b: Ollama, Gemma 3 12B, GPU)",
-            "this folder holds a stand-in's reports: "
-            + (", ".join(stand_ins) or "none")
-            + ". They predict the pipeline's behaviour (caching, trims, memory per token), "
-            "not production's throughput or scores",
-        ]
-        failing = [e for e in entries if e.result == "FAIL"]
-        reasons += [f"stand-in FAIL: {e.file}: {'; '.join(e.failed)}" for e in failing]
-        return Verdict(
-            "not measured for production",
-            reasons,
-            _settings(config_path, "embedded"),
-            _projection(entries),
-            not_measured,
+        return _stand_in(entries, config_path, not_measured)
+
+    config = _load_config(config_path, PRODUCTION_PROFILE)
+    no_go: list[str] = []
+    incomplete: list[str] = []
+    # Measured on the production backend and model, by a real server.
+    for e in prod:
+        why = is_double(e)
+        if why:
+            no_go.append(f"{e.file}: {why} (backend.server: {e.server})")
+        if e.backend != PRODUCTION["backend"]:
+            no_go.append(
+                f"{e.file}: backend.name is {e.backend!r}, the production profile runs "
+                f"{PRODUCTION['backend']!r}"
+            )
+        if e.model != PRODUCTION["model"]:
+            no_go.append(
+                f"{e.file}: backend.model is {e.model!r}, the production profile runs "
+                f"{PRODUCTION['model']!r} (a run with --harness-model under "
+                f"{PRODUCTION_PROFILE}: move the report away or measure {PRODUCTION['model']})"
+            )
+    # Per phase, the newest report of the production model (older ones are superseded).
+    chosen: dict[str, ReportEntry] = {}
+    for name, base in REQUIRED_PHASES:
+        mine = [e for e in prod if e.base == base and e.model == PRODUCTION["model"]]
+        if mine:
+            chosen[name] = _newest(mine)
+    missing = [name for name, _ in REQUIRED_PHASES if name not in chosen]
+    # One prompt: the one `harness run` sends.
+    try:
+        expected = load_prompt(prompt)
+        want_sha: str | None = expected.sha256
+    except HarnessError as exc:
+        want_sha = None
+        incomplete.append(f"the prompt harness run sends cannot be read: {exc}")
+    for e in chosen.values():
+        if e.phase not in PROMPT_BOUND:
+            continue
+        sha = e.prompt_sha256
+        if sha is None:
+            incomplete.append(
+                f"{e.file}: names no prompt (written before reports named theirs): re-run it"
+            )
+        elif want_sha is not None and sha != want_sha:
+            shown = (e.data.get("prompt") or {}).get("file")
+            no_go.append(
+                f"{e.file}: prompt.sha256 {sha[:12]} ({shown}) is not the prompt harness run "
+                f"sends ({expected.path}, sha256 {want_sha[:12]})"
+            )
+    # One server and one set of flags across the set.
+    servers: dict[tuple[str, str], list[str]] = {}
+    for e in chosen.values():
+        ident = e.server_identity
+        if ident is not None:
+            servers.setdefault(ident, []).append(e.file)
+    if len(servers) > 1:
+        shown = "; ".join(
+            f"{s} (flags {f}): {', '.join(files)}" for (s, f), files in servers.items()
         )
-    failed = [e for e in prod if e.result == "FAIL"]
-    if failed:
-        decision = "NO-GO"
-        reasons = [f"{e.file} FAIL: {'; '.join(e.failed)}" for e in failed]
-    elif missing:
-        decision = "incomplete"
-        reasons = [f"phases not run yet for {PRODUCTION_PROFILE}: {', '.join(missing)}"]
-    elif any(e.result == "ungated" for e in prod):
-        decision = "incomplete"
-        ungated = [e.file for e in prod if e.result == "ungated"]
-        reasons = ["ungated production reports: " + ", ".join(ungated)]
+        no_go.append(f"backend.server differs across the reports: {shown}")
+    # Stale evidence.
+    cfg = config if isinstance(config, ProfileConfig) else None
+    for e in chosen.values():
+        for why in stale_reasons(e, cfg):
+            incomplete.append(f"{e.file}: stale: {why}")
+    failed = [e for e in chosen.values() if e.result == "FAIL"]
+    no_go += [f"{e.file} FAIL: {'; '.join(e.failed)}" for e in failed]
+    ungated = [e.file for e in chosen.values() if e.result == "ungated"]
+    if ungated:
+        incomplete.append("ungated production reports: " + ", ".join(ungated))
+    if missing:
+        incomplete.insert(0, f"phases not run yet for {PRODUCTION_PROFILE}: {', '.join(missing)}")
+    if no_go:
+        decision, reasons = "NO-GO", no_go + incomplete
+    elif incomplete:
+        decision, reasons = "incomplete", incomplete
     else:
         decision = "GO"
-        reasons = [f"every required phase of {PRODUCTION_PROFILE} passed"]
-    if missing and decision != "incomplete":
-        reasons.append(f"phases not run yet: {', '.join(missing)}")
-    if len(models) > 1:
-        reasons.append(
-            f"reports of several models ({', '.join(models)}): the verdict reads {prod[0].model}'s"
+        reasons = [
+            f"every required phase of {PRODUCTION_PROFILE} passed, measured on "
+            f"{PRODUCTION['model']} ({PRODUCTION['backend']}, "
+            + ", ".join(f"{s} flags {f}" for s, f in servers)
+            + f") with the prompt harness run sends (sha256 {str(want_sha)[:12]})"
+        ]
+    evidence = [f"{e.file}: {e.result}, {e.provenance}" for e in chosen.values()]
+    # The projection: a finished, passing scale run of the chosen set's identity.
+    idents = {e.server_identity for e in chosen.values() if e.server_identity}
+    source = [
+        e
+        for e in projection_sources(
+            list(chosen.values()), model=PRODUCTION["model"], backend=PRODUCTION["backend"]
         )
+        if e.server_identity in idents or e.server_identity is None
+    ]
+    note = "" if decision == "GO" else f" (from a set whose verdict is {decision})"
     return Verdict(
-        decision, reasons, _settings(config_path, PRODUCTION_PROFILE), _projection(prod),
+        decision, reasons, _settings(config), _projection(source, note), not_measured, evidence
+    )
+
+
+def _stand_in(
+    entries: Sequence[ReportEntry], config_path: Path, not_measured: list[str]
+) -> Verdict:
+    """No production report: what a stand-in predicts, said as a prediction."""
+    stand_ins = sorted({f"{e.profile} ({e.model} on {e.backend})" for e in entries})
+    reasons = [
+        f"no report of the production profile ({PRODUCTION_PROFILE}: Ollama, Gemma 3 12B, GPU)",
+        "this folder holds a stand-in's reports: "
+        + (", ".join(stand_ins) or "none")
+        + ". They predict the pipeline's behaviour (caching, trims, memory per token), "
+        "not production's throughput or scores",
+    ]
+    reasons += [
+        f"stand-in FAIL: {e.file}: {'; '.join(e.failed)}" for e in entries if e.result == "FAIL"
+    ]
+    config = _load_config(config_path, "embedded")
+    cfg = config if isinstance(config, ProfileConfig) else None
+    for e in entries:
+        not_measured += [f"{e.file}: stale: {why}" for why in stale_reasons(e, cfg)]
+    evidence = [f"{e.file}: {e.result}, {e.provenance}" for e in entries]
+    return Verdict(
+        "not measured for production",
+        reasons,
+        _settings(config),
+        _projection(projection_sources(entries), " (a stand-in: a prediction, not production)"),
         not_measured,
-    )  # fmt: skip
+        evidence,
+    )
+
+
+def check_folder(report_dir: Path) -> None:
+    """Raise ConfigError when `report_dir` cannot be read as a reports folder."""
+    if not report_dir.exists():
+        raise ConfigError(f"{report_dir}: no such folder (give the folder pytest wrote to)")
+    if not report_dir.is_dir():
+        raise ConfigError(f"{report_dir}: not a folder")
+    try:
+        next(iter(report_dir.iterdir()), None)
+    except OSError as exc:
+        raise ConfigError(f"{report_dir}: cannot be read ({exc.strerror})") from None

@@ -15,8 +15,8 @@ import pytest
 HARNESS = Path(__file__).resolve().parent.parent / "harness"
 
 FLOORS: list[tuple[str, ...]] = [
-    # 0: the ground: errors, file writing, the per-request record
-    ("harness", "harness.errors", "harness.fileio", "harness.records"),
+    # 0: the ground: errors, file writing, the per-request record, report file names
+    ("harness", "harness.errors", "harness.fileio", "harness.records", "harness.reportfiles"),
     # 1: what knows models, memory and figures, and the work's shape
     ("harness.models", "harness.memory", "harness.metrics", "harness.workload"),
     # 2: model servers, behind one contract

@@ -21,9 +21,11 @@ def scale_report(folder: Path, **figures: object) -> Path:
         "machine_info": {},
         "commit_info": None,
         "backend": {"name": "ollama", "model": "gemma3:12b"},
-        "criteria": [],
-        "passed": None,
-        "result": "ungated",
+        "criteria": [
+            {"metric": "error_rate", "op": "<", "threshold": 0.01, "value": 0.002, "passed": True}
+        ],
+        "passed": True,
+        "result": "PASS",
         "requests": 1000,
         "completed": 998,
         "finished": True,
@@ -34,8 +36,8 @@ def scale_report(folder: Path, **figures: object) -> Path:
         "strategy": {"name": "stateless"},
         **figures,
     }
-    path = folder / "performance_benchmarks_1000.json"
-    path.write_text(json.dumps(data))
+    path = folder / str(figures.pop("file", "performance_benchmarks_1000.json"))
+    path.write_text(json.dumps({**data, **figures}))
     return path
 
 
@@ -84,13 +86,65 @@ def test_plan_refuses_another_model_and_lists_what_it_has(
     ]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "no finished scale report" in err and "model qwen3:8b" in err
+    assert "no finished, passing scale report" in err and "model qwen3:8b" in err
     assert "gemma3:12b on ollama, stateless (performance_benchmarks_1000.json)" in err
 
 
 def test_a_stopped_run_plans_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scale_report(tmp_path, finished=False)
     assert main(["plan", "--rows", "10", "--deadline", "1h", "--report-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("figures", "why"),
+    [
+        ({"finished": False}, "stopped part-way"),
+        ({"result": "FAIL", "passed": False}, "failed its criteria"),
+        ({"result": "ungated", "passed": None, "criteria": []}, "ungated"),
+        ({"cached_tokens_source": "double"}, "a test double or replay"),
+        (
+            {"backend": {"name": "ollama", "model": "gemma3:12b", "replay": "tests/ollama_replay"}},
+            "a test double or replay",
+        ),
+    ],
+)
+def test_plan_refuses_what_the_verdict_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], figures: dict[str, object], why: str
+) -> None:
+    """One rule with the verdict (`projection_sources`): finished, passed, measured."""
+    scale_report(tmp_path, **figures)
+    assert main(["plan", "--rows", "10", "--deadline", "1h", "--report-dir", str(tmp_path)]) == 2
+    assert f"performance_benchmarks_1000.json ({why})" in capsys.readouterr().err
+
+
+def test_a_pool_report_plans_per_server_with_its_measured_scaling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two servers together ran 9.0 req/s: 4.5 each; measured against one server's 6.0: 0.75.
+    scale_report(
+        tmp_path,
+        file="performance_benchmarks_10000.gpu-gemma3-12b.gemma3-12b.json",
+        requests=10000,
+        throughput_rps=9.0,
+        strategy={"name": "stateless", "servers": 2},
+        scaling={"efficiency": 0.75, "one_server_rps": 6.0},
+    )
+    args = ["plan", "--rows", "1700000", "--deadline", "24h", "--report-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4.500 completed req/s each: 2 servers together ran 9.000" in out
+    # 1,700,000 / (4.5 x 0.75 x 86,400) = 5.83: six servers, 1.7M / (4.5 x 6 x 0.75) s = 23.3 h.
+    assert "servers: 6 of this kind" in out
+    assert "time: 23.3 h on 6 servers at a scaling efficiency of 0.75" in out
+
+
+def test_a_plan_without_measured_scaling_says_it_assumes_servers_add_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scale_report(tmp_path)
+    assert main(["plan", "--rows", "1700000", "--deadline", "24h", "--report-dir",
+                 str(tmp_path)]) == 0  # fmt: skip
+    assert "assuming they add up (scaling not measured" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

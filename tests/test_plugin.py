@@ -46,8 +46,7 @@ def test_phase(harness):
     figures = scale_figures(result, size=len(items), report_dir=harness.report_dir)
     report = harness.report("performance_benchmarks_30.json", scenario, figures, backend=double)
     harness.gate(report)
-    harness.recommend({"TRIM_INTERVAL": 10, "MAX_CONTEXT_TOKENS": 100000},
-                      harness.report_dir / "performance_benchmarks_30.json", None)
+    harness.recommend({"TRIM_INTERVAL": 10, "MAX_CONTEXT_TOKENS": 100000}, report, None)
 
 @pytest.mark.scale_10k
 def test_long_phase():
@@ -76,12 +75,15 @@ def test_a_passing_phase_writes_reports_and_prints_the_table(project: pytest.Pyt
         [
             "*harness reports*",
             "verdict: not measured for production",
-            "*performance_benchmarks_30.json: a test double's figures, not measurements*",
-            "*performance_benchmarks_30.json*embedded*double*PASS*savings*",
+            "*performance_benchmarks_30.embedded.double.json: a test double's figures, not "
+            "measurements*",
+            "*performance_benchmarks_30.embedded.double.json*embedded*double*PASS*savings*",
             "summary: reports/summary.json",
         ]
     )
-    report = json.loads((project.path / "reports" / "performance_benchmarks_30.json").read_text())
+    report = json.loads(
+        (project.path / "reports" / "performance_benchmarks_30.embedded.double.json").read_text()
+    )
     for key in ("harness_version", "phase", "scenario", "profile", "generated_at", "machine_info",
                 "commit_info", "backend", "criteria", "passed"):  # fmt: skip
         assert key in report
@@ -90,7 +92,9 @@ def test_a_passing_phase_writes_reports_and_prints_the_table(project: pytest.Pyt
     assert report["context_trims"] == 2
     summary = json.loads((project.path / "reports" / "summary.json").read_text())
     assert summary["this_session"][0]["result"] == "PASS"
-    assert [r["report"] for r in summary["reports"]] == ["performance_benchmarks_30.json"]
+    assert [r["report"] for r in summary["reports"]] == [
+        "performance_benchmarks_30.embedded.double.json"
+    ]
     assert summary["verdict"]["decision"] == "not measured for production"
 
 
@@ -137,7 +141,7 @@ def test_write_config_writes_once_with_provenance(project: pytest.Pytester) -> N
     first.stdout.fnmatch_lines(["config written: harness.yaml (MAX_CONTEXT_TOKENS, TRIM_INTERVAL)"])
     text = config.read_text()
     assert "TRIM_INTERVAL: 75  # from the GPU box" in text
-    assert "report: reports/performance_benchmarks_30.json" in text
+    assert "report: reports/performance_benchmarks_30.embedded.double.json" in text
     second = project.runpytest_subprocess("-p", "no:cacheprovider", "--write-config")
     second.assert_outcomes(passed=1, deselected=1)
     second.stdout.no_fnmatch_line("config written:*")
@@ -191,7 +195,8 @@ def test_a_scale_run_stopped_part_way_still_reports_what_ran(pytester: pytest.Py
         ["*run_finished = 0: stopped after 37 of 100 requests: ModelNotFound: injected*"]
     )
     result.stderr.fnmatch_lines(["*scale 100: 37 of 100 requests run*STOPPED: ModelNotFound*"])
-    report = json.loads((pytester.path / "reports" / "performance_benchmarks_100.json").read_text())
+    (path,) = (pytester.path / "reports").glob("performance_benchmarks_100.embedded.*.json")
+    report = json.loads(path.read_text())
     assert report["passed"] is False
     assert report["completed"] == 37
     assert report["requests_planned"] == 100
@@ -212,10 +217,12 @@ def test_a_profile_without_criteria_is_ungated_and_its_gate_fails(project: pytes
         [
             "*scenarios/phase2_scale_100.yaml: profile 'embedded' has no criteria, so nothing "
             "was checked and the phase cannot pass*",
-            "*performance_benchmarks_30.json*ungated*",
+            "*performance_benchmarks_30.embedded.double.json*ungated*",
         ]
     )
-    report = json.loads((project.path / "reports" / "performance_benchmarks_30.json").read_text())
+    report = json.loads(
+        (project.path / "reports" / "performance_benchmarks_30.embedded.double.json").read_text()
+    )
     assert report["passed"] is None
     assert report["result"] == "ungated"
     summary = json.loads((project.path / "reports" / "summary.json").read_text())

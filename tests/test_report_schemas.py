@@ -58,7 +58,8 @@ def test_a_scale_report_and_the_summary_validate(pytester: pytest.Pytester) -> N
     pytester.makepyfile(test_phase=SUITE)
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "scale_100")
     reports = pytester.path / "reports"
-    validate(reports / "performance_benchmarks_20.json")
+    # The profile and model in the name: the in-process double under the embedded profile.
+    validate(reports / "performance_benchmarks_20.embedded.double.json")
     validate(reports / "summary.json")
 
 

@@ -4,15 +4,19 @@ and the figures of a scale report. Suites stay thin; the logic lives here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.backends.ollama import CACHED_FIELD_EVIDENCE
 from harness.engine.job import JobResult
+from harness.engine.reusewatch import describe as describe_alarm
 from harness.engine.tokens import TokenCounter
 from harness.metrics import RunMetrics
+from harness.reportfiles import base_name, find_report
 from harness.scenarios import Scenario, lookup
 from harness.workload import (
     CandidateTable,
@@ -30,9 +34,11 @@ __all__ = [
     "phase1_budget",
     "projection_check",
     "prompt_for",
+    "prompt_identity",
     "recommended_trim_interval",
     "run_identity",
     "scale_figures",
+    "scaling_check",
     "table_for",
 ]
 
@@ -44,6 +50,17 @@ def prompt_for(scenario: Scenario, profile: str) -> PromptSpec:
     """The scenario's prompt file (relative to the scenario), default the recruiter rubric."""
     wl = scenario.workload_for(profile)
     return load_prompt(Path(scenario.path).parent / wl.prompt if wl.prompt else None)
+
+
+def prompt_identity(scenario: Scenario, profile: str, root: Path | None = None) -> dict[str, str]:
+    """The prompt a phase sends, as its report names it: name, file (relative to `root` when
+    under it) and sha256 (system, template and schema)."""
+    prompt = prompt_for(scenario, profile)
+    file = Path(prompt.path) if prompt.path else None
+    if file is not None and root is not None:
+        with contextlib.suppress(ValueError):
+            file = file.resolve().relative_to(root.resolve())
+    return {"name": prompt.name, "file": str(file or ""), "sha256": prompt.sha256}
 
 
 def table_for(scenario: Scenario, profile: str, n: int | None = None) -> CandidateTable:
@@ -104,15 +121,17 @@ def recommended_trim_interval(safe_tokens: int, shape: Mapping[str, float]) -> i
     return max(1, math.floor(room / shape["tokens_per_exchange"]))
 
 
-def phase1_budget(report_dir: Path, profile: str) -> tuple[int, str] | None:
-    """Phase 1's memory budget for this profile (from its report), when phase 1 ran."""
-    path = report_dir / "context_limit_results.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+def phase1_budget(
+    report_dir: Path, profile: str, model: str | None = None
+) -> tuple[int, str] | None:
+    """Phase 1's memory budget for this profile (and model, when given), from its newest
+    report, when phase 1 ran."""
+    found = find_report(report_dir, "context_limit_results.json", profile=profile, model=model)
+    if found is None:
         return None
+    path, data = found
     budget = data.get("memory_budget_bytes")
-    if data.get("profile") != profile or not isinstance(budget, int | float):
+    if not isinstance(budget, int | float):
         return None
     return int(budget), f"phase 1 ({path.name}: {data.get('memory_budget_source')})"
 
@@ -134,13 +153,13 @@ def projection_check(
 ) -> dict[str, Any] | None:
     """Compare this run's time with what the largest smaller run of the same profile, model,
     backend and strategy predicted; runs of anything else are listed as not comparable."""
-    best: tuple[int, dict[str, Any]] | None = None
+    best: tuple[int, str, dict[str, Any]] | None = None
     others: list[str] = []
     for path in sorted(report_dir.glob("performance_benchmarks_*.json")):
         try:
-            n = int(path.stem.rsplit("_", 1)[1])
+            n = int(base_name(path.name).removesuffix(".json").rsplit("_", 1)[1])
             data = json.loads(path.read_text())
-        except (ValueError, OSError):
+        except (ValueError, OSError, IndexError):
             continue
         if n >= size or not data.get("throughput_rps") or data.get("finished") is False:
             continue  # larger, empty, or stopped part-way: predicts nothing
@@ -150,16 +169,16 @@ def projection_check(
             others.append(f"{path.name} ({', '.join(f'{k} {theirs.get(k)}' for k in differ)})")
             continue
         if best is None or n > best[0]:
-            best = (n, data)
+            best = (n, path.name, data)
     if best is None:
         if not others:
             return None
         return {"from_report": None, "not_comparable": others, "error": None}
-    n, data = best
+    n, name, data = best
     predicted = size / float(data["throughput_rps"])
     return {
         "from_requests": n,
-        "from_report": f"performance_benchmarks_{n}.json",
+        "from_report": name,
         "predicted_s": predicted,
         "actual_s": elapsed_s,
         "error": elapsed_s / predicted - 1.0,
@@ -180,8 +199,13 @@ def scale_figures(
     identity: Mapping[str, Any] | None = None,
     expected: Mapping[str, Any] | None = None,
     memory_budget: tuple[int, str] | None = None,
+    predicted_memory_gb: float | None = None,
+    servers: int = 1,
 ) -> dict[str, Any]:
-    """The figures of a scale report (performance_benchmarks_<N>.json)."""
+    """The figures of a scale report (performance_benchmarks_<N>.json). `predicted_memory_gb`:
+    phase 1's line at this run's context (harness.yaml's MODEL_VRAM_GB and KV per token),
+    compared with the peak measured; `servers`: how many servers the run went over (a pool's
+    scaling efficiency is measured against the largest single-server run of its identity)."""
     m = result.metrics
     server = result.memory.get("server") or {}
     gpu = result.memory.get("gpu") or {}
@@ -230,7 +254,13 @@ def scale_figures(
             "peak_gb": peak / GB if peak is not None else None,
             "source": primary.get("source"),
             "kind": primary.get("kind"),
-            "spilled": bool(server.get("spilled")),
+            # None when no reading could tell (never "not spilled" without one).
+            "spilled": server.get("spilled"),
+            "samples": server.get("samples"),
+            "failed_readings": server.get("failed_readings"),
+            "failed_readings_rate": _failed_rate(server),
+            "not_loaded_readings": server.get("not_loaded_readings"),
+            "members_peak_bytes": server.get("members_peak_bytes"),
             "server_peak_bytes": server.get("peak_bytes"),
             "server_source": server.get("source"),
             "gpu_peak_bytes": gpu.get("peak_bytes"),
@@ -265,8 +295,18 @@ def scale_figures(
         # Over several servers (a pool): each one's rows, req/s, savings, errors, latency, and
         # when it left and why (harness.engine.job.endpoint_report). None for one server.
         "endpoints": result.endpoints or None,
+        "cached_omitted": m.cached_omitted,
+        "reuse_alarms": list(result.reuse_alarms),
+        "reuse_windows": result.reuse_windows,
     }
     reasons = figures["unknown_reasons"]
+    _memory_checks(figures, server, server_name, predicted_memory_gb)
+    _savings_notes(figures, m, result)
+    if servers > 1 and result.error is None and identity is not None:
+        figures["scaling"] = scaling_check(report_dir, m.throughput_rps, servers, identity)
+        figures["scaling_efficiency"] = figures["scaling"].get("efficiency")
+        if figures["scaling_efficiency"] is None:
+            reasons["scaling_efficiency"] = figures["scaling"]["why"]
     if projection is None or projection.get("error") is None:
         reasons["projection_error"] = (
             f"no finished smaller scale report of the same profile, model, backend and strategy "
@@ -288,11 +328,128 @@ def scale_figures(
         figures["memory"]["budget_source"] = source
         figures["memory"]["within_budget"] = peak is not None and peak <= budget
     if expected:
+        # A scenario's own expectations, beside what was measured (its criteria gate).
         figures["expected_vs_measured"] = {
-            key: {"expected": want, "measured": lookup(figures, key)}
+            key: {
+                "expected": want,
+                "measured": (got := lookup(figures, key)),
+                "ratio": got / want
+                if isinstance(got, int | float) and isinstance(want, int | float) and want
+                else None,
+            }
             for key, want in expected.items()
         }
     return figures
+
+
+def _failed_rate(summary: Mapping[str, Any]) -> float | None:
+    samples, failed = summary.get("samples"), summary.get("failed_readings")
+    if samples is None or failed is None or samples + failed == 0:
+        return None
+    return float(failed) / float(samples + failed)
+
+
+def _memory_checks(
+    figures: dict[str, Any],
+    server: Mapping[str, Any],
+    server_name: str,
+    predicted_gb: float | None,
+) -> None:
+    """Spill known or why not; failed readings; measured against phase 1's prediction."""
+    mem, reasons = figures["memory"], figures["unknown_reasons"]
+    if mem["spilled"] is None:
+        if not server:
+            why = f"no memory probe for {server_name}"
+        elif not server.get("samples"):
+            why = (
+                f"no memory reading of {server_name} succeeded ({server.get('failed_readings')} "
+                "failed): spill unknown"
+            )
+        else:
+            why = f"{server.get('source')} cannot tell a spill (only Ollama's /api/ps does)"
+        reasons["memory.spilled"] = why
+    if mem["failed_readings_rate"] is None:
+        reasons["memory.failed_readings_rate"] = f"no memory probe for {server_name}"
+    peak = mem["peak_bytes"]
+    mem["predicted_gb"] = predicted_gb
+    if predicted_gb and peak is not None:
+        mem["predicted_ratio"] = peak / GB / predicted_gb
+        mem["predicted_ratio_error"] = abs(mem["predicted_ratio"] - 1.0)
+    else:
+        mem["predicted_ratio"] = mem["predicted_ratio_error"] = None
+        reasons["memory.predicted_ratio_error"] = (
+            "no phase 1 prediction (harness.yaml's MODEL_VRAM_GB and KV_CACHE_PER_TOKEN_MB for "
+            "this backend and model: pytest suites/context_limits --harness-write-config)"
+            if not predicted_gb
+            else "no memory reading"
+        )
+
+
+def _savings_notes(figures: dict[str, Any], m: RunMetrics, result: JobResult) -> None:
+    """How the cached tokens were counted, in the savings criteria's messages; a reuse alarm
+    vetoes them (the savings figure averages over the rows that lost the rubric)."""
+    metrics = ("token_savings", "savings_efficiency", "uncached_tokens_per_request",
+               "cached_coverage", "cached_tokens_source")  # fmt: skip
+    if m.completed:
+        known = sum(m.cached_sources.values())
+        note = (
+            f"cached tokens known for {known} of {m.completed} completed requests (coverage "
+            f"{(m.cached_coverage or 0):.2f}): {known - m.cached_omitted} reported"
+            + (
+                f", {m.cached_omitted} left out by a server that sent the field before (counted "
+                "as 0)"
+                if m.cached_omitted
+                else ""
+            )
+            + (f", {m.completed - known} not reported" if m.completed - known else "")
+            + f"; sources {m.cached_sources or 'none'}"
+        )
+        figures["criteria_notes"] = dict.fromkeys(metrics, note)
+    if result.reuse_alarms:
+        first = result.reuse_alarms[0]
+        veto = (
+            f"{len(result.reuse_alarms)} reuse alarm(s) during the run, the first: "
+            + describe_alarm(first)
+        )
+        figures["criteria_vetoes"] = dict.fromkeys(metrics[:3], veto)
+
+
+def scaling_check(
+    report_dir: Path, rps: float, servers: int, identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A pool run's scaling efficiency: its throughput ÷ (servers × the throughput of the
+    largest finished, passing single-server scale report of the same profile, model, backend
+    and strategy); `why` when there is none to compare with."""
+    best: tuple[int, str, float] | None = None
+    for path in sorted(report_dir.glob("performance_benchmarks_*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        st = data.get("strategy") if isinstance(data.get("strategy"), Mapping) else {}
+        one = int((st or {}).get("servers") or 1) == 1 and not data.get("endpoints")
+        if not one or data.get("result") != "PASS" or data.get("finished") is False:
+            continue
+        if run_identity(data) != dict(identity) or not data.get("throughput_rps"):
+            continue
+        n = int(data.get("requests") or 0)
+        if best is None or n > best[0]:
+            best = (n, path.name, float(data["throughput_rps"]))
+    if best is None:
+        return {
+            "efficiency": None,
+            "servers": servers,
+            "why": f"no finished, passing single-server scale report of the same profile, model, "
+            f"backend and strategy in {report_dir} to compare with (run it first)",
+        }
+    _, name, one_rps = best
+    return {
+        "efficiency": rps / (servers * one_rps),
+        "servers": servers,
+        "throughput_rps": rps,
+        "one_server_rps": one_rps,
+        "one_server_report": name,
+    }
 
 
 def _unknown_reasons(m: RunMetrics, server: str) -> dict[str, str]:
@@ -301,7 +458,7 @@ def _unknown_reasons(m: RunMetrics, server: str) -> dict[str, str]:
     if not m.cached_coverage:
         why = f"cached prompt tokens not reported by {server}"
         if server.startswith("ollama"):
-            why += " (Ollama reports prompt_eval_cached_count from 0.33.x on)"
+            why += f" ({CACHED_FIELD_EVIDENCE})"
         for key in ("token_savings", "savings_efficiency", "uncached_tokens_per_request"):
             reasons[key] = why
     return reasons

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +25,11 @@ from harness import __version__
 from harness.backends.base import Backend
 from harness.config import write_back
 from harness.fileio import atomic_write_json
+from harness.phases.common import prompt_identity
 from harness.report import commit_info, now_iso, write_report
+from harness.reportfiles import find_report, report_filename
 from harness.reportmodels import SummaryReport
-from harness.scenarios import Scenario, evaluate
+from harness.scenarios import Criterion, Scenario, evaluate
 from harness.verdict import read_reports, verdict
 
 if TYPE_CHECKING:
@@ -87,11 +89,21 @@ class Reports:
         backend: Backend | None = None,
         key: str | None = None,
         stopped: str | None = None,
+        defaults: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Evaluate the criteria on `figures`, write the report, remember it. `stopped` says why
-        the run ended early: the report keeps what ran and fails on `run_finished`."""
+        the run ended early: the report keeps what ran and fails on `run_finished`. `defaults`:
+        criteria the harness applies where the profile sets none on that metric (a pool run's
+        `scaling_efficiency >= 0.7`)."""
         s = self.session
         criteria = scenario.criteria_for(s.profile) if s.profile in scenario.profiles else []
+        gated = {c.metric for c in criteria}
+        for i, text in enumerate(defaults):
+            default = Criterion.parse(
+                text, "harness default", f"profiles.{s.profile}.defaults[{i}]", scenario.phase
+            )
+            if default.metric not in gated:
+                criteria.append(default)
         results = evaluate(criteria, figures)
         rows = [r.to_dict() for r in results]
         failed = [r.message() for r in results if not r.passed]
@@ -99,18 +111,21 @@ class Reports:
             rows.insert(0, {"metric": "run_finished", "op": "==", "threshold": 1, "value": 0,
                             "passed": False, "reason": stopped})  # fmt: skip
             failed.insert(0, f"run_finished = 0: {stopped}")
-        path = s.report_dir / filename
+        info = s.backend_info(backend, scenario)
+        # The profile and model in the name: a run of one never overwrites another's report.
+        path = s.report_dir / report_filename(filename, s.profile, str(info.get("model")))
         scenario_rel = s.relpath(Path(scenario.path))
         report = write_report(
             path,
             phase=scenario.phase,
             scenario=scenario_rel,
             profile=s.profile,
-            backend=s.backend_info(backend),
+            backend=info,
             figures=figures,
             criteria=rows,
             machine=s.machine(),
             commit=commit_info(s.root),
+            prompt=prompt_identity(scenario, s.profile, s.root),
         )
         # Messages name the scenario relative to the project, as users wrote it.
         failed = [m.replace(scenario.path, scenario_rel) for m in failed]
@@ -131,11 +146,23 @@ class Reports:
                     pytrace=False,
                 )
 
-    def recommend(self, values: dict[str, Any], report_path: Path, backend: Backend | None) -> None:
+    def path_of(self, report: dict[str, Any]) -> Path:
+        """Where a report written this session lies (its name carries profile and model)."""
+        for result in self.results:
+            if result.report is report:
+                return result.path
+        raise KeyError("that report was not written by this session")
+
+    def recommend(
+        self, values: dict[str, Any], report: dict[str, Any] | Path, backend: Backend | None
+    ) -> None:
+        """Write `values` to harness.yaml with their provenance: `report` (the report dict
+        this session wrote, or its path) and the backend and model that measured them."""
         s = self.session
         if not s.write_config:
             return
         info = s.backend_info(backend)
+        report_path = report if isinstance(report, Path) else self.path_of(report)
         provenance = {
             "report": s.relpath(report_path),
             "date": now_iso()[:10],
@@ -193,9 +220,9 @@ class Reports:
         from harness.plots import plot_memory_vs_context
 
         s = self.session
-        limits = s.report_dir / "context_limit_results.json"
-        if limits.exists():
-            data = json.loads(limits.read_text())
+        found = find_report(s.report_dir, "context_limit_results.json", profile=s.profile)
+        if found is not None:
+            _, data = found
             budget = data.get("memory_budget_bytes")
             peak = data.get("max_measured_bytes") or 0
             if budget and budget > 3 * peak:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import io
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,9 +157,14 @@ class HarnessSession:
             self._loop.close()
             self._loop = None
 
-    def backend_info(self, backend: Backend | None) -> dict[str, Any]:
+    def backend_info(
+        self, backend: Backend | None, scenario: Scenario | None = None
+    ) -> dict[str, Any]:
+        """The server a report's figures came from; without a backend, what the scenario's
+        settings name (a phase that built its own servers)."""
         if backend is None:
-            return {"name": self.backend_name, "model": self.model_for()}
+            cfg = self.run_config(scenario)
+            return {"name": cfg.backend.value, "model": cfg.model.value}
         info = backend.info
         out = {
             "name": info.backend,
@@ -172,7 +177,7 @@ class HarnessSession:
         }
         if info.extra.get("pool"):
             out["endpoints"] = list(info.extra.get("endpoints", []))
-        for key in ("server_flags", "llama_server_args", "llama_cpp"):
+        for key in ("server_flags", "llama_server_args", "llama_cpp", "replay"):
             if key in info.extra:
                 out[key] = info.extra[key]
         if info.backend == "embedded":
@@ -207,20 +212,29 @@ class HarnessSession:
         backend: Backend | None = None,
         key: str | None = None,
         stopped: str | None = None,
+        defaults: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Evaluate the scenario's criteria on `figures`, write the phase's report, remember it
         (see `Reports.write`)."""
         return self.reports.write(
-            filename, scenario, figures, backend=backend, key=key, stopped=stopped
-        )
+            filename, scenario, figures, backend=backend, key=key, stopped=stopped,
+            defaults=defaults,
+        )  # fmt: skip
 
     def gate(self, report: dict[str, Any]) -> None:
         """Fail the current test unless the report's criteria were checked and met."""
         self.reports.gate(report)
 
-    def recommend(self, values: dict[str, Any], report_path: Path, backend: Backend | None) -> None:
-        """Write measured values back to harness.yaml (with --harness-write-config)."""
-        self.reports.recommend(values, report_path, backend)
+    def recommend(
+        self, values: dict[str, Any], report: dict[str, Any] | Path, backend: Backend | None
+    ) -> None:
+        """Write measured values back to harness.yaml (with --harness-write-config); `report`:
+        the report (as `report()` returned it) they were measured in."""
+        self.reports.recommend(values, report, backend)
+
+    def report_path(self, report: dict[str, Any]) -> Path:
+        """The file a report written this session went to."""
+        return self.reports.path_of(report)
 
 
 class Terminal(io.TextIOBase):

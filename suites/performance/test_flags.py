@@ -15,7 +15,6 @@ both layouts (when phase 1 ran in the same report folder); then the recommendati
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ import pytest
 from harness.engine import JobSpec, run_job
 from harness.phases import items_for
 from harness.pytest import HarnessSession
+from harness.reportfiles import find_report
 
 SCENARIO = "flags.yaml"
 VARIANTS = [
@@ -89,10 +89,13 @@ def test_flags_and_strategies(harness: HarnessSession) -> None:
 
 def phase1_kv(harness: HarnessSession) -> dict[str, Any] | None:
     """KV bytes per token of both layouts, as phase 1 measured them (when it ran)."""
-    path = harness.report_dir / "context_limit_results.json"
-    if not path.exists():
+    found = find_report(
+        harness.report_dir, "context_limit_results.json", profile=harness.profile,
+        model=harness.run_config().model.value,
+    )  # fmt: skip
+    if found is None:
         return None
-    data = json.loads(path.read_text())
+    path, data = found
     other = data.get("kv_other_layout") or {}
     return {
         f"{data.get('server_flags')} flags": data.get("kv_bytes_per_token"),

@@ -113,7 +113,6 @@ def describe(
         text = q.score_file(plan.candidates, q.scores_of(plan.candidates, records))
         atomic_write_text(harness.report_dir / f"quality_scores_run_{label}.csv", text)
     figures.update(
-        prompt={"name": prompt.name, "file": prompt.path, "sha256": prompt.sha256},
         accuracy_rule="score = data_infra_years within 1..10 (the probe prompt's rule)"
         if probe
         else "no known right answer for this prompt",

@@ -1,0 +1,312 @@
+"""The verdict a user bets a night of GPU time on: each rule that can make it GO, tested.
+
+A complete production set (every required phase of `gpu-gemma3-12b`, passed, on Ollama with
+gemma3:12b, one server, the prompt `harness run` sends, written by this harness) reads GO; each
+test below breaks one rule in that set and checks the verdict says NO-GO or incomplete and names
+the report and the field. Removing a rule from `harness.verdict` makes its test fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import __version__
+from harness.cli import main
+from harness.scenarios import load_scenario
+from harness.verdict import PRODUCTION, REQUIRED_PHASES, verdict
+from harness.workload import load_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = load_prompt(None)
+PHASES = {
+    "context_limit_results.json": "context_limits",
+    "prefix_reuse_results.json": "context_limits",
+    "performance_benchmarks_100.json": "scale",
+    "performance_benchmarks_1000.json": "scale",
+    "performance_benchmarks_10000.json": "scale",
+    "quality_results.json": "quality",
+    "reliability_results.json": "reliability",
+}
+
+
+def report(base: str, **changes: Any) -> dict[str, Any]:
+    """A passing production report of `base`, as the plugin writes it."""
+    phase = PHASES[base]
+    data: dict[str, Any] = {
+        "harness_version": __version__,
+        "schema_version": 2,
+        "phase": phase,
+        "scenario": "scenarios/x.yaml",
+        "profile": "gpu-gemma3-12b",
+        "generated_at": "2026-12-01T10:00:00+00:00",
+        "machine_info": {},
+        "commit_info": {"id": "0123456789abcdef0123", "dirty": False, "branch": "main"},
+        "backend": {
+            "name": "ollama",
+            "model": "gemma3:12b",
+            "server": "ollama 0.34.0",
+            "request_path": "native",
+        },
+        "criteria": [{"metric": "m", "op": ">=", "threshold": 0, "value": 1, "passed": True}],
+        "passed": True,
+        "result": "PASS",
+        "prompt": {"name": PROMPT.name, "file": PROMPT.path, "sha256": PROMPT.sha256},
+    }
+    if phase == "reliability":
+        data["prompt"] = {"name": "short", "file": "scenarios/prompts/short_screen.yaml",
+                          "sha256": "f" * 64}  # fmt: skip
+    if phase == "scale":
+        n = int(base.removesuffix(".json").rsplit("_", 1)[1])
+        data.update(
+            requests=n, requests_planned=n, completed=n, finished=True, throughput_rps=6.5,
+            error_rate=0.0, strategy={"name": "conversation", "servers": 1},
+            cached_tokens_source="server",
+            config={"MAX_CONTEXT_TOKENS": {"value": 14000, "source": "scenario"}},
+        )  # fmt: skip
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def write_set(folder: Path, reports: dict[str, dict[str, Any]]) -> Path:
+    """Write each report under its new-layout name (profile and model in it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for base, data in reports.items():
+        model = data["backend"]["model"].replace(":", "-")
+        name = base.removesuffix(".json") + f".{data['profile']}.{model}.json"
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def complete() -> dict[str, dict[str, Any]]:
+    return {base: report(base) for _, base in REQUIRED_PHASES}
+
+
+def decide(tmp_path: Path, reports: dict[str, dict[str, Any]], **kw: Any) -> Any:
+    folder = write_set(tmp_path / "reports", reports)
+    return verdict(folder, tmp_path / "harness.yaml", **kw)
+
+
+def test_a_complete_production_set_reads_go(tmp_path: Path) -> None:
+    v = decide(tmp_path, complete())
+    assert v.decision == "GO", v.lines()
+    assert v.exit_code == 0
+    # Every report it read, with its date, harness version and commit.
+    assert len(v.evidence) == len(REQUIRED_PHASES)
+    assert all(f"harness {__version__} @ 0123456789ab" in e for e in v.evidence)
+    assert any("performance_benchmarks_10000" in p for p in v.projection)
+
+
+def test_a_failed_phase_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    reports["quality_results.json"].update(
+        passed=False, result="FAIL",
+        criteria=[{"metric": "parse_rate", "op": ">=", "threshold": 0.999, "value": 0.9,
+                   "passed": False}],
+    )  # fmt: skip
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("quality_results" in r and "parse_rate" in r for r in v.reasons)
+
+
+def test_a_missing_phase_is_incomplete(tmp_path: Path) -> None:
+    reports = complete()
+    del reports["performance_benchmarks_10000.json"]
+    v = decide(tmp_path, reports)
+    assert v.decision == "incomplete" and v.exit_code == 1
+    assert any("scale 10K" in r for r in v.reasons)
+
+
+def test_an_ungated_phase_is_incomplete(tmp_path: Path) -> None:
+    reports = complete()
+    reports["reliability_results.json"].update(criteria=[], passed=None, result="ungated")
+    v = decide(tmp_path, reports)
+    assert v.decision == "incomplete"
+    assert any("ungated" in r and "reliability_results" in r for r in v.reasons)
+
+
+def test_another_model_in_one_report_is_no_go_naming_it(tmp_path: Path) -> None:
+    reports = complete()
+    reports["performance_benchmarks_1000.json"]["backend"]["model"] = "gemma3:4b"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO", v.lines()
+    assert any(
+        "performance_benchmarks_1000.gpu-gemma3-12b.gemma3-4b.json" in r
+        and "backend.model is 'gemma3:4b'" in r
+        for r in v.reasons
+    )
+
+
+def test_a_whole_set_of_another_model_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    for data in reports.values():
+        data["backend"]["model"] = "gemma3:4b"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+
+
+def test_another_backend_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    reports["quality_results.json"]["backend"]["name"] = "openai"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("backend.name is 'openai'" in r for r in v.reasons)
+
+
+def test_a_second_prompt_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    reports["performance_benchmarks_100.json"]["prompt"] = {
+        "name": "other", "file": "mine.yaml", "sha256": "a" * 64,
+    }  # fmt: skip
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("performance_benchmarks_100" in r and "prompt.sha256 aaaaaaaaaaaa" in r
+               for r in v.reasons)  # fmt: skip
+
+
+def test_the_prompt_must_be_the_one_harness_run_sends(tmp_path: Path) -> None:
+    """The same prompt in every report, but not the one `harness run` would send."""
+    other = ROOT / "scenarios" / "prompts" / "short_screen.yaml"
+    v = decide(tmp_path, complete(), prompt=other)
+    assert v.decision == "NO-GO"
+    assert any("is not the prompt harness run sends" in r for r in v.reasons)
+
+
+def test_a_report_without_its_prompt_is_incomplete(tmp_path: Path) -> None:
+    reports = complete()
+    reports["quality_results.json"]["prompt"] = None
+    reports["quality_results.json"].pop("prompt")
+    v = decide(tmp_path, reports)
+    assert v.decision == "incomplete"
+    assert any("quality_results" in r and "names no prompt" in r for r in v.reasons)
+
+
+def test_a_second_server_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    reports["performance_benchmarks_10000.json"]["backend"]["server"] = "ollama 0.35.1"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("backend.server differs" in r and "ollama 0.35.1" in r for r in v.reasons)
+
+
+def test_a_replayed_ollama_is_no_go_naming_the_replay(tmp_path: Path) -> None:
+    reports = complete()
+    for data in reports.values():
+        data["backend"]["replay"] = "tests/ollama_replay.py: recorded Ollama bodies"
+        data["backend"]["server"] = "ollama 0.34.0 (a replay: tests/ollama_replay.py)"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("a replayed server (tests/ollama_replay.py" in r for r in v.reasons)
+    assert v.projection == []  # a replay's throughput projects nothing
+
+
+def test_a_test_double_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    for data in reports.values():  # one server throughout: only the double rule can say no
+        data["backend"]["server"] = "in-process test double"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("a test double's figures, not measurements" in r for r in v.reasons)
+
+
+def test_the_projection_comes_only_from_a_finished_passing_run(tmp_path: Path) -> None:
+    reports = complete()
+    # A larger run that stopped part-way, and one that failed: neither may project.
+    stopped = report("performance_benchmarks_10000.json", requests=50000, finished=False,
+                     throughput_rps=60.0)  # fmt: skip
+    failed = copy.deepcopy(stopped)
+    failed.update(finished=True, passed=False, result="FAIL", throughput_rps=70.0)
+    folder = write_set(tmp_path / "reports", reports)
+    (folder / "performance_benchmarks_50000.gpu-gemma3-12b.gemma3-12b.json").write_text(
+        json.dumps({**stopped, "generated_at": "2026-12-02T00:00:00+00:00"})
+    )
+    (folder / "performance_benchmarks_170000.gpu-gemma3-12b.gemma3-12b.json").write_text(
+        json.dumps({**failed, "requests": 170000})
+    )
+    v = verdict(folder, tmp_path / "harness.yaml")
+    assert v.projection and "performance_benchmarks_10000" in v.projection[0]
+    assert "6.50 req/s" in v.projection[0]
+
+
+def test_a_stopped_scale_run_is_not_the_projection_source(tmp_path: Path) -> None:
+    """The required 10K phase stopped after a few rows: NO-GO, and no projection from it."""
+    reports = complete()
+    reports["performance_benchmarks_10000.json"].update(
+        finished=False, requests=40, throughput_rps=9.0, passed=False, result="FAIL",
+        criteria=[{"metric": "run_finished", "op": "==", "threshold": 1, "value": 0,
+                   "passed": False}],
+    )  # fmt: skip
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert v.projection and "performance_benchmarks_1000." in v.projection[0]
+
+
+def test_another_harness_version_is_stale(tmp_path: Path) -> None:
+    reports = complete()
+    reports["quality_results.json"]["harness_version"] = "0.0.1"
+    v = decide(tmp_path, reports)
+    assert v.decision == "incomplete"
+    assert any("quality_results" in r and "stale: written by harness 0.0.1" in r
+               for r in v.reasons)  # fmt: skip
+
+
+def test_settings_harness_yaml_no_longer_holds_are_stale(tmp_path: Path) -> None:
+    """The scale runs measured MAX_CONTEXT_TOKENS 14000; harness.yaml now says 12000."""
+    (tmp_path / "harness.yaml").write_text(
+        "profiles:\n  gpu-gemma3-12b:\n    MAX_CONTEXT_TOKENS: 12000\n    provenance:\n"
+        "      MAX_CONTEXT_TOKENS: {report: reports/context_limit_results.gpu-gemma3-12b."
+        "gemma3-12b.json, date: '2026-12-01', backend: ollama, model: gemma3:12b}\n"
+    )
+    v = decide(tmp_path, complete())
+    assert v.decision == "incomplete"
+    assert any(
+        "performance_benchmarks_100" in r
+        and "MAX_CONTEXT_TOKENS = 14000" in r
+        and "harness.yaml now says MAX_CONTEXT_TOKENS: 12000" in r
+        for r in v.reasons
+    )
+
+
+def test_reports_of_the_old_layout_still_load(tmp_path: Path) -> None:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    for base, data in complete().items():
+        (folder / base).write_text(json.dumps(data))
+    v = verdict(folder, tmp_path / "harness.yaml")
+    assert v.decision == "GO", v.lines()
+
+
+def test_the_scenarios_production_profile_is_the_verdicts(tmp_path: Path) -> None:
+    seen = 0
+    for path in sorted((ROOT / "scenarios").glob("*.yaml")):
+        profile = load_scenario(path).profiles.get("gpu-gemma3-12b")
+        if profile is None:
+            continue  # flags.yaml: the embedded server's flags only
+        seen += 1
+        assert profile.backend == PRODUCTION["backend"], path
+        if profile.model is not None:
+            assert profile.model == PRODUCTION["model"], path
+    assert seen >= len(REQUIRED_PHASES) - 2  # scale 100, 1K, 10K share a shape; all are there
+
+
+def test_harness_verdict_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_set(tmp_path / "reports", complete())
+    config = str(tmp_path / "harness.yaml")
+    assert main(["verdict", str(folder), "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: GO") and "evidence read:" in out
+    (folder / next(p.name for p in folder.glob("quality_results*"))).unlink()
+    assert main(["verdict", str(folder), "--config", config]) == 1
+    assert "verdict: incomplete" in capsys.readouterr().out
+    assert main(["verdict", str(tmp_path / "nowhere"), "--config", config]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["verdict", str(folder), "--config", config, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["decision"] == "incomplete"
