@@ -56,6 +56,7 @@ from harness.engine import JobSpec, RunnerConfig, TokenCounter, read_results, ru
 from harness.engine.job import endpoint_report, open_token_counter
 from harness.engine.lengths import PromptLengths, check_fits, measure_lengths
 from harness.engine.progress import format_duration
+from harness.engine.reusewatch import ReuseWatchConfig
 from harness.engine.store import read_final
 from harness.engine.strategies import STRATEGIES
 from harness.errors import ConfigError, OutputError
@@ -63,6 +64,7 @@ from harness.fileio import atomic_write_json, atomic_write_text
 from harness.metrics import MetricsCollector
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from harness.records import RequestRecord
+from harness.reportfiles import find_report
 from harness.runconfig import RunConfig, Value, resolve_run_config
 from harness.workload import (
     STRUCTURED_MODES,
@@ -213,6 +215,9 @@ class BatchOptions:
     """Send again the rows whose last result is an error (every id still ends once)."""
     new: bool = False
     """Start over when the results file belongs to another job (the old file is kept, renamed)."""
+    stop_on_cache_miss: bool = False
+    """Stop at the first reuse alarm (a window of rows whose server computed more than twice
+    the prompt tokens the strategy expects: harness.engine.reusewatch); finished rows are kept."""
 
     @property
     def openai_url(self) -> str | None:
@@ -690,6 +695,11 @@ class BatchResult:
     """Over several servers: each one's figures this run (rows, completed, errors, req/s,
     savings, latency) and history (when it left, why, after how many answers; when it came
     back), also written to `<results stem>.endpoints.json`. Empty for one server."""
+    stopped_reason: str | None = None
+    """Why the run ended before its end without a signal (a reuse alarm with
+    --stop-on-cache-miss); the rows not run resume on the next run."""
+    reuse_alarms: list[dict[str, Any]] = field(default_factory=list)
+    """This run's reuse alarms (also on the results lines that closed their windows)."""
 
     @property
     def not_run(self) -> int:
@@ -717,14 +727,21 @@ class BatchResult:
         )
         resumed = f" ({self.skipped} resumed from earlier runs)" if self.skipped else ""
         left = f", {self.not_run} not run" if self.not_run else ""
-        state = "interrupted" if self.interrupted else "finished"
+        state = (
+            "interrupted"
+            if self.interrupted
+            else "stopped on a reuse alarm"
+            if self.stopped_reason
+            else "finished"
+        )
+        alarms = f", {len(self.reuse_alarms)} reuse alarm(s)" if self.reuse_alarms else ""
         return (
             f"run {state}: {self.done} done, {self.failed} failed{left} of {self.total} rows"
             f"{resumed}; this run: {self.ran} requests in {format_duration(self.elapsed_s)} "
             f"({self.elapsed_s:.1f} s, {self.throughput_rps:.2f} completed req/s), {unc}"
             f"token savings {sav} (cached ÷ prompt tokens; source: {self.savings_source}), "
             f"mean latency {ms(self.mean_latency_ms)}, "
-            f"mean server decode {ms(self.mean_decode_ms)} per request; "
+            f"mean server decode {ms(self.mean_decode_ms)} per request{alarms}; "
             f"scores: {self.scores_path}; results: {self.results_path}"
         )
 
@@ -786,6 +803,10 @@ class _Plan:
     """Set once the scores CSV is written."""
     stopped_by: signal.Signals | None = None
     """The signal that stopped the run, when one did (SIGINT or SIGTERM)."""
+    stopped_reason: str | None = None
+    """Why the engine ended the run before its end without a signal (a reuse alarm with
+    --stop-on-cache-miss)."""
+    reuse_alarms: list[dict[str, Any]] = field(default_factory=list)
 
     def write_scores(self) -> None:
         """Write the scores CSV from the results file (when there is one)."""
@@ -833,6 +854,8 @@ class _Plan:
             stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
             server=self.server,
             endpoints=endpoints,
+            stopped_reason=self.stopped_reason,
+            reuse_alarms=list(self.reuse_alarms),
         )
 
     def endpoint_figures(self, figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -934,10 +957,12 @@ def job_spec(
     progress: bool = True,
     retry_failed: bool = False,
     endpoints: int = 1,
+    stop_on_cache_miss: bool = False,
 ) -> JobSpec:
     """The engine's job for a resolved configuration (already capped to the server's
     context): `harness run` and `harness api` run the same. Over several servers (a pool)
-    the concurrency is per server: `endpoints` × it requests in flight."""
+    the concurrency is per server: `endpoints` × it requests in flight. Both watch prefix
+    reuse; `stop_on_cache_miss` stops at the first alarm."""
     return JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,
@@ -946,6 +971,7 @@ def job_spec(
         retry_failed=retry_failed,
         progress=progress,
         desc=desc,
+        reuse=ReuseWatchConfig(stop=stop_on_cache_miss),
     )
 
 
@@ -1016,11 +1042,12 @@ def reuse_warning(lengths: PromptLengths, info: Any, report: Path) -> str | None
     """A warning when the job's p99 candidate is as long as those at which phase 1's sweep saw
     the server stop reusing the rubric (None when no sweep report of this backend and model
     exists, or reuse held)."""
-    try:
-        data = orjson.loads(report.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+    found = find_report(report.parent, report.name, model=info.model)
+    if found is None:
         return None
-    measured = data.get("backend") if isinstance(data.get("backend"), dict) else {}
+    report, data = found
+    raw = data.get("backend")
+    measured: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if (measured.get("name"), measured.get("model")) != (info.backend, info.model):
         return None  # another server's sweep says nothing about this one
     path = data.get("production_path")
@@ -1064,6 +1091,7 @@ async def preflight(plan: _Plan, server: Backend, counter: TokenCounter) -> JobS
         progress=options.progress,
         retry_failed=options.retry_failed,
         endpoints=len(info.extra.get("endpoints") or [None]),
+        stop_on_cache_miss=options.stop_on_cache_miss,
     )
     _write_job(plan.results, plan.job)
     plan.backend = server
@@ -1079,7 +1107,9 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
             server = backend if backend is not None else make_backend(options)
             async with server, open_token_counter(server) as counter:
                 spec = await preflight(plan, server, counter)
-                await run_job(server, data.items, spec, sinks=[plan.add], counter=counter)
+                job = await run_job(server, data.items, spec, sinks=[plan.add], counter=counter)
+                plan.reuse_alarms = list(job.reuse_alarms)
+                plan.stopped_reason = job.error
     finally:
         # Also after Ctrl-C (cancellation) or a server failure: the scores so far.
         plan.write_scores()

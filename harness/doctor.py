@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.backends.base import Backend, ChatRequest
+from harness.backends.ollama import CACHED_FIELD_EVIDENCE
 from harness.batch import BatchOptions, batch_config, load_input, make_backend, output_paths
 from harness.engine.job import open_token_counter
 from harness.engine.lengths import measure_lengths
@@ -85,14 +86,15 @@ async def _server_checks(options: BatchOptions, backend: Backend) -> list[Check]
         Check(
             "cached tokens",
             "ok" if cached in ("server", "llama.cpp timings") else "FAIL",
-            f"the server reports them ({cached})"
+            f"the server reports them ({cached}"
+            + (
+                f", {info.server}: prompt_eval_cached_count in its reply)"
+                if info.backend == "ollama"
+                else ")"
+            )
             if cached in ("server", "llama.cpp timings")
             else f"not reported ({cached}): savings cannot be measured on this server"
-            + (
-                " (Ollama reports prompt_eval_cached_count from 0.33.x on)"
-                if info.backend == "ollama"
-                else ""
-            ),
+            + (f" ({info.server}). {CACHED_FIELD_EVIDENCE}" if info.backend == "ollama" else ""),
         )
     )
     return out

@@ -201,6 +201,9 @@ harness.memory.load_nvml = lambda: FakeNvml()
 """
 
 
+SCALE_100 = "performance_benchmarks_100.gpu-gemma3-12b.gemma3-12b.json"
+
+
 def suite_project(pytester: pytest.Pytester) -> None:
     shutil.copytree(ROOT / "scenarios", pytester.path / "scenarios")
     shutil.copytree(ROOT / "suites", pytester.path / "suites")
@@ -225,7 +228,7 @@ def test_gpu_profile_savings_not_reported_fail_with_the_reason(pytester: pytest.
             "*cached_tokens_source = unknown, needs == server*",
         ]
     )
-    report = json.loads((pytester.path / "reports" / "performance_benchmarks_100.json").read_text())
+    report = json.loads((pytester.path / "reports" / SCALE_100).read_text())
     assert report["profile"] == "gpu-gemma3-12b"
     assert report["passed"] is False
     assert report["token_savings"] is None
@@ -248,10 +251,45 @@ def test_gpu_profile_spill_fails_the_memory_criterion_read_from_nvml(
         )  # fmt: skip
     result.assert_outcomes(failed=1, deselected=4)
     result.stdout.fnmatch_lines(["*memory.spilled = True, needs == 0*"])
-    report = json.loads((pytester.path / "reports" / "performance_benchmarks_100.json").read_text())
+    report = json.loads((pytester.path / "reports" / SCALE_100).read_text())
     memory = report["memory"]
     assert memory["source"] == "nvml:gpu0"
     assert memory["spilled"] is True
     assert memory["peak_gb"] == pytest.approx(11.8)
     assert memory["server_source"] == "ollama:/api/ps gemma3:12b"
     assert report["energy_source"].startswith("nvml:gpu0 (NVIDIA GeForce RTX 4080 (fake))")
+
+
+def test_replies_that_leave_the_cached_count_out_fail_savings_with_the_coverage(
+    pytester: pytest.Pytester,
+) -> None:
+    """One reply in five without `prompt_eval_cached_count`, from a server that sent it before:
+    counted as 0 (it leaves a zero out), never dropped from the ratio where savings would read
+    high; the savings criterion fails and says how the counts were taken."""
+    suite_project(pytester)
+    chats = [0]
+
+    def counts(body: Any) -> dict[str, Any]:
+        chats[0] += 1
+        omit = chats[0] % 5 == 0
+        return {"prompt_eval_count": 100_000, "prompt_eval_cached_count": None if omit else 99_960}
+
+    with OllamaReplay(version="0.34.0", counts=counts) as replay:
+        result = pytester.runpytest_subprocess(
+            "suites/scale", "-m", "scale_100", "--harness-backend", "ollama",
+            "--harness-base-url", replay.url, "-p", "no:cacheprovider",
+        )  # fmt: skip
+    result.assert_outcomes(failed=1, deselected=4)
+    result.stdout.fnmatch_lines(
+        [
+            "*token_savings = 0.8*, needs > 0.9 (scenarios/phase2_scale_100.yaml, profile "
+            "gpu-gemma3-12b); cached tokens known for 100 of 100 completed requests (coverage "
+            "1.00): 80 reported, 20 left out by a server that sent the field before (counted "
+            "as 0)*"
+        ]
+    )
+    report = json.loads((pytester.path / "reports" / SCALE_100).read_text())
+    assert report["cached_omitted"] == 20 and report["cached_coverage"] == 1.0
+    assert report["token_savings"] == pytest.approx(80 * 99_960 / 10_000_000)
+    # The replay says what it is, in every report it feeds.
+    assert report["backend"]["replay"].startswith("tests/ollama_replay.py")

@@ -231,3 +231,58 @@ def test_trim_interval_from_the_workload_shape() -> None:
     assert interval >= 1
     # The interval's exchanges fit between the prefix and the threshold.
     assert s["prefix_tokens"] + interval * s["tokens_per_exchange"] <= 8000
+
+
+# -- the scale report's memory figures -----------------------------------------------------------
+
+
+def _scale_result(memory: dict[str, object]) -> object:
+    result = asyncio.run(run_job(InProcessDouble(), items(20), JobSpec(progress=False)))
+    result.memory = {"server": memory}
+    return result
+
+
+GPU_MEMORY = (
+    "memory.spilled == 0",
+    "memory.failed_readings_rate <= 0.01",
+    "memory.predicted_ratio_error <= 0.2",
+)
+
+
+def _check(figures: dict[str, object]) -> dict[str, str]:
+    from harness.scenarios import Criterion
+
+    crit = [Criterion.parse(t, "s.yaml", f"profiles.p.criteria[{i}]", "scale")
+            for i, t in enumerate(GPU_MEMORY)]  # fmt: skip
+    return {r.criterion.metric: r.message() for r in evaluate(crit, figures) if not r.passed}
+
+
+def test_memory_never_read_fails_spill_and_failed_readings(tmp_path: Path) -> None:
+    from harness.phases import scale_figures
+
+    never = {"samples": 0, "failed_readings": 40, "spilled": None, "peak_bytes": None}
+    figures = scale_figures(
+        _scale_result(never), size=20, report_dir=tmp_path, server_name="ollama 0.34.0",
+        predicted_memory_gb=9.0,
+    )  # fmt: skip
+    failed = _check(figures)
+    assert "no memory reading of ollama 0.34.0 succeeded (40 failed)" in failed["memory.spilled"]
+    assert "memory.failed_readings_rate = 1.000" in failed["memory.failed_readings_rate"]
+    assert "memory.predicted_ratio_error" in failed
+
+
+def test_memory_within_its_prediction_and_read_passes(tmp_path: Path) -> None:
+    from harness.phases import scale_figures
+
+    read = {"samples": 300, "failed_readings": 1, "spilled": False, "peak_bytes": 9.9e9,
+            "source": "ollama:/api/ps gemma3:12b", "kind": "ollama"}  # fmt: skip
+    figures = scale_figures(
+        _scale_result(read), size=20, report_dir=tmp_path, predicted_memory_gb=9.0
+    )
+    assert figures["memory"]["predicted_ratio"] == pytest.approx(1.1)
+    assert _check(figures) == {}
+    far = dict(read, peak_bytes=12e9)  # 33% over phase 1's line
+    figures = scale_figures(
+        _scale_result(far), size=20, report_dir=tmp_path, predicted_memory_gb=9.0
+    )
+    assert set(_check(figures)) == {"memory.predicted_ratio_error"}

@@ -8,6 +8,7 @@ client), not of a GPU server.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -83,7 +84,11 @@ def test_three_servers_run_600_rows_each_id_once_with_per_server_figures(tmp_pat
         f"{three.throughput_rps:.2f} / (3 × {one.throughput_rps:.2f}) = {efficiency:.2f} "
         f"(2 cores for 3 servers and the client)\n{describe(three)}"
     )
-    assert efficiency > 0
+    # Three one-thread servers and the client share this machine's cores: the most three can
+    # give over one is min(1, cores / 3). The pool must reach 70% of that (the gate a pool's
+    # scale report gets): a dispatch that serialised the servers would not.
+    ideal = min(1.0, (os.cpu_count() or 1) / 3)
+    assert efficiency >= 0.7 * ideal, f"scaling efficiency {efficiency:.2f}, ideal {ideal:.2f}"
 
 
 def test_one_of_three_servers_sigkilled_at_row_200_the_run_completes(tmp_path: Path) -> None:

@@ -155,6 +155,13 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
         help="profile of the config file (default: gpu-gemma3-12b for ollama, else embedded)",
     )
     p.add_argument(
+        "--stop-on-cache-miss",
+        action="store_true",
+        help="fail a batch at its first reuse alarm (a window of 50 requests whose server "
+        "computed more than twice the prompt tokens the strategy expects); without it the "
+        "alarm is logged and kept on the results line, and the batch goes on",
+    )
+    p.add_argument(
         "--strategy",
         default=None,
         help=f"{' | '.join(sorted(STRATEGIES, reverse=True))}, as for `harness run` "
@@ -202,6 +209,7 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
         max_request_bytes=args.max_request_bytes,
         max_lines=args.max_lines,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        stop_on_cache_miss=args.stop_on_cache_miss,
     )
 
 

@@ -68,6 +68,7 @@ from harness.engine.job import open_token_counter
 from harness.engine.lengths import check_fits, measure_lengths
 from harness.engine.progress import Progress
 from harness.errors import ConfigError
+from harness.metrics import source_label
 from harness.records import RequestRecord
 from harness.runconfig import RunConfig
 from harness.workload import WorkItem
@@ -193,10 +194,10 @@ class Tally:
 
     @property
     def cached_source(self) -> str | None:
-        """The source of the cached-token figures reported (the most common); `unknown` when
-        no reply reported them; None before any reply."""
+        """The source of every cached-token figure reported (`mixed` when several); `unknown`
+        when no reply reported them; None before any reply."""
         if self.cached_sources:
-            return max(self.cached_sources, key=lambda k: self.cached_sources[k])
+            return source_label(self.cached_sources)
         return "unknown" if self.completed else None
 
     def counts(self) -> dict[str, Any]:
@@ -328,8 +329,11 @@ class BatchWorker:
         retry_base_s: float = 2.0,
         start_backend: Callable[[], Awaitable[None]] | None = None,
         note_helper: Callable[[int | None], None] | None = None,
+        stop_on_cache_miss: bool = False,
     ) -> None:
         self.store = store
+        self.stop_on_cache_miss = stop_on_cache_miss
+        """Fail a batch at its first reuse alarm (--stop-on-cache-miss), its finished rows kept."""
         self.backend = backend
         self.config = config
         self.max_lines = max_lines
@@ -591,7 +595,13 @@ class BatchWorker:
         # What `harness run` would run with: the configuration resolved at the service's
         # start, its trim policy capped to the (possibly relaunched) server's context.
         cfg = self.config.capped(self.backend.info.n_ctx_per_slot)
-        spec = job_spec(cfg, results=results, desc=f"batch {row.id}", progress=False)
+        spec = job_spec(
+            cfg,
+            results=results,
+            desc=f"batch {row.id}",
+            progress=False,
+            stop_on_cache_miss=self.stop_on_cache_miss,
+        )
         async with self._token_counter() as counter:
             if pending:
                 problem = await self._preflight(row, items, counter, cfg)
@@ -627,6 +637,13 @@ class BatchWorker:
             exc = job.exception()
             assert isinstance(exc, Exception)
             raise exc
+        elif job.result() is not None:
+            # Stopped on a reuse alarm (--stop-on-cache-miss): failed, not completed; the
+            # rows not run get the batch_failed error line, those that ran keep their results.
+            error = BatchError("reuse_alarm", str(job.result()))
+            await self._finalize(
+                current, "failed", allowed=("in_progress",), errors=[error.to_dict()]
+            )
         elif self.store.set_status_if(
             row.id, ["in_progress"], status="finalizing", finalizing_at=now()
         ):
@@ -642,19 +659,25 @@ class BatchWorker:
         spec: JobSpec,
         counter: TokenCounter,
         sink: Callable[[RequestRecord], None],
-    ) -> None:
-        """The batch's run (`run_job`); with `HOLD_ENV`, in two parts around the hold."""
+    ) -> str | None:
+        """The batch's run (`run_job`); with `HOLD_ENV`, in two parts around the hold. Returns
+        why the engine stopped it early (a reuse alarm with --stop-on-cache-miss), else None."""
         hold = _hold_at()
         done = len(items) - len(pending)
         if hold is not None and done < hold < len(items):
-            await run_job(self.backend, pending[: hold - done], spec, counter=counter, sinks=[sink])
+            first = await run_job(
+                self.backend, pending[: hold - done], spec, counter=counter, sinks=[sink]
+            )
+            if first.error is not None:
+                return first.error
             release = self.store.batch_dir(batch_id) / RELEASE_NAME
             log.info("batch %s: held at %d done until %s exists", batch_id, hold, release)
             while not release.exists():
                 await asyncio.sleep(0.05)
-        await run_job(self.backend, items, spec, counter=counter, sinks=[sink])
+        result = await run_job(self.backend, items, spec, counter=counter, sinks=[sink])
+        return result.error
 
-    async def _wait(self, batch_id: str, job: asyncio.Task[None]) -> bool:
+    async def _wait(self, batch_id: str, job: asyncio.Task[str | None]) -> bool:
         """Wait for the job; True when the batch's `expires_at` (read again every
         `EXPIRY_CHECK_S`) passed first."""
         while True:

@@ -147,6 +147,7 @@ class Service:
             max_lines=self.settings.max_lines,
             start_backend=self.start_backend,
             note_helper=lambda pid: notes.note("tokenizer", pid),
+            stop_on_cache_miss=self.settings.stop_on_cache_miss,
         )
         self._worker_task = asyncio.create_task(self.worker.run_forever(), name="batch-worker")
 

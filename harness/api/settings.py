@@ -85,6 +85,9 @@ class ApiSettings:
     max_lines: int = DEFAULT_MAX_LINES
     api_key: str | None = field(default=None, repr=False)
     """Bearer token every route but /health requires (None: no check; loopback only)."""
+    stop_on_cache_miss: bool = False
+    """Fail a batch at its first reuse alarm (its server stopped reusing the rubric); its
+    finished rows are kept in the output file, the rest get the batch_failed error line."""
 
     def batch_options(self) -> BatchOptions:
         """The `harness run` options the batches run with."""
