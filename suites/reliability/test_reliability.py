@@ -51,10 +51,27 @@ pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 Cases = dict[str, dict[str, Any]]
 
 
+CASES = {
+    "test_faults_are_retried_and_accounted_exactly": "faults",
+    "test_server_killed_and_restarted_mid_run": "server_restart",
+    "test_runner_killed_five_times_resumes_exactly_once": "runner_kills",
+    "test_garbage_output_is_recorded_with_the_raw_text": "garbage_output",
+    "test_context_search_never_exceeds_the_budget_and_survives_a_failed_load": "context_search",
+    "test_full_disk_and_unwritable_output": "disk_full",
+    "test_api_keys_never_leave_the_environment": "secrets",
+    "test_ollama_model_unloaded_mid_run": "ollama_unload",
+    "test_ollama_out_of_memory_on_load_is_reported_and_the_next_load_works": "ollama_oom_on_load",
+    "test_ollama_killed_and_restarted_mid_run": "ollama_restart",
+}
+"""Each case's test and its name in the report (conftest.py's case guard records a case that
+raised or skipped under this name)."""
+
+
 @pytest.fixture(scope="session")
-def cases() -> Cases:
-    """What each case that ran measured, with its checks' verdict (the report reads this)."""
-    return {}
+def servers_seen() -> list[Any]:
+    """The Ollama backends the production cases ran against: the report names their server
+    (a replay included), as every report does."""
+    return []
 
 
 def record(cases: Cases, name: str, figures: dict[str, Any], checks: dict[str, bool]) -> None:
@@ -509,32 +526,53 @@ def test_api_keys_never_leave_the_environment(
     )
 
 
-def _ollama(harness: HarnessSession, **options: Any) -> OllamaBackend:
+def _ollama(harness: HarnessSession, seen: list[Any], **options: Any) -> OllamaBackend:
     cfg = harness.run_config(harness.scenario(SCENARIO))
-    return OllamaBackend(cfg.model.value, base_url=cfg.base_url.value, **options)
+    backend = OllamaBackend(cfg.model.value, base_url=cfg.base_url.value, **options)
+    seen.append(backend)
+    return backend
+
+
+def _loaded(backend: OllamaBackend) -> bool | None:
+    """Whether Ollama's /api/ps lists the model now (None when /api/ps did not answer)."""
+    import httpx
+
+    try:
+        reply = httpx.get(f"{backend.base_url}/api/ps", timeout=30)
+        reply.raise_for_status()
+        models = reply.json().get("models") or []
+    except (httpx.HTTPError, ValueError):
+        return None
+    names = {backend.model, f"{backend.model}:latest"}
+    return any(names & {m.get("name"), m.get("model")} for m in models)
 
 
 @pytest.mark.usefixtures("ollama_only")
 def test_ollama_model_unloaded_mid_run(
-    harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases
+    harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases, servers_seen: list[Any]
 ) -> None:
     """Ollama unloads a model when told (keep_alive 0) or when another needs its memory; the
     next request loads it again. Nothing may be lost."""
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
-    backend = _ollama(harness, num_ctx=int(scenario_opts["num_ctx"]))
+    backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
     events: list[str] = []
+    checked: dict[str, Any] = {}
     done = [0]
 
     def unload() -> None:
         import httpx
 
-        httpx.post(
+        # Called from the engine's sink, between requests: none is in flight, so /api/ps
+        # right after must not list the model (the next request loads it again).
+        reply = httpx.post(
             f"{backend.base_url}/api/generate",
             json={"model": backend.model, "keep_alive": 0},
             timeout=60,
         )
-        events.append(f"unloaded after {done[0]}")
+        checked["unload_status"] = reply.status_code
+        checked["loaded_after_unload"] = _loaded(backend)
+        events.append(f"unload answered {reply.status_code} after {done[0]}")
 
     def watch(rec: RequestRecord) -> None:
         done[0] += 1
@@ -554,6 +592,7 @@ def test_ollama_model_unloaded_mid_run(
         "completed": sum(r.ok for r in records),
         "events": events,
         "recorded_errors": sum(1 for r in records if not r.ok),
+        **checked,
         **once,
     }
     record(
@@ -561,7 +600,9 @@ def test_ollama_model_unloaded_mid_run(
         "ollama_unload",
         figures,
         {
-            "unloaded": bool(events),
+            # Ollama took the unload and /api/ps no longer listed the model.
+            "unloaded": checked.get("unload_status") == 200
+            and checked.get("loaded_after_unload") is False,
             "exactly_once": once == {"lost": 0, "duplicated": 0},
             "all_completed": all(r.ok for r in records),
         },
@@ -570,14 +611,14 @@ def test_ollama_model_unloaded_mid_run(
 
 @pytest.mark.usefixtures("ollama_only")
 def test_ollama_out_of_memory_on_load_is_reported_and_the_next_load_works(
-    harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases
+    harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases, servers_seen: list[Any]
 ) -> None:
     """A context far past the GPU's memory: Ollama refuses the load; the harness reports it as
     OutOfMemory naming num_ctx, and a sane context loads next."""
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, 3)
-    huge = _ollama(harness, num_ctx=int(scenario_opts["oom_num_ctx"]))
-    sane = _ollama(harness, num_ctx=int(scenario_opts["num_ctx"]))
+    huge = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["oom_num_ctx"]))
+    sane = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
 
     async def go() -> tuple[list[RequestRecord], list[RequestRecord]]:
         async with huge:
@@ -608,10 +649,12 @@ def test_ollama_out_of_memory_on_load_is_reported_and_the_next_load_works(
 
 @pytest.mark.usefixtures("ollama_only")
 def test_ollama_killed_and_restarted_mid_run(
-    harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases
+    harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases, servers_seen: list[Any]
 ) -> None:
-    """Ollama's process killed and started again mid-run (HARNESS_OLLAMA_RESTART: the command
-    that does it on this machine, e.g. `systemctl restart ollama`)."""
+    """Ollama's process killed and started again mid-run, while a request is in flight
+    (HARNESS_OLLAMA_RESTART: the command that does it on this machine, e.g. `systemctl restart
+    ollama`, run from a thread as the embedded restart case does). Checked: the command exited
+    0, nothing was lost, and Ollama's /api/ps answers afterwards with the model loaded again."""
     command = os.environ.get("HARNESS_OLLAMA_RESTART")
     if not command:
         pytest.skip(
@@ -620,15 +663,24 @@ def test_ollama_killed_and_restarted_mid_run(
         )
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
-    backend = _ollama(harness, num_ctx=int(scenario_opts["num_ctx"]))
+    backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
     done = [0]
     events: list[str] = []
+    codes: list[int] = []
+    restarter: list[threading.Thread] = []
+
+    def restart() -> None:
+        rc = subprocess.run(command, shell=True, timeout=300).returncode
+        codes.append(rc)
+        events.append(f"restart command exited {rc}")
 
     def watch(rec: RequestRecord) -> None:
         done[0] += 1
         if done[0] == len(items) // 3:
-            rc = subprocess.run(command, shell=True, timeout=300).returncode
-            events.append(f"restart command exited {rc} after {done[0]}")
+            # From a thread: the run goes on, so the restart meets a request in flight.
+            events.append(f"restart started after {done[0]}")
+            restarter.append(threading.Thread(target=restart, daemon=True))
+            restarter[0].start()
 
     spec = JobSpec(
         keep_records=True,
@@ -641,17 +693,38 @@ def test_ollama_killed_and_restarted_mid_run(
             return await run_job(backend, items, spec, sinks=[watch])
 
     records = harness.run(go()).records
+    for thread in restarter:
+        thread.join(timeout=300)
     once = exactly_once([r.custom_id for r in records], [it.custom_id for it in items])
-    figures = {"requests": len(items), "events": events, **once}
+    loaded = _loaded(backend)
+    figures = {
+        "requests": len(items),
+        "events": events,
+        "restart_exit_codes": codes,
+        "retried_successes": sum(1 for r in records if r.ok and r.attempts > 1),
+        "loaded_after": loaded,
+        "restart_failed": int(codes != [0] or loaded is not True),
+        **once,
+    }
     record(
         cases,
         "ollama_restart",
         figures,
-        {"restarted": bool(events), "exactly_once": once == {"lost": 0, "duplicated": 0}},
+        {
+            "restart_command_exited_0": codes == [0],
+            "ollama_answers_with_the_model_after": loaded is True,
+            "exactly_once": once == {"lost": 0, "duplicated": 0},
+            "all_completed": all(r.ok for r in records),
+        },
     )
 
 
-def test_reliability_report(harness: HarnessSession, cases: Cases) -> None:
+def test_reliability_report(
+    harness: HarnessSession,
+    cases: Cases,
+    skipped_cases: dict[str, str],
+    servers_seen: list[Any],
+) -> None:
     if not cases:
         pytest.skip("no reliability case ran in this session: nothing to report")
     scenario = harness.scenario(SCENARIO)
@@ -665,8 +738,10 @@ def test_reliability_report(harness: HarnessSession, cases: Cases) -> None:
         "lost": total("lost"),
         "duplicated": total("duplicated"),
         "completed": total("completed"),
+        # Each profile gates how many ran: one passing case cannot make the report PASS.
         "cases_run": len(cases),
         "cases_failed": sum(1 for f in cases.values() if not f["passed"]),
+        "cases_skipped": dict(skipped_cases),
         "keys_leaked": total("keys_leaked"),
         "replies_differ": total("replies_differ"),
         "restart_failed": total("restart_failed"),
@@ -686,7 +761,9 @@ def test_reliability_report(harness: HarnessSession, cases: Cases) -> None:
         ),
         "cases": cases,
     }
-    report = harness.report("reliability_results.json", scenario, figures)
+    # The Ollama cases' server (a replay says so); the embedded cases start their own.
+    backend = servers_seen[-1] if servers_seen else None
+    report = harness.report("reliability_results.json", scenario, figures, backend=backend)
     rows = [("case", "passed", "requests", "faults/kills", "retried ok", "errors", "lost", "dup")]
     for name, f in cases.items():
         rows.append(
@@ -701,6 +778,8 @@ def test_reliability_report(harness: HarnessSession, cases: Cases) -> None:
                 str(f.get("duplicated", "-")),
             )
         )
+    rows += [(name, f"skipped: {why}", "-", "-", "-", "-", "-", "-")
+             for name, why in skipped_cases.items()]  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
     harness.say("reliability figures:\n" + table)
