@@ -8,8 +8,10 @@ settings phase 1 wrote. Three of its commands do not run here, and say why: scal
 (a replay answers ~2.5 requests/s on 2 cores: minutes of tokenizing) and the quality suite (a
 replay's scores are the recording's, not a model's judgement). Scale 100 runs and its gate
 fails as it must: the production profile asks > 6 req/s, which a replay on 2 cores does not
-reach; the test checks that throughput is the only criterion that failed. The production-run
-block runs on the embedded tiny model.
+reach; the test checks that throughput is the only criterion that failed. The reliability
+suite's restart case restarts the replay (HARNESS_OLLAMA_RESTART posts to its restart route).
+The verdict reads NO-GO naming the replay: its figures are never measurements. The
+production-run block runs on the embedded tiny model.
 """
 
 from __future__ import annotations
@@ -83,7 +85,13 @@ def test_the_readme_path_for_your_own_ollama_job(
         kv_bytes_per_token=4096,  # gemma3's 4 global layers x 1 KV head x (256 + 256) x 2 B
         content='{"score": 7}',  # the recorded reply's text is no score
     ) as replay:
-        env = dict(os.environ, OLLAMA_HOST=replay.url, PYTHONUNBUFFERED="1")
+        # The restart case restarts the replay as `systemctl restart ollama` would Ollama.
+        restart = (
+            f"{sys.executable} -c \"import httpx; httpx.post('{replay.url}/_replay/restart')\""
+        )
+        env = dict(
+            os.environ, OLLAMA_HOST=replay.url, PYTHONUNBUFFERED="1", HARNESS_OLLAMA_RESTART=restart
+        )
         for cmd in commands:
             why = next((why for key, why in NOT_HERE.items() if key in cmd), None)
             if why and "suites/reliability" not in cmd:
@@ -96,12 +104,22 @@ def test_the_readme_path_for_your_own_ollama_job(
             replay.chat_seconds = 0.2 if "-m scale_100" in cmd else 0.0
             done = run(cmd, cwd, env)
             said = f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            if cmd.startswith("harness verdict"):
+                # The reports are a replay's: never GO, and the verdict says why.
+                assert done.returncode == 1, said
+                assert "verdict: NO-GO" in done.stdout and "a replayed server" in done.stdout
+                continue
             if "-m scale_100" in cmd:
                 # Every other criterion holds.
                 assert done.returncode == 1, said
                 failed = re.findall(r"^FAILED .*$", done.stdout, re.M)
                 assert failed and all("throughput_rps" in f for f in failed), said
                 assert re.search(r"FAIL: throughput_rps = [0-9.]+, needs > 6", done.stdout), said
+                (path,) = (cwd / "reports").glob("performance_benchmarks_100.gpu-gemma3-12b.*")
+                scale = json.loads(path.read_text())
+                assert [c["metric"] for c in scale["criteria"] if not c["passed"]] == [
+                    "throughput_rps"
+                ], said
                 continue
             assert done.returncode == 0, said
     config = (cwd / "harness.yaml").read_text()
@@ -109,9 +127,11 @@ def test_the_readme_path_for_your_own_ollama_job(
     assert "backend: ollama" in config  # provenance: measured on Ollama
     summary = json.loads((cwd / "reports" / "summary.json").read_text())
     verdict = summary["verdict"]
-    # Throughput failed its gate, scale 1K/10K and quality did not run: NO-GO, and it says why.
+    # Measured on a replay, never Ollama: NO-GO naming it; throughput failed its gate, scale
+    # 1K/10K and quality did not run: it says so too.
     assert verdict["decision"] == "NO-GO"
     reasons = " ".join(verdict["reasons"])
+    assert "a replayed server (tests/ollama_replay.py" in reasons
     assert "throughput_rps" in reasons and "scale 10K" in reasons and "quality" in reasons
     assert any("MAX_CONTEXT_TOKENS" in s for s in verdict["settings"])
     # The run read phase 1's settings (its banner says where each came from).
