@@ -13,8 +13,10 @@ got the lock checks that the file it locked is still the one at that path (same 
 tries again if not: a second process that opened the old file just before it was removed
 cannot then run next to a third that created a new one.
 
-Who takes one: `harness run` on `<results>.lock` (the Ray executor's driver is that process)
-and `harness api` on its data dir (`<data dir>/harness-api.lock`).
+Who takes one: `harness run` on `<results>.lock` (the Ray executor's driver is that process),
+`harness api` on its data dir (`<data dir>/harness-api.lock`), and the suites' write-back on
+`harness.yaml.lock` while they read, change and replace the config file (waiting their turn:
+two sessions writing back at once would otherwise lose one's values).
 """
 
 from __future__ import annotations
@@ -94,10 +96,11 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _locked_fd(lock_path: Path, what: str, advice: str) -> int:
-    """An open descriptor of `lock_path` holding its exclusive lock (see the module docstring
-    for why the file is checked after locking)."""
-    for _ in range(100):
+def _locked_fd(lock_path: Path, what: str, advice: str, wait_s: float) -> int:
+    """An open descriptor of `lock_path` holding its exclusive lock, waiting up to `wait_s`
+    for it (see the module docstring for why the file is checked after locking)."""
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -109,6 +112,9 @@ def _locked_fd(lock_path: Path, what: str, advice: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise LockHeld(
                 f"{what} is in use by another process: {holder_of(lock_path)}"
                 + (f"; {advice}" if advice else "")
@@ -117,14 +123,15 @@ def _locked_fd(lock_path: Path, what: str, advice: str) -> int:
         if _same_file(fd, lock_path):
             return fd
         os.close(fd)  # its holder removed it as we locked it: lock the file there now
-    raise LockHeld(f"cannot take the lock {lock_path} for {what}: it keeps being replaced")
 
 
 @contextlib.contextmanager
-def hold(lock_path: Path, *, what: str, advice: str = "") -> Iterator[None]:
+def hold(lock_path: Path, *, what: str, advice: str = "", wait_s: float = 0.0) -> Iterator[None]:
     """Hold the exclusive lock on `lock_path` while the block runs; raise `LockHeld` (naming
-    `what`, the holder's pid and command, and `advice`) when another process holds it."""
-    fd = _locked_fd(lock_path, what, advice)
+    `what`, the holder's pid and command, and `advice`) when another process holds it for
+    longer than `wait_s` (0: at once; a writer of a few milliseconds, such as the config
+    write-back, waits its turn instead)."""
+    fd = _locked_fd(lock_path, what, advice, wait_s)
     try:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         note = f"{os.getpid()}\n{_command()}\n{stamp}\n".encode()

@@ -116,3 +116,32 @@ def test_a_holder_that_has_not_written_its_note_yet_is_named_as_such(tmp_path: P
     assert lock.holder_of(path) == "a process that has not written its pid yet"
     path.write_text(f"123\nharness run c.csv\n{time.strftime('%Y')}\n")
     assert lock.holder_of(path).startswith("pid 123 (harness run c.csv), since ")
+
+
+WRITER = """
+import sys
+from harness.config import write_back
+path, profile = sys.argv[1], sys.argv[2]
+for n in range(1, 31):
+    write_back(path, profile, {"CONCURRENCY": n}, {"report": "test", "n": n})
+"""
+
+
+def test_concurrent_write_backs_to_one_config_file_lose_no_profile(tmp_path: Path) -> None:
+    """Four sessions writing back to one harness.yaml at once (each its own profile, 30 times):
+    each reads, changes and replaces the file under its lock, so none replaces the file with a
+    copy that lacks another's values."""
+    from harness.config import load_profile
+
+    path = tmp_path / "harness.yaml"
+    profiles = ["embedded", "gpu-gemma3-12b", "p3", "p4"]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), p], stderr=subprocess.PIPE)
+        for p in profiles
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    for profile in profiles:
+        assert load_profile(path, profile).values["CONCURRENCY"] == 30, profile
+    assert not lock_path_for(path).exists()
