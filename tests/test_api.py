@@ -678,6 +678,38 @@ def ids_of(n: int, prefix: str = "r") -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
 
+def test_a_second_service_on_the_data_dir_of_a_running_one_exits_2_and_the_batch_completes(
+    tmp_path: Path,
+) -> None:
+    """One service per data dir (over the double, in seconds; the module's service repeats
+    it over the tiny model): while a batch is held mid-run, `harness api` on the same dir
+    exits 2 with one line naming this process, and the batch then completes, every
+    custom_id once."""
+    settings = double_settings(tmp_path)
+    with in_thread(settings, InProcessDouble(), ApiSeams(hold=3)) as url:
+        client = client_for(url)
+        b = create(client, lines_of(12))
+        wait_batch(client, b.id, lambda x: done_count(x) == 3, 30)
+        lock = settings.data_dir / "harness-api.lock"
+        assert lock.read_text().split("\n")[0] == str(os.getpid())
+        names = sorted(str(p) for p in settings.data_dir.rglob("*"))
+        second = subprocess.run(
+            [sys.executable, "-m", "harness.api", "--port", "0", "--data-dir",
+             str(settings.data_dir), "--model", "tiny-gemma3"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert second.returncode == 2 and second.stdout == ""
+        (line,) = second.stderr.splitlines()
+        assert f"the data dir {settings.data_dir} is in use by another process" in line
+        assert f"pid {os.getpid()} (" in line and "--data-dir" in line
+        assert sorted(str(p) for p in settings.data_dir.rglob("*")) == names  # nothing new
+        assert done_count(client.batches.retrieve(b.id)) == 3  # still held, untouched
+        release(settings.data_dir, b.id)
+        b = wait_batch(client, b.id, lambda x: x.status == "completed", 30)
+        check_finished(client, b, model=False, inputs=ids_of(12))
+    assert not lock.exists()  # let go when the service stopped
+
+
 def test_batches_past_their_window_expire_keeping_their_finished_lines(tmp_path: Path) -> None:
     seams = ApiSeams(hold=3)
     with in_thread_app(double_settings(tmp_path), InProcessDouble(), seams) as (url, svc):

@@ -58,7 +58,6 @@ from harness.backends.base import Backend
 from harness.backends.openai import OpenAIBackend
 from harness.batch import batch_config, make_backend
 from harness.errors import BackendError
-from harness.inputs import MAX_LINE_BYTES
 from harness.lock import hold
 from harness.runconfig import RunConfig
 
@@ -201,8 +200,9 @@ class Service:
 
     @property
     def max_line_bytes(self) -> int:
-        """The longest line of a batch file: one request, so at most --max-request-bytes."""
-        return min(MAX_LINE_BYTES, self.settings.max_request_bytes)
+        """The longest line of a batch file: one request, so --max-request-bytes (16 MB by
+        default, as `harness run`'s `harness.inputs.MAX_LINE_BYTES`)."""
+        return self.settings.max_request_bytes
 
     @property
     def db(self) -> Store:
