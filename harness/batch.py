@@ -59,8 +59,10 @@ from harness.engine.progress import format_duration
 from harness.engine.reusewatch import ReuseWatchConfig
 from harness.engine.store import read_final
 from harness.engine.strategies import STRATEGIES
-from harness.errors import ConfigError, OutputError
+from harness.errors import ConfigError, InputError, OutputError
 from harness.fileio import atomic_write_json, atomic_write_text
+from harness.inputs import input_sha256
+from harness.lock import hold, lock_path_for
 from harness.metrics import MetricsCollector
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from harness.records import RequestRecord
@@ -357,6 +359,8 @@ class BatchInput:
     """The prompt that scores: its name and file (CSV), or `the batch lines' own messages`."""
     prompt_sha256: str = ""
     """Hash of the prompt (CSV: system, template, schema; batch: the first line's messages)."""
+    input_sha256: str = ""
+    """Hash of the whole input file (`harness.inputs.input_sha256`): every row, every line."""
 
 
 def _schema_fields(schemas: Sequence[Mapping[str, Any] | None]) -> tuple[str, ...]:
@@ -397,7 +401,14 @@ def load_input(options: BatchOptions) -> BatchInput:
             orjson.dumps([list(it.prefix) for it in items[:1]], option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
         return BatchInput(
-            path, kind, tuple(items), fields, len(lines), "the batch lines' own messages", digest
+            path,
+            kind,
+            tuple(items),
+            fields,
+            len(lines),
+            "the batch lines' own messages",
+            digest,
+            _input_digest(path),
         )
     table = read_candidates_csv(path, options.id_column)
     prompt = load_prompt(options.prompt)
@@ -418,7 +429,15 @@ def load_input(options: BatchOptions) -> BatchInput:
         len(table.rows),
         f"{prompt.name} ({prompt.path})",
         prompt.sha256,
+        _input_digest(path),
     )
+
+
+def _input_digest(path: Path) -> str:
+    try:
+        return input_sha256(path)
+    except OSError as exc:  # it was just read: gone or unreadable since
+        raise InputError(f"cannot read it again: {exc.strerror or exc}", path=str(path)) from None
 
 
 # -- convert ----------------------------------------------------------------------------------
@@ -807,6 +826,8 @@ class _Plan:
     """Why the engine ended the run before its end without a signal (a reuse alarm with
     --stop-on-cache-miss)."""
     reuse_alarms: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Banner lines about the resume (an old fingerprint without the input's hash)."""
 
     def write_scores(self) -> None:
         """Write the scores CSV from the results file (when there is one)."""
@@ -874,9 +895,16 @@ class _Plan:
         return out
 
 
+INPUT_KEYS = ("input", "input_sha256")
+"""The fingerprint's input: its path (to name it) and the hash of its bytes (compared)."""
+
+
 def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> dict[str, Any]:
-    """What makes a results file this job's: a resumed run must send the same requests."""
+    """What makes a results file this job's: a resumed run must send the same requests, to the
+    same input's rows (another input with the same ids is another job)."""
     return {
+        "input": str(data.path.resolve()),
+        "input_sha256": data.input_sha256,
         "prompt": data.prompt,
         "prompt_sha256": data.prompt_sha256,
         "model": cfg.model.value,
@@ -896,19 +924,40 @@ def job_path(results: Path) -> Path:
     return results.with_name(results.stem + ".job.json")
 
 
-def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> None:
-    """Refuse to resume another job's results (exit 2 naming what differs), or with `new`
-    move them aside (kept under a new name) and start over."""
+def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> str | None:
+    """Refuse to resume another job's results (exit 2 naming what differs: the input first),
+    or with `new` move them aside (kept under a new name) and start over. Returns a note for
+    the banner when the results' fingerprint predates the input's hash (then not checked)."""
     sidecar = job_path(results)
     if not results.exists() or not sidecar.exists():
-        return
+        return None
     try:
         old = orjson.loads(sidecar.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         raise ConfigError(f"{sidecar}: unreadable job fingerprint ({exc}); use --new") from None
-    differ = [k for k in job if old.get(k) != job[k]]
+    unchecked = "input_sha256" not in old
+    differ = [
+        k
+        for k in job
+        if k != "input" and not (unchecked and k in INPUT_KEYS) and old.get(k) != job[k]
+    ]
+    note = (
+        f"resume: the input is not checked against {sidecar.name} (written before the "
+        "harness kept the input's hash): resumed by custom_id as before; the fingerprint now "
+        "records this input"
+        if unchecked
+        else None
+    )
     if not differ:
-        return
+        return note
+    if not new and "input_sha256" in differ:
+        raise ConfigError(
+            f"{results} holds the results of another input: {old.get('input')} (sha256 "
+            f"{str(old.get('input_sha256'))[:12]}) then, {job['input']} (sha256 "
+            f"{job['input_sha256'][:12]}) now; resuming would take that input's results for "
+            "this one's rows with the same ids: choose another --output, or run with --new to "
+            "start over (the old results are kept under a new name)"
+        )
     if not new:
         shown = "; ".join(f"{k}: {old.get(k)!r} then, {job[k]!r} now" for k in differ)
         raise ConfigError(
@@ -918,6 +967,7 @@ def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for path in (results, sidecar):
         path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+    return None
 
 
 def _write_job(results: Path, job: dict[str, Any]) -> None:
@@ -930,14 +980,27 @@ def _write_job(results: Path, job: dict[str, Any]) -> None:
         ) from None
 
 
-def _prepare(options: BatchOptions) -> _Plan:
+def _one_writer(results: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock that makes this process the results file's one writer (`harness.lock`): a
+    second `harness run` on the same output exits 2 naming this one, before it reads or
+    appends anything."""
+    return hold(
+        lock_path_for(results),
+        what=f"the results file {results}",
+        advice="wait for that run to end, or stop it: running the same command again then "
+        "resumes where it stopped",
+    )
+
+
+def _prepare(options: BatchOptions, locks: contextlib.ExitStack) -> _Plan:
     options.validate()
     load_profile(options.config, options.config_profile)  # a bad config fails before any output
     data = load_input(options)
     scores, results = output_paths(data.path, options.output)
     config = batch_config(options)
     job = job_fingerprint(options, data, config)
-    _check_job(results, job, new=options.new)
+    locks.enter_context(_one_writer(results))  # held until the run (and its scores) ends
+    note = _check_job(results, job, new=options.new)
     # Read the results file now: a corrupt one fails before a server starts.
     wanted = {it.custom_id for it in data.items}
     final = read_final(results)
@@ -946,7 +1009,9 @@ def _prepare(options: BatchOptions) -> _Plan:
         for cid, line in final.items()
         if cid in wanted and not (options.retry_failed and line.get("error") is not None)
     )
-    return _Plan(options, data, scores, results, skipped, config=config, job=job)
+    plan = _Plan(options, data, scores, results, skipped, config=config, job=job)
+    plan.notes = [note] if note else []
+    return plan
 
 
 def job_spec(
@@ -990,6 +1055,8 @@ def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -
         f"backend: {info.backend} ({cfg.backend.source}) at {info.base_url}, {info.server}",
         f"model: {info.model} ({cfg.model.source})" + (f" — {note}" if note else ""),
         f"prompt: {data.prompt}, sha256 {data.prompt_sha256[:12]}",
+        f"input: {data.path} ({data.rows} {'rows' if data.kind == 'csv' else 'lines'}), "
+        f"sha256 {data.input_sha256[:12]}",
         f"context: {info.n_ctx_per_slot or cfg.n_ctx.value} tokens per request ("
         + str(info.extra.get("context_source") or f"n_ctx {cfg.n_ctx.source}")
         + ")",
@@ -1022,6 +1089,7 @@ def banner(plan: _Plan, server: Backend, lengths: PromptLengths | None = None) -
         + ("(read)" if found else "(not found: measured values not used)")
     )
     lines += [f"not applied: {why}" for why in cfg.ignored]
+    lines += plan.notes
     options = plan.options
     if options.endpoints > 1:
         names = info.extra.get("endpoints") or options.base_urls
@@ -1119,7 +1187,8 @@ async def _execute(plan: _Plan, backend: Backend | None) -> BatchResult:
 async def run_batch_async(options: BatchOptions, *, backend: Backend | None = None) -> BatchResult:
     """Validate, run and write the scores CSV; see `run_batch`. Cancellation propagates (the
     results so far are kept and the scores CSV written)."""
-    return await _run(_prepare(options), backend)
+    with contextlib.ExitStack() as locks:
+        return await _run(_prepare(options, locks), backend)
 
 
 async def _run(plan: _Plan, backend: Backend | None) -> BatchResult:
@@ -1157,17 +1226,19 @@ def run_batch(options: BatchOptions, *, backend: Backend | None = None) -> Batch
     """Validate everything, run the batch (resuming from the results file), write the scores
     CSV. `backend`: a backend to use instead of the one the options name (not started yet).
 
-    Raises InputError / ConfigError before creating anything; BackendError when the server is
+    Raises InputError / ConfigError before creating anything; LockHeld when another process
+    writes the same results file (nothing read or appended); BackendError when the server is
     unreachable or wrong (the results so far are kept and the scores CSV written). Ctrl-C
     (SIGINT) or SIGTERM stops cleanly (the server too) and returns a result with
     `interrupted=True` (`exit_code` 130 or 143).
     """
-    plan = _prepare(options)
-    try:
-        return asyncio.run(_stop_on_sigterm(plan, backend))
-    except KeyboardInterrupt:
-        return plan.finish(interrupted=True)
-    except asyncio.CancelledError:
-        if plan.stopped_by is None:
-            raise
-        return plan.finish(interrupted=True)
+    with contextlib.ExitStack() as locks:
+        plan = _prepare(options, locks)
+        try:
+            return asyncio.run(_stop_on_sigterm(plan, backend))
+        except KeyboardInterrupt:
+            return plan.finish(interrupted=True)
+        except asyncio.CancelledError:
+            if plan.stopped_by is None:
+                raise
+            return plan.finish(interrupted=True)

@@ -2,7 +2,8 @@
 candidates, `run` a batch, `doctor` a setup, `api`: OpenAI's Batch API over the engine.
 
 Exit codes: 0 all done; 1 finished with failed rows, or the server could not be reached;
-2 bad input or usage (one line on stderr, nothing created); 130 interrupted by Ctrl-C.
+2 bad input or usage, or another `harness run` writes the same results (one line on stderr,
+nothing created); 130 interrupted by Ctrl-C.
 The logic of `convert` and `run` lives in `harness.batch`; this module only parses options.
 """
 
@@ -18,7 +19,14 @@ from harness import __version__
 from harness.backends.server import ServerSettings, serve
 from harness.batch import DEFAULT_SEED, BatchOptions, output_paths
 from harness.engine.store import read_results
-from harness.errors import BackendError, ConfigError, HarnessError, InputError, OutputError
+from harness.errors import (
+    BackendError,
+    ConfigError,
+    HarnessError,
+    InputError,
+    LockHeld,
+    OutputError,
+)
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.workload import DEFAULT_PROMPT_PATH
 
@@ -671,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
-    except (InputError, ConfigError) as exc:
+    except (InputError, ConfigError, LockHeld) as exc:
         print(f"harness {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OutputError as exc:

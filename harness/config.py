@@ -31,6 +31,7 @@ from typing import Any
 
 from harness.errors import ConfigError
 from harness.fileio import atomic_write_text
+from harness.lock import hold, lock_path_for
 
 __all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG_PATH", "ProfileConfig", "load_profile", "write_back"]
 
@@ -149,12 +150,25 @@ def write_back(
     Only changed values (and their provenance) are written; other profiles, comments and
     keys are left alone. Nothing is written when nothing changed.
     """
-    from ruamel.yaml.comments import CommentedMap
-
     p = Path(path)
     for key in values:
         if key not in CONFIG_KEYS:
             raise ConfigError(f"cannot write unknown setting {key!r} to {p}")
+    # Read, change and replace under the file's lock: two sessions writing back at once would
+    # each replace the file with their own copy, and one's values would be lost.
+    with hold(lock_path_for(p), what=f"the config file {p}", wait_s=WRITE_BACK_WAIT_S):
+        return _write_back(p, profile, values, provenance)
+
+
+WRITE_BACK_WAIT_S = 60.0
+"""How long a write-back waits for another one to finish with the config file."""
+
+
+def _write_back(
+    p: Path, profile: str, values: Mapping[str, Any], provenance: Mapping[str, Any]
+) -> list[str]:
+    from ruamel.yaml.comments import CommentedMap
+
     doc = _load_doc(p)
     fresh = not p.exists()
     profiles = doc.setdefault("profiles", CommentedMap())

@@ -8,6 +8,7 @@ wrong *and what to do about it*::
     ├── InputError              a user file is wrong (names the file, line or row)
     ├── ConfigError             a scenario or config file is wrong (names the file and key)
     ├── OutputError             a result or report cannot be written (names the path)
+    ├── LockHeld                another process writes the same file (names its pid, command)
     └── BackendError            talking to a model server failed
         ├── BackendUnreachable      nothing answers at the URL          (retryable)
         ├── RequestTimeout          the server took too long            (retryable)
@@ -32,6 +33,7 @@ __all__ = [
     "HarnessError",
     "InputError",
     "LoadFailure",
+    "LockHeld",
     "ModelNotFound",
     "NoAPI",
     "OutOfMemory",
@@ -66,6 +68,12 @@ class ConfigError(HarnessError):
 
 class OutputError(HarnessError):
     """A result, report or config file could not be written. The message names the path."""
+
+
+class LockHeld(HarnessError):
+    """Another process holds the lock on what this one would write (`harness.lock`): a second
+    `harness run` on the same results, a second `harness api` on the same data dir. The message
+    names the holder's pid and command."""
 
 
 class BackendError(HarnessError):

@@ -49,7 +49,11 @@ class RequestRecord:
     finished: float = 0.0
     status_code: int | None = None
     raw: Mapping[str, Any] | None = None
-    """The server's reply body."""
+    """The server's reply body, as it came (kept in the results line as
+    `harness.server_reply`)."""
+    completion: Mapping[str, Any] | None = None
+    """The reply as an OpenAI `chat.completion` body, built by the harness
+    (`harness.backends.completion`): the results line's `response.body`."""
     context_shifted: bool = False
     """The server shifted its context (dropped tokens) to answer: a trim failure."""
     endpoint: str | None = None
@@ -64,13 +68,15 @@ class RequestRecord:
         return self.status == "ok"
 
     def to_batch_line(self, seq: int) -> dict[str, Any]:
-        """An OpenAI Batch output line, plus the harness's own measurements."""
+        """An OpenAI Batch output line (`response.body`: the reply as a `chat.completion`),
+        plus the harness's own object: its measurements and the server's own reply body
+        (`server_reply`), never passed off as the response."""
         response = None
         if self.ok:
             response = {
                 "status_code": self.status_code or 200,
                 "request_id": f"req_{seq}",
-                "body": dict(self.raw) if self.raw is not None else None,
+                "body": dict(self.completion) if self.completion is not None else None,
             }
         error = None if self.ok else {"code": self.error_type, "message": self.error}
         harness: dict[str, Any] = {
@@ -98,6 +104,8 @@ class RequestRecord:
             harness["cached_omitted"] = True
         if self.endpoint is not None:
             harness["endpoint"] = self.endpoint
+        if self.ok:
+            harness["server_reply"] = dict(self.raw) if self.raw is not None else None
         if self.reuse_alarm is not None:
             harness["reuse_alarm"] = dict(self.reuse_alarm)
         return {

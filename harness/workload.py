@@ -23,6 +23,7 @@ import orjson
 import yaml
 
 from harness.errors import ConfigError, InputError
+from harness.inputs import MAX_LINE_BYTES, Line, parse_line, request_lines
 
 __all__ = [
     "DEFAULT_PROMPT_PATH",
@@ -455,24 +456,40 @@ def batch_line(custom_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
 _BODY_PARAMS = ("max_tokens", "temperature", "seed")
 
 
-def read_batch_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate an OpenAI Batch input file. Raises InputError naming the line."""
+def _batch_lines(path: Path, max_line_bytes: int) -> Iterator[Line]:
+    """`harness.inputs.request_lines`, with a missing, unreadable or empty file named as
+    `_read_text` names it."""
+    try:
+        if path.is_dir():
+            raise InputError("input path is a directory, not a file", path=str(path))
+        any_line = False
+        for line in request_lines(path, max_line_bytes=max_line_bytes):
+            any_line = True
+            yield line
+    except FileNotFoundError:
+        raise InputError("input file not found", path=str(path)) from None
+    except PermissionError:
+        raise InputError("input file cannot be read (permission denied)", path=str(path)) from None
+    if not any_line:
+        raise InputError("input file is empty", path=str(path))
+
+
+def read_batch_jsonl(
+    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[dict[str, Any]]:
+    """Read and validate an OpenAI Batch input file, streamed line by line (`harness.inputs`:
+    a line over `max_line_bytes`, bytes that are not UTF-8, a line nested too deep to parse
+    are that line's error, never a traceback). Raises InputError naming the line."""
     p = Path(path)
-    text = _read_text(p)
     lines: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    # Lines end at \n alone: JSON strings may hold U+2028, U+0085 or form feeds raw (pasted
-    # CVs do), which str.splitlines() would also split on.
-    for n, raw in enumerate(text.split("\n"), start=1):
-        raw = raw.removesuffix("\r")
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InputError(
-                f"invalid JSON ({exc.msg} at column {exc.colno})", path=str(p), line=n
-            ) from None
+    for line in _batch_lines(p, max_line_bytes):
+        n = line.number
+        if line.text is None:
+            raise InputError(str(line.problem), path=str(p), line=n)
+        obj, problem = parse_line(line.text)
+        if problem is not None:
+            raise InputError(problem, path=str(p), line=n)
         if not isinstance(obj, dict):
             raise InputError("a batch line must be a JSON object", path=str(p), line=n)
         for key in ("custom_id", "body"):
@@ -530,7 +547,13 @@ def items_from_batch(lines: Sequence[Mapping[str, Any]]) -> list[WorkItem]:
             schema = (rf.get("json_schema") or {}).get("schema")
         grammar = body.pop("grammar", None)
         if grammar is None and schema is not None:
-            grammar = tight_grammar(schema)
+            try:
+                grammar = tight_grammar(schema)
+            except Exception as exc:  # a malformed schema in a user's line: that line's error
+                raise InputError(
+                    f"custom_id {obj['custom_id']!r}: its response_format schema cannot be "
+                    f"used ({type(exc).__name__}: {exc})"
+                ) from None
             if grammar is not None:
                 body.pop("response_format", None)
         items.append(

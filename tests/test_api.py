@@ -8,9 +8,11 @@ checks); the kill-and-restart test starts its own. The logic tests at the top (s
 limits, files, error shapes, the runner's rules) run the same app in a thread over the
 in-process double: no model.
 
-No test depends on timing windows: a batch is held at a known count of finished requests by
-`HARNESS_API_HOLD_AT` (nothing in flight then) until the test writes its release file, as
-`HARNESS_API_FINALIZE_DELAY_S` holds a batch while it finalizes.
+No test depends on timing windows: a batch is held at a known count of finished requests by a
+test seam (`harness.testing.seams.ApiSeams(hold=N)`: nothing in flight then) until the test
+writes its release file, as `ApiSeams(finalize_delay_s=...)` holds a batch while it finalizes.
+The service reads no test hook from its environment: the seams are handed to the app in a
+thread, or to a child process through tests/api_seamed.py.
 
 SIGKILL gives the service no chance to stop its llama.cpp server (a child in its own session):
 the restarted service stops the one it noted, and every test checks that no process it started
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import csv
 import gzip
+import html
 import json
 import os
 import signal
@@ -45,6 +48,7 @@ import pytest
 import uvicorn
 from openai import OpenAI
 from openai.types import Batch
+from openai.types.chat import ChatCompletion
 
 # The browser helpers of the report page's test: same Chromium, same install-or-skip, same
 # clean-up of every process Chromium starts.
@@ -52,26 +56,23 @@ from test_report_browser import PNG_SIGNATURE, chromium, run_chromium  # noqa: F
 
 from harness.api import ApiSettings, create_app
 from harness.api.cli import READY_PREFIX, main
-from harness.api.runner import (
-    FINALIZE_DELAY_ENV,
-    HOLD_ENV,
-    RELEASE_NAME,
-    REQUESTED_MODEL_KEY,
-    BatchWorker,
-)
+from harness.api.runner import REQUESTED_MODEL_KEY, RESULTS_NAME, BatchWorker
 from harness.api.schemas import OUTPUT_LINE_KEYS
 from harness.api.servers import SCRUBBED_ENV, SERVERS_NOTE, ServerNotes, reap
 from harness.api.store import DB_NAME, BatchRow, FileRow, Store, new_batch_id, new_file_id, now
-from harness.api.validate import LineCounter, check_input
+from harness.api.validate import LineCounter, check_input, read_items
 from harness.backends.base import Backend, ChatRequest, ChatResult
 from harness.backends.openai import OpenAIBackend
 from harness.batch import batch_config
 from harness.cli import main as harness_main
+from harness.engine import read_results
 from harness.errors import ModelNotFound
-from harness.testing import InProcessDouble
+from harness.testing import RELEASE_NAME, ApiSeams, InProcessDouble
 from harness.workload import items_from_batch, read_batch_jsonl
 
 SHORT_PROMPT = Path(__file__).parent / "data" / "batch" / "short_prompt.yaml"
+SEAMED = Path(__file__).parent / "api_seamed.py"
+"""`harness api` with test seams (the service itself reads no test hook)."""
 MODEL_ARGS = ("--model", "tiny-gemma3", "--ctx", "1024")
 START_TIMEOUT_S = 180.0
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -155,6 +156,19 @@ def check_output_line(line: dict[str, Any], *, ok: bool, model: bool = True) -> 
         assert isinstance(line["error"]["message"], str)
 
 
+def check_replies(out: list[dict[str, Any]], results: Path) -> None:
+    """Every output line's body is a chat.completion (as the official client's type reads it)
+    whose `choices[0].message.content` is the reply the engine got (its results file); the
+    server's own body is not in the output."""
+    got = {line["custom_id"]: line["harness"] for line in read_results(results)}
+    for line in out:
+        body = line["response"]["body"]
+        reply = ChatCompletion.model_validate(body)
+        assert reply.object == "chat.completion" and reply.usage is not None
+        assert reply.choices[0].message.content == got[line["custom_id"]]["content"]
+        assert body != got[line["custom_id"]]["server_reply"]
+
+
 def score_of(line: dict[str, Any]) -> int:
     content = line["response"]["body"]["choices"][0]["message"]["content"]
     score = json.loads(content)["score"]
@@ -189,7 +203,7 @@ def error_codes(lines: list[dict[str, Any]]) -> Counter[str]:
 
 
 def release(data_dir: Path, batch_id: str) -> None:
-    """Let a batch held by HOLD_ENV go on."""
+    """Let a batch held by the `hold` seam go on."""
     (data_dir / "batches" / batch_id / RELEASE_NAME).touch()
 
 
@@ -207,21 +221,40 @@ def alive(proc: psutil.Process) -> bool:
 class ApiProcess:
     """`python -m harness.api` children on 127.0.0.1; every process they start is cleaned up."""
 
-    def __init__(self, workdir: Path, data_dir: Path, *args: str) -> None:
+    def __init__(
+        self, workdir: Path, data_dir: Path, *args: str, model_args: Sequence[str] = MODEL_ARGS
+    ) -> None:
         self.workdir, self.data_dir, self.args = workdir, data_dir, args
+        self.model_args = tuple(model_args)
+        """The model options (default: the embedded tiny model), before `args`."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.starts = 0
         self.seen: list[psutil.Process] = []
         self.logs: list[Path] = []
 
-    def start(self, env: dict[str, str] | None = None) -> str:
+    def start(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        hold_at: int | None = None,
+        finalize_delay_s: float = 0.0,
+    ) -> str:
+        """Start the service; with `hold_at` / `finalize_delay_s`, through tests/api_seamed.py
+        (the same command line, with those test seams)."""
         n = self.starts = self.starts + 1
         out, err = self.workdir / f"api-{n}.out", self.workdir / f"api-{n}.err"
         self.logs += [out, err]
+        seamed = hold_at is not None or finalize_delay_s > 0
+        launcher = (
+            [str(SEAMED), *(["--hold-at", str(hold_at)] if hold_at is not None else []),
+             "--finalize-delay", str(finalize_delay_s), "--"]
+            if seamed
+            else ["-m", "harness.api"]
+        )  # fmt: skip
         cmd = [
-            sys.executable, "-m", "harness.api", "--host", "127.0.0.1", "--port", "0",
-            "--data-dir", str(self.data_dir), *MODEL_ARGS, *self.args,
+            sys.executable, *launcher, "--host", "127.0.0.1", "--port", "0",
+            "--data-dir", str(self.data_dir), *self.model_args, *self.args,
         ]  # fmt: skip
         with out.open("wb") as fo, err.open("wb") as fe:
             self.proc = subprocess.Popen(
@@ -286,16 +319,21 @@ class ApiProcess:
 
 
 @contextlib.contextmanager
-def in_thread(settings: ApiSettings, backend: Backend) -> Iterator[str]:
+def in_thread(
+    settings: ApiSettings, backend: Backend, seams: ApiSeams | None = None
+) -> Iterator[str]:
     """The app on 127.0.0.1 (a free port) in a thread, over the in-process double."""
-    with in_thread_app(settings, backend) as (url, _):
+    with in_thread_app(settings, backend, seams) as (url, _):
         yield url
 
 
 @contextlib.contextmanager
-def in_thread_app(settings: ApiSettings, backend: Backend) -> Iterator[tuple[str, Any]]:
-    """`in_thread`, also yielding the app's `Service` (to reach into its state)."""
-    app = create_app(settings, backend=backend)
+def in_thread_app(
+    settings: ApiSettings, backend: Backend, seams: ApiSeams | None = None
+) -> Iterator[tuple[str, Any]]:
+    """`in_thread`, also yielding the app's `Service` (to reach into its state); `seams`: the
+    test seams the service gets."""
+    app = create_app(settings, backend=backend, seams=seams or ApiSeams())
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
     )
@@ -395,12 +433,24 @@ def test_with_a_key_requests_without_it_get_401_in_openai_shape(tmp_path: Path) 
             for method, path in [
                 ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/batches"),
                 ("POST", "/v1/batches"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                ("GET", "/"), ("GET", "/metrics"), ("GET", "/v1/files/x/content"),
+                ("GET", "/metrics"), ("GET", "/v1/files/x/content"),
             ]:  # fmt: skip
                 r = http.request(method, path)
                 assert r.status_code == 401, (method, path)
                 assert r.json()["error"]["code"] == "invalid_api_key"
                 assert r.headers["www-authenticate"] == "Bearer"
+            # The page's routes ask a browser for the key (HTTP Basic: the key as password).
+            for path in ("/", "/batches/batch_000000000000000000000000/throughput.png"):
+                r = http.get(path)
+                assert r.status_code == 401, path
+                assert r.headers["www-authenticate"].startswith('Basic realm="harness api"')
+                assert "API key" in r.text and "password" in r.text
+                assert http.get(path, auth=("anyone", "wrong-key-123")).status_code == 401
+            page = http.get("/", auth=("anyone", KEY))
+            assert page.status_code == 200 and "harness api: batches" in page.text
+            assert "needs its API key" in page.text and "api_key=os.environ[" in page.text
+            # Basic credentials are for the page only; the API takes the Bearer token.
+            assert http.get("/v1/batches", auth=("anyone", KEY)).status_code == 401
             assert http.get("/health").status_code == 200
         # With the key, the whole round trip works; the key is nowhere on disk.
         client = client_for(url, key=KEY)
@@ -413,6 +463,95 @@ def test_with_a_key_requests_without_it_get_401_in_openai_shape(tmp_path: Path) 
         assert read_lines(client, b.output_file_id)[0]["custom_id"] == "a"
     blobs = files_in(tmp_path)
     assert blobs and not any(KEY.encode() in v for v in blobs.values())
+
+
+def test_a_foreign_host_or_origin_is_refused_and_the_page_and_client_still_work(
+    tmp_path: Path,
+) -> None:
+    """On loopback, a web page is no caller: a request through another hostname (DNS
+    rebinding) or from another web origin is refused before any route runs; the service's own
+    addresses (127.0.0.1, localhost, with its port), its page and the openai client work."""
+    with in_thread_app(double_settings(tmp_path), InProcessDouble()) as (url, svc):
+        port = url.rsplit(":", 1)[1]
+        client = client_for(url)
+        f = client.files.create(file=("in.jsonl", lines_of(1)), purpose="batch")
+        with httpx.Client(base_url=url) as http:
+            refused = [
+                ("GET", "/v1/files", {"host": "evil.example"}),
+                ("GET", f"/v1/files/{f.id}/content", {"host": f"evil.example:{port}"}),
+                ("GET", "/", {"host": "evil.example"}),
+                ("GET", "/v1/batches", {"host": "127.0.0.1:1"}),  # not its port
+                ("GET", "/v1/batches", {"host": "127.0.0.1"}),  # no port
+                ("GET", "/health", {"host": "evil.example"}),
+                ("GET", "/v1/batches", {"origin": "http://evil.example"}),
+                ("GET", "/", {"origin": "http://evil.example"}),
+                ("GET", "/v1/batches", {"origin": "null"}),
+                ("GET", "/v1/batches", {"origin": f"http://localhost:{port}"}),  # not its host
+                ("POST", "/v1/files", {"origin": "http://evil.example"}),
+                ("POST", "/v1/batches", {"origin": "http://evil.example",
+                                         "content-type": "application/x-www-form-urlencoded"}),
+            ]  # fmt: skip
+            for method, path, headers in refused:
+                r = http.request(method, path, headers=headers, content=b"x=1")
+                assert r.status_code == 403, (method, path, headers, r.text)
+                error = r.json()["error"]
+                assert error["code"] == "caller_not_allowed" and error["type"]
+            assert svc.counters.callers_refused == len(refused)
+            for headers in (
+                {}, {"host": f"localhost:{port}"}, {"host": f"127.0.0.1:{port}"},
+                {"origin": f"http://127.0.0.1:{port}"},
+                {"host": f"localhost:{port}", "origin": f"http://localhost:{port}"},
+            ):  # fmt: skip
+                assert http.get("/v1/files", headers=headers).status_code == 200, headers
+            page = http.get("/")
+            assert page.status_code == 200 and "harness api: batches" in page.text
+            text = html.unescape(page.text)
+            assert "No API key" in text and f'OpenAI(base_url="{url}/v1"' in text
+            metrics = http.get("/metrics").text
+            assert f"harness_api_callers_refused_total {len(refused)}" in metrics
+        assert [x.id for x in client.files.list()] == [f.id]
+
+
+def test_json_routes_take_only_a_json_content_type(tmp_path: Path) -> None:
+    """A page can send a form or text/plain body without a preflight, never JSON: routes that
+    read JSON refuse other types (415), before the body is read."""
+    with in_thread(double_settings(tmp_path), InProcessDouble()) as url:
+        client = client_for(url)
+        f = client.files.create(file=("in.jsonl", lines_of(1)), purpose="batch")
+        body = json.dumps(
+            {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        )
+        chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        with httpx.Client(base_url=url) as http:
+            for path, content in (("/v1/batches", body), ("/v1/chat/completions", chat)):
+                for kind in (None, "text/plain", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x"):  # fmt: skip
+                    headers = {"content-type": kind} if kind else {}
+                    r = http.post(path, content=content, headers=headers)
+                    assert r.status_code == 415, (path, kind)
+                    error = r.json()["error"]
+                    assert error["code"] == "unsupported_media_type"
+                    assert "application/json" in error["message"]
+            assert client.batches.list().data == []  # nothing was created
+            r = http.post(
+                "/v1/batches",
+                content=body,
+                headers={"content-type": "application/json; charset=utf-8"},
+            )
+            assert r.status_code == 200 and r.json()["object"] == "batch"
+
+
+def test_off_loopback_the_key_guards_and_a_foreign_origin_is_still_refused(
+    tmp_path: Path,
+) -> None:
+    settings = double_settings(tmp_path, host="0.0.0.0", api_key=KEY)
+    with in_thread(settings, InProcessDouble()) as url, httpx.Client(base_url=url) as http:
+        auth = {"authorization": f"Bearer {KEY}"}
+        # Reached by a name of its own (it listens on every address): the key decides.
+        assert http.get("/v1/files", headers={**auth, "host": "box.example:1"}).status_code == 200
+        assert http.get("/v1/files", headers={"host": "box.example:1"}).status_code == 401
+        r = http.get("/v1/files", headers={**auth, "origin": "http://evil.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "caller_not_allowed"
 
 
 def test_upload_limits_are_refused_in_openai_shape_and_keep_nothing(tmp_path: Path) -> None:
@@ -485,7 +624,9 @@ def test_files_round_trip_with_opaque_ids_and_paging(tmp_path: Path) -> None:
             assert r.status_code == 404 and set(r.json()["error"]) == {
                 "message", "type", "param", "code",
             }  # fmt: skip
-            r = http.post("/v1/batches", content=b"{not json")
+            r = http.post(
+                "/v1/batches", content=b"{not json", headers={"content-type": "application/json"}
+            )
             assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
         for kwargs, param in [
             ({"input_file_id": made[1].id, "endpoint": "/v1/embeddings"}, "endpoint"),
@@ -499,12 +640,11 @@ def test_files_round_trip_with_opaque_ids_and_paging(tmp_path: Path) -> None:
 
 
 def test_cancel_of_a_finished_batch_and_deleting_a_running_input_are_conflicts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv(HOLD_ENV, "1")
     line = '{"custom_id": "%d", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}]}}\n'  # noqa: E501
     data = "".join(line % i for i in range(20)).encode()
-    with in_thread(double_settings(tmp_path), InProcessDouble()) as url:
+    with in_thread(double_settings(tmp_path), InProcessDouble(), ApiSeams(hold=1)) as url:
         client = client_for(url)
         f = client.files.create(file=("a.jsonl", data), purpose="batch")
         b = client.batches.create(
@@ -538,11 +678,41 @@ def ids_of(n: int, prefix: str = "r") -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
 
-def test_batches_past_their_window_expire_keeping_their_finished_lines(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_second_service_on_the_data_dir_of_a_running_one_exits_2_and_the_batch_completes(
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv(HOLD_ENV, "3")
-    with in_thread_app(double_settings(tmp_path), InProcessDouble()) as (url, svc):
+    """One service per data dir (over the double, in seconds; the module's service repeats
+    it over the tiny model): while a batch is held mid-run, `harness api` on the same dir
+    exits 2 with one line naming this process, and the batch then completes, every
+    custom_id once."""
+    settings = double_settings(tmp_path)
+    with in_thread(settings, InProcessDouble(), ApiSeams(hold=3)) as url:
+        client = client_for(url)
+        b = create(client, lines_of(12))
+        wait_batch(client, b.id, lambda x: done_count(x) == 3, 30)
+        lock = settings.data_dir / "harness-api.lock"
+        assert lock.read_text().split("\n")[0] == str(os.getpid())
+        names = sorted(str(p) for p in settings.data_dir.rglob("*"))
+        second = subprocess.run(
+            [sys.executable, "-m", "harness.api", "--port", "0", "--data-dir",
+             str(settings.data_dir), "--model", "tiny-gemma3"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert second.returncode == 2 and second.stdout == ""
+        (line,) = second.stderr.splitlines()
+        assert f"the data dir {settings.data_dir} is in use by another process" in line
+        assert f"pid {os.getpid()} (" in line and "--data-dir" in line
+        assert sorted(str(p) for p in settings.data_dir.rglob("*")) == names  # nothing new
+        assert done_count(client.batches.retrieve(b.id)) == 3  # still held, untouched
+        release(settings.data_dir, b.id)
+        b = wait_batch(client, b.id, lambda x: x.status == "completed", 30)
+        check_finished(client, b, model=False, inputs=ids_of(12))
+    assert not lock.exists()  # let go when the service stopped
+
+
+def test_batches_past_their_window_expire_keeping_their_finished_lines(tmp_path: Path) -> None:
+    seams = ApiSeams(hold=3)
+    with in_thread_app(double_settings(tmp_path), InProcessDouble(), seams) as (url, svc):
         client = client_for(url)
         short = create(client, lines_of(50))
         wait_batch(client, short.id, lambda x: done_count(x) == 3, 30)  # held at 3
@@ -581,11 +751,8 @@ def test_a_run_that_keeps_failing_ends_failed_with_its_finished_lines(tmp_path: 
 # -- the runner's rules, the pass-through, the model servers (over doubles) --------------------
 
 
-def test_a_cancelled_batch_writes_its_unrun_requests_to_the_error_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(HOLD_ENV, "3")
-    with in_thread(double_settings(tmp_path), InProcessDouble()) as url:
+def test_a_cancelled_batch_writes_its_unrun_requests_to_the_error_file(tmp_path: Path) -> None:
+    with in_thread(double_settings(tmp_path), InProcessDouble(), ApiSeams(hold=3)) as url:
         client = client_for(url)
         b = create(client, lines_of(20))
         wait_batch(client, b.id, lambda x: done_count(x) == 3, 30)
@@ -700,7 +867,9 @@ def test_every_request_body_has_a_limit(tmp_path: Path) -> None:
             assert "--max-request-bytes" in r.json()["error"]["message"]
         assert svc.counters.bodies_refused == 5
         # Within the limit: the route answers as usual; uploads have their own (larger) limit.
-        r = http.post("/v1/batches", content=b"{not json")
+        r = http.post(
+            "/v1/batches", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
         client = client_for(url)
         f = client.files.create(file=("big.jsonl", lines_of(20)), purpose="batch")
@@ -1005,9 +1174,26 @@ def test_cached_tokens_not_reported_are_unknown_never_zero(tmp_path: Path) -> No
             assert "50% of replies reported it" in http.get("/").text
 
 
-def test_a_batch_names_the_model_that_ran_it(tmp_path: Path) -> None:
+def test_a_batch_naming_a_model_not_served_fails_unless_any_model_is_served(
+    tmp_path: Path,
+) -> None:
+    """The model a line names is the model that runs: another name fails validation with
+    `model_not_found` naming it; `--serve-any-model` runs it on the served model, and the batch
+    says so (its `model`, and the name asked for in its metadata)."""
     named = lines_of(2).replace(b'"body": {', b'"body": {"model": "gpt-4o-mini", ')
-    with in_thread(double_settings(tmp_path), InProcessDouble()) as url:
+    served = lines_of(2, "s").replace(b'"body": {', b'"body": {"model": "double", ')
+    with in_thread(double_settings(tmp_path / "strict"), InProcessDouble()) as url:
+        client = client_for(url)
+        b = wait_batch(client, create(client, named).id, lambda x: x.status == "failed", 30)
+        assert b.errors is not None and b.in_progress_at is None
+        (error,) = b.errors.data or []
+        assert (error.code, error.line, error.param) == ("model_not_found", 1, "body.model")
+        assert "'gpt-4o-mini'" in (error.message or "") and "'double'" in (error.message or "")
+        assert "--serve-any-model" in (error.message or "")
+        ok = wait_batch(client, create(client, served).id, lambda x: x.status == "completed", 30)
+        assert ok.model == "double" and ok.metadata is None
+    settings = double_settings(tmp_path / "any", serve_any_model=True)
+    with in_thread(settings, InProcessDouble()) as url:
         client = client_for(url)
         f = client.files.create(file=("in.jsonl", named), purpose="batch")
         b = client.batches.create(
@@ -1017,6 +1203,8 @@ def test_a_batch_names_the_model_that_ran_it(tmp_path: Path) -> None:
         b = wait_batch(client, b.id, lambda x: x.status == "completed", 30)
         assert b.model == "double"
         assert b.metadata == {"mine": "kept", REQUESTED_MODEL_KEY: "gpt-4o-mini"}
+        out, _ = check_finished(client, b, inputs=ids_of(2))
+        assert {line["response"]["body"]["model"] for line in out} == {"double"}
         plain = wait_batch(
             client, create(client, lines_of(2)).id, lambda x: x.status == "completed"
         )
@@ -1100,9 +1288,11 @@ def test_validation_names_the_parameter_at_fault(tmp_path: Path) -> None:
     ]
 
 
-def test_a_batch_input_is_parsed_once_and_as_the_engine_reads_it(
+def test_a_batch_input_is_parsed_once_per_pass_as_the_engine_reads_it_and_not_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Validation parses each line once and keeps no request (a queued batch holds none in
+    memory); the run reads the file again into the items `harness run` would build."""
     path = make_batch_file(tmp_path, 6)
     loads = json.loads
     parsed: list[int] = []
@@ -1113,19 +1303,28 @@ def test_a_batch_input_is_parsed_once_and_as_the_engine_reads_it(
 
     monkeypatch.setattr(json, "loads", counting)
     checked = check_input(path)
-    assert checked.ok and len(parsed) == 6  # one parse per line
+    assert checked.ok and checked.lines == 6 and len(parsed) == 6  # one parse per line
+    assert not hasattr(checked, "items")  # the result holds no requests
+    items = read_items(path)
+    assert len(parsed) == 12  # read again, once, for the run
     monkeypatch.setattr(json, "loads", loads)
-    assert checked.items == items_from_batch(read_batch_jsonl(path))
+    assert items == items_from_batch(read_batch_jsonl(path))
     # The rubric, the same on every line, is one string object in every item.
-    assert len({id(it.messages[0]["content"]) for it in checked.items}) == 1
+    assert len({id(it.messages[0]["content"]) for it in items}) == 1
 
     checks: list[str] = []
+    reads: list[str] = []
 
     def counted(p: Path, **kw: Any) -> Any:
         checks.append(p.name)
         return check_input(p, **kw)
 
+    def counted_read(p: Path, **kw: Any) -> Any:
+        reads.append(p.name)
+        return read_items(p, **kw)
+
     monkeypatch.setattr("harness.api.runner.check_input", counted)
+    monkeypatch.setattr("harness.api.runner.read_items", counted_read)
     with in_thread(double_settings(tmp_path), InProcessDouble()) as url:
         client = client_for(url)
         f = client.files.create(file=(path.name, path.read_bytes()), purpose="batch")
@@ -1133,7 +1332,7 @@ def test_a_batch_input_is_parsed_once_and_as_the_engine_reads_it(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         wait_batch(client, b.id, lambda x: x.status == "completed", 30)
-    assert checks == [f.id]  # validated once; the run used the items it built
+    assert checks == [f.id] and reads == [f.id]  # validated once; read once for its run
 
 
 def test_the_throughput_plot_is_drawn_once_and_never_read_half_written(tmp_path: Path) -> None:
@@ -1180,7 +1379,7 @@ HOLD_AT = 5
 def service(workdir: Path) -> Iterator[ApiProcess]:
     api = ApiProcess(workdir, workdir / "data")
     try:
-        api.start({HOLD_ENV: str(HOLD_AT)})
+        api.start(hold_at=HOLD_AT)
         yield api
         assert api.stop() == 0
     finally:
@@ -1247,6 +1446,37 @@ class _Rows(HTMLParser):
 
 
 @pytest.mark.integration
+def test_a_second_service_on_a_busy_data_dir_exits_2_and_touches_nothing(
+    client: OpenAI, service: ApiProcess, big_batch: Batch
+) -> None:
+    """One service per data dir: a second `harness api` on it, while the first runs a batch
+    (held at HOLD_AT), exits 2 with one line naming the first's pid and command, before it
+    reads the dir or stops the first one's model server; the batch goes on untouched (the
+    module's later tests check it completes with every custom_id once)."""
+    wait_batch(client, big_batch.id, lambda x: done_count(x) == HOLD_AT, 180)
+    assert service.proc is not None
+    servers = [p for p in service._note_children() if alive(p)]
+    assert servers, "the first service's model server"
+    results = service.data_dir / "batches" / big_batch.id / "results.jsonl"
+    before = results.read_bytes()
+    second = subprocess.run(
+        [sys.executable, "-m", "harness.api", "--host", "127.0.0.1", "--port", "0",
+         "--data-dir", str(service.data_dir), *MODEL_ARGS],
+        capture_output=True, text=True, timeout=120, check=False, cwd=service.workdir,
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    assert second.stdout == ""
+    (line,) = second.stderr.splitlines()
+    assert line.startswith(f"harness api: error: the data dir {service.data_dir} is in use")
+    assert f"pid {service.proc.pid} (" in line and "harness" in line and "--data-dir" in line
+    assert all(alive(p) for p in servers), "the second service stopped the first's server"
+    held = client.batches.retrieve(big_batch.id)
+    assert held.status == "in_progress" and done_count(held) == HOLD_AT
+    assert results.read_bytes() == before
+    print(f"\nsecond harness api on the busy data dir: exit 2: {line}")
+
+
+@pytest.mark.integration
 @pytest.mark.browser
 def test_page_shows_the_running_batch_in_chromium(
     chromium: Path,  # noqa: F811
@@ -1304,7 +1534,10 @@ def finished_200(
 
 @pytest.mark.integration
 def test_200_line_batch_completes_every_custom_id_once(
-    client: OpenAI, batch_200: Path, finished_200: tuple[Batch, list[dict[str, Any]]]
+    client: OpenAI,
+    service: ApiProcess,
+    batch_200: Path,
+    finished_200: tuple[Batch, list[dict[str, Any]]],
 ) -> None:
     b, out = finished_200
     inputs = [json.loads(x)["custom_id"] for x in batch_200.read_text().splitlines()]
@@ -1321,6 +1554,10 @@ def test_200_line_batch_completes_every_custom_id_once(
     assert b.usage.input_tokens == sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in out)
     output = client.files.retrieve(b.output_file_id)  # type: ignore[arg-type]
     assert output.purpose == "batch_output"
+    # The embedded default's lines are chat.completion bodies holding the model's reply,
+    # naming the model as the batch does (not the file llama.cpp loaded).
+    check_replies(out, service.data_dir / "batches" / b.id / RESULTS_NAME)
+    assert {line["response"]["body"]["model"] for line in out} == {b.model} == {"tiny-gemma3"}
 
 
 def harness_run_scores(workdir: Path, batch: Path, sample: int | None) -> dict[str, int]:
@@ -1437,6 +1674,93 @@ def test_passthrough_page_metrics_and_health(
         assert http.get("/health").json() == {"status": "ok"}
 
 
+@pytest.mark.integration
+def test_a_foreign_host_or_origin_is_refused_by_the_real_service(
+    client: OpenAI, service: ApiProcess
+) -> None:
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        for headers in ({"host": "evil.example"}, {"origin": "http://evil.example"}):
+            for path in ("/v1/files", "/", "/v1/batches"):
+                r = http.get(path, headers=headers)
+                assert r.status_code == 403, (path, headers)
+                assert r.json()["error"]["code"] == "caller_not_allowed"
+        assert http.get("/").status_code == 200  # the page, on 127.0.0.1
+        port = service.url.rsplit(":", 1)[1]
+        assert http.get("/", headers={"host": f"localhost:{port}"}).status_code == 200
+    assert client.batches.list(limit=1).data  # the openai client, on 127.0.0.1
+
+
+# -- the same batch through the Ollama and OpenAI-compatible backends --------------------------
+
+
+def run_on(api: ApiProcess, batch: Path) -> tuple[Batch, list[dict[str, Any]]]:
+    client = client_for(api.url)
+    f = client.files.create(file=(batch.name, batch.read_bytes()), purpose="batch")
+    b = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    b = wait_batch(client, b.id, lambda x: x.status == "completed", 300)
+    out, err = check_finished(client, b)
+    assert err == [] and len(out) == b.request_counts.total  # type: ignore[union-attr]
+    check_replies(out, api.data_dir / "batches" / b.id / RESULTS_NAME)
+    return b, out
+
+
+@pytest.mark.integration
+def test_the_official_client_reads_every_reply_on_a_replayed_ollama(
+    tmp_path: Path, tiny_server: Any
+) -> None:
+    """`harness api --backend ollama` on a loopback server replaying recorded Ollama bodies
+    (tests/ollama_replay.py; the reply text and each reply's token counts are set here, the
+    counts by a real tokenizer as a server would count): every output line's
+    `body.choices[0].message.content` holds the reply, and cached tokens appear as Ollama
+    reported them (`prompt_eval_cached_count` → `prompt_tokens_details.cached_tokens`)."""
+    from ollama_replay import OllamaReplay, counting
+
+    batch = make_batch_file(tmp_path, 8, "ollama")
+    content = '{"score": 7}'
+    with OllamaReplay(version="0.34.0", content=content, counts=counting(tiny_server.url)) as r:
+        api = ApiProcess(
+            tmp_path, tmp_path / "data", "--backend", "ollama", "--base-url", r.url,
+            model_args=("--model", "gemma3:12b", "--ctx", "4096"),
+        )  # fmt: skip
+        try:
+            api.start()
+            b, out = run_on(api, batch)
+            assert api.stop() == 0
+        finally:
+            left = api.cleanup()
+        chats = r.chats()
+    assert left == []
+    assert len(chats) == 8 and b.model == "gemma3:12b"
+    for line in out:
+        body = line["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == content
+        assert body["model"] == "gemma3:12b" and body["choices"][0]["finish_reason"] == "stop"
+        usage = body["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 40
+
+
+@pytest.mark.integration
+def test_the_official_client_reads_every_reply_on_an_openai_compatible_server(
+    tmp_path: Path, tiny_server: Any
+) -> None:
+    """`harness api --backend openai` on a real llama.cpp server (the tiny model's)."""
+    batch = make_batch_file(tmp_path, 8, "openai")
+    api = ApiProcess(
+        tmp_path, tmp_path / "data", "--backend", "openai",
+        "--base-url", f"{tiny_server.url}/v1", model_args=(),
+    )  # fmt: skip
+    try:
+        api.start()
+        _, out = run_on(api, batch)
+        assert api.stop() == 0
+    finally:
+        left = api.cleanup()
+    assert left == []
+    assert all(isinstance(score_of(line), int) for line in out)
+
+
 # -- killed and restarted ---------------------------------------------------------------------
 
 
@@ -1449,7 +1773,7 @@ def test_sigkill_mid_batch_and_while_finalizing_then_restart_completes_exactly_o
     api = ApiProcess(tmp_path, data)
     env = {"HARNESS_API_KEY": KEY}
     try:
-        client = client_for(api.start({**env, HOLD_ENV: "5"}), KEY)
+        client = client_for(api.start(env, hold_at=5), KEY)
         f = client.files.create(file=(batch.name, batch.read_bytes()), purpose="batch")
         b = client.batches.create(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -1462,7 +1786,7 @@ def test_sigkill_mid_batch_and_while_finalizing_then_restart_completes_exactly_o
 
         # Restart: the orphan is stopped, the batch resumes; kill it again while finalizing
         # (the pause between writing the output files and committing them).
-        client = client_for(api.start({**env, FINALIZE_DELAY_ENV: "60"}), KEY)
+        client = client_for(api.start(env, finalize_delay_s=60), KEY)
         assert not any(alive(p) for p in orphans), "the restart stops the server left behind"
         b = wait_batch(client, b.id, lambda x: x.status == "finalizing", 120)
         assert b.finalizing_at is not None and done_count(b) == 16

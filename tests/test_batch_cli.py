@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -29,6 +30,7 @@ from harness.engine.store import read_results
 from harness.errors import BackendError, ModelNotFound
 from harness.testing import InProcessDouble
 from harness.workload import (
+    batch_line,
     generate_candidates,
     items_from_batch,
     items_from_table,
@@ -960,6 +962,145 @@ def test_resume_with_a_changed_prompt_exits_2_naming_the_prompt(
     kept = sorted(p.name for p in in_tmp.glob("c_results.*.jsonl"))
     assert len(kept) == 1 and Path(kept[0]).read_bytes() == first
     assert len(results(Path("c_results.jsonl"))) == 6
+
+
+def test_another_input_with_the_same_ids_under_the_same_output_exits_2_naming_the_input(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The input is in the job's identity: a second CSV with other candidates under the same
+    ids, run with the same --output, exits 2 naming both inputs (it would otherwise report the
+    first CSV's scores as its own); the unchanged input still resumes."""
+    use_double()
+    write_candidates_csv("first.csv", 6, seed=2)
+    write_candidates_csv("second.csv", 6, seed=3)  # the same ids, other candidates
+    assert [r["id"] for r in read_csv(Path("first.csv"))] == [
+        r["id"] for r in read_csv(Path("second.csv"))
+    ]
+    args = ["--no-progress", "--structured", "none", "--output", "out.csv"]
+    assert main(["run", "first.csv", *args]) == 0
+    before = snapshot(in_tmp)
+    capsys.readouterr()
+    assert main(["run", "second.csv", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "out_results.jsonl holds the results of another input" in err[0]
+    assert str(in_tmp / "first.csv") in err[0] and str(in_tmp / "second.csv") in err[0]
+    assert "--output" in err[0] and "--new" in err[0]
+    assert snapshot(in_tmp) == before  # nothing touched
+    capsys.readouterr()
+    assert main(["run", "first.csv", *args]) == 0  # the same input resumes as before
+    assert "(6 resumed from earlier runs)" in capsys.readouterr().out
+    # A batch JSONL is hashed whole: the same ids, only its last line differs.
+    lines = [
+        batch_line(f"r{i}", {"messages": [{"role": "user", "content": f"hi {i}"}]})
+        for i in range(3)
+    ]
+    Path("a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    lines[-1]["body"]["messages"][0]["content"] = "another candidate"
+    Path("b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    jargs = ["--no-progress", "--output", "j.csv"]
+    assert main(["run", "a.jsonl", *jargs]) == 0
+    capsys.readouterr()
+    assert main(["run", "b.jsonl", *jargs]) == 2
+    assert "holds the results of another input" in capsys.readouterr().err
+
+
+def test_results_of_an_earlier_version_without_the_input_hash_still_resume(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_double()
+    write_candidates_csv("c.csv", 4, seed=2)
+    args = ["run", "c.csv", "--no-progress", "--structured", "none"]
+    assert main([*args, "--sample", "2"]) == 0
+    job = json.loads(Path("c_results.job.json").read_text())
+    assert job["input"] == str(in_tmp / "c.csv") and len(job["input_sha256"]) == 64
+    old = {k: v for k, v in job.items() if k not in ("input", "input_sha256")}
+    Path("c_results.job.json").write_text(json.dumps(old))  # as an earlier version wrote it
+    capsys.readouterr()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "(2 resumed from earlier runs)" in out
+    assert "harness run: resume: the input is not checked against c_results.job.json" in err
+    assert f"harness run: input: c.csv (4 rows), sha256 {job['input_sha256'][:12]}" in err
+    assert json.loads(Path("c_results.job.json").read_text()) == job  # recorded now
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from harness.lock import hold
+with hold(Path(sys.argv[1]), what="the results file"):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_writer_of_the_same_results_exits_2_naming_the_first_and_appends_nothing(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One writer per results file: while another process holds `<results>.lock` (a first
+    `harness run`), a second run exits 2 with one line naming its pid and command, before it
+    reads, renames or appends anything."""
+    doubles = use_double()
+    write_candidates_csv("c.csv", 4, seed=2)
+    assert main(["run", "c.csv", "--no-progress", "--structured", "none", "--sample", "2"]) == 0
+    before = snapshot(in_tmp)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, "c_results.jsonl.lock", "run", "c.csv"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        for extra in ([], ["--new"], ["--retry-failed"]):
+            argv = ["run", "c.csv", "--no-progress", "--structured", "none", *extra]
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1, err
+            assert err[0].startswith("harness run: error: the results file c_results.jsonl is ")
+            assert f"in use by another process: pid {holder.pid} (-c " in err[0]
+            assert "c_results.jsonl.lock" in err[0]
+        assert len(doubles) == 1  # no server was started for the refused runs
+        after = snapshot(in_tmp)
+        assert after.pop("c_results.jsonl.lock").startswith(str(holder.pid).encode())
+        assert after == before  # nothing appended, renamed or rewritten
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    # The holder died (SIGKILL): no stale lock; the run resumes.
+    assert main(["run", "c.csv", "--no-progress", "--structured", "none"]) == 0
+    assert sorted(r["custom_id"] for r in read_csv(Path("c_scores.csv"))) == sorted(
+        r["id"] for r in read_csv(Path("c.csv"))
+    )
+    assert not Path("c_results.jsonl.lock").exists()
+
+
+def test_the_ray_executors_driver_holds_the_results_lock(
+    in_tmp: Path, use_double: UseDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--executor ray`: the driver (the process that called run_batch) is the one writer,
+    and holds the lock while the pipeline runs."""
+    from harness import rayexec
+    from harness.errors import LockHeld
+    from harness.lock import hold, lock_path_for
+
+    seen: list[str] = []
+
+    async def execute(plan: Any, backend: Any, **_: Any) -> Any:
+        with pytest.raises(LockHeld) as held, hold(lock_path_for(plan.results), what="x"):
+            pass
+        seen.append(str(held.value))
+        return plan.finish()
+
+    monkeypatch.setattr(rayexec, "execute_ray", execute)
+    use_double()
+    write_candidates_csv("c.csv", 2, seed=2)
+    main(["run", "c.csv", "--no-progress", "--executor", "ray", "--structured", "none"])
+    assert len(seen) == 1 and f"pid {os.getpid()}" in seen[0]
+    assert not Path("c_results.jsonl.lock").exists()  # let go when the run ended
 
 
 def test_retry_failed_sends_the_failed_rows_again_and_each_id_ends_once(

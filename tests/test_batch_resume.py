@@ -189,6 +189,55 @@ def test_sigkill_mid_run_then_resume_keeps_finished_rows_and_runs_each_id_once(
     )
 
 
+def test_two_runs_of_one_csv_started_together_one_runs_the_other_exits_2_naming_it(
+    tmp_path: Path, runs: Runs
+) -> None:
+    """Acceptance (issue 27): two `harness run`s of one 40-row CSV started together (a second
+    terminal, a cron job): one runs, the other exits 2 with one line naming the first's pid,
+    and the results file has every id once. SIGKILL the first, start the second again: it
+    runs and resumes (the lock died with the first)."""
+    n = 40
+    write_candidates_csv(tmp_path / "c.csv", n, seed=33)
+    results = tmp_path / "c_results.jsonl"
+    args = ["c.csv", *TINY, "--structured", "grammar", "--no-progress"]
+    a = runs.start(tmp_path, *args, log="a")
+    b = runs.start(tmp_path, *args, log="b")
+    deadline = time.monotonic() + 120
+    while a.poll() is None and b.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    loser, winner = (a, b) if a.poll() is not None else (b, a)
+    assert loser.wait(timeout=60) == 2, "the second writer must exit 2"
+    err_name = "a-0.err" if loser is a else "b-1.err"
+    (line,) = (tmp_path / err_name).read_text().splitlines()
+    assert line.startswith("harness run: error: the results file c_results.jsonl is in use")
+    assert f"pid {winner.pid} (" in line and "c.csv" in line
+    wait_for_lines(winner, results, 5)
+    # SIGKILL the run alone: its llama.cpp server lives on, orphaned, while the second run
+    # starts (it must not hold the lock: the descriptor is not inherited).
+    kids = runs.children(winner)
+    os.kill(winner.pid, signal.SIGKILL)
+    winner.wait(timeout=30)
+    orphans = [f"pid {k.pid}" for k in kids if k.is_running()]
+    before = by_id(results)
+    assert 5 <= len(before) < n, "the kill must land mid-run"
+    again = runs.start(tmp_path, *args, log="again")
+    assert finish(again) == 0, (tmp_path / "again-2.err").read_text()[-2000:]
+    for kid in kids:  # the orphaned server, alive all along
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kid.kill()
+    ids = all_ids(results)
+    assert not [cid for cid, k in Counter(ids).items() if k > 1]
+    assert sorted(ids) == [f"C{i:06d}" for i in range(n)]
+    summary = (tmp_path / "again-2.out").read_text()
+    assert f"{n} done, 0 failed of {n} rows ({len(before)} resumed from earlier runs)" in summary
+    assert not (tmp_path / "c_results.jsonl.lock").exists()
+    print(
+        f"\nstarted together: pid {loser.pid} exited 2: {line}\nSIGKILLed pid {winner.pid} "
+        f"after {len(before)} of {n} (its server, orphaned and alive while the run resumed: "
+        f"{orphans or 'none'}); then: {summary.strip()}"
+    )
+
+
 @pytest.mark.parametrize(
     ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
 )

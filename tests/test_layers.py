@@ -15,10 +15,24 @@ import pytest
 HARNESS = Path(__file__).resolve().parent.parent / "harness"
 
 FLOORS: list[tuple[str, ...]] = [
-    # 0: the ground: errors, file writing, the per-request record, report file names
-    ("harness", "harness.errors", "harness.fileio", "harness.records", "harness.reportfiles"),
+    # 0: the ground: errors, file writing, one writer per file, the per-request record, report
+    #    file names
+    (
+        "harness",
+        "harness.errors",
+        "harness.fileio",
+        "harness.lock",
+        "harness.records",
+        "harness.reportfiles",
+    ),
     # 1: what knows models, memory and figures, and the work's shape
-    ("harness.models", "harness.memory", "harness.metrics", "harness.workload"),
+    (
+        "harness.models",
+        "harness.memory",
+        "harness.metrics",
+        "harness.inputs",
+        "harness.workload",
+    ),
     # 2: model servers, behind one contract
     ("harness.backends",),
     # 3: the engine (strategies, token counting, runner, store, job)

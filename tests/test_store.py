@@ -24,7 +24,8 @@ def rec(cid: str, ok: bool = True) -> RequestRecord:
         error_type=None if ok else "TransientServerError",
         prompt_tokens=100,
         cached_tokens=90,
-        raw={"choices": []} if ok else None,
+        raw={"server": "own body"} if ok else None,
+        completion={"object": "chat.completion", "choices": []} if ok else None,
     )
 
 
@@ -35,9 +36,13 @@ def test_lines_are_openai_batch_output_plus_measurements(tmp_path: Path) -> None
         store.write(rec("b", ok=False))
     a, b = list(read_results(path))
     assert a["custom_id"] == "a" and a["error"] is None
-    assert a["response"]["status_code"] == 200 and a["response"]["body"] == {"choices": []}
+    # The body is the harness's chat.completion; the server's own reply is kept beside it,
+    # under the harness's object, never as the body.
+    assert a["response"]["status_code"] == 200
+    assert a["response"]["body"] == {"object": "chat.completion", "choices": []}
+    assert a["harness"]["server_reply"] == {"server": "own body"}
     assert a["harness"]["cached_tokens"] == 90
-    assert b["response"] is None
+    assert b["response"] is None and "server_reply" not in b["harness"]
     assert b["error"] == {"code": "TransientServerError", "message": "boom"}
 
 

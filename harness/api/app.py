@@ -13,40 +13,50 @@ Routes (every one but `/health` needs `Authorization: Bearer <key>` when a key i
     GET    /metrics                  Prometheus text      GET /health
 
 Errors are answered in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
-unknown routes and malformed requests included. Two ASGI layers sit in front of the routes: the
-key check (before anything is read), then the body limit (an upload over `--max-upload-bytes`,
-any other request body over `--max-request-bytes`, is cut off while it streams in, not after
-it was read or stored).
+unknown routes, malformed requests and a full disk (507, naming the data dir) included. Three
+ASGI layers sit in front of the routes (`harness.api.guards`): the Host and Origin check (a web
+page in the user's browser is not a caller), the key check (before anything is read), then the
+body limit (an upload over `--max-upload-bytes`, any other request body over
+`--max-request-bytes`, is cut off while it streams in, not after it was read or stored).
+Uploads stream straight into the data dir (`harness.api.uploads`); routes that read JSON take
+only a JSON Content-Type.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import hmac
-import json
 import logging
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from harness.api.guards import CallerCheck, KeyCheck, require_json, send_json
 from harness.api.metrics import CONTENT_TYPE, render_metrics
 from harness.api.page import BatchView, render_page
-from harness.api.runner import RESULTS_NAME
-from harness.api.schemas import ApiError, batch_object, error_body, file_object, list_object
+from harness.api.runner import NO_SEAMS, RESULTS_NAME, Seams
+from harness.api.schemas import (
+    ApiError,
+    batch_object,
+    disk_full,
+    error_body,
+    file_object,
+    is_disk_full,
+    list_object,
+)
 from harness.api.service import Service
-from harness.api.settings import ApiSettings
+from harness.api.settings import ApiSettings, is_loopback
 from harness.api.store import TERMINAL_STATUSES, BatchRow
 from harness.backends.base import Backend
 from harness.runconfig import RunConfig
@@ -59,52 +69,6 @@ PAGE_BATCHES = 100
 """Batches the page and /metrics show (the newest)."""
 _MULTIPART_SLACK = 64 * 1024
 """Bytes a multipart body may carry beyond the file itself (boundaries, the purpose field)."""
-_OPEN_PATHS = frozenset({"/health"})
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any], **headers: str) -> None:
-    data = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
-class KeyCheck:
-    """ASGI layer: `Authorization: Bearer <key>` on every route but /health (when a key is set).
-    The key is compared in constant time and never logged."""
-
-    def __init__(self, app: ASGIApp, key: str | None, service: Service) -> None:
-        self.app = app
-        self._key = key.encode() if key else None
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._key is None or scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        given = b""
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                given = bytes(value)
-                break
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
-            await self.app(scope, receive, send)
-            return
-        self.service.counters.unauthorized += 1
-        message = (
-            "Incorrect API key provided."
-            if given
-            else "You didn't provide an API key. You need to provide your API key in an "
-            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-        )
-        await _send_json(
-            send,
-            401,
-            error_body(message, code="invalid_api_key"),
-            **{"www-authenticate": "Bearer"},
-        )
 
 
 class _TooLarge(Exception):
@@ -171,7 +135,7 @@ class BodyLimit:
                 f"{settings.max_request_bytes} bytes (--max-request-bytes).",
                 code="request_too_large",
             )
-        await _send_json(send, 413, body, connection="close")
+        await send_json(send, 413, body, connection="close")
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -193,12 +157,16 @@ def create_app(
     backend: Backend | None = None,
     on_ready: Callable[[str], None] | None = None,
     config: RunConfig | None = None,
+    seams: Seams = NO_SEAMS,
+    lock: contextlib.AbstractContextManager[None] | None = None,
 ) -> FastAPI:
     """The app for these settings. `backend`: one to use instead of the one the settings name
     (not started; tests pass the in-process double); `on_ready(description)` is called once the
     model server and the worker are up; `config`: the run configuration already resolved from
-    the settings (`settings.validate()`), else resolved here, once."""
-    service = Service(settings, backend=backend, config=config)
+    the settings (`settings.validate()`), else resolved here, once; `seams`: test seams
+    (`harness.testing.seams`); `lock`: the data dir's lock, taken by the caller (else the
+    service takes it when it starts)."""
+    service = Service(settings, backend=backend, config=config, seams=seams, lock=lock)
     plot_lock = asyncio.Lock()
 
     @asynccontextmanager
@@ -240,6 +208,14 @@ def create_app(
         )
         return JSONResponse(error_body(message), status_code=exc.status_code)
 
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+        if not is_disk_full(exc):
+            raise exc
+        error = disk_full(settings.data_dir, exc)
+        return JSONResponse(error.body(), status_code=error.status_code)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -277,29 +253,8 @@ def create_app(
 
     @app.post("/v1/files")
     async def upload(request: Request) -> JSONResponse:
-        try:
-            form = await request.form(max_files=1, max_fields=16)
-        except _TooLarge:
-            raise
-        except Exception as exc:  # multipart errors of any kind: a bad request
-            raise ApiError(400, f"Could not parse the multipart form: {exc}") from None
-        try:
-            file = form.get("file")
-            purpose = form.get("purpose")
-            if not isinstance(file, UploadFile):
-                raise ApiError(
-                    400, "Missing required parameter: 'file'.", param="file",
-                    code="missing_required_parameter",
-                )  # fmt: skip
-            if not isinstance(purpose, str) or not purpose:
-                raise ApiError(
-                    400, "Missing required parameter: 'purpose'.", param="purpose",
-                    code="missing_required_parameter",
-                )  # fmt: skip
-            row = await service.add_file(file.filename, purpose, file.file)
-        finally:
-            await form.close()
-        return JSONResponse(file_object(row))
+        content_type = request.headers.get("content-type", "")
+        return JSONResponse(file_object(await service.add_upload(content_type, request.stream())))
 
     @app.get("/v1/files")
     async def list_files(request: Request) -> JSONResponse:
@@ -336,6 +291,7 @@ def create_app(
 
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> JSONResponse:
+        require_json(request)
         try:
             body = await request.json()
         except ValueError:
@@ -380,6 +336,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
+        require_json(request)
         return await passthrough("POST", "/v1/chat/completions", await request.body())
 
     @app.get("/v1/models")
@@ -391,11 +348,25 @@ def create_app(
     def views() -> list[BatchView]:
         return [view(r) for r in service.db.list_batches(after=None, limit=PAGE_BATCHES).rows]
 
+    def access_note(request: Request) -> str:
+        url = f"{request.url.scheme}://{request.headers.get('host', '')}/v1"
+        if settings.api_key:
+            return (
+                "This service needs its API key: programs pass it as a Bearer token, "
+                f'e.g. OpenAI(base_url="{url}", api_key=os.environ["HARNESS_API_KEY"]); '
+                "this page took it as your browser's password (any user name)."
+            )
+        return (
+            "No API key: any program on this machine may call this service (start it with "
+            f'HARNESS_API_KEY set to require one). Programs: OpenAI(base_url="{url}", '
+            'api_key="unused").'
+        )
+
     @app.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
+    async def page(request: Request) -> HTMLResponse:
         info = service.backend.info
         server = f"{info.backend} · {info.model} · {info.server}"
-        return HTMLResponse(render_page(views(), server=server))
+        return HTMLResponse(render_page(views(), server=server, access=access_note(request)))
 
     @app.get("/batches/{batch_id}/throughput.png")
     async def throughput_plot(batch_id: str) -> FileResponse:
@@ -423,9 +394,17 @@ def create_app(
             {"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503
         )
 
-    # The last added is the outermost: the key is checked before the body is read.
+    # The last added is the outermost: who calls is checked first, then the key, both before
+    # the body is read.
+    def unauthorized() -> None:
+        service.counters.unauthorized += 1
+
+    def foreign() -> None:
+        service.counters.callers_refused += 1
+
     app.add_middleware(BodyLimit, service=service)
-    app.add_middleware(KeyCheck, key=settings.api_key, service=service)
+    app.add_middleware(KeyCheck, key=settings.api_key, on_refused=unauthorized)
+    app.add_middleware(CallerCheck, loopback=is_loopback(settings.host), on_refused=foreign)
     return app
 
 

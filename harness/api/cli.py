@@ -2,12 +2,14 @@
 
 Exit codes: 0 stopped by Ctrl-C or SIGTERM; 1 the service could not start (port taken, model
 server failed); 2 bad usage or settings (one line on stderr, nothing started), among them a
-non-loopback `--host` without an API key.
+non-loopback `--host` without an API key, and a data dir another `harness api` uses (the line
+names its pid and command; nothing in the dir is read or touched).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -18,16 +20,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from harness.api.runner import NO_SEAMS, Seams
 from harness.api.settings import (
     API_KEY_ENV,
     DEFAULT_DATA_DIR,
+    DEFAULT_MAX_FILES,
     DEFAULT_MAX_LINES,
+    DEFAULT_MAX_QUEUED_BATCHES,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_STORED_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_PORT,
     ApiSettings,
 )
-from harness.errors import HarnessError
+from harness.errors import HarnessError, LockHeld
 from harness.runconfig import RunConfig
 
 __all__ = ["READY_PREFIX", "build_parser", "main", "serve"]
@@ -50,12 +56,22 @@ concurrency, context, trim policy), then defaults. State lives in --data-dir (SQ
 and restarted, the service resumes open batches. The page at / shows progress, /metrics is
 Prometheus text, /health needs no key.
 
-Security: loopback by default. Any other --host needs an API key (--api-key, or better the
-environment variable HARNESS_API_KEY: a command line is visible to other users), checked as a
-Bearer token on every route but /health. The key is never written to disk or to a log. With
---backend openai and OPENAI_API_KEY set, the pass-through (/v1/chat/completions, /v1/models)
-would let any caller spend that key: it needs an API key of this service, and is refused
-without one. Servers the service starts see neither key."""
+Security: loopback by default. There it answers only requests addressed to 127.0.0.1:PORT or
+localhost:PORT (the Host header: a web page reaching it through another hostname, DNS
+rebinding, is refused), and from any web origin but its own none (the Origin header); routes
+that read JSON take only Content-Type: application/json. An API key (--api-key, or better the
+environment variable HARNESS_API_KEY: a command line is visible to other users) is checked as a
+Bearer token on every route but /health, on loopback too; the page then takes it as your
+browser's password (any user name). Any other --host needs one. The key is never written to
+disk or to a log. With --backend openai and OPENAI_API_KEY set, the pass-through
+(/v1/chat/completions, /v1/models) would let any caller spend that key: it needs an API key of
+this service, and is refused without one. Servers the service starts see neither key.
+
+One service per --data-dir (a lock: a second one exits 2 naming the first). Quotas, each
+refused with an OpenAI-shaped error naming the option that raises it: --max-stored-bytes,
+--max-files, --max-queued-batches. A batch whose lines name a model this service does not
+serve fails validation (model_not_found), unless --serve-any-model runs it on the served model
+(its metadata then says which model the lines asked for)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,6 +159,33 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
         help="most lines (requests) an uploaded file may have",
     )
     p.add_argument(
+        "--max-stored-bytes",
+        type=_count,
+        default=DEFAULT_MAX_STORED_BYTES,
+        metavar="N",
+        help="quota: bytes of all files kept together (uploads and batch outputs)",
+    )
+    p.add_argument(
+        "--max-files",
+        type=_count,
+        default=DEFAULT_MAX_FILES,
+        metavar="N",
+        help="quota: files kept (uploads and batch outputs)",
+    )
+    p.add_argument(
+        "--max-queued-batches",
+        type=_count,
+        default=DEFAULT_MAX_QUEUED_BATCHES,
+        metavar="N",
+        help="quota: batches not yet ended (validating, in progress, finalizing)",
+    )
+    p.add_argument(
+        "--serve-any-model",
+        action="store_true",
+        help="run a batch whose lines name another model on the served one (its metadata "
+        "notes the model asked for); without it such a batch fails with model_not_found",
+    )
+    p.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG_PATH),
         metavar="harness.yaml",
@@ -208,6 +251,10 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
         max_lines=args.max_lines,
+        max_stored_bytes=args.max_stored_bytes,
+        max_files=args.max_files,
+        max_queued_batches=args.max_queued_batches,
+        serve_any_model=args.serve_any_model,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         stop_on_cache_miss=args.stop_on_cache_miss,
     )
@@ -239,10 +286,17 @@ def _url(sock: socket.socket) -> str:
 
 
 def serve(
-    settings: ApiSettings, *, log_level: str = "info", config: RunConfig | None = None
+    settings: ApiSettings,
+    *,
+    log_level: str = "info",
+    config: RunConfig | None = None,
+    seams: Seams = NO_SEAMS,
+    lock: contextlib.AbstractContextManager[None] | None = None,
 ) -> int:
     """Run the service until Ctrl-C or SIGTERM. Prints `READY_PREFIX + URL` once it answers.
-    `config`: the run configuration `settings.validate()` resolved (None: resolved here)."""
+    `config`: the run configuration `settings.validate()` resolved (None: resolved here);
+    `seams`: test seams (`harness.testing.seams`); `lock`: the data dir's lock, held by the
+    caller (None: the service takes it as it starts)."""
     import uvicorn
 
     from harness.api.app import create_app
@@ -267,7 +321,7 @@ def serve(
     def ready(backend: str) -> None:
         print(f"{READY_PREFIX}{url} ({backend}; data in {settings.data_dir})", flush=True)
 
-    app = create_app(settings, on_ready=ready, config=config)
+    app = create_app(settings, on_ready=ready, config=config, seams=seams, lock=lock)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -293,8 +347,12 @@ def serve(
     return 0 if server.started else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`harness api`: parse, check the settings (exit 2, one line), serve."""
+def main(argv: Sequence[str] | None = None, *, seams: Seams = NO_SEAMS) -> int:
+    """`harness api`: parse, check the settings (exit 2, one line), take the data dir's lock
+    (exit 2, one line naming the holder, when another service has it), serve. `seams`: test
+    seams (tests/api_seamed.py passes `harness.testing.seams.ApiSeams`)."""
+    from harness.api.service import data_dir_lock
+
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
     try:
@@ -308,4 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"prefer the environment variable {API_KEY_ENV}",
             file=sys.stderr,
         )
-    return serve(settings, log_level=args.log_level, config=config)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(data_dir_lock(settings))
+        except LockHeld as exc:
+            print(f"harness api: error: {exc}", file=sys.stderr)
+            return 2
+        return serve(
+            settings,
+            log_level=args.log_level,
+            config=config,
+            seams=seams,
+            lock=contextlib.nullcontext(),
+        )

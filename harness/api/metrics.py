@@ -5,7 +5,7 @@ batch running now its rate and ETA. Cached tokens are given only for batches who
 reported them (an unknown figure is absent, never 0), with `harness_api_batch_cached_coverage`:
 the share of completed requests that reported it, labelled with where it came from. Service-wide:
 batches by status, files, pass-through requests (and those refused), refused uploads and
-bodies, unauthorized requests.
+bodies, unauthorized requests, foreign callers.
 """
 
 from __future__ import annotations
@@ -100,12 +100,14 @@ def render_metrics(
          "Pass-through requests refused: the upstream's credentials need this service's key.",
          counters.passthrough_refused),
         ("uploads_total", "Files uploaded.", counters.uploads),
-        ("uploads_refused_total", "Uploads refused (size or line limit).",
+        ("uploads_refused_total", "Uploads refused (size or line limit, quota, full disk).",
          counters.uploads_refused),
         ("bodies_refused_total", "Request bodies refused (--max-request-bytes).",
          counters.bodies_refused),
         ("unauthorized_total", "Requests refused for a missing or wrong API key.",
          counters.unauthorized),
+        ("callers_refused_total", "Requests refused for a foreign Host or Origin header.",
+         counters.callers_refused),
     ):  # fmt: skip
         lines += _family(f"harness_api_{name}", "counter", help_, [({}, float(value))])
     return "\n".join(lines) + "\n"

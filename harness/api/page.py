@@ -158,8 +158,9 @@ def _row_html(v: BatchView) -> str:
     )
 
 
-def render_page(batches: Sequence[BatchView], *, server: str = "") -> str:
-    """The whole page (newest batch first, as given)."""
+def render_page(batches: Sequence[BatchView], *, server: str = "", access: str = "") -> str:
+    """The whole page (newest batch first, as given); `access`: how programs reach the service
+    (and whether it needs its key), shown under the table."""
     open_ = any(v.row.status not in TERMINAL_STATUSES for v in batches)
     refresh = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if open_ else ""
     rows = "".join(_row_html(v) for v in batches) or (
@@ -176,5 +177,7 @@ def render_page(batches: Sequence[BatchView], *, server: str = "") -> str:
         f"{f' · reloads every {REFRESH_S} s' if open_ else ''}</p>"
         "<table><thead><tr><th>batch</th><th>status</th><th>progress</th><th>failed</th>"
         "<th>rate</th><th>ETA</th><th>savings</th><th>files</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table></body></html>"
+        f"<tbody>{rows}</tbody></table>"
+        + (f'<p class="meta access">{_e(access)}</p>' if access else "")
+        + "</body></html>"
     )

@@ -11,7 +11,11 @@ A batch moves through OpenAI's statuses::
                                                                 failed MAX_FAILURES times)
 
 Validation runs as soon as a batch is created (in a thread, not queued behind a running
-batch); it parses the input once, and the work items it builds are kept for the run. Valid
+batch), streaming the input one line at a time (`check_input`); any failure of it fails the
+batch, and a batch still `validating` past `validation_timeout_s` after its creation (restarts
+included) fails with `validation_timeout`: no batch stays `validating`. It keeps no parsed
+requests: a queued batch costs no memory; its work items are read from the file again when it
+runs (`read_items`). Valid
 batches then run in creation order, one at a time, through `run_job` with an append-only
 results file per batch (`ResultsStore`: every custom_id exactly once, resumable), with the
 configuration the service resolved once at its start (`batch_config`: the command line, then
@@ -36,11 +40,9 @@ whole back-off: other batches' events do not cut it short; a cancel of the batch
 model server relaunched if it died; after `MAX_FAILURES` failures in a row the batch ends
 `failed`, its finished lines still in its output and error files.
 
-Fault injection for tests, read when used: `HARNESS_API_FINALIZE_DELAY_S` seconds of pause
-between writing a batch's output files and committing them; `HARNESS_API_HOLD_AT=N` holds each
-batch of more than N requests once exactly N are done (nothing in flight), until the file
-`release` appears in its directory (`<data dir>/batches/<id>/release`), it is cancelled, or it
-expires: tests see a known count, not a timing window.
+Test seams (`Seams`): the worker calls them at fixed points (hold a batch once N requests are
+done; pause before committing a final status); the service's own do nothing, and tests pass
+theirs (`harness.testing.seams.ApiSeams`). Nothing is read from the environment.
 """
 
 from __future__ import annotations
@@ -53,14 +55,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from harness.api.schemas import output_line
+from harness.api.schemas import is_disk_full, output_line
 from harness.api.servers import helper_backend, scrubbed_env, server_pid
+from harness.api.settings import DEFAULT_VALIDATION_TIMEOUT_S
 from harness.api.store import BatchRow, FileRow, Store, new_file_id, now
-from harness.api.validate import BatchError, Checked, check_input
+from harness.api.validate import (
+    BatchError,
+    Checked,
+    check_input,
+    read_custom_ids,
+    read_items,
+    served_names,
+)
 from harness.backends.base import Backend
 from harness.batch import job_spec
 from harness.engine import JobSpec, TokenCounter, read_results, run_job
@@ -68,31 +78,28 @@ from harness.engine.job import open_token_counter
 from harness.engine.lengths import check_fits, measure_lengths
 from harness.engine.progress import Progress
 from harness.errors import ConfigError
+from harness.inputs import MAX_LINE_BYTES
 from harness.metrics import source_label
 from harness.records import RequestRecord
 from harness.runconfig import RunConfig
 from harness.workload import WorkItem
 
 __all__ = [
-    "FINALIZE_DELAY_ENV",
-    "HOLD_ENV",
     "MAX_FAILURES",
-    "RELEASE_NAME",
+    "NO_SEAMS",
     "REQUESTED_MODEL_KEY",
     "RESULTS_NAME",
     "UNRUN_ERRORS",
+    "VALIDATION_TIMEOUT_S",
     "BatchWorker",
     "Live",
+    "Seams",
     "Tally",
     "write_outputs",
 ]
 
 log = logging.getLogger("harness.api")
 
-FINALIZE_DELAY_ENV = "HARNESS_API_FINALIZE_DELAY_S"
-HOLD_ENV = "HARNESS_API_HOLD_AT"
-RELEASE_NAME = "release"
-"""The file (in a batch's directory) that releases a batch held by `HOLD_ENV`."""
 RESULTS_NAME = "results.jsonl"
 MAX_FAILURES = 5
 """Failed runs in a row before a batch ends `failed`."""
@@ -101,7 +108,10 @@ PERSIST_EVERY_S = 1.0
 EXPIRY_CHECK_S = 1.0
 """How often a running batch's `expires_at` is read again."""
 REQUESTED_MODEL_KEY = "harness_requested_model"
-"""Metadata key noting the model the input lines name when another model ran them."""
+"""Metadata key noting the model the input lines name when another model ran them (only with
+`--serve-any-model`; otherwise such a batch fails validation with `model_not_found`)."""
+VALIDATION_TIMEOUT_S = DEFAULT_VALIDATION_TIMEOUT_S
+"""A batch still `validating` this long after its creation fails (`validation_timeout`)."""
 UNRUN_ERRORS = {
     "expired": (
         "batch_expired",
@@ -295,19 +305,33 @@ def write_outputs(
     return tally
 
 
-def _finalize_delay() -> float:
-    try:
-        return max(0.0, float(os.environ.get(FINALIZE_DELAY_ENV) or 0))
-    except ValueError:
-        return 0.0
+class Seams(Protocol):
+    """Where a test steps into a batch's life (`harness.testing.seams.ApiSeams`)."""
+
+    def hold_at(self) -> int | None:
+        """Hold each batch of more than this many requests once this many are done."""
+
+    async def held(self, batch_dir: Path) -> None:
+        """Return when a batch held at `hold_at` may go on (it may also be cancelled)."""
+
+    async def before_commit(self, batch_id: str, status: str) -> None:
+        """Called between writing a batch's output files and committing its final status."""
 
 
-def _hold_at() -> int | None:
-    try:
-        value = int(os.environ.get(HOLD_ENV) or 0)
-    except ValueError:
+class _NoSeams:
+    """The service's own seams: nothing held, nothing paused."""
+
+    def hold_at(self) -> int | None:
         return None
-    return value if value > 0 else None
+
+    async def held(self, batch_dir: Path) -> None:
+        return None
+
+    async def before_commit(self, batch_id: str, status: str) -> None:
+        return None
+
+
+NO_SEAMS: Seams = _NoSeams()
 
 
 class BatchWorker:
@@ -317,7 +341,9 @@ class BatchWorker:
     `start_backend`: (re)starts the backend after a failed run (default: `backend.start`; the
     service's also notes the new server's pid); `note_helper(pid)`: called with the pid of a
     tokenizer server a run starts for a backend without `/tokenize`, and with None once it
-    stopped."""
+    stopped; `any_model`: run a batch whose lines name another model on the served one (else
+    it fails validation with `model_not_found`); `max_line_bytes`: the longest line read;
+    `seams`: the test seams (see `Seams`)."""
 
     def __init__(
         self,
@@ -329,6 +355,10 @@ class BatchWorker:
         retry_base_s: float = 2.0,
         start_backend: Callable[[], Awaitable[None]] | None = None,
         note_helper: Callable[[int | None], None] | None = None,
+        any_model: bool = False,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        validation_timeout_s: float = VALIDATION_TIMEOUT_S,
+        seams: Seams = NO_SEAMS,
         stop_on_cache_miss: bool = False,
     ) -> None:
         self.store = store
@@ -340,14 +370,16 @@ class BatchWorker:
         self.retry_base_s = retry_base_s
         self.start_backend = start_backend or backend.start
         self.note_helper = note_helper
+        self.any_model = any_model
+        self.max_line_bytes = max_line_bytes
+        self.validation_timeout_s = validation_timeout_s
+        self.seams = seams
         self.live: Live | None = None
         self._wake = asyncio.Event()
         self._job: asyncio.Task[Any] | None = None
         self._job_batch: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failures: dict[str, int] = {}
-        self._checked: dict[str, Checked] = {}
-        """The validated input of each batch validated by this run, kept for its run."""
 
     # -- control -----------------------------------------------------------------------------
 
@@ -377,31 +409,38 @@ class BatchWorker:
         row = self.store.get_batch(batch_id)
         if row is None or row.status != "validating":
             return
-        checked = await self._check(row)
+        left = row.created_at + self.validation_timeout_s - now()
+        try:
+            checked = await self._check(row, left) if left > 0 else _timed_out(self)
+        except Exception as exc:  # whatever happens, the batch leaves `validating`
+            log.exception("batch %s: validation failed", batch_id)
+            checked = Checked(
+                errors=[
+                    BatchError("validation_error", f"Validation failed ({type(exc).__name__}).")
+                ]
+            )
         if checked.ok:
             served = self.backend.info.model or None
             changes: dict[str, Any] = {"model": served or checked.model}
-            if checked.model and served and checked.model != served:
-                # The batch's `model` is the model that runs it; the lines named another.
+            if checked.model and served and checked.model not in served_names(served):
+                # Only with --serve-any-model (else validation refused the name): the batch's
+                # `model` is the model that runs it, its metadata the one the lines named.
                 meta = dict(row.metadata or {})
                 meta[REQUESTED_MODEL_KEY] = checked.model[:512]
                 changes["metadata"] = meta
                 log.warning(
-                    "batch %s: its lines name the model %r; %r runs them",
+                    "batch %s: its lines name the model %r; %r runs them (--serve-any-model)",
                     batch_id, checked.model, served,
                 )  # fmt: skip
-            self._checked[batch_id] = checked
             changed = self.store.set_status_if(
                 batch_id,
                 ["validating"],
                 status="in_progress",
                 in_progress_at=now(),
-                total=len(checked.items),
+                total=checked.lines,
                 **changes,
             )
-            if not changed:
-                self._checked.pop(batch_id, None)
-            log.info("batch %s: %d requests, queued to run", batch_id, len(checked.items))
+            log.info("batch %s: %d requests, queued to run", batch_id, checked.lines)
         else:
             changed = self.store.set_status_if(
                 batch_id,
@@ -414,23 +453,35 @@ class BatchWorker:
         if changed:
             self.wake()
 
-    async def _check(self, row: BatchRow) -> Checked:
+    def _served(self) -> frozenset[str] | None:
+        """The model names a batch's lines may name (None: any, run on the served model)."""
+        model = self.backend.info.model
+        return None if self.any_model or not model else served_names(model)
+
+    async def _check(self, row: BatchRow, left_s: float) -> Checked:
         if self.store.get_file(row.input_file_id) is None:
             return Checked(errors=[BatchError("file_not_found", f"No file {row.input_file_id}.")])
         path = self.store.blob_path(row.input_file_id)
-        return await asyncio.to_thread(
-            check_input, path, endpoint=row.endpoint, max_lines=self.max_lines
+        checking = asyncio.to_thread(
+            check_input,
+            path,
+            endpoint=row.endpoint,
+            max_lines=self.max_lines,
+            max_line_bytes=self.max_line_bytes,
+            served=self._served(),
+            deadline=time.monotonic() + left_s,
         )
+        try:
+            # The thread checks the deadline itself; this is the backstop for one slow line.
+            return await asyncio.wait_for(checking, left_s + 5.0)
+        except TimeoutError:
+            return _timed_out(self)
 
-    async def _input(self, row: BatchRow) -> Checked:
-        """The validated input of a batch: kept from its validation, else (a batch validated
-        before a restart) read again, once."""
-        checked = self._checked.get(row.id)
-        if checked is None:
-            checked = await self._check(row)
-            if checked.ok:
-                self._checked[row.id] = checked
-        return checked
+    async def _items(self, row: BatchRow) -> list[WorkItem]:
+        """A validated batch's work items, read from its file now (never kept from its
+        validation: a queued batch holds none in memory)."""
+        path = self.store.blob_path(row.input_file_id)
+        return await asyncio.to_thread(read_items, path, max_line_bytes=self.max_line_bytes)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -475,6 +526,12 @@ class BatchWorker:
             self._failures.pop(row.id, None)
             current = self.store.get_batch(row.id) or row
             error = BatchError("server_error", f"The batch stopped after {n} tries: {reason}")
+            if is_disk_full(exc):
+                error = BatchError(
+                    "insufficient_storage",
+                    f"The batch stopped after {n} tries: the data dir {self.store.data_dir} is "
+                    f"full ({reason}); its finished lines are kept: free space there.",
+                )
             # Only from the status it failed in: a cancel that came meanwhile wins.
             await self._finalize(current, "failed", allowed=(row.status,), errors=[error.to_dict()])
             return
@@ -573,12 +630,7 @@ class BatchWorker:
         return None
 
     async def _run(self, row: BatchRow) -> None:
-        checked = await self._input(row)
-        if not checked.ok:  # the input changed under us (it cannot, short of a bug)
-            errors = [e.to_dict() for e in checked.errors]
-            await self._finalize(row, "failed", allowed=("in_progress",), errors=errors)
-            return
-        items = checked.items
+        items = await self._items(row)
         results = self._results_path(row.id)
         live, done_ids = await asyncio.to_thread(self._resume_live, row, items)
         pending = [it for it in items if it.custom_id not in done_ids]
@@ -660,9 +712,10 @@ class BatchWorker:
         counter: TokenCounter,
         sink: Callable[[RequestRecord], None],
     ) -> str | None:
-        """The batch's run (`run_job`); with `HOLD_ENV`, in two parts around the hold. Returns
-        why the engine stopped it early (a reuse alarm with --stop-on-cache-miss), else None."""
-        hold = _hold_at()
+        """The batch's run (`run_job`); held by a test seam, in two parts around the hold.
+        Returns why the engine stopped it early (a reuse alarm with --stop-on-cache-miss), else
+        None."""
+        hold = self.seams.hold_at()
         done = len(items) - len(pending)
         if hold is not None and done < hold < len(items):
             first = await run_job(
@@ -670,10 +723,8 @@ class BatchWorker:
             )
             if first.error is not None:
                 return first.error
-            release = self.store.batch_dir(batch_id) / RELEASE_NAME
-            log.info("batch %s: held at %d done until %s exists", batch_id, hold, release)
-            while not release.exists():
-                await asyncio.sleep(0.05)
+            log.info("batch %s: held at %d done", batch_id, hold)
+            await self.seams.held(self.store.batch_dir(batch_id))
         result = await run_job(self.backend, items, spec, counter=counter, sinks=[sink])
         return result.error
 
@@ -711,8 +762,10 @@ class BatchWorker:
         unrun = UNRUN_ERRORS.get(status)
         inputs: list[str] = []
         if unrun is not None and row.in_progress_at is not None:  # it passed validation
-            checked = await self._input(row)
-            inputs = [it.custom_id for it in checked.items]
+            path = self.store.blob_path(row.input_file_id)
+            inputs = await asyncio.to_thread(
+                read_custom_ids, path, max_line_bytes=self.max_line_bytes
+            )
         tally = await asyncio.to_thread(
             write_outputs,
             results,
@@ -734,10 +787,7 @@ class BatchWorker:
             for kind, n in (("output", tally.completed), ("error", tally.failed))
             if n
         ]
-        delay = _finalize_delay()
-        if delay:
-            log.info("batch %s: pausing %.1f s before committing (%s)", row.id, delay, status)
-            await asyncio.sleep(delay)
+        await self.seams.before_commit(row.id, status)
         named = {f.id for f in files}
         changes: dict[str, Any] = {
             "status": status,
@@ -758,7 +808,6 @@ class BatchWorker:
             )  # fmt: skip
             self.wake()
             return False
-        self._checked.pop(row.id, None)
         log.info(
             "batch %s: %s (%d completed, %d failed of %d)",
             row.id,
@@ -768,3 +817,16 @@ class BatchWorker:
             row.total,
         )
         return True
+
+
+def _timed_out(worker: BatchWorker) -> Checked:
+    return Checked(
+        errors=[
+            BatchError(
+                "validation_timeout",
+                f"Validation did not finish within {worker.validation_timeout_s:.0f} s of the "
+                "batch's creation (restarts of the service included); split the file into "
+                "smaller batches.",
+            )
+        ]
+    )

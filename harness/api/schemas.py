@@ -8,7 +8,10 @@ unique across batches.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from harness.api.store import BatchRow, FileRow
@@ -18,8 +21,10 @@ __all__ = [
     "ApiError",
     "batch_object",
     "cached_details",
+    "disk_full",
     "error_body",
     "file_object",
+    "is_disk_full",
     "list_object",
     "output_line",
 ]
@@ -60,6 +65,35 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error body."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""No space left, quota exceeded, file size limit (RLIMIT_FSIZE): the disk is full to us."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, says the disk (or this process's
+    share of it) is full."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        if isinstance(exc, sqlite3.Error) and "full" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def disk_full(data_dir: Path, exc: BaseException) -> ApiError:
+    """The OpenAI-shaped answer to a full disk: 507, naming the data dir."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ApiError(
+        507,
+        f"The data dir {data_dir} is full ({reason}): nothing was kept of this request. Free "
+        "space there (delete files this service keeps: DELETE /v1/files/{id}) and try again.",
+        type="server_error",
+        code="insufficient_storage",
+    )
 
 
 def file_object(row: FileRow) -> dict[str, Any]:

@@ -24,15 +24,15 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-from harness.api.runner import BatchWorker, Live
-from harness.api.schemas import ApiError
+from harness.api.runner import NO_SEAMS, BatchWorker, Live, Seams
+from harness.api.schemas import ApiError, disk_full, is_disk_full
 from harness.api.servers import (
     ServerNotes,
     needs_env_credentials,
@@ -42,6 +42,7 @@ from harness.api.servers import (
 )
 from harness.api.settings import ApiSettings
 from harness.api.store import (
+    OPEN_STATUSES,
     BatchRow,
     FileRow,
     Page,
@@ -51,20 +52,21 @@ from harness.api.store import (
     new_file_id,
     now,
 )
-from harness.api.validate import SUPPORTED_ENDPOINTS, LineCounter
+from harness.api.uploads import receive_upload
+from harness.api.validate import SUPPORTED_ENDPOINTS
 from harness.backends.base import Backend
 from harness.backends.openai import OpenAIBackend
 from harness.batch import batch_config, make_backend
 from harness.errors import BackendError
+from harness.lock import hold
 from harness.runconfig import RunConfig
 
-__all__ = ["COMPLETION_WINDOWS", "Counters", "Service"]
+__all__ = ["COMPLETION_WINDOWS", "Counters", "Service", "data_dir_lock"]
 
 log = logging.getLogger("harness.api")
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 """OpenAI takes `24h` only."""
-_CHUNK = 1 << 20
 _METADATA_MAX = (16, 64, 512)
 """Metadata: at most 16 pairs, keys up to 64 characters, values up to 512 (OpenAI's limits)."""
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
@@ -83,6 +85,8 @@ class Counters:
     bodies_refused: int = 0
     """Request bodies (not uploads) over --max-request-bytes."""
     unauthorized: int = 0
+    callers_refused: int = 0
+    """Requests refused for their Host or Origin (`harness.api.guards.CallerCheck`)."""
 
 
 def _bad_cursor(kind: str, after: str) -> ApiError:
@@ -109,8 +113,17 @@ class Service:
         *,
         backend: Backend | None = None,
         config: RunConfig | None = None,
+        seams: Seams = NO_SEAMS,
+        lock: contextlib.AbstractContextManager[None] | None = None,
     ) -> None:
         self.settings = settings
+        self.seams = seams
+        self._lock = lock
+        """The data dir's lock, when the caller took it (the command line does, to exit 2);
+        else `start` takes it."""
+        self._locks = contextlib.ExitStack()
+        self._receiving: dict[str, int] = {}
+        """Uploads under way: bytes received so far (counted against the storage quota)."""
         self.options = settings.batch_options()
         self.config = config if config is not None else batch_config(self.options)
         """The run configuration, resolved once (see the module docstring)."""
@@ -127,6 +140,9 @@ class Service:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # One service per data dir: taken before anything in it is read, and before `reap`
+        # stops the model servers noted there (a running service's own).
+        self._locks.enter_context(self._lock or data_dir_lock(self.settings))
         store = self.store = Store(self.settings.data_dir)
         swept = store.sweep_blobs()
         if swept:
@@ -147,6 +163,10 @@ class Service:
             max_lines=self.settings.max_lines,
             start_backend=self.start_backend,
             note_helper=lambda pid: notes.note("tokenizer", pid),
+            any_model=self.settings.serve_any_model,
+            max_line_bytes=self.max_line_bytes,
+            validation_timeout_s=self.settings.validation_timeout_s,
+            seams=self.seams,
             stop_on_cache_miss=self.settings.stop_on_cache_miss,
         )
         self._worker_task = asyncio.create_task(self.worker.run_forever(), name="batch-worker")
@@ -177,6 +197,13 @@ class Service:
             if self.notes is not None:
                 self.notes.clear()
             self.store.close()
+        self._locks.close()
+
+    @property
+    def max_line_bytes(self) -> int:
+        """The longest line of a batch file: one request, so --max-request-bytes (16 MB by
+        default, as `harness run`'s `harness.inputs.MAX_LINE_BYTES`)."""
+        return self.settings.max_request_bytes
 
     @property
     def db(self) -> Store:
@@ -190,72 +217,111 @@ class Service:
 
     # -- files -------------------------------------------------------------------------------
 
-    async def add_file(self, filename: str | None, purpose: str, src: IO[bytes]) -> FileRow:
-        """Store an upload (`src`: the received file), refusing it past the size or line limit
-        (nothing kept then). The copy runs in a thread: a 200 MB write and fsync must not stall
-        the event loop that drives the running batch."""
-        if purpose != "batch":
-            raise ApiError(
-                400,
-                f"Invalid purpose {purpose!r}: this service stores batch input files "
-                "(purpose `batch`).",
-                param="purpose",
-            )
+    async def add_upload(self, content_type: str, body: AsyncIterator[bytes]) -> FileRow:
+        """Store an upload as it streams in (`harness.api.uploads`), refusing it as soon as it
+        passes a limit or a quota (nothing kept then); a full disk is a 507 naming the data
+        dir, nothing half-written."""
         db = self.db
+        self._check_file_quota()
         file_id = new_file_id()
-        size, lines = await asyncio.to_thread(self._copy_upload, src, db.blob_path(file_id))
-        row = FileRow(file_id, _clean_filename(filename), purpose, size, lines, now())
-        db.add_file(row)
+        final = db.blob_path(file_id)
+        tmp = final.with_name(f".{final.name}.tmp")
+        self._receiving[file_id] = 0
+        try:
+            stored = db.stored_bytes()
+
+            def check(size: int, lines: int) -> None:
+                self._receiving[file_id] = size
+                self._check_upload(size, lines, stored)
+
+            got = await receive_upload(content_type, body, tmp, check=check)
+            purpose = got.fields.get("purpose")
+            if not got.has_file:
+                raise ApiError(
+                    400, "Missing required parameter: 'file'.", param="file",
+                    code="missing_required_parameter",
+                )  # fmt: skip
+            if not purpose:
+                raise ApiError(
+                    400, "Missing required parameter: 'purpose'.", param="purpose",
+                    code="missing_required_parameter",
+                )  # fmt: skip
+            if purpose != "batch":
+                raise ApiError(
+                    400,
+                    f"Invalid purpose {purpose!r}: this service stores batch input files "
+                    "(purpose `batch`).",
+                    param="purpose",
+                )
+            if got.size == 0:
+                raise ApiError(400, "The file is empty.", param="file", code="empty_file")
+            os.replace(tmp, final)
+            name = _clean_filename(got.filename)
+            row = FileRow(file_id, name, purpose, got.size, got.lines, now())
+            try:
+                db.add_file(row)
+            except BaseException:
+                final.unlink(missing_ok=True)
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            if is_disk_full(exc):
+                self.counters.uploads_refused += 1
+                raise disk_full(self.settings.data_dir, exc) from None
+            raise
+        finally:
+            self._receiving.pop(file_id, None)
+            tmp.unlink(missing_ok=True)
         self.counters.uploads += 1
         return row
 
-    def _copy_upload(self, src: IO[bytes], final: Path) -> tuple[int, int]:
-        """Copy `src` to `final` (atomically); returns its size and request lines, counted as
-        validation counts them (`LineCounter`: blank lines are not requests)."""
-        tmp = final.with_name(f".{final.name}.tmp")
-        limit, max_lines = self.settings.max_upload_bytes, self.settings.max_lines
-        counter = LineCounter()
-        size = 0
-
-        def too_many() -> ApiError:
+    def _check_file_quota(self) -> None:
+        kept = self.db.count_files() + len(self._receiving)
+        limit = self.settings.max_files
+        if kept >= limit:
             self.counters.uploads_refused += 1
-            return ApiError(
+            raise ApiError(
                 400,
-                f"The file has more than {max_lines} request lines, this service's limit "
-                "(--max-lines); blank lines are not counted.",
+                f"This service keeps at most {limit} files (--max-files) and has {kept}: "
+                "delete files you no longer need (DELETE /v1/files/{id}), or restart harness "
+                "api with a larger --max-files.",
+                param="file",
+                code="files_quota_exceeded",
+            )
+
+    def _check_upload(self, size: int, lines: int, stored: int) -> None:
+        """Refuse an upload of `size` bytes so far past the size limit, the storage quota or
+        the line limit (OpenAI-shaped, naming the option that raises it)."""
+        settings = self.settings
+        if size > settings.max_upload_bytes:
+            self.counters.uploads_refused += 1
+            raise ApiError(
+                413,
+                f"The file is larger than this service's limit of {settings.max_upload_bytes} "
+                "bytes (--max-upload-bytes).",
+                param="file",
+                code="file_too_large",
+            )
+        others = sum(n for n in self._receiving.values()) - size
+        if stored + others + size > settings.max_stored_bytes:
+            self.counters.uploads_refused += 1
+            raise ApiError(
+                413,
+                f"Storing this file would pass this service's quota of "
+                f"{settings.max_stored_bytes} bytes of files kept (--max-stored-bytes; "
+                f"{stored} kept now): delete files you no longer need (DELETE "
+                "/v1/files/{id}), or restart harness api with a larger --max-stored-bytes.",
+                param="file",
+                code="storage_quota_exceeded",
+            )
+        if lines > settings.max_lines:
+            self.counters.uploads_refused += 1
+            raise ApiError(
+                400,
+                f"The file has more than {settings.max_lines} request lines, this service's "
+                "limit (--max-lines); blank lines are not counted.",
                 param="file",
                 code="too_many_lines",
             )
-
-        with contextlib.suppress(OSError, ValueError):
-            src.seek(0)
-        try:
-            with tmp.open("wb") as fh:
-                while chunk := src.read(_CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        self.counters.uploads_refused += 1
-                        raise ApiError(
-                            413,
-                            f"The file is larger than this service's limit of {limit} bytes "
-                            "(--max-upload-bytes).",
-                            param="file",
-                            code="file_too_large",
-                        )
-                    if counter.feed(chunk) > max_lines:
-                        raise too_many()
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            lines = counter.finish()
-            if lines > max_lines:
-                raise too_many()
-            if size == 0:
-                raise ApiError(400, "The file is empty.", param="file", code="empty_file")
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return size, lines
 
     def list_files(self, *, purpose: str | None, after: str | None, limit: int, order: str) -> Page:
         try:
@@ -319,6 +385,7 @@ class Service:
                 param="completion_window",
             )
         meta = self._check_metadata(metadata)
+        self._check_batch_quota()
         file = self.db.get_file(input_file_id)
         if file is None:
             raise ApiError(404, f"No such File object: {input_file_id}", param="input_file_id")
@@ -345,6 +412,18 @@ class Service:
         assert self.worker is not None
         self.worker.validate_soon(row.id)
         return row
+
+    def _check_batch_quota(self) -> None:
+        waiting = sum(self.db.status_counts().get(s, 0) for s in OPEN_STATUSES)
+        limit = self.settings.max_queued_batches
+        if waiting >= limit:
+            raise ApiError(
+                400,
+                f"This service holds at most {limit} batches that have not ended "
+                f"(--max-queued-batches) and has {waiting}: wait for some to end, cancel "
+                "some, or restart harness api with a larger --max-queued-batches.",
+                code="batch_quota_exceeded",
+            )
 
     @staticmethod
     def _check_metadata(metadata: Any) -> dict[str, str] | None:
@@ -464,3 +543,13 @@ class Service:
         if response.status_code >= 400:
             self.counters.passthrough_errors += 1
         return response
+
+
+def data_dir_lock(settings: ApiSettings) -> contextlib.AbstractContextManager[None]:
+    """The lock that makes one service the data dir's one writer (`harness.lock`): a second
+    `harness api` on it exits 2 naming the first, before it reads or stops anything there."""
+    return hold(
+        settings.lock_path,
+        what=f"the data dir {settings.data_dir}",
+        advice="one harness api per data dir: stop that one, or give this one another --data-dir",
+    )

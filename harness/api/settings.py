@@ -21,10 +21,15 @@ from harness.runconfig import RunConfig
 __all__ = [
     "API_KEY_ENV",
     "DEFAULT_DATA_DIR",
+    "DEFAULT_MAX_FILES",
     "DEFAULT_MAX_LINES",
+    "DEFAULT_MAX_QUEUED_BATCHES",
     "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_STORED_BYTES",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "DEFAULT_PORT",
+    "DEFAULT_VALIDATION_TIMEOUT_S",
+    "LOCK_NAME",
     "ApiSettings",
     "is_loopback",
 ]
@@ -39,6 +44,16 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1000 * 1000
 """Any other request body (a chat completion, a batch): 16 MB, room for a 1M-token prompt."""
 DEFAULT_MAX_LINES = 200_000
 """Requests per file; OpenAI takes 50,000, the production job has 170,000."""
+DEFAULT_MAX_STORED_BYTES = 20 * 1000 * 1000 * 1000
+"""Bytes of every file kept together (uploads and batch outputs): 20 GB."""
+DEFAULT_MAX_FILES = 1000
+"""Files kept (uploads and batch outputs)."""
+DEFAULT_MAX_QUEUED_BATCHES = 100
+"""Batches not yet ended (validating, in progress, finalizing, cancelling) at one time."""
+DEFAULT_VALIDATION_TIMEOUT_S = 600.0
+"""A batch still validating this long after its creation fails (restarts included)."""
+LOCK_NAME = "harness-api.lock"
+"""The lock in the data dir that makes one service its one writer (`harness.lock`)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -83,11 +98,28 @@ class ApiSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     """Limit of every request body but an upload's (refused with 413 as it streams in)."""
     max_lines: int = DEFAULT_MAX_LINES
+    max_stored_bytes: int = DEFAULT_MAX_STORED_BYTES
+    """Quota: bytes of all files kept together; an upload past it is refused (413)."""
+    max_files: int = DEFAULT_MAX_FILES
+    """Quota: files kept; an upload past it is refused (400)."""
+    max_queued_batches: int = DEFAULT_MAX_QUEUED_BATCHES
+    """Quota: batches not yet ended; a batch past it is refused (400)."""
+    serve_any_model: bool = False
+    """Run a batch whose lines name another model on the served one (the batch's metadata
+    notes the name asked for); off: such a batch fails validation with `model_not_found`."""
+    validation_timeout_s: float = DEFAULT_VALIDATION_TIMEOUT_S
+    """A batch still validating this long after its creation fails (restarts included)."""
     api_key: str | None = field(default=None, repr=False)
-    """Bearer token every route but /health requires (None: no check; loopback only)."""
+    """Bearer token every route but /health requires (None: no check). Also on loopback,
+    where the page then asks for it (HTTP Basic: any user name, the key as password)."""
     stop_on_cache_miss: bool = False
     """Fail a batch at its first reuse alarm (its server stopped reusing the rubric); its
     finished rows are kept in the output file, the rest get the batch_failed error line."""
+
+    @property
+    def lock_path(self) -> Path:
+        """The data dir's lock (`LOCK_NAME`)."""
+        return self.data_dir / LOCK_NAME
 
     def batch_options(self) -> BatchOptions:
         """The `harness run` options the batches run with."""
@@ -122,9 +154,14 @@ class ApiSettings:
             ("--max-upload-bytes", self.max_upload_bytes),
             ("--max-request-bytes", self.max_request_bytes),
             ("--max-lines", self.max_lines),
+            ("--max-stored-bytes", self.max_stored_bytes),
+            ("--max-files", self.max_files),
+            ("--max-queued-batches", self.max_queued_batches),
         ):
             if value < 1:
                 raise ConfigError(f"{flag} {value} must be at least 1")
+        if self.validation_timeout_s <= 0:
+            raise ConfigError(f"the validation timeout {self.validation_timeout_s} s must be > 0")
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise ConfigError(f"--data-dir {self.data_dir} is a file; give a directory")
         options = self.batch_options()

@@ -3,6 +3,7 @@
 Layout of `--data-dir`::
 
     harness-api.sqlite3        files, batches, their progress, a few service notes
+    harness-api.lock           held by the one service using the dir (`harness.lock`)
     files/<file id>            the bytes of each file (uploads and batch outputs)
     batches/<batch id>/        a batch's engine results file (`results.jsonl`, append-only)
 
@@ -314,6 +315,10 @@ class Store:
 
     def count_files(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM files")[0][0])
+
+    def stored_bytes(self) -> int:
+        """Bytes of every file kept (uploads and batch outputs)."""
+        return int(self._query("SELECT COALESCE(SUM(bytes), 0) FROM files")[0][0])
 
     def sweep_blobs(self) -> int:
         """Remove blobs no row names (a crash between writing one and committing it) and

@@ -1,29 +1,36 @@
 """Validation of a batch input file, as OpenAI's Batch API does it: every line checked, each
 problem reported with its line number, nothing run when there is one.
 
-`check_input(path, endpoint=...)` reads an uploaded file once and returns either the work
-items or the errors, shaped like OpenAI's `BatchError` (`code`, `message`, `param`, `line`).
-Each line is parsed once; the parsed lines become work items through the function `harness run`
-uses (`items_from_batch`), so a line runs exactly as `harness run` would run it. The per-line
-checks include every check of the engine's reader (`read_batch_jsonl`: JSON object, non-empty
-unique `custom_id`, `body`, `body.messages` of string `role` / `content`, the chat URL), so
-both tools accept the same files (tests/test_api.py checks it). The pass collects up to
-`MAX_ERRORS` problems. Messages never name a path on the server (file ids are opaque).
+`check_input(path, endpoint=...)` streams an uploaded file once, one line at a time
+(`harness.inputs`: a line over the size cap, bytes that are not UTF-8, UTF-16, a NUL byte, a
+line nested too deep to parse are each that line's error, never an exception), and returns the
+problems, shaped like OpenAI's `BatchError` (`code`, `message`, `param`, `line`), or none. It
+keeps each `custom_id` (for duplicates) and the problems, not the requests: a queued batch
+holds no parsed lines in memory; `read_items` reads the file again when the batch runs. Each
+line also goes through the function `harness run` builds work items with (`items_from_batch`),
+so a line runs exactly as `harness run` would run it. The per-line checks include every check
+of the engine's reader (`read_batch_jsonl`: JSON object, non-empty unique `custom_id`, `body`,
+`body.messages` of string `role` / `content`, the chat URL), so both tools accept the same
+files (tests/test_api.py checks it). A line naming a model the service does not serve fails
+with `model_not_found` (unless the service runs any name on its model). The pass collects up
+to `MAX_ERRORS` problems and stops at a deadline. Messages never name a path on the server
+(file ids are opaque).
 
-Lines end at `\n` alone and a line of whitespace is not a request: `count_lines` applies the
+Lines end at `\n` alone and a line of whitespace is not a request: `LineCounter` applies the
 same rule to an upload as it streams in, so an upload's `lines` is the batch's request count.
 """
 
 from __future__ import annotations
 
 import codecs
-import json
-from collections.abc import Mapping
+import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, InputError
+from harness.inputs import MAX_LINE_BYTES, parse_line, request_lines
 from harness.workload import WorkItem, items_from_batch
 
 __all__ = [
@@ -33,6 +40,9 @@ __all__ = [
     "Checked",
     "LineCounter",
     "check_input",
+    "read_custom_ids",
+    "read_items",
+    "served_names",
 ]
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)
@@ -60,9 +70,8 @@ class BatchError:
 
 @dataclass(slots=True)
 class Checked:
-    """The outcome of `check_input`: items when the file is valid, else errors."""
+    """The outcome of `check_input`: the problems found (none: the file is valid)."""
 
-    items: list[WorkItem] = field(default_factory=list)
     errors: list[BatchError] = field(default_factory=list)
     lines: int = 0
     """Request lines in the file (blank lines not counted)."""
@@ -178,29 +187,6 @@ def _check_line(obj: Any, n: int, endpoint: str, seen: dict[str, int]) -> list[B
     return out
 
 
-def _decode(raw: bytes) -> tuple[str | None, BatchError | None]:
-    try:
-        return raw.decode("utf-8-sig"), None
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        return None, BatchError(
-            "invalid_file_format",
-            f"The file is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}).",
-            line,
-        )
-
-
-def _engine_error(exc: InputError | ConfigError, path: Path) -> BatchError:
-    """The engine's message without the server-side path it may start with."""
-    text = str(exc)
-    line = exc.line if isinstance(exc, InputError) else None
-    for prefix in (f"{path}:{line}: ", f"{path}: "):
-        if text.startswith(prefix):
-            text = text[len(prefix) :]
-            break
-    return BatchError("invalid_request", text.replace(str(path), "<input file>"), line)
-
-
 def _is_request(raw: str) -> bool:
     """Whether a line (split at `\n`) is a request line: not blank."""
     return bool(raw.removesuffix("\r").strip())
@@ -231,45 +217,83 @@ class LineCounter:
         return self.lines
 
 
+def served_names(model: str) -> frozenset[str]:
+    """The names under which `model` is served: itself, and for an Ollama name without a tag
+    the same name with `:latest` (Ollama's own default tag), and the other way round."""
+    names = {model}
+    if ":" not in model:
+        names.add(f"{model}:latest")
+    elif model.endswith(":latest"):
+        names.add(model.removesuffix(":latest"))
+    return frozenset(names)
+
+
+def _not_served(model: str, served: Collection[str], n: int) -> BatchError:
+    shown = " or ".join(repr(m) for m in sorted(served))
+    return BatchError(
+        "model_not_found",
+        f"The model {model!r} does not exist on this service, which serves {shown}: name "
+        "that model in `body.model`, leave `body.model` out, or start harness api with "
+        "--serve-any-model to run every batch on the served model whatever its lines name.",
+        n,
+        "body.model",
+    )
+
+
 def check_input(
-    path: Path, *, endpoint: str = SUPPORTED_ENDPOINTS[0], max_lines: int | None = None
+    path: Path,
+    *,
+    endpoint: str = SUPPORTED_ENDPOINTS[0],
+    max_lines: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    served: Collection[str] | None = None,
+    deadline: float | None = None,
 ) -> Checked:
-    """Validate the batch input file at `path` (see the module docstring)."""
+    """Validate the batch input file at `path` (see the module docstring), streamed one line at
+    a time: what it keeps is each `custom_id` and the problems found, never the requests.
+
+    `served`: the model names the service runs (a line naming another fails with
+    `model_not_found`); None: any name is run on the served model. `deadline`: a
+    `time.monotonic()` past which validation stops with `validation_timeout`."""
     result = Checked()
-    text, problem = _decode(path.read_bytes())
-    if problem is not None or text is None:
-        result.errors.append(problem or BatchError("invalid_file_format", "Unreadable file."))
-        return result
     seen: dict[str, int] = {}
     first_model: tuple[str, int] | None = None
-    parsed: list[Mapping[str, Any]] = []
-    contents: dict[str, str] = {}
-    """One string object per distinct message content: the rubric, the same on every line,
-    is then held once, not once per request."""
-    # Lines end at \n alone: JSON strings may hold U+2028, U+0085 or form feeds raw (pasted
-    # CVs do), which str.splitlines() would also split on.
-    for n, raw in enumerate(text.split("\n"), start=1):
-        if not _is_request(raw):
-            continue
+    reported_models: set[str] = set()
+
+    def add(found: list[BatchError]) -> bool:
+        result.errors.extend(found)
+        if len(result.errors) >= MAX_ERRORS:
+            del result.errors[MAX_ERRORS:]
+            return True
+        return False
+
+    for line in request_lines(path, max_line_bytes=max_line_bytes):
+        n = line.number
         result.lines += 1
-        try:
-            obj = json.loads(raw.removesuffix("\r"))
-        except json.JSONDecodeError as exc:
-            obj = None
+        if deadline is not None and result.lines % 256 == 0 and time.monotonic() > deadline:
+            add([_timeout(n)])
+            return result
+        if line.text is None:
+            code = "line_too_long" if line.kind == "too_long" else "invalid_file_format"
+            if add([BatchError(code, _sentence(line.problem), n)]):
+                return result
+            if line.fatal:
+                return result
+            continue
+        obj, problem = parse_line(line.text)
+        if problem is not None:
             found = [
                 BatchError(
                     "invalid_json_line",
-                    f"This line is not parseable as valid JSON ({exc.msg} at column {exc.colno}).",
+                    f"This line is not parseable as valid JSON: {problem}.",
                     n,
                 )
             ]
         else:
             found = _check_line(obj, n, endpoint, seen)
-        model = obj["body"].get("model") if not found and isinstance(obj, Mapping) else None
-        if not found and isinstance(obj, Mapping) and not result.errors:
-            for m in obj["body"]["messages"]:
-                m["content"] = contents.setdefault(m["content"], m["content"])
-            parsed.append(obj)
+        if not found:
+            found = _runnable(obj, n)
+        model = obj["body"].get("model") if not found else None
         if isinstance(model, str):
             if first_model is None:
                 first_model = (model, n)
@@ -283,10 +307,14 @@ def check_input(
                         "body.model",
                     )
                 )
-        result.errors.extend(found)
-        if len(result.errors) >= MAX_ERRORS:
-            del result.errors[MAX_ERRORS:]
+            if served is not None and model not in served and model not in reported_models:
+                reported_models.add(model)
+                found.append(_not_served(model, served, n))
+        if add(found):
             return result
+    if deadline is not None and time.monotonic() > deadline:
+        add([_timeout(None)])
+        return result
     if result.lines == 0:
         result.errors.append(BatchError("empty_file", "The batch input file has no requests."))
     if max_lines is not None and result.lines > max_lines:
@@ -297,12 +325,69 @@ def check_input(
                 "per batch (--max-lines).",
             )
         )
-    if result.errors:
-        return result
     if first_model is not None:
         result.model = first_model[0]
-    try:
-        result.items = items_from_batch(parsed)
-    except (InputError, ConfigError) as exc:  # e.g. a response_format the engine cannot run
-        result.errors.append(_engine_error(exc, path))
     return result
+
+
+def _sentence(text: str | None) -> str:
+    text = (text or "unreadable line").strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _timeout(n: int | None) -> BatchError:
+    return BatchError(
+        "validation_timeout",
+        "Validation did not finish before its deadline"
+        + (f" (it had reached line {n})" if n is not None else "")
+        + "; split the file into smaller batches.",
+        n,
+    )
+
+
+def _runnable(obj: Mapping[str, Any], n: int) -> list[BatchError]:
+    """The line through the function `harness run` builds its work item with: a line the
+    engine cannot run (a response_format it cannot use) is that line's error."""
+    try:
+        items_from_batch([obj])
+    except (InputError, ConfigError) as exc:
+        return [BatchError("invalid_request", _engine_message(exc), n, "body")]
+    except Exception as exc:  # nothing a hostile line holds may escape validation
+        return [BatchError("invalid_request", f"The line cannot be run ({type(exc).__name__}).", n)]
+    return []
+
+
+def _engine_message(exc: InputError | ConfigError) -> str:
+    """The engine's message without a server-side path (file ids are opaque)."""
+    text = str(exc)
+    if isinstance(exc, InputError) and exc.path is not None:
+        prefix = f"{exc.path}:{exc.line}: " if exc.line is not None else f"{exc.path}: "
+        text = text.removeprefix(prefix)
+    return text
+
+
+def read_items(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[WorkItem]:
+    """The work items of a file `check_input` passed, built as `harness run` builds them
+    (`items_from_batch`), for the batch's run: read again then, not kept since validation.
+    Each distinct message content is one string object (the rubric, the same on every line,
+    is held once, not once per request). Raises InputError when the file no longer reads."""
+    contents: dict[str, str] = {}
+    lines: list[Mapping[str, Any]] = []
+    for line in request_lines(path, max_line_bytes=max_line_bytes):
+        obj, problem = parse_line(line.text) if line.text is not None else (None, line.problem)
+        if problem is not None or not isinstance(obj, dict):
+            raise InputError(f"the input no longer reads ({problem})", line=line.number)
+        for m in obj["body"]["messages"]:
+            m["content"] = contents.setdefault(m["content"], m["content"])
+        lines.append(obj)
+    return items_from_batch(lines)
+
+
+def read_custom_ids(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[str]:
+    """The custom_ids of a file `check_input` passed, in file order."""
+    ids: list[str] = []
+    for line in request_lines(path, max_line_bytes=max_line_bytes):
+        obj, _ = parse_line(line.text) if line.text is not None else (None, None)
+        if isinstance(obj, dict) and isinstance(obj.get("custom_id"), str):
+            ids.append(obj["custom_id"])
+    return ids

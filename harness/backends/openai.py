@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +53,8 @@ __all__ = ["LLAMA_KEEPALIVE_S", "REQUEST_PATHS", "OpenAIBackend", "llama_connect
 
 REQUEST_PATHS = ("chat", "text", "tokens")
 """How a request reaches a llama.cpp server (see the module docstring)."""
+_COMPLETION_ECHOES = frozenset({"prompt", "generation_settings"})
+"""Fields of llama.cpp's `/completion` reply that echo the request (not kept)."""
 _STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
 LLAMA_KEEPALIVE_S = 5.0
 """How long llama-server keeps an idle connection, and the HTTP thread serving it (cpp-httplib's
@@ -328,30 +329,11 @@ class OpenAIBackend(Backend):
                 f"{url} sent a reply without content/timings (truncated?)", url=url
             ) from exc
         finish = _STOP_TYPES.get(str(data.get("stop_type")), data.get("stop_type"))
-        # Results files keep the reply as an OpenAI chat completion (the Batch output format),
-        # with llama.cpp's timings beside it; /completion also echoes the whole prompt, which
-        # is not kept (4,000 tokens of rubric in every results line).
-        raw = {
-            "id": f"chatcmpl-{secrets.token_hex(12)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": data.get("model", ""),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": cached},
-            },
-            "timings": timings,
-            "truncated": bool(data.get("truncated")),
-        }
+        # The server's reply as it came, less what it echoes of the request: the whole prompt
+        # (4,000 tokens of rubric in every results line) and the generation settings (the
+        # grammar among them). Results files keep it beside the harness's chat.completion body
+        # (`harness.backends.completion`), as the server's, never as that body.
+        raw = {k: v for k, v in data.items() if k not in _COMPLETION_ECHOES}
         return ChatResult(
             content=content,
             finish_reason=finish,

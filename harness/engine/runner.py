@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from harness.backends.base import Backend, ChatRequest, Usage
+from harness.backends.completion import chat_completion
 from harness.engine.strategies import Conversation, ConversationStrategy, Strategy
 from harness.engine.tokens import TokenCounter, TokenSeq, common_prefix_len
 from harness.errors import (
@@ -273,6 +274,7 @@ class Runner:
             self._last[key] = (plan.prompt_ids, usage.completion_tokens, result.endpoint)
             rec.content = result.content
             rec.raw = result.raw
+            rec.completion = chat_completion(result, model=self.backend.info.model)
             rec.prompt_tokens = usage.prompt_tokens
             rec.cached_tokens = usage.cached_tokens
             rec.cached_source = usage.cached_source

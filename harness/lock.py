@@ -1,0 +1,146 @@
+"""One writer at a time: an exclusive lock beside what a process writes.
+
+`hold(lock_path, what=...)` takes an exclusive `fcntl.flock` on `lock_path` (created if need be)
+for as long as the `with` block runs. The operating system releases it when the process ends,
+however it ends: a SIGKILLed writer never leaves a stale lock behind, and nothing has to be
+cleaned up by hand. The holder writes its pid and command line into the file (the value of an
+option that carries a secret, such as `--api-key`, is left out), so a second writer can say who
+holds it: `LockHeld`, one line naming the pid and the command.
+
+The holder removes the lock file as it lets go (nothing is left beside the results); one a
+SIGKILLed holder left behind is simply locked again. Removal is safe because a process that
+got the lock checks that the file it locked is still the one at that path (same inode), and
+tries again if not: a second process that opened the old file just before it was removed
+cannot then run next to a third that created a new one.
+
+Who takes one: `harness run` on `<results>.lock` (the Ray executor's driver is that process),
+`harness api` on its data dir (`<data dir>/harness-api.lock`), and the suites' write-back on
+`harness.yaml.lock` while they read, change and replace the config file (waiting their turn:
+two sessions writing back at once would otherwise lose one's values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from harness.errors import LockHeld
+
+__all__ = ["SECRET_OPTIONS", "hold", "holder_of", "lock_path_for", "redacted"]
+
+SECRET_OPTIONS = ("--api-key",)
+"""Options whose value is never written to a lock file nor shown in a message."""
+
+
+def lock_path_for(path: Path) -> Path:
+    """The lock beside a file: `<path>.lock` (`c_results.jsonl.lock`)."""
+    return path.with_name(path.name + ".lock")
+
+
+def redacted(argv: Sequence[str]) -> str:
+    """A command line with the values of `SECRET_OPTIONS` replaced by `***`."""
+    out: list[str] = []
+    hide = False
+    for arg in argv:
+        if hide:
+            out.append("***")
+            hide = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name in SECRET_OPTIONS:
+            if eq:
+                out.append(f"{name}=***")
+            else:
+                out.append(arg)
+                hide = True
+            continue
+        out.append(arg)
+    return " ".join(out)
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):
+        argv[0] = "python -m " + Path(argv[0]).parent.name
+    return redacted(argv)
+
+
+def holder_of(lock_path: Path) -> str:
+    """What the lock file says about its holder: `pid N (command), since HH:MM:SS`."""
+    try:
+        text = lock_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    pid, _, rest = text.partition("\n")
+    command, _, since = rest.partition("\n")
+    if not pid.strip().isdigit():
+        return "a process that has not written its pid yet"
+    out = f"pid {pid.strip()}"
+    if command.strip():
+        out += f" ({command.strip()})"
+    if since.strip():
+        out += f", since {since.strip()}"
+    return out
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _locked_fd(lock_path: Path, what: str, advice: str, wait_s: float) -> int:
+    """An open descriptor of `lock_path` holding its exclusive lock, waiting up to `wait_s`
+    for it (see the module docstring for why the file is checked after locking)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise LockHeld(
+                f"cannot create the lock {lock_path} for {what}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise LockHeld(
+                f"{what} is in use by another process: {holder_of(lock_path)}"
+                + (f"; {advice}" if advice else "")
+                + f" (lock: {lock_path})"
+            ) from None
+        if _same_file(fd, lock_path):
+            return fd
+        os.close(fd)  # its holder removed it as we locked it: lock the file there now
+
+
+@contextlib.contextmanager
+def hold(lock_path: Path, *, what: str, advice: str = "", wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the exclusive lock on `lock_path` while the block runs; raise `LockHeld` (naming
+    `what`, the holder's pid and command, and `advice`) when another process holds it for
+    longer than `wait_s` (0: at once; a writer of a few milliseconds, such as the config
+    write-back, waits its turn instead)."""
+    fd = _locked_fd(lock_path, what, advice, wait_s)
+    try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        note = f"{os.getpid()}\n{_command()}\n{stamp}\n".encode()
+        with contextlib.suppress(OSError):  # the note only helps a second writer's message
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note, 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if _same_file(fd, lock_path):
+                lock_path.unlink()  # still held: nobody can lock this file after us
+        os.close(fd)  # releases the lock
