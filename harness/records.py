@@ -53,6 +53,13 @@ class RequestRecord:
     endpoint: str | None = None
     """The server of a pool that answered (or last failed) this request; None for a run on
     one server (its results lines then carry no `endpoint`)."""
+    scoring: Mapping[str, Any] | None = None
+    """`--score-mode logprobs`: how the score was read (`harness.scoring.ScoreReading`: score,
+    p, expected, the distribution, the top tokens at each node), or why the row was decoded
+    instead; None for a row decoded as asked."""
+    probe_tokens: int = 0
+    """logprobs mode: prompt tokens the row's further probes computed (the values' tokens
+    where they part: one forward step each)."""
 
     @property
     def ok(self) -> bool:
@@ -91,6 +98,9 @@ class RequestRecord:
         }
         if self.endpoint is not None:
             harness["endpoint"] = self.endpoint
+        if self.scoring is not None:
+            harness["scoring"] = dict(self.scoring)
+            harness["probe_tokens"] = self.probe_tokens
         return {
             "id": f"batch_req_{seq}",
             "custom_id": self.custom_id,

@@ -43,6 +43,8 @@ DATA = Path(__file__).parent / "data" / "batch"
 SCORE_HEADER = [
     "custom_id",
     "score",
+    "score_expected",
+    "score_p",
     "status",
     "error",
     "prompt_tokens",

@@ -18,7 +18,7 @@ FLOORS: list[tuple[str, ...]] = [
     # 0: the ground: errors, file writing, the per-request record
     ("harness", "harness.errors", "harness.fileio", "harness.records"),
     # 1: what knows models, memory and figures, and the work's shape
-    ("harness.models", "harness.memory", "harness.metrics", "harness.workload"),
+    ("harness.models", "harness.memory", "harness.metrics", "harness.workload", "harness.scoring"),
     # 2: model servers, behind one contract
     ("harness.backends",),
     # 3: the engine (strategies, token counting, runner, store, job)
@@ -40,6 +40,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.htmlreport",
         "harness.phases",
         "harness.batch",
+        "harness.scoremode",
         "harness.rayexec",
         "harness.doctor",
         "harness.plan",

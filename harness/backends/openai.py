@@ -38,7 +38,15 @@ from typing import Any
 
 import httpx
 
-from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, Timings, Usage
+from harness.backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    ServerInfo,
+    Timings,
+    TokenChoice,
+    Usage,
+)
 from harness.backends.http import map_transport_error, raise_for_response
 from harness.errors import (
     BackendError,
@@ -191,6 +199,9 @@ class OpenAIBackend(Backend):
             self.info.n_ctx_per_slot = settings.get("n_ctx")
             self.info.supports_slots = True
             self.info.supports_tokenize = True
+            # llama-server continues a final assistant message (its default, unless started
+            # with --no-prefill-assistant) and reports top log-probabilities (n_probs).
+            self.info.supports_prefill = True
             self.info.extra["props"] = {
                 k: data.get(k) for k in ("model_path", "total_slots", "build_info")
             }
@@ -227,6 +238,13 @@ class OpenAIBackend(Backend):
     def build_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body for `/v1/chat/completions`."""
         body: dict[str, Any] = {"messages": list(request.messages)}
+        if request.prefill is not None:
+            # The reply already begun: llama-server renders it without closing the turn and
+            # the model continues it.
+            body["messages"].append({"role": "assistant", "content": request.prefill})
+        if request.top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.top_logprobs
         if self.model:
             body["model"] = self.model
         if request.max_tokens is not None:
@@ -259,7 +277,11 @@ class OpenAIBackend(Backend):
             fmt = self.info.chat_format
             assert fmt is not None  # checked at start
             prompt = fmt.render_text(request.messages)  # the server adds BOS
+            if request.prefill is not None:
+                prompt += request.prefill
         body: dict[str, Any] = {"prompt": prompt, "cache_prompt": request.cache_prompt}
+        if request.top_logprobs:
+            body["n_probs"] = request.top_logprobs
         if request.max_tokens is not None:
             body["n_predict"] = request.max_tokens
         if request.temperature is not None:
@@ -312,6 +334,31 @@ class OpenAIBackend(Backend):
         total_ms = (time.perf_counter() - started) * 1000.0
         return self.parse_completion(data, total_ms, self.base_url + "/completion", request.slot)
 
+    async def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """On `/completion` (the text and token paths) one call with every prompt: llama-server
+        runs them as tasks one after another on the slot, each finding the one before it in its
+        cache, for one HTTP round trip. The chat path asks one by one."""
+        if self.request_path == "chat" or len(requests) < 2:
+            return await super().chat_many(requests)
+        first = requests[0]
+        timeout = first.timeout_s if first.timeout_s is not None else self.timeout_s
+        bodies = [self.build_completion_body(r) for r in requests]
+        body = dict(bodies[0])
+        body["prompt"] = [b["prompt"] for b in bodies]
+        started = time.perf_counter()
+        data = await self._post("/completion", body, timeout)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        url = self.base_url + "/completion"
+        if not isinstance(data, list) or len(data) != len(requests):
+            raise TransientServerError(
+                f"{url} answered {len(requests)} prompts with something else than "
+                f"{len(requests)} results",
+                url=url,
+            )
+        # llama-server answers in the order of the prompts (each result carries its `index`).
+        data = sorted(data, key=lambda d: int(d.get("index", 0)) if isinstance(d, dict) else 0)
+        return [self.parse_completion(d, total_ms, url, first.slot) for d in data]
+
     @staticmethod
     def parse_completion(
         data: Any, total_ms: float, url: str, slot: int | None = None
@@ -328,9 +375,12 @@ class OpenAIBackend(Backend):
                 f"{url} sent a reply without content/timings (truncated?)", url=url
             ) from exc
         finish = _STOP_TYPES.get(str(data.get("stop_type")), data.get("stop_type"))
+        probs = data.get("completion_probabilities")
+        top = _top_lists(probs) if isinstance(probs, list) else None
         # Results files keep the reply as an OpenAI chat completion (the Batch output format),
         # with llama.cpp's timings beside it; /completion also echoes the whole prompt, which
-        # is not kept (4,000 tokens of rubric in every results line).
+        # is not kept (4,000 tokens of rubric in every results line). Its per-token
+        # probabilities (n_probs) are OpenAI's `logprobs.content`, which they already match.
         raw = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
             "object": "chat.completion",
@@ -341,6 +391,7 @@ class OpenAIBackend(Backend):
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
                     "finish_reason": finish,
+                    **({"logprobs": {"content": probs}} if top is not None else {}),
                 }
             ],
             "usage": {
@@ -364,6 +415,7 @@ class OpenAIBackend(Backend):
             raw=raw,
             slot=slot,
             context_shifted=bool(data.get("truncated")),
+            top_logprobs=top,
         )
 
     @staticmethod
@@ -380,6 +432,8 @@ class OpenAIBackend(Backend):
                 f"{url} sent a reply without choices/usage (truncated?)", url=url
             ) from exc
         timings = data.get("timings") or {}
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        content_probs = logprobs.get("content") if isinstance(logprobs, dict) else None
         details = usage.get("prompt_tokens_details") or {}
         cached: int | None
         if details.get("cached_tokens") is not None:
@@ -399,6 +453,7 @@ class OpenAIBackend(Backend):
             ),
             raw=data,
             slot=slot,
+            top_logprobs=_top_lists(content_probs) if isinstance(content_probs, list) else None,
         )
 
     async def tokenize(
@@ -427,3 +482,24 @@ class OpenAIBackend(Backend):
             return [int(t) for t in resp.json()["tokens"]]
 
         return await asyncio.gather(*(one(t) for t in texts))
+
+
+def _top_lists(entries: list[Any]) -> list[list[TokenChoice]]:
+    """Per generated token, its `top_logprobs` (OpenAI's `logprobs.content`, llama.cpp's
+    `completion_probabilities`: the same shape, llama.cpp adds each token's `id`)."""
+    out: list[list[TokenChoice]] = []
+    for entry in entries:
+        tops = entry.get("top_logprobs") if isinstance(entry, dict) else None
+        row: list[TokenChoice] = []
+        for t in tops if isinstance(tops, list) else []:
+            if isinstance(t, dict) and "logprob" in t:
+                tid = t.get("id")
+                row.append(
+                    TokenChoice(
+                        str(t.get("token", "")),
+                        float(t["logprob"]),
+                        int(tid) if isinstance(tid, int) else None,
+                    )
+                )
+        out.append(row)
+    return out
