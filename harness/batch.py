@@ -913,10 +913,16 @@ def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> None:
     except (OSError, orjson.JSONDecodeError) as exc:
         raise ConfigError(f"{sidecar}: unreadable job fingerprint ({exc}); use --new") from None
     differ = [k for k in job if old.get(k) != job[k]]
+    if "score_mode" in old and "score_mode" not in job:  # written only when not `decode`
+        differ.append("score_mode")
     if not differ:
         return
     if not new:
-        shown = "; ".join(f"{k}: {old.get(k)!r} then, {job[k]!r} now" for k in differ)
+        gone = {"score_mode": "decode"}  # what a key absent from a fingerprint means
+        shown = "; ".join(
+            f"{k}: {old.get(k, gone.get(k))!r} then, {job.get(k, gone.get(k))!r} now"
+            for k in differ
+        )
         raise ConfigError(
             f"{results} holds the results of another job ({shown}); resuming would mix the "
             "two: run with --new to start over (the old results are kept under a new name)"
