@@ -252,6 +252,24 @@ class PerformanceReport(PhaseReport):
     max_slots_within_budget: int | None
     uncached_tokens_per_request: Obj
     recommended: Obj
+    logprobs_over_decode: Num = None
+    """Rows per second scoring in `logprobs` mode ÷ decoding the reply, the same kind of rows
+    on the token path, round by round (median)."""
+    logprobs_efficiency: Num = None
+    """Logprobs mode against its own bound: prefill of the uncached tokens plus one forward
+    step per probe token (median over rounds)."""
+    decode_efficiency: Num = None
+    """Decoded scoring against its bound: prefill plus one step per decoded token."""
+    logprobs_efficiency_batched: Num = None
+    """Logprobs mode against the best of the single-stream and the batched bound."""
+    score_agreement: Num = None
+    """Share of the same rows whose logprobs score equals the decoded score."""
+    score_agreement_rows: int | None = None
+    score_modes: Obj | None = None
+    """The same rows in both modes: agreement (greedy and most probable), the rows that
+    differ with their probabilities."""
+    score_mode_reason: str | None = None
+    """Why SCORE_MODE is what `recommended` says."""
 
 
 class FlagsReport(PhaseReport):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import math
 import json
+import math
 import os
 import shutil
 import subprocess
