@@ -91,6 +91,9 @@ class ValueShape:
     """The text after the value: `}`."""
     values: tuple[tuple[str, Any], ...]
     """Each allowed value as JSON text and as its Python value, in the schema's order."""
+    sep: str = ""
+    """Text between the prefill and the value that is not sent written: the prefill's trailing
+    space, where the tokenizer joins it to the value (`' "'` in BPE vocabularies)."""
 
     @property
     def numeric(self) -> bool:
@@ -98,7 +101,7 @@ class ValueShape:
 
     def reply(self, text: str) -> str:
         """The whole reply with `text` (an allowed value's JSON) written in."""
-        return self.prefill + text + self.close
+        return self.prefill + self.sep + text + self.close
 
 
 def value_shape(schema: Mapping[str, Any] | None) -> ValueShape | str:
@@ -173,10 +176,22 @@ class ValueTree:
 
 async def build_tree(shape: ValueShape, tokenize: Tokenize) -> ValueTree | str:
     """Tokenize the prefill and every complete reply; the tree of the values' paths, or why
-    the tokenizer makes the shape unreadable (the value's first token joins the text before it).
+    the tokenizer makes the shape unreadable (the value's first token joins the text before it,
+    even with the prefill's trailing space left to the model).
 
     Each node's text is found by tokenizing the reply's prefixes character by character: the
     text whose tokens are exactly the node's path (probes need it to be sent as text)."""
+    tree = await _build_tree(shape, tokenize)
+    stripped = shape.prefill.rstrip()
+    if isinstance(tree, str) and stripped != shape.prefill and not shape.sep:
+        gap = shape.prefill[len(stripped) :]
+        other = ValueShape(shape.field, stripped, shape.close, shape.values, sep=gap)
+        again = await _build_tree(other, tokenize)
+        return again if isinstance(again, ValueTree) else tree
+    return tree
+
+
+async def _build_tree(shape: ValueShape, tokenize: Tokenize) -> ValueTree | str:
     fulls = [shape.reply(text) for text, _ in shape.values]
     prefixes = sorted(
         {shape.prefill + full[len(shape.prefill) : k] for full in fulls for k in range(
@@ -211,8 +226,9 @@ async def build_tree(shape: ValueShape, tokenize: Tokenize) -> ValueTree | str:
     for node in _walk(root):
         if node.value is not None and node.children:
             return "an allowed value's tokens are a prefix of another's tokens with no close"
-    probes = [n for n in _walk(root) if len(n.children) > 1 or n is root]
-    for n in probes[1:]:
+    # The nodes where the paths part; the root too when none does (one allowed value).
+    probes = [n for n in _walk(root) if len(n.children) > 1] or [root]
+    for n in probes:
         if n.text is None:
             return f"no text tokenizes to the token path {list(n.path)}: it cannot be sent as text"
     return ValueTree(shape, pre, root, probes)

@@ -1070,9 +1070,10 @@ def test_score_mode_logprobs_fills_the_expected_score_and_its_probability(
     ctx = ["--ctx", "60000"]
     assert main(["run", "c.csv", "--score-mode", "logprobs", "--no-progress", *ctx]) == 0
     err = capsys.readouterr().err
-    assert "harness run: score mode: logprobs (command line): 'score' read after the prefill" in (
-        err
-    )
+    assert (
+        "harness run: score mode: logprobs (command line): 'score' over 10 values, read where "
+        "their tokens part: 2 prompt(s) per row, ending '{\"score\": ', '{\"score\": 1'"
+    ) in err
     with open("c_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6

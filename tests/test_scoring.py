@@ -115,7 +115,23 @@ def test_the_tree_asks_where_the_values_part_root_and_after_1() -> None:
 
 def test_a_tokenizer_joining_the_value_to_the_prefill_is_refused() -> None:
     async def joins(texts: list[str]) -> Sequence[Sequence[int]]:
-        # ": " and a digit become one token: the prefill's last token is not the full's.
+        # `": 7` is one token: neither `{"score": ` nor `{"score":` ends where a value starts.
+        out = []
+        for t in texts:
+            ids = [ord(c) for c in t]
+            if len(t) > 10 and t[7:10] == '": ' and t[10].isdigit():
+                ids[7:11] = [1000 + ord(t[10])]
+            out.append(ids)
+        return out
+
+    shape = value_shape(SCHEMA)
+    assert isinstance(shape, ValueShape)
+    reason = asyncio.run(build_tree(shape, joins))
+    assert isinstance(reason, str) and "joins the value" in reason
+
+
+def test_a_space_joined_to_the_digit_is_left_to_the_model() -> None:
+    async def joins(texts: list[str]) -> Sequence[Sequence[int]]:
         out = []
         for t in texts:
             ids = [ord(c) for c in t]
@@ -126,8 +142,10 @@ def test_a_tokenizer_joining_the_value_to_the_prefill_is_refused() -> None:
 
     shape = value_shape(SCHEMA)
     assert isinstance(shape, ValueShape)
-    reason = asyncio.run(build_tree(shape, joins))
-    assert isinstance(reason, str) and "joins the value" in reason
+    tree = asyncio.run(build_tree(shape, joins))
+    assert isinstance(tree, ValueTree)
+    assert tree.shape.prefill == '{"score":' and tree.shape.sep == " "
+    assert [n.text for n in tree.probes] == ["", " 1"]
 
 
 # -- the distribution -------------------------------------------------------------------------
@@ -382,3 +400,36 @@ def test_probe_ids_extend_the_counted_prompt() -> None:
         [2, 3, *(ord(c) for c in '{"score": ')],
         [2, 3, *(ord(c) for c in '{"score": 1')],
     ]
+
+
+def test_a_bpe_space_joined_to_the_value_is_left_to_the_model() -> None:
+    """SmolLM2's tokenizer writes `{"fit": "yes"}` with ` "` as one token: the prefill then
+    stops before the space, and the values' paths start with it."""
+
+    async def bpe(texts: list[str]) -> Sequence[Sequence[int]]:
+        out = []
+        for t in texts:
+            ids, k = [], 0
+            while k < len(t):
+                if t[k : k + 2] == ' "':
+                    ids.append(1000)
+                    k += 2
+                else:
+                    ids.append(ord(t[k]))
+                    k += 1
+            out.append(ids)
+        return out
+
+    shape = value_shape(
+        {"type": "object", "properties": {"fit": {"type": "string", "enum": ["yes", "no"]}}}
+    )
+    assert isinstance(shape, ValueShape)
+    tree = asyncio.run(build_tree(shape, bpe))
+    assert isinstance(tree, ValueTree)
+    assert tree.shape.prefill == '{"fit":' and tree.shape.sep == " "
+    # ` "` is the one way on from the prefill; the values part after it.
+    assert [n.text for n in tree.probes] == [' "']
+    r = read_distribution(tree, [top(("y", 0.7), ("n", 0.2), ("m", 0.1))])
+    assert r.score == "yes" and r.distribution == pytest.approx(
+        {'"yes"': 0.7 / 0.9, '"no"': 0.2 / 0.9}
+    )

@@ -5,9 +5,9 @@ The maths (the reply's fixed shape, the values' token tree, the distribution) is
 (work items share one object) the tree is built once, with the counter's tokenizer, the one the
 engine counts prompts with: the server's own, or Gemma 3's packaged one for Ollama.
 
-A row's requests (`probe_requests`): the row's prompt with the prefill, and one more per node of
-the tree where the values' tokens part after the first (`1` for 1..10 on Gemma), each generating
-one token with its top log-probabilities. No grammar is sent: the harness reads, at each node,
+A row's requests (`probe_requests`): one per node of the tree where the values' tokens part
+(right after the prefill, and after `1` for 1..10 on Gemma), each the row's prompt with the
+prefill and the node's path, generating one token with its top log-probabilities. No grammar is sent: the harness reads, at each node,
 the most probable of the tokens the schema allows, which is the token a grammar-bound greedy
 sampler would pick, so a grammar on the server would change nothing read and cost sampler time.
 """
@@ -43,8 +43,8 @@ def logprobs_unavailable(backend: Backend, counter_source: str | None) -> str | 
 
 
 def probe_requests(base: ChatRequest, tree: ValueTree, prompt_ids: TokenSeq) -> list[ChatRequest]:
-    """The row's requests: its prompt with the prefill, then one per probe node after the
-    root, each one token long with its top log-probabilities."""
+    """The row's requests: one per probe node (the row's prompt, the prefill, the node's
+    path), each one token long with its top log-probabilities."""
     shape = tree.shape
     out = []
     for node in tree.probes:
@@ -94,10 +94,8 @@ def describe(tree: ValueTree | str | ValueShape) -> str:
         return tree
     if isinstance(tree, ValueShape):
         return f"{tree.field}: {len(tree.values)} values"
-    extra = len(tree.probes) - 1
+    where = ", ".join(repr(tree.shape.prefill + (n.text or "")) for n in tree.probes)
     return (
-        f"{tree.shape.field!r} read after the prefill {tree.shape.prefill!r} "
-        f"({len(tree.prefill_ids)} tokens) over {len(tree.shape.values)} values; "
-        f"{len(tree.probes)} prompt(s) per row"
-        + (f" ({extra} where the values' tokens part after the first)" if extra else "")
+        f"{tree.shape.field!r} over {len(tree.shape.values)} values, read where their tokens "
+        f"part: {len(tree.probes)} prompt(s) per row, ending {where}"
     )

@@ -9,6 +9,14 @@ that differ only in name, location or education should get the same score.
 `plan_quality` builds the work items of every check from one pool of candidates; the suite runs
 them; the functions below turn the records into figures. A reply that does not parse is never a
 match: two unparseable replies are not "the same score".
+
+With the model's probabilities (`--score-mode logprobs`, or the other-mode pass the suite runs
+over the candidates), a score that changed between two identical runs is told apart as a
+near-tie or a real change: a *near-tie* when the two scores are the two most probable values of
+the row's distribution and their probabilities differ by at most `NEAR_TIE_MARGIN`. llama.cpp's
+numerics differ a little between a cached and an uncached prefix, so such coin-flips can change
+side; a flip that is not a near-tie is a real change. Consistency, reproducibility and drift also
+report the expected score's spread (sum of p·value: it moves before the integer score does).
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ __all__ = [
 
 BIAS_FIELDS = ("name", "location", "education")
 """Fields the generator varies that must not move a score."""
+NEAR_TIE_MARGIN = 0.05
+"""A flip is a near-tie when its two scores are the distribution's top two and their
+probabilities are within 0.05 (five percentage points) of each other."""
 
 
 def score(rec: RequestRecord | None) -> int | None:
@@ -48,6 +59,80 @@ def score(rec: RequestRecord | None) -> int | None:
         return None
     value = (rec.parsed or {}).get("score")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def reading(rec: RequestRecord | None) -> Mapping[str, Any] | None:
+    """The row's score distribution (`--score-mode logprobs`), None when it was decoded."""
+    if rec is None or not rec.ok or not rec.scoring or rec.scoring.get("mode") != "logprobs":
+        return None
+    return rec.scoring
+
+
+def expected(rec: RequestRecord | None) -> float | None:
+    """The row's expected score (sum of p·value), None when it was decoded."""
+    r = reading(rec)
+    value = r.get("expected") if r is not None else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def spread_of(values: Sequence[float | None]) -> float | None:
+    """max − min of the known values; None when any is unknown (or none is given)."""
+    if not values or any(v is None for v in values):
+        return None
+    known = [v for v in values if v is not None]
+    return max(known) - min(known)
+
+
+def near_tie(dist: Mapping[str, Any] | None, a: int, b: int, margin: float) -> bool | None:
+    """Whether `a` and `b` are `dist`'s two most probable values within `margin` (None: no
+    distribution to tell by)."""
+    if not dist:
+        return None
+    ranked = sorted(dist.items(), key=lambda kv: -float(kv[1]))[:2]
+    if len(ranked) < 2 or {ranked[0][0], ranked[1][0]} != {str(a), str(b)}:
+        return False
+    return float(ranked[0][1]) - float(ranked[1][1]) <= margin
+
+
+def flips(
+    items: Sequence[WorkItem],
+    run_a: Sequence[RequestRecord],
+    run_b: Sequence[RequestRecord],
+    other: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    margin: float = NEAR_TIE_MARGIN,
+) -> list[dict[str, Any]]:
+    """Each candidate whose score differs between the two runs: its scores, and whether it was
+    a near-tie, by run a's distribution, else run b's, else `other`'s (a logprobs pass over
+    the same candidates). `near_tie` None: no distribution, or a reply did not parse."""
+    by_a = {r.custom_id: r for r in run_a}
+    by_b = {r.custom_id: r for r in run_b}
+    out = []
+    for it in items:
+        ra, rb = by_a.get(it.custom_id), by_b.get(it.custom_id)
+        sa, sb = score(ra), score(rb)
+        if sa is not None and sa == sb:
+            continue
+        dists = [d.get("distribution") for d in (reading(ra), reading(rb)) if d is not None]
+        if other is not None and it.custom_id in other:
+            dists.append(other[it.custom_id].get("distribution"))
+        tie: bool | None = None
+        if sa is not None and sb is not None and dists:
+            tie = any(near_tie(d, sa, sb, margin) for d in dists)
+        first = dists[0] if dists else None
+        out.append(
+            {
+                "custom_id": it.custom_id,
+                "a": sa,
+                "b": sb,
+                "p_a": first.get(str(sa)) if first and sa is not None else None,
+                "p_b": first.get(str(sb)) if first and sb is not None else None,
+                "expected_a": expected(ra),
+                "expected_b": expected(rb),
+                "near_tie": tie,
+            }
+        )
+    return out
 
 
 def consistency(scores: Sequence[int | None]) -> float:
@@ -230,6 +315,10 @@ class QualityRuns:
     run_b: list[RequestRecord]
     conversation: list[RequestRecord]
     bias: list[RequestRecord]
+    other_mode: list[RequestRecord] = field(default_factory=list)
+    """The candidates once more in the other score mode (agreement; in decode mode, the
+    distributions that tell near-ties)."""
+    mode: str = "decode"
 
     @property
     def all(self) -> list[RequestRecord]:
@@ -261,6 +350,20 @@ def quality_figures(
     )
     known_gaps = [g for g in gaps.values() if g is not None]
     every = runs.all
+    other = {r.custom_id: r for r in runs.other_mode}
+    other_readings = {cid: d for cid, r in other.items() if (d := reading(r)) is not None}
+    flipped = flips(plan.candidates, runs.run_a, runs.run_b, other_readings)
+    paired = [(s, score(other.get(it.custom_id))) for it, s in zip(plan.candidates, a, strict=True)]
+    by_conv = {r.custom_id: r for r in runs.conversation}
+    by_rep = {r.custom_id: r for r in runs.repeats}
+    by_b = {r.custom_id: r for r in runs.run_b}
+    e_a = [expected(r) for r in runs.run_a]
+    e_b = [expected(by_b.get(r.custom_id)) for r in runs.run_a]
+    diffs = [abs(x - y) for x, y in zip(e_a, e_b, strict=True) if x is not None and y is not None]
+    drifts = [
+        spread_of([expected(by_conv.get(f"{cid}#pos{p}")) for p in positions])
+        for cid, positions in plan.control_positions.items()
+    ]
     stateless = {it.custom_id: s for it, s in zip(plan.candidates, a, strict=True)}
     return {
         "requests": len(every),
@@ -278,4 +381,23 @@ def quality_figures(
         "parse_rate": sum(score(r) is not None for r in every) / len(every) if every else 0.0,
         "parse_failures": [r.error for r in every if r.error_type == "ParseError"][:5],
         **distribution(a),
+        "score_mode": runs.mode,
+        "near_tie_margin": NEAR_TIE_MARGIN,
+        "flips": flipped,
+        "flips_near_tie": sum(1 for f in flipped if f["near_tie"] is True),
+        "flips_not_near_tie": sum(1 for f in flipped if f["near_tie"] is False),
+        "flips_unclassified": sum(1 for f in flipped if f["near_tie"] is None),
+        "expected_spread_repeats": spread_of(
+            [expected(by_rep.get(it.custom_id)) for it in plan.repeats]
+        ),
+        "expected_reproducible_max_diff": max(diffs) if diffs else None,
+        "expected_drift": None
+        if not drifts or None in drifts
+        else max(d for d in drifts if d is not None),
+        "mode_agreement": (
+            sum(1 for x, y in paired if x is not None and x == y) / len(paired)
+            if runs.other_mode and paired
+            else None
+        ),
+        "mode_agreement_rows": len(runs.other_mode),
     }

@@ -1,8 +1,8 @@
 """The harness's pytest plugin (entry point `pytest11`): options, markers, hooks, fixtures.
 
 - Options, all in one group with the `--harness-` prefix: `--harness-backend`,
-  `--harness-model`, `--harness-base-url`, `--harness-profile`, `--harness-report-dir`,
-  `--harness-scenario-dir`, `--harness-config`, `--harness-price-per-kwh`,
+  `--harness-model`, `--harness-base-url`, `--harness-score-mode`, `--harness-profile`,
+  `--harness-report-dir`, `--harness-scenario-dir`, `--harness-config`, `--harness-price-per-kwh`,
   `--harness-memory-budget`, `--harness-write-config` (the last two keep their old names,
   `--memory-budget` and `--write-config`, as aliases).
 - Markers, registered for `--strict-markers`; the long scale phases (`scale_10k`, `scale_50k`,
@@ -82,6 +82,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--harness-base-url",
         default=None,
         help="server URL for openai/ollama (ollama: $OLLAMA_HOST). Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-score-mode",
+        default=None,
+        choices=["decode", "logprobs"],
+        help="decode: the model writes each reply; logprobs: the reply's JSON is sent written "
+        "up to the score and the score read from the model's probabilities (the quality suite "
+        "runs its checks in it). Default: harness.yaml's SCORE_MODE, else decode",
     )
     group.addoption(
         "--harness-profile",
