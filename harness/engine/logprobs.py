@@ -7,9 +7,10 @@ engine counts prompts with: the server's own, or Gemma 3's packaged one for Olla
 
 A row's requests (`probe_requests`): one per node of the tree where the values' tokens part
 (right after the prefill, and after `1` for 1..10 on Gemma), each the row's prompt with the
-prefill and the node's path, generating one token with its top log-probabilities. No grammar is sent: the harness reads, at each node,
-the most probable of the tokens the schema allows, which is the token a grammar-bound greedy
-sampler would pick, so a grammar on the server would change nothing read and cost sampler time.
+prefill and the node's path, generating one token with its top log-probabilities. No grammar is
+sent: the harness reads, at each node, the most probable of the tokens the schema allows, which
+is the token a grammar-bound greedy sampler would pick, so a grammar on the server would change
+nothing read and cost sampler time.
 """
 
 from __future__ import annotations
