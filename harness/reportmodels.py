@@ -193,6 +193,25 @@ class QualityReport(PhaseReport):
     score_stdev: float
     structured_output: str
     trim_policy: Obj
+    score_mode: str = "decode"
+    """The mode the checks ran in (`decode`, `logprobs`)."""
+    near_tie_margin: Num = None
+    flips: list[Obj] | None = None
+    """Candidates whose score differed between the two runs: both scores, their
+    probabilities, and whether it was a near-tie."""
+    flips_near_tie: int | None = None
+    flips_not_near_tie: int | None = None
+    """Flips not shown to be near-ties (real changes, and those no distribution tells)."""
+    flips_unclassified: int | None = None
+    expected_spread_repeats: Num = None
+    expected_reproducible_max_diff: Num = None
+    expected_drift: Num = None
+    """The largest change of a control's expected score across its positions (logprobs)."""
+    mode_agreement: Num = None
+    """Share of candidates scored the same in both modes."""
+    mode_agreement_rows: int | None = None
+    stand_in: Obj | None = None
+    """On a stand-in model: what its report can and cannot show."""
 
 
 class ReliabilityReport(PhaseReport):

@@ -68,7 +68,7 @@ def reading(rec: RequestRecord | None) -> Mapping[str, Any] | None:
     return rec.scoring
 
 
-def expected(rec: RequestRecord | None) -> float | None:
+def expected_score(rec: RequestRecord | None) -> float | None:
     """The row's expected score (sum of p·value), None when it was decoded."""
     r = reading(rec)
     value = r.get("expected") if r is not None else None
@@ -127,8 +127,8 @@ def flips(
                 "b": sb,
                 "p_a": first.get(str(sa)) if first and sa is not None else None,
                 "p_b": first.get(str(sb)) if first and sb is not None else None,
-                "expected_a": expected(ra),
-                "expected_b": expected(rb),
+                "expected_a": expected_score(ra),
+                "expected_b": expected_score(rb),
                 "near_tie": tie,
             }
         )
@@ -357,11 +357,11 @@ def quality_figures(
     by_conv = {r.custom_id: r for r in runs.conversation}
     by_rep = {r.custom_id: r for r in runs.repeats}
     by_b = {r.custom_id: r for r in runs.run_b}
-    e_a = [expected(r) for r in runs.run_a]
-    e_b = [expected(by_b.get(r.custom_id)) for r in runs.run_a]
+    e_a = [expected_score(r) for r in runs.run_a]
+    e_b = [expected_score(by_b.get(r.custom_id)) for r in runs.run_a]
     diffs = [abs(x - y) for x, y in zip(e_a, e_b, strict=True) if x is not None and y is not None]
     drifts = [
-        spread_of([expected(by_conv.get(f"{cid}#pos{p}")) for p in positions])
+        spread_of([expected_score(by_conv.get(f"{cid}#pos{p}")) for p in positions])
         for cid, positions in plan.control_positions.items()
     ]
     stateless = {it.custom_id: s for it, s in zip(plan.candidates, a, strict=True)}
@@ -385,10 +385,12 @@ def quality_figures(
         "near_tie_margin": NEAR_TIE_MARGIN,
         "flips": flipped,
         "flips_near_tie": sum(1 for f in flipped if f["near_tie"] is True),
-        "flips_not_near_tie": sum(1 for f in flipped if f["near_tie"] is False),
+        # Not shown to be a near-tie: a real change, or a flip no distribution can tell (an
+        # unparsed reply, a row decoded in both modes): the gate-able count.
+        "flips_not_near_tie": sum(1 for f in flipped if f["near_tie"] is not True),
         "flips_unclassified": sum(1 for f in flipped if f["near_tie"] is None),
         "expected_spread_repeats": spread_of(
-            [expected(by_rep.get(it.custom_id)) for it in plan.repeats]
+            [expected_score(by_rep.get(it.custom_id)) for it in plan.repeats]
         ),
         "expected_reproducible_max_diff": max(diffs) if diffs else None,
         "expected_drift": None
