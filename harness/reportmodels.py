@@ -301,6 +301,11 @@ class FlagsReport(PhaseReport):
     recommended_server_flags: str | None = None
     recommendation: str | None
     uncached_ratio_conversation_over_stateless_ollama: Num = None
+    comparisons: list[Obj] | None = None
+    """Each pair of variants that differs in one thing: which is ahead on req/s and on
+    uncached tokens, and whether by more than the rounds' spread."""
+    rounds: int | None = None
+    requests_per_round: int | None = None
     errors: int
     kv_bytes_per_token: Obj | None
     unknown_reasons: Obj | None = None

@@ -282,3 +282,14 @@ def test_the_bound_counts_the_steps_the_mode_needs() -> None:
     got = perf.against_best_bound(rows, [curve], [{}], 128)
     # 500 prefill tokens at 500 tok/s + 8 steps at 25 tok/s = 1.32 s; not 16 completion tokens.
     assert got["efficiency"] == pytest.approx(1.32)
+
+
+def test_a_difference_counts_only_beyond_the_rounds_spread() -> None:
+    # The flags comparison's flip: 0.885 vs 0.713 req/s one run, 1.19 vs 1.51 the next.
+    ollama = {"throughput_rps": 1.0, "throughput_rps_range": [0.885, 1.19]}
+    swa = {"throughput_rps": 1.1, "throughput_rps_range": [0.713, 1.51]}
+    assert not perf.beyond_spread(ollama, swa, "throughput_rps")
+    steady = {"x": 126.3, "x_range": [126.0, 126.6]}
+    conv = {"x": 60.0, "x_range": [55.0, 70.0]}
+    assert perf.beyond_spread(steady, conv, "x")
+    assert not perf.beyond_spread(steady, {"x": None, "x_range": None}, "x")

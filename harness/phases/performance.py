@@ -39,6 +39,7 @@ __all__ = [
     "Spread",
     "against_best_bound",
     "batched_rates",
+    "beyond_spread",
     "breakdown",
     "calibrate_curve",
     "cell_medians",
@@ -121,6 +122,15 @@ async def interleave(
         for v in reversed(order) if alternate and r % 2 else order:
             out[v].append(await run(v, r))
     return out
+
+
+def beyond_spread(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
+    """Whether two variants' medians of `key` differ by more than either one's spread over
+    its rounds (`<key>_range`: [min, max]): only such a difference is a ranking that repeats."""
+    ra, rb = a.get(f"{key}_range"), b.get(f"{key}_range")
+    if a.get(key) is None or b.get(key) is None or not ra or not rb:
+        return False
+    return bool(abs(float(a[key]) - float(b[key])) > max(ra[1] - ra[0], rb[1] - rb[0]))
 
 
 def cell_medians(
