@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError
+from harness.scoring import mode_of_report
 from harness.verdict import ReportEntry, read_reports
 
 __all__ = ["Plan", "parse_duration", "plan"]
@@ -51,7 +52,7 @@ class Plan:
         out = [
             f"plan: {self.rows:,} rows by {self.deadline_s / 3600:.1f} h",
             f"servers: {self.servers} of this kind ({self.rps_per_server:.3f} completed req/s "
-            f"each, measured in {src})",
+            f"each, measured in {src}, {mode_of_report(self.source.data)})",
             f"time: {self.hours:.1f} h on {self.servers} server(s), assuming they add up (each "
             "warms its own prefix cache; measure the scaling before relying on it)",
             f"server time: {self.servers * self.hours:.1f} server-hours (the rows ÷ the measured "

@@ -162,6 +162,9 @@ class ScaleReport(PhaseReport):
     expected_vs_measured: Obj | None = None
     strategy: Obj | None = None
     config: Obj | None = None
+    score_mode: Obj | None = None
+    """The score mode the run was asked for and the one it scored in, with why (free-text
+    replies decode): the plan and the verdict's projection say which their throughput is."""
     energy_source: str | None = None
     endpoints: list[Obj] | None = None
     """Over several servers: each one's figures and history; None for one server."""

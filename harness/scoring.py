@@ -50,6 +50,8 @@ __all__ = [
     "ValueShape",
     "ValueTree",
     "build_tree",
+    "mode_of_report",
+    "planned_mode",
     "read_distribution",
     "value_shape",
 ]
@@ -367,3 +369,35 @@ def read_distribution(tree: ValueTree, tops: Sequence[Sequence[TokenChoice]]) ->
         unseen_bound=min(1.0, unseen),
         steps=steps,
     )
+
+
+def planned_mode(asked: str, schema: Mapping[str, Any] | None) -> dict[str, str]:
+    """The mode a suite's run scores in, as far as the settings and the workload tell (a
+    server that cannot read probabilities still decodes; `harness run`'s banner says so):
+    for its report, so what reads its throughput knows which mode it measured."""
+    if asked != "logprobs":
+        return {
+            "asked": asked,
+            "used": "decode",
+            "why": "decode asked: the model writes each reply",
+        }
+    shape = value_shape(schema)
+    if isinstance(shape, str):
+        return {"asked": asked, "used": "decode", "why": shape}
+    return {"asked": asked, "used": "logprobs", "why": f"{shape.field!r} read from the model's "
+            "top log-probabilities"}  # fmt: skip
+
+
+def mode_of_report(data: Mapping[str, Any]) -> str:
+    """`score mode X` for a line quoting a report's throughput: what the report says its run
+    scored in (`score_mode.used`), else its config's, else `decode` (reports from before the
+    setting decoded)."""
+    block = data.get("score_mode")
+    if isinstance(block, Mapping) and block.get("used"):
+        why = f": {block['why']}" if block.get("why") else ""
+        return f"score mode {block['used']}{why}"
+    cfg = data.get("config")
+    value = cfg.get("score_mode") if isinstance(cfg, Mapping) else None
+    if isinstance(value, Mapping) and value.get("value"):
+        return f"score mode {value['value']}"
+    return "score mode decode (reported before score modes existed)"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import load_profile
+from harness.scoring import mode_of_report
 
 __all__ = [
     "PRODUCTION_PROFILE",
@@ -182,7 +183,7 @@ def _projection(entries: Sequence[ReportEntry]) -> list[str]:
     rps = float(best.data["throughput_rps"])
     out = [
         f"{ROWS:,} rows at {rps:.2f} req/s (measured in {best.file}, {best.model} on "
-        f"{best.backend}): {ROWS / rps / 3600:.1f} h"
+        f"{best.backend}, {mode_of_report(best.data)}): {ROWS / rps / 3600:.1f} h"
     ]
     energy, done = best.data.get("energy_wh"), best.data.get("completed")
     price = best.data.get("price_per_kwh")

@@ -433,3 +433,25 @@ def test_a_bpe_space_joined_to_the_value_is_left_to_the_model() -> None:
     assert r.score == "yes" and r.distribution == pytest.approx(
         {'"yes"': 0.7 / 0.9, '"no"': 0.2 / 0.9}
     )
+
+
+# -- which mode a measurement was in ----------------------------------------------------------
+
+
+def test_reports_say_which_score_mode_their_throughput_was_measured_in() -> None:
+    from harness.scoring import mode_of_report, planned_mode
+
+    free_text = planned_mode("logprobs", None)
+    assert free_text == {
+        "asked": "logprobs",
+        "used": "decode",
+        "why": "the output schema is not a JSON object schema",
+    }
+    assert planned_mode("logprobs", SCHEMA)["used"] == "logprobs"
+    assert mode_of_report({"score_mode": planned_mode("decode", SCHEMA)}).startswith(
+        "score mode decode"
+    )
+    assert mode_of_report({"config": {"score_mode": {"value": "logprobs"}}}) == (
+        "score mode logprobs"
+    )
+    assert "before score modes existed" in mode_of_report({})

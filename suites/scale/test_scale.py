@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from harness.engine import JobSpec, RunnerConfig, run_job
+from harness.scoring import planned_mode
 from harness.engine.job import JobResult, partial_result
 from harness.memory import EnergyMeter, NvmlProbe
 from harness.models.registry import resolve_model
@@ -46,7 +47,9 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     spec = JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,
-        runner=RunnerConfig(concurrency=cfg.total_concurrency),  # per server × servers
+        runner=RunnerConfig(  # concurrency: per server × servers
+            concurrency=cfg.total_concurrency, score_mode=cfg.score_mode.value
+        ),
         desc=f"scale {size}",
         progress_stream=harness.terminal,
     )
@@ -87,6 +90,7 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     figures.update(
         strategy=strategy_figures(cfg),
         config=cfg.to_dict(),
+        score_mode=planned_mode(cfg.score_mode.value, items[0].output_schema if items else None),
         energy_source=f"{gpu.source} ({gpu.device_name()}): {energy.method}"
         if energy is not None and isinstance(gpu, NvmlProbe)
         else None,
