@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from harness.engine import JobSpec, RunnerConfig, run_job
-from harness.scoring import planned_mode
 from harness.engine.job import JobResult, partial_result
 from harness.memory import EnergyMeter, NvmlProbe
 from harness.models.registry import resolve_model
 from harness.phases import items_for, scale_figures
 from harness.phases.common import phase1_budget
 from harness.pytest import HarnessSession
+from harness.scoring import planned_mode
 
 SIZES = [
     pytest.param(100, "phase2_scale_100.yaml", marks=pytest.mark.scale_100, id="100"),
