@@ -455,3 +455,56 @@ def test_reports_say_which_score_mode_their_throughput_was_measured_in() -> None
         "score mode logprobs"
     )
     assert "before score modes existed" in mode_of_report({})
+
+
+# -- on the real server -----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", ["tokens", "text", "chat"])
+def test_logprobs_on_the_embedded_server(gemma_server: Any, path: str) -> None:
+    """Gemma 3 270M on llama-server: every row read from the probabilities (Gemma writes 10 as
+    `1`, `0`: two prompts a row), the distribution over 1..10 complete, the server's prompt
+    the counted one plus the prefill, the probabilities kept in the results body."""
+    from harness.engine.job import open_token_counter
+
+    system = {"role": "system", "content": "Score the candidate from 1 to 10. Reply with JSON."}
+    work = [
+        WorkItem(
+            f"c{i}",
+            (system, {"role": "user", "content": f"Candidate {i}: {i + 2} years of Spark."}),
+            max_tokens=16,
+            temperature=0.0,
+            seed=1,
+            output_schema=SCHEMA,
+        )
+        for i in range(4)
+    ]
+    backend = OpenAIBackend(gemma_server.url, api_key_env=None, request_path=path,
+                            chat_format=get_format("gemma"))  # fmt: skip
+
+    async def go() -> list[Any]:
+        async with backend, open_token_counter(backend) as counter:
+            spec = JobSpec(
+                policy=TrimPolicy(8192),
+                runner=RunnerConfig(score_mode="logprobs"),
+                keep_records=True,
+                progress=False,
+            )
+            return (await run_job(backend, work, spec, counter=counter)).records
+
+    records = asyncio.run(go())
+    assert backend.info.supports_prefill
+    for rec in records:
+        assert rec.ok, rec.error
+        s = rec.scoring
+        assert s is not None and s["mode"] == "logprobs", s
+        assert sum(s["distribution"].values()) == pytest.approx(1.0)
+        assert [step["after"] for step in s["steps"]] == ["", "1"]
+        assert 0.0 <= s["p_outside"] <= 1.0 and rec.parsed["score"] == s["score"]
+        assert rec.prompt_tokens == rec.expected_prompt_tokens  # counted here, with the prefill
+        # The probe after `1` costs at least that token (llama-server re-evaluated the last 5
+        # of a 43-token prompt as well: its cache for Gemma's sliding-window layers).
+        assert rec.probe_tokens >= 1
+        assert rec.raw is not None
+        assert rec.raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]

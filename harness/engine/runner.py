@@ -250,6 +250,7 @@ class Runner:
                 if tree is not None:
                     probes = probe_requests(request, tree, plan.prompt_ids)
                     expected_tokens += len(tree.prefill_ids) + len(tree.probes[0].path)
+                    rec.expected_prompt_tokens = expected_tokens
                     started = time.perf_counter()
                     results = await self.backend.chat_many(probes)
                     result = self._merge(results, (time.perf_counter() - started) * 1000.0)
