@@ -325,6 +325,37 @@ class QualityRuns:
         return [*self.repeats, *self.run_a, *self.run_b, *self.conversation, *self.bias]
 
 
+STAND_INS = {"smollm2-135m", "gemma3-270m", "tiny-gemma3"}
+"""The packaged CPU models: stand-ins for the pipeline, not for production's judgement."""
+
+
+def stand_in(model: str, figures: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a stand-in model's quality report can and cannot show, with its own figures;
+    None for another model."""
+    if model not in STAND_INS:
+        return None
+    dist = figures.get("score_distribution") or {}
+    top, most = max(dist.items(), key=lambda kv: kv[1]) if dist else ("-", 0)
+    total = sum(dist.values()) if dist else 0
+    return {
+        "model": model,
+        "can_show": [
+            "the same candidate gets the same score (consistency)",
+            "two identical runs agree, and where they do not, whether each flip was a near-tie "
+            "(the scores' distributions) or a real change",
+            "controls keep their scores (and expected scores) across a conversation (drift)",
+            "replies parse under the schema's grammar; the two score modes agree",
+        ],
+        "cannot_show": [
+            f"judgement: {model} does not apply the probe's rule (accuracy "
+            f"{figures.get('accuracy')} against the known answer; {most} of {total} candidates "
+            f"scored {top}), so accuracy and bias are reported, not gated, on this profile",
+        ],
+        "gated_elsewhere": "production's model is gated on accuracy-like figures (bias, "
+        "conversation agreement) in the gpu-gemma3-12b profile",
+    }
+
+
 def score_file(items: Sequence[WorkItem], scores: Sequence[int | None]) -> str:
     """A run's scores as CSV text (an unparsed reply is an empty score)."""
     return "custom_id,score\n" + "".join(

@@ -102,6 +102,7 @@ def test_quality(harness: HarnessSession) -> None:
     )
     figures = describe(harness, plan, runs, table, policy)
     figures.update(model=cfg.model.value, model_scored=backend.info.model)
+    figures["stand_in"] = q.stand_in(cfg.model.value, figures)
     report = harness.report("quality_results.json", scenario, figures, backend=backend)
     shown = ("score_mode", "consistency_rate", "reproducible_rate", "flips_near_tie",
              "flips_not_near_tie", "mode_agreement", "expected_drift", "accuracy",
