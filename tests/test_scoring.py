@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -508,3 +509,49 @@ def test_logprobs_on_the_embedded_server(gemma_server: Any, path: str) -> None:
         assert rec.probe_tokens >= 1
         assert rec.raw is not None
         assert rec.raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+
+
+def test_the_chat_path_asks_both_positions_in_one_request_forcing_the_one_token() -> None:
+    bodies: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        entries = [
+            {"token": "1", "logprob": -0.5, "id": 49,
+             "top_logprobs": [{"token": "1", "logprob": -0.5, "id": 49},
+                              {"token": "7", "logprob": -1.5, "id": 55}]},
+            {"token": "0", "logprob": -0.1, "id": 48,
+             "top_logprobs": [{"token": "0", "logprob": -0.1, "id": 48},
+                              {"token": "}", "logprob": -2.5, "id": 125}]},
+        ]  # fmt: skip
+        reply = {
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": '{"score": 10'},
+                    "finish_reason": "length",
+                    "logprobs": {"content": entries},
+                }
+            ],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 2},
+            "timings": {"cache_n": 15, "prompt_n": 5, "prompt_ms": 4.0, "predicted_ms": 9.0},
+        }
+        return httpx.Response(200, json=reply)
+
+    backend = started_backend(handler, "chat")
+    msgs = [{"role": "user", "content": "hi"}]
+    reqs = [
+        ChatRequest(msgs, max_tokens=1, top_logprobs=20, prefill='{"score": ', prompt_ids=[2, 5]),
+        ChatRequest(msgs, max_tokens=1, top_logprobs=20, prefill='{"score": 1',
+                    prompt_ids=[2, 5, 49]),
+    ]  # fmt: skip
+    a, b = asyncio.run(backend.chat_many(reqs))
+    assert len(bodies) == 1
+    assert bodies[0]["logit_bias"] == {"49": 100} and bodies[0]["max_tokens"] == 2
+    assert bodies[0]["messages"][-1] == {"role": "assistant", "content": '{"score": '}
+    assert [c.token for c in (a.top_logprobs or [[]])[0]] == ["1", "7"]
+    assert [c.token for c in (b.top_logprobs or [[]])[0]] == ["0", "}"]
+    assert b.usage.uncached_tokens == 1  # the forced token: one more step
+    # Prompts that differ otherwise are asked one by one.
+    other = [reqs[0], replace(reqs[1], prompt_ids=[2, 6, 49])]
+    asyncio.run(backend.chat_many(other))
+    assert len(bodies) == 3 and "logit_bias" not in bodies[1]

@@ -34,6 +34,7 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -337,9 +338,18 @@ class OpenAIBackend(Backend):
     async def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """On `/completion` (the text and token paths) one call with every prompt: llama-server
         runs them as tasks one after another on the slot, each finding the one before it in its
-        cache, for one HTTP round trip. The chat path asks one by one."""
-        if self.request_path == "chat" or len(requests) < 2:
+        cache, for one HTTP round trip. On a llama.cpp chat path, two prompts the second of which
+        is the first plus one token are one request of two tokens, the first forced to that token
+        (`logit_bias`: the reported probabilities are the model's, before any sampler), so the
+        second position's probabilities are the second prompt's; other chat paths ask one by
+        one."""
+        if len(requests) < 2:
             return await super().chat_many(requests)
+        if self.request_path == "chat":
+            forced = self._one_more_token(requests)
+            if forced is None:
+                return await super().chat_many(requests)
+            return await self._forced_pair(requests[0], forced)
         first = requests[0]
         timeout = first.timeout_s if first.timeout_s is not None else self.timeout_s
         bodies = [self.build_completion_body(r) for r in requests]
@@ -358,6 +368,36 @@ class OpenAIBackend(Backend):
         # llama-server answers in the order of the prompts (each result carries its `index`).
         data = sorted(data, key=lambda d: int(d.get("index", 0)) if isinstance(d, dict) else 0)
         return [self.parse_completion(d, total_ms, url, first.slot) for d in data]
+
+    def _one_more_token(self, requests: Sequence[ChatRequest]) -> int | None:
+        """The token the second request adds to the first, when that is all it adds (and the
+        server is llama.cpp, which takes `logit_bias` by token id)."""
+        if len(requests) != 2 or not self.info.supports_slots:
+            return None
+        a, b = requests
+        if a.prompt_ids is None or b.prompt_ids is None or a.top_logprobs is None:
+            return None
+        ids_a, ids_b = list(a.prompt_ids), list(b.prompt_ids)
+        if len(ids_b) != len(ids_a) + 1 or ids_b[:-1] != ids_a:
+            return None
+        return int(ids_b[-1])
+
+    async def _forced_pair(self, first: ChatRequest, token: int) -> list[ChatResult]:
+        extra = {**first.extra, "logit_bias": {str(token): 100}}
+        r = await self.chat(replace(first, max_tokens=2, extra=extra))
+        tops = r.top_logprobs or []
+        prompt, cached, source = r.usage.prompt_tokens, r.usage.cached_tokens, r.usage.cached_source
+        a = ChatResult(
+            r.content, r.finish_reason, Usage(prompt, 1, cached, source), r.timings, r.raw,
+            r.slot, top_logprobs=tops[:1],
+        )  # fmt: skip
+        # The forced token was computed as a decode step: the second "prompt" cost one token.
+        b = ChatResult(
+            r.content, r.finish_reason, Usage(prompt + 1, 1, prompt, source),
+            Timings(total_ms=r.timings.total_ms, prompt_ms=0.0, decode_ms=0.0), r.raw, r.slot,
+            top_logprobs=tops[1:2],
+        )  # fmt: skip
+        return [a, b]
 
     @staticmethod
     def parse_completion(
