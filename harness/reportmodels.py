@@ -206,6 +206,8 @@ class QualityReport(PhaseReport):
     flips_not_near_tie: int | None = None
     """Flips not shown to be near-ties (real changes, and those no distribution tells)."""
     flips_unclassified: int | None = None
+    flips_told_by: str | None = None
+    """Whose distributions classified the flips (none when the modes disagree)."""
     expected_spread_repeats: Num = None
     expected_reproducible_max_diff: Num = None
     expected_drift: Num = None

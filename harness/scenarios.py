@@ -83,6 +83,9 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "conversation_agreement",
         "distinct_scores",
         "score_stdev",
+        "flips_not_near_tie",
+        "mode_agreement",
+        "expected_drift",
     ),
     "reliability": (
         "lost",
@@ -110,6 +113,9 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "cached_over_naive",
         "prefill_tps",
         "decode_tps",
+        "logprobs_over_decode",
+        "logprobs_efficiency",
+        "score_agreement",
     ),
 }
 

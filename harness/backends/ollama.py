@@ -292,6 +292,9 @@ class OllamaBackend(Backend):
         }
         if request.output_schema:
             body["format"] = dict(request.output_schema)
+        if request.top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = min(request.top_logprobs, TOP_LOGPROBS_MAX)
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
         return body

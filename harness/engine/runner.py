@@ -91,6 +91,9 @@ class RunnerConfig:
     score_mode: str = "decode"
     """`decode` (the model writes the reply) or `logprobs` (the reply's fixed part is sent
     written, the value read from the probabilities: `harness.engine.logprobs`)."""
+    top_logprobs: int | None = None
+    """Decoded replies: also ask the top log-probabilities of each generated token (kept in
+    the reply body), so a score that changed between runs can be told a near-tie or not."""
 
 
 class Runner:
@@ -242,6 +245,7 @@ class Runner:
                 timeout_s=self.config.request_timeout_s,
                 extra=item.extra,
                 prompt_ids=plan.prompt_ids,
+                top_logprobs=self.config.top_logprobs,
             )
             rec.attempts += 1
             probes: list[ChatRequest] = []

@@ -48,6 +48,8 @@ __all__ = [
 
 BIAS_FIELDS = ("name", "location", "education")
 """Fields the generator varies that must not move a score."""
+SAME_READING = 0.98
+"""The modes agree this often or more before one's distributions are taken for the other's."""
 NEAR_TIE_MARGIN = 0.05
 """A flip is a near-tie when its two scores are the distribution's top two and their
 probabilities are within 0.05 (five percentage points) of each other."""
@@ -94,6 +96,53 @@ def near_tie(dist: Mapping[str, Any] | None, a: int, b: int, margin: float) -> b
     return float(ranked[0][1]) - float(ranked[1][1]) <= margin
 
 
+def decode_margin(
+    ra: RequestRecord | None, rb: RequestRecord | None, a: int, b: int
+) -> float | None:
+    """Two decoded replies that wrote `a` and `b`: at the first token where the replies part,
+    the gap between the probabilities of the two tokens written there, read from the reply
+    bodies' top log-probabilities (the decoded context's own, not a prefill's); None when the
+    bodies carry none or the tokens are not listed."""
+    first, second = _written(ra), _written(rb)
+    if first is None or second is None:
+        return None
+    (ta, tops_a), (tb, tops_b) = first, second
+    k = 0
+    while k < min(len(ta), len(tb)) and ta[k] == tb[k]:
+        k += 1
+    if k >= len(ta) or k >= len(tb):
+        return None
+    gaps = []
+    for tops in (tops_a, tops_b):
+        listed = dict(tops[k]) if k < len(tops) else {}
+        if ta[k] in listed and tb[k] in listed:
+            gaps.append(abs(listed[ta[k]] - listed[tb[k]]))
+    return min(gaps) if gaps else None
+
+
+def _written(rec: RequestRecord | None) -> tuple[list[str], list[list[tuple[str, float]]]] | None:
+    """The tokens a decoded reply wrote and each position's top tokens with probabilities,
+    from its body (OpenAI `logprobs.content`: llama.cpp's, or the harness's own mapping)."""
+    import math
+
+    body = rec.raw if rec is not None else None
+    try:
+        content = body["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(content, list) or not content:
+        return None
+    written = [str(e.get("token", "")) for e in content]
+    tops = [
+        [
+            (str(t.get("token", "")), math.exp(float(t["logprob"])))
+            for t in e.get("top_logprobs") or []
+        ]
+        for e in content
+    ]
+    return written, tops
+
+
 def flips(
     items: Sequence[WorkItem],
     run_a: Sequence[RequestRecord],
@@ -117,8 +166,13 @@ def flips(
         if other is not None and it.custom_id in other:
             dists.append(other[it.custom_id].get("distribution"))
         tie: bool | None = None
+        gap: float | None = None
         if sa is not None and sb is not None and dists:
             tie = any(near_tie(d, sa, sb, margin) for d in dists)
+        elif sa is not None and sb is not None:
+            # Decoded: the gap at the token where the two replies part, in their own context.
+            gap = decode_margin(ra, rb, sa, sb)
+            tie = None if gap is None else gap <= margin
         first = dists[0] if dists else None
         out.append(
             {
@@ -130,6 +184,7 @@ def flips(
                 "expected_a": expected_score(ra),
                 "expected_b": expected_score(rb),
                 "near_tie": tie,
+                "decoded_gap": gap,
             }
         )
     return out
@@ -382,9 +437,20 @@ def quality_figures(
     known_gaps = [g for g in gaps.values() if g is not None]
     every = runs.all
     other = {r.custom_id: r for r in runs.other_mode}
-    other_readings = {cid: d for cid, r in other.items() if (d := reading(r)) is not None}
-    flipped = flips(plan.candidates, runs.run_a, runs.run_b, other_readings)
     paired = [(s, score(other.get(it.custom_id))) for it, s in zip(plan.candidates, a, strict=True)]
+    agree = (
+        sum(1 for x, y in paired if x is not None and x == y) / len(paired)
+        if runs.other_mode and paired
+        else None
+    )
+    # The other mode's distributions describe a decoded flip only where the two modes read the
+    # same (the decoded reply's own tokens for the fixed text can differ from the prefill's,
+    # and so can the model's next-token probabilities).
+    trusted = agree is not None and agree >= SAME_READING
+    other_readings = {
+        cid: d for cid, r in other.items() if trusted and (d := reading(r)) is not None
+    }
+    flipped = flips(plan.candidates, runs.run_a, runs.run_b, other_readings)
     by_conv = {r.custom_id: r for r in runs.conversation}
     by_rep = {r.custom_id: r for r in runs.repeats}
     by_b = {r.custom_id: r for r in runs.run_b}
@@ -427,10 +493,14 @@ def quality_figures(
         "expected_drift": None
         if not drifts or None in drifts
         else max(d for d in drifts if d is not None),
-        "mode_agreement": (
-            sum(1 for x, y in paired if x is not None and x == y) / len(paired)
-            if runs.other_mode and paired
-            else None
-        ),
+        "mode_agreement": agree,
         "mode_agreement_rows": len(runs.other_mode),
+        "flips_told_by": (
+            "each run's own distributions (logprobs mode)"
+            if runs.mode == "logprobs"
+            else "the logprobs pass over the same candidates"
+            if trusted
+            else f"nothing: decoded runs, and the logprobs pass agreed with them on "
+            f"{agree if agree is None else f'{agree:.0%}'} of candidates (< {SAME_READING:.0%})"
+        ),
     }

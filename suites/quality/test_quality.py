@@ -28,6 +28,7 @@ from harness.phases import items_for, prompt_for, table_for
 from harness.phases import quality as q
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
+from harness.scoring import TOP_N
 from harness.workload import CandidateTable, WorkItem
 
 SCENARIO = "quality.yaml"
@@ -84,7 +85,9 @@ def test_quality(harness: HarnessSession) -> None:
         spec = JobSpec(
             strategy=strategy,
             policy=policy,
-            runner=RunnerConfig(concurrency=1, score_mode=score_mode),
+            # Decoded replies keep each token's top log-probabilities: a score that changes
+            # between runs is then told a near-tie or not in its own context.
+            runner=RunnerConfig(concurrency=1, score_mode=score_mode, top_logprobs=TOP_N),
             keep_records=True,
             desc=f"quality: {desc}",
             progress_stream=harness.terminal,
