@@ -322,9 +322,16 @@ def test_decoded_flips_are_told_by_the_tokens_where_the_replies_part() -> None:
     a = decoded("c0", 1, [*head, "}"], [*same, close])
     b = decoded("c0", 10, [*head, "0", "}"], [*same, close, [("}", 0.9)]])
     (flip,) = q.flips(items(1), [a], [b])
-    assert flip["near_tie"] is True and flip["decoded_gap"] == pytest.approx(0.02)
+    assert flip["near_tie"] is True and flip["decoded_gap_at_most"] == pytest.approx(0.02)
     far = [("}", 0.8), ("0", 0.1)]
     a2 = decoded("c0", 1, [*head, "}"], [*same, far])
     b2 = decoded("c0", 10, [*head, "0", "}"], [*same, far, [("}", 0.9)]])
     assert q.flips(items(1), [a2], [b2])[0]["near_tie"] is False
     assert q.flips(items(1), [rec("c0", 1)], [rec("c0", 10)])[0]["near_tie"] is None
+    # Tokens the grammar forced, both below the listed ones (SmolLM2's `{` or `{"` at 0.03):
+    # the gap is at most the smallest listed probability.
+    tiny = [("N", 0.14), ("Here", 0.036), ("x", 0.03)]
+    a3 = decoded("c0", 1, ["{", '"', "1", "}"], [tiny, *same[:3]])
+    b3 = decoded("c0", 10, ['{"', "1", "0", "}"], [tiny, *same[:3]])
+    (flip3,) = q.flips(items(1), [a3], [b3])
+    assert flip3["decoded_gap_at_most"] == pytest.approx(0.03) and flip3["near_tie"] is True

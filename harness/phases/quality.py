@@ -99,10 +99,12 @@ def near_tie(dist: Mapping[str, Any] | None, a: int, b: int, margin: float) -> b
 def decode_margin(
     ra: RequestRecord | None, rb: RequestRecord | None, a: int, b: int
 ) -> float | None:
-    """Two decoded replies that wrote `a` and `b`: at the first token where the replies part,
-    the gap between the probabilities of the two tokens written there, read from the reply
-    bodies' top log-probabilities (the decoded context's own, not a prefill's); None when the
-    bodies carry none or the tokens are not listed."""
+    """Two decoded replies that wrote `a` and `b`: at the first token where the replies part
+    (often in the fixed JSON itself: a grammar lets the model write `{"` or `{` then `"`, and the
+    score follows from that context), the most the probabilities of the two tokens written
+    there can differ, read from the reply bodies' top log-probabilities (the decoded context's
+    own). A token missing from a position's top list is at most that list's smallest
+    probability. None when the bodies carry no probabilities."""
     first, second = _written(ra), _written(rb)
     if first is None or second is None:
         return None
@@ -112,12 +114,18 @@ def decode_margin(
         k += 1
     if k >= len(ta) or k >= len(tb):
         return None
-    gaps = []
+    bounds = []
     for tops in (tops_a, tops_b):
-        listed = dict(tops[k]) if k < len(tops) else {}
-        if ta[k] in listed and tb[k] in listed:
-            gaps.append(abs(listed[ta[k]] - listed[tb[k]]))
-    return min(gaps) if gaps else None
+        if k >= len(tops) or not tops[k]:
+            continue
+        listed = dict(tops[k])
+        floor = min(listed.values())
+        pa, pb = listed.get(ta[k]), listed.get(tb[k])
+        if pa is not None and pb is not None:
+            bounds.append(abs(pa - pb))
+        else:  # an unlisted token holds at most the floor
+            bounds.append(max(pa if pa is not None else floor, pb if pb is not None else floor))
+    return min(bounds) if bounds else None
 
 
 def _written(rec: RequestRecord | None) -> tuple[list[str], list[list[tuple[str, float]]]] | None:
@@ -184,7 +192,7 @@ def flips(
                 "expected_a": expected_score(ra),
                 "expected_b": expected_score(rb),
                 "near_tie": tie,
-                "decoded_gap": gap,
+                "decoded_gap_at_most": gap,
             }
         )
     return out
