@@ -508,7 +508,9 @@ def quality_figures(
             if runs.mode == "logprobs"
             else "the logprobs pass over the same candidates"
             if trusted
-            else f"nothing: decoded runs, and the logprobs pass agreed with them on "
-            f"{agree if agree is None else f'{agree:.0%}'} of candidates (< {SAME_READING:.0%})"
+            else "the decoded replies' own top log-probabilities at the token where they part "
+            f"(the logprobs pass agreed with the decoded scores on "
+            f"{'-' if agree is None else f'{agree:.0%}'} of candidates, < {SAME_READING:.0%}: "
+            "its distributions describe another context)"
         ),
     }
