@@ -325,7 +325,7 @@ def completion(content: str, tops: list[tuple[str, int, float]], index: int = 0)
     }
 
 
-def test_the_token_path_sends_every_probe_in_one_completion_call() -> None:
+def test_the_token_path_sends_other_probes_in_one_completion_call() -> None:
     bodies: list[Any] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -338,14 +338,15 @@ def test_the_token_path_sends_every_probe_in_one_completion_call() -> None:
         )
 
     backend = started_backend(handler, "tokens")
+    # Two probe prompts that differ by more than one token (an enum's, say).
     reqs = [
-        ChatRequest([], max_tokens=1, top_logprobs=20, prefill='{"score": ', prompt_ids=[2, 5]),
-        ChatRequest([], max_tokens=1, top_logprobs=20, prefill='{"score": 1',
-                    prompt_ids=[2, 5, 49]),
+        ChatRequest([], max_tokens=1, top_logprobs=20, prefill='{"fit": "', prompt_ids=[2, 5]),
+        ChatRequest([], max_tokens=1, top_logprobs=20, prefill='{"fit": "ye',
+                    prompt_ids=[2, 5, 49, 50]),
     ]  # fmt: skip
     results = asyncio.run(backend.chat_many(reqs))
     assert len(bodies) == 1
-    assert bodies[0]["prompt"] == [[2, 5], [2, 5, 49]]
+    assert bodies[0]["prompt"] == [[2, 5], [2, 5, 49, 50]]
     assert bodies[0]["n_probs"] == 20 and bodies[0]["n_predict"] == 1
     assert [r.content for r in results] == ["7", "0"]
     assert results[0].top_logprobs == [[TokenChoice("7", -0.2, 55)]]
@@ -555,3 +556,31 @@ def test_the_chat_path_asks_both_positions_in_one_request_forcing_the_one_token(
     other = [reqs[0], replace(reqs[1], prompt_ids=[2, 6, 49])]
     asyncio.run(backend.chat_many(other))
     assert len(bodies) == 3 and "logit_bias" not in bodies[1]
+
+
+def test_the_token_path_forces_the_one_token_probe_in_a_single_task() -> None:
+    bodies: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        data = completion("10", [("1", 49, -0.5), ("7", 55, -1.5)])
+        data["completion_probabilities"].append(
+            {"id": 48, "token": "0", "logprob": -0.1,
+             "top_logprobs": [{"id": 48, "token": "0", "logprob": -0.1},
+                              {"id": 125, "token": "}", "logprob": -2.5}]}
+        )  # fmt: skip
+        data["tokens_predicted"] = 2
+        return httpx.Response(200, json=data)
+
+    backend = started_backend(handler, "tokens")
+    reqs = [
+        ChatRequest([], max_tokens=1, top_logprobs=20, prefill='{"score": ', prompt_ids=[2, 5]),
+        ChatRequest([], max_tokens=1, top_logprobs=20, prefill='{"score": 1',
+                    prompt_ids=[2, 5, 49]),
+    ]  # fmt: skip
+    a, b = asyncio.run(backend.chat_many(reqs))
+    assert len(bodies) == 1
+    assert bodies[0]["prompt"] == [2, 5] and bodies[0]["n_predict"] == 2
+    assert bodies[0]["logit_bias"] == [[49, 100]]
+    assert [c.token for c in (a.top_logprobs or [[]])[0]] == ["1", "7"]
+    assert [c.token for c in (b.top_logprobs or [[]])[0]] == ["0", "}"]
