@@ -98,5 +98,5 @@ def describe(tree: ValueTree | str | ValueShape) -> str:
     where = ", ".join(repr(tree.shape.prefill + (n.text or "")) for n in tree.probes)
     return (
         f"{tree.shape.field!r} over {len(tree.shape.values)} values, read where their tokens "
-        f"part: {len(tree.probes)} prompt(s) per row, ending {where}"
+        f"part: after {where}"
     )
