@@ -8,8 +8,10 @@ finished request in an append-only results file (the OpenAI Batch output format 
 there, errors included), and at the end of every run, also after Ctrl-C, SIGTERM or a server
 failure, writes a scores CSV from that file atomically:
 
-    custom_id, score, <other output-schema fields>, status, error,
+    custom_id, score, <other output-schema fields>, score_expected, score_p, status, error,
     prompt_tokens, cached_tokens, completion_tokens, latency_ms
+
+(`score_expected` and `score_p` with `--score-mode logprobs`: `harness.scoring`)
 
 one row per input row, in input order (rows not run yet are absent).
 
@@ -68,6 +70,8 @@ from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from harness.records import RequestRecord
 from harness.reportfiles import find_report
 from harness.runconfig import RunConfig, Value, resolve_run_config
+from harness.scoremode import choose_score_mode
+from harness.scoring import SCORE_MODES
 from harness.workload import (
     STRUCTURED_MODES,
     CandidateTable,
@@ -88,6 +92,7 @@ __all__ = [
     "BACKENDS",
     "BATCH_SUFFIXES",
     "METRIC_COLUMNS",
+    "SCORE_COLUMNS",
     "BatchInput",
     "BatchOptions",
     "BatchResult",
@@ -118,7 +123,11 @@ METRIC_COLUMNS = (
     "completion_tokens",
     "latency_ms",
 )
-"""The scores CSV's columns after `custom_id`, `score` and the other output-schema fields."""
+"""The scores CSV's columns after `custom_id`, `score`, the other output-schema fields and
+`SCORE_COLUMNS`."""
+SCORE_COLUMNS = ("score_expected", "score_p")
+"""`--score-mode logprobs`: the expected score (sum of p·value over the allowed values) and the
+probability of `score`, from the model's probabilities; empty for rows the model decoded."""
 DEFAULT_SEED = 42
 MIN_CTX = 16
 
@@ -220,6 +229,10 @@ class BatchOptions:
     stop_on_cache_miss: bool = False
     """Stop at the first reuse alarm (a window of rows whose server computed more than twice
     the prompt tokens the strategy expects: harness.engine.reusewatch); finished rows are kept."""
+    score_mode: str | None = None
+    """`decode` (the model writes the reply) or `logprobs` (the reply's JSON sent written up to
+    the score, the score read from the model's probabilities). None: harness.yaml's SCORE_MODE
+    (the performance phase writes it only where both modes agreed), else decode."""
 
     @property
     def openai_url(self) -> str | None:
@@ -272,6 +285,11 @@ class BatchOptions:
         if self.server_flags is not None and self.server_flags not in SERVER_FLAGS:
             raise ConfigError(
                 f"--server-flags {self.server_flags!r}: choose {' or '.join(SERVER_FLAGS)}"
+            )
+        if self.score_mode is not None and self.score_mode not in SCORE_MODES:
+            raise ConfigError(
+                f"--score-mode {self.score_mode!r} is not known; choose one of: "
+                f"{', '.join(SCORE_MODES)}"
             )
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ConfigError(
@@ -501,7 +519,7 @@ def convert(
 
 def score_columns(fields: Sequence[str]) -> list[str]:
     """The scores CSV header for these output fields."""
-    return ["custom_id", *(fields or ("score",)), *METRIC_COLUMNS]
+    return ["custom_id", *(fields or ("score",)), *SCORE_COLUMNS, *METRIC_COLUMNS]
 
 
 def _reply_object(harness: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -525,6 +543,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, int | float | str):
         return str(value)
     return orjson.dumps(value).decode("utf-8")
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) else value
 
 
 def _score_of(obj: Mapping[str, Any] | None) -> int | None:
@@ -592,6 +614,10 @@ def _write_scores(
         for name in fields:
             if name != "score":
                 values[name] = obj.get(name) if obj is not None else None
+        scoring = h.get("scoring")
+        if ok and isinstance(scoring, Mapping) and scoring.get("mode") == "logprobs":
+            values["score_expected"] = _rounded(scoring.get("expected"))
+            values["score_p"] = _rounded(scoring.get("p"))
         writer.writerow([_cell(values.get(c)) for c in columns])
         rows[cid] = buf.getvalue()
         buf.seek(0)
@@ -624,6 +650,7 @@ def batch_config(options: BatchOptions) -> RunConfig:
         "strategy": options.strategy,
         "request_path": options.request_path,
         "server_flags": options.server_flags,
+        "score_mode": options.score_mode,
     }
     cfg = resolve_run_config(
         profile=options.config_profile,
@@ -916,6 +943,8 @@ def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> 
         if data.kind == "csv" and data.items
         else "batch lines",
         "seed": options.seed,
+        # Only when not the default: results files written before the setting existed resume.
+        **({"score_mode": cfg.score_mode.value} if cfg.score_mode.value != "decode" else {}),
     }
 
 
@@ -941,6 +970,8 @@ def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> str | None:
         for k in job
         if k != "input" and not (unchecked and k in INPUT_KEYS) and old.get(k) != job[k]
     ]
+    if "score_mode" in old and "score_mode" not in job:  # written only when not `decode`
+        differ.append("score_mode")
     note = (
         f"resume: the input is not checked against {sidecar.name} (written before the "
         "harness kept the input's hash): resumed by custom_id as before; the fingerprint now "
@@ -959,7 +990,11 @@ def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> str | None:
             "start over (the old results are kept under a new name)"
         )
     if not new:
-        shown = "; ".join(f"{k}: {old.get(k)!r} then, {job[k]!r} now" for k in differ)
+        gone = {"score_mode": "decode"}  # what a key absent from a fingerprint means
+        shown = "; ".join(
+            f"{k}: {old.get(k, gone.get(k))!r} then, {job.get(k, gone.get(k))!r} now"
+            for k in differ
+        )
         raise ConfigError(
             f"{results} holds the results of another job ({shown}); resuming would mix the "
             "two: run with --new to start over (the old results are kept under a new name)"
@@ -1031,7 +1066,9 @@ def job_spec(
     return JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,
-        runner=RunnerConfig(concurrency=cfg.concurrency.value * endpoints),
+        runner=RunnerConfig(
+            concurrency=cfg.concurrency.value * endpoints, score_mode=cfg.score_mode.value
+        ),
         results_path=results,
         retry_failed=retry_failed,
         progress=progress,
@@ -1139,7 +1176,14 @@ async def preflight(plan: _Plan, server: Backend, counter: TokenCounter) -> JobS
     plan.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
     cfg = plan.config.capped(info.n_ctx_per_slot)
     lengths = await measure_lengths(counter, data.items)
-    for line in banner(plan, server, lengths):
+    mode, mode_line = await choose_score_mode(
+        cfg,
+        server,
+        counter,
+        data.items[0].output_schema if data.items else None,
+        load_profile(options.config, options.config_profile),
+    )
+    for line in [*banner(plan, server, lengths), mode_line]:
         print(f"harness run: {line}", file=sys.stderr, flush=True)
     too_long = check_fits(
         lengths,
@@ -1161,6 +1205,7 @@ async def preflight(plan: _Plan, server: Backend, counter: TokenCounter) -> JobS
         endpoints=len(info.extra.get("endpoints") or [None]),
         stop_on_cache_miss=options.stop_on_cache_miss,
     )
+    spec.runner = replace(spec.runner, score_mode=mode)
     _write_job(plan.results, plan.job)
     plan.backend = server
     plan.started_unix = time.time()

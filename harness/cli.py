@@ -154,9 +154,10 @@ Outputs (next to INPUT, or next to --output):
   <stem>_results.jsonl  every finished request, OpenAI Batch output lines plus a `harness`
                         object; running the same command again resumes from it (finished ids,
                         errors included, are skipped)
-  <stem>_scores.csv     custom_id, score, other output fields, status, error, prompt_tokens,
-                        cached_tokens, completion_tokens, latency_ms: one row per input row in
-                        input order, rewritten at the end of every run (also after Ctrl-C)
+  <stem>_scores.csv     custom_id, score, other output fields, score_expected, score_p (with
+                        --score-mode logprobs), status, error, prompt_tokens, cached_tokens,
+                        completion_tokens, latency_ms: one row per input row in input order,
+                        rewritten at the end of every run (also after Ctrl-C)
 
 Exit codes: 0 every row done; 1 rows failed or the server could not be reached; 2 bad input or
 usage (nothing is created); 130 interrupted by Ctrl-C (run the same command again to resume).
@@ -510,6 +511,17 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "A reply that does not parse is retried once, then recorded as the row's error",
     )
     p.add_argument(
+        "--score-mode",
+        default=None,
+        choices=["decode", "logprobs"],
+        help="decode: the model writes each reply; logprobs: the reply's JSON is sent written "
+        "up to the score, and the score is read from the model's probabilities in one step "
+        "(score, score_expected, score_p; needs llama.cpp or Ollama >= 0.12.11 and an output "
+        "schema whose first field is an integer range or an enum, else rows are decoded and the "
+        "banner says why) (default: harness.yaml's SCORE_MODE, which the performance phase "
+        "writes only where both modes gave the same scores; else decode)",
+    )
+    p.add_argument(
         "--ctx",
         type=_positive_int,
         default=None,
@@ -589,6 +601,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ctx=args.ctx,
         request_path=args.request_path,
         server_flags=args.server_flags,
+        score_mode=args.score_mode,
         seed=args.seed,
         threads=args.threads,
         progress=args.progress,

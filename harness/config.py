@@ -48,6 +48,7 @@ CONFIG_KEYS: dict[str, type] = {
     "STRATEGY": str,
     "REQUEST_PATH": str,
     "SERVER_FLAGS": str,
+    "SCORE_MODE": str,
 }
 _HEADER = """\
 # Configuration of the production run, per profile (see harness/config.py).

@@ -88,6 +88,17 @@ def holder_of(lock_path: Path) -> str:
     return out
 
 
+def _named_holder(lock_path: Path, wait_s: float = 1.0) -> str:
+    """`holder_of`, giving a holder that has just locked the file (its note not written yet)
+    up to `wait_s` to write it: two writers started together must still name each other."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        who = holder_of(lock_path)
+        if not who.startswith("a process that has not") or time.monotonic() >= deadline:
+            return who
+        time.sleep(0.02)
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         here, there = os.fstat(fd), os.stat(path)
@@ -116,7 +127,7 @@ def _locked_fd(lock_path: Path, what: str, advice: str, wait_s: float) -> int:
                 time.sleep(0.05)
                 continue
             raise LockHeld(
-                f"{what} is in use by another process: {holder_of(lock_path)}"
+                f"{what} is in use by another process: {_named_holder(lock_path)}"
                 + (f"; {advice}" if advice else "")
                 + f" (lock: {lock_path})"
             ) from None

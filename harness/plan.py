@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError
+from harness.scoring import mode_of_report
 from harness.verdict import (
     ReportEntry,
     is_double,
@@ -73,7 +74,8 @@ class Plan:
         )
         out = [
             f"plan: {self.rows:,} rows by {self.deadline_s / 3600:.1f} h",
-            f"servers: {self.servers} of this kind ({each}, measured in {src})",
+            f"servers: {self.servers} of this kind ({each}, measured in {src}, "
+            f"{mode_of_report(self.source.data)})",
         ]
         if self.servers == 1:
             out.append(f"time: {self.hours:.1f} h on one server")

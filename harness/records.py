@@ -62,6 +62,13 @@ class RequestRecord:
     reuse_alarm: Mapping[str, Any] | None = None
     """Set on the request that closed a window of requests whose server stopped reusing the
     shared prefix (harness.engine.reusewatch): the results file keeps the alarm."""
+    scoring: Mapping[str, Any] | None = None
+    """`--score-mode logprobs`: how the score was read (`harness.scoring.ScoreReading`: score,
+    p, expected, the distribution, the top tokens at each node), or why the row was decoded
+    instead; None for a row decoded as asked."""
+    probe_tokens: int = 0
+    """logprobs mode: prompt tokens the row's further probes computed (the values' tokens
+    where they part: one forward step each)."""
 
     @property
     def ok(self) -> bool:
@@ -108,6 +115,9 @@ class RequestRecord:
             harness["server_reply"] = dict(self.raw) if self.raw is not None else None
         if self.reuse_alarm is not None:
             harness["reuse_alarm"] = dict(self.reuse_alarm)
+        if self.scoring is not None:
+            harness["scoring"] = dict(self.scoring)
+            harness["probe_tokens"] = self.probe_tokens
         return {
             "id": f"batch_req_{seq}",
             "custom_id": self.custom_id,

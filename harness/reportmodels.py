@@ -173,6 +173,9 @@ class ScaleReport(PhaseReport):
     expected_vs_measured: Obj | None = None
     strategy: Obj | None = None
     config: Obj | None = None
+    score_mode: Obj | None = None
+    """The score mode the run was asked for and the one it scored in, with why (free-text
+    replies decode): the plan and the verdict's projection say which their throughput is."""
     energy_source: str | None = None
     endpoints: list[Obj] | None = None
     """Over several servers: each one's figures and history; None for one server."""
@@ -211,6 +214,27 @@ class QualityReport(PhaseReport):
     score_stdev: float
     structured_output: str
     trim_policy: Obj
+    score_mode: str = "decode"
+    """The mode the checks ran in (`decode`, `logprobs`)."""
+    near_tie_margin: Num = None
+    flips: list[Obj] | None = None
+    """Candidates whose score differed between the two runs: both scores, their
+    probabilities, and whether it was a near-tie."""
+    flips_near_tie: int | None = None
+    flips_not_near_tie: int | None = None
+    """Flips not shown to be near-ties (real changes, and those no distribution tells)."""
+    flips_unclassified: int | None = None
+    flips_told_by: str | None = None
+    """Whose distributions classified the flips (none when the modes disagree)."""
+    expected_spread_repeats: Num = None
+    expected_reproducible_max_diff: Num = None
+    expected_drift: Num = None
+    """The largest change of a control's expected score across its positions (logprobs)."""
+    mode_agreement: Num = None
+    """Share of candidates scored the same in both modes."""
+    mode_agreement_rows: int | None = None
+    stand_in: Obj | None = None
+    """On a stand-in model: what its report can and cannot show."""
 
 
 class ReliabilityReport(PhaseReport):
@@ -277,6 +301,24 @@ class PerformanceReport(PhaseReport):
     max_slots_within_budget: int | None
     uncached_tokens_per_request: Obj
     recommended: Obj
+    logprobs_over_decode: Num = None
+    """Rows per second scoring in `logprobs` mode ÷ decoding the reply, the same kind of rows
+    on the token path, round by round (median)."""
+    logprobs_efficiency: Num = None
+    """Logprobs mode against its own bound: prefill of the uncached tokens plus one forward
+    step per probe token (median over rounds)."""
+    decode_efficiency: Num = None
+    """Decoded scoring against its bound: prefill plus one step per decoded token."""
+    logprobs_efficiency_batched: Num = None
+    """Logprobs mode against the best of the single-stream and the batched bound."""
+    score_agreement: Num = None
+    """Share of the same rows whose logprobs score equals the decoded score."""
+    score_agreement_rows: int | None = None
+    score_modes: Obj | None = None
+    """The same rows in both modes: agreement (greedy and most probable), the rows that
+    differ with their probabilities."""
+    score_mode_reason: str | None = None
+    """Why SCORE_MODE is what `recommended` says."""
 
 
 class FlagsReport(PhaseReport):
@@ -289,6 +331,11 @@ class FlagsReport(PhaseReport):
     recommended_server_flags: str | None = None
     recommendation: str | None
     uncached_ratio_conversation_over_stateless_ollama: Num = None
+    comparisons: list[Obj] | None = None
+    """Each pair of variants that differs in one thing: which is ahead on req/s and on
+    uncached tokens, and whether by more than the rounds' spread."""
+    rounds: int | None = None
+    requests_per_round: int | None = None
     errors: int
     kv_bytes_per_token: Obj | None
     unknown_reasons: Obj | None = None

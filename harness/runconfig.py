@@ -28,6 +28,7 @@ from harness.engine.strategies import TrimPolicy
 from harness.errors import ConfigError
 from harness.models.registry import DEFAULT_MODEL
 from harness.scenarios import Scenario
+from harness.scoring import SCORE_MODES
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -94,6 +95,9 @@ class RunConfig:
     trim_interval: Value[int | None]
     keep_last: Value[int]
     swa_full: Value[bool]
+    score_mode: Value[str] = Value("decode", DEFAULT)
+    """`decode` (the model writes the reply) or `logprobs` (the reply's fixed part sent
+    written, the score read from the probabilities: `harness.scoring`)."""
     ignored: tuple[str, ...] = ()
     """harness.yaml values that were not applied, with why (e.g. measured on another backend)."""
     model_memory_gb: float | None = None
@@ -206,6 +210,7 @@ class RunConfig:
             "TRIM_INTERVAL": self.trim_interval,
             "keep_last": self.keep_last,
             "swa_full": self.swa_full,
+            "score_mode": self.score_mode,
             "endpoints": self.endpoints,
             "servers": self.servers,
         }
@@ -272,7 +277,8 @@ def resolve_run_config(
 ) -> RunConfig:
     """Resolve a run's settings (see the module docstring); `cli` maps setting names
     (`backend`, `model`, `base_url`, `n_ctx`, `parallel`, `concurrency`, `server_flags`,
-    `request_path`, `strategy`, `max_context_tokens`, `trim_threshold`, `trim_interval`) to
+    `request_path`, `strategy`, `max_context_tokens`, `trim_threshold`, `trim_interval`,
+    `score_mode`) to
     what the command line gave (None or absent: not given)."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     prof = (
@@ -334,6 +340,12 @@ def resolve_run_config(
         threshold = Value(
             int(max_ctx.value * SAFE_FRACTION), f"{int(SAFE_FRACTION * 100)}% of MAX_CONTEXT_TOKENS"
         )
+    score_mode = pick("score_mode", "SCORE_MODE", "decode")
+    if score_mode.value not in SCORE_MODES:
+        raise ConfigError(
+            f"score mode {score_mode.value!r} ({score_mode.source}): choose one of "
+            f"{', '.join(SCORE_MODES)}"
+        )
     for name, v in (("n_ctx", n_ctx), ("parallel", parallel), ("concurrency", concurrency)):
         if int(v.value) < 1:
             raise ConfigError(f"{name} = {v.value} ({v.source}) must be at least 1")
@@ -386,6 +398,7 @@ def resolve_run_config(
         trim_interval=pick("trim_interval", "TRIM_INTERVAL", None),
         keep_last=pick("keep_last", None, 0),
         swa_full=swa_full,
+        score_mode=score_mode,
         ignored=tuple(ignored),
         model_memory_gb=measured.get("MODEL_VRAM_GB"),
         kv_mb_per_token=measured.get("KV_CACHE_PER_TOKEN_MB"),

@@ -84,6 +84,9 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "conversation_agreement",
         "distinct_scores",
         "score_stdev",
+        "flips_not_near_tie",
+        "mode_agreement",
+        "expected_drift",
     ),
     "reliability": (
         "lost",
@@ -112,6 +115,9 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "cached_over_naive",
         "prefill_tps",
         "decode_tps",
+        "logprobs_over_decode",
+        "logprobs_efficiency",
+        "score_agreement",
     ),
 }
 

@@ -37,6 +37,7 @@ from harness.config import ProfileConfig, load_profile
 from harness.errors import ConfigError, HarnessError
 from harness.reportfiles import base_name
 from harness.runconfig import measured_values
+from harness.scoring import mode_of_report
 from harness.workload import load_prompt
 
 __all__ = [
@@ -360,8 +361,8 @@ def _projection(source: Sequence[ReportEntry], note: str = "") -> list[str]:
     each = f", {rps / servers:.2f} req/s per server over {servers} servers" if servers > 1 else ""
     out = [
         f"{ROWS:,} rows at {rps:.2f} req/s{each} (measured in {best.file}, {best.model} on "
-        f"{best.backend}, a finished run that passed its criteria): "
-        f"{ROWS / rps / 3600:.1f} h{note}"
+        f"{best.backend}, {mode_of_report(best.data)}, a finished run that passed its "
+        f"criteria): {ROWS / rps / 3600:.1f} h{note}"
     ]
     energy, done = best.data.get("energy_wh"), best.data.get("completed")
     price = best.data.get("price_per_kwh")

@@ -93,6 +93,8 @@ class OllamaReplay:
         self.down_s = 1.0
         self.down_until = 0.0
         """`POST /_replay/restart` drops every connection until then (monotonic s)."""
+        self.generates: list[Any] = []
+        """The bodies of `/api/generate` requests that asked for log-probabilities."""
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -129,6 +131,24 @@ class OllamaReplay:
                 entry["context_length"] = self.num_ctx
             return 200, self.ps_body
         if (method, path) == ("POST", "/api/generate"):
+            if isinstance(body, dict) and body.get("logprobs"):
+                # `--score-mode logprobs`: a raw prompt that ends in the reply's start; the
+                # derived bodies (SOURCES.md) answer the value's first token, and the token after
+                # `1` (10's `0` or the closing `}`).
+                self.generates.append(body)
+                prompt = str(body.get("prompt", ""))
+                name = (
+                    "derived_generate_raw_logprobs_after_1.json"
+                    if prompt.endswith(": 1")
+                    else "derived_generate_raw_logprobs_value.json"
+                )
+                out = recorded(name)
+                out["model"] = self.model
+                if self.counts is not None:
+                    for key, value in self.counts(body).items():
+                        if value is not None:
+                            out[key] = value
+                return 200, out
             # keep_alive 0 unloads the model (Ollama's documented way); anything else loads it.
             self.loaded = not (isinstance(body, dict) and body.get("keep_alive") in (0, "0"))
             reason = "load" if self.loaded else "unload"
@@ -208,7 +228,8 @@ def counting(tokenizer_url: str, *, new_tokens: int = 40) -> Counts:
     gemma = get_format("gemma")
 
     def counts(body: Mapping[str, Any]) -> Mapping[str, Any]:
-        text = gemma.render_text(body["messages"])
+        # /api/chat renders its messages; a raw /api/generate prompt is the text itself.
+        text = body["prompt"] if "prompt" in body else gemma.render_text(body["messages"])
         reply = httpx.post(
             f"{tokenizer_url}/tokenize",
             json={"content": text, "add_special": True, "parse_special": True},

@@ -29,6 +29,7 @@ from harness.cli import main
 from harness.engine.store import read_results
 from harness.errors import BackendError, ModelNotFound
 from harness.testing import InProcessDouble
+from harness.testing.doubles import char_tokenize
 from harness.workload import (
     batch_line,
     generate_candidates,
@@ -45,6 +46,8 @@ DATA = Path(__file__).parent / "data" / "batch"
 SCORE_HEADER = [
     "custom_id",
     "score",
+    "score_expected",
+    "score_p",
     "status",
     "error",
     "prompt_tokens",
@@ -1194,3 +1197,89 @@ def test_run_prints_the_banner_with_each_setting_and_its_source(
     for field in banner:
         if field in ("backend", "model", "prompt", "strategy", "config", "prompt tokens"):
             assert f"harness run: {field}: " in before, field
+
+
+# -- --score-mode -----------------------------------------------------------------------------
+
+
+def test_score_mode_logprobs_fills_the_expected_score_and_its_probability(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_candidates_csv("c.csv", 6, seed=5)
+    use_double(tokenizer=char_tokenize)
+    # One token per character: the rubric is ~16K tokens.
+    ctx = ["--ctx", "60000"]
+    assert main(["run", "c.csv", "--score-mode", "logprobs", "--no-progress", *ctx]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "harness run: score mode: logprobs (command line): 'score' over 10 values, read where "
+        "their tokens part: after '{\"score\": ', '{\"score\": 1'"
+    ) in err
+    with open("c_scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    for row in rows:
+        assert row["score"] and float(row["score_p"]) > 0
+        assert 1.0 <= float(row["score_expected"]) <= 10.0
+    job = json.loads(Path("c_results.job.json").read_text())
+    assert job["score_mode"] == "logprobs"
+    # The same results file is another job's for decode: refused, naming the setting.
+    assert main(["run", "c.csv", "--score-mode", "decode", "--no-progress", *ctx]) == 2
+    assert "score_mode: 'logprobs' then" in capsys.readouterr().err
+
+
+def test_decode_keeps_old_results_files_resumable_and_its_csv_columns_empty(
+    in_tmp: Path, use_double: UseDouble
+) -> None:
+    write_candidates_csv("c.csv", 4, seed=5)
+    use_double()
+    assert main(["run", "c.csv", "--no-progress"]) == 0
+    job = json.loads(Path("c_results.job.json").read_text())
+    assert "score_mode" not in job  # a fingerprint written before the setting existed matches
+    with open("c_scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["score"] and r["score_expected"] == "" and r["score_p"] == "" for r in rows)
+
+
+def test_logprobs_asked_of_a_server_that_cannot_decodes_and_says_why(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_candidates_csv("c.csv", 3, seed=5)
+    use_double(logprobs=None)
+    Path("harness.yaml").write_text("profiles:\n  embedded:\n    SCORE_MODE: logprobs\n")
+    assert main(["run", "c.csv", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "harness run: score mode: decode (logprobs asked, harness.yaml, set by hand, but double"
+        in err
+    )
+    assert "does not continue a started reply" in err
+
+
+def test_score_mode_from_harness_yaml_names_the_measurement(
+    in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_candidates_csv("c.csv", 3, seed=5)
+    use_double(tokenizer=char_tokenize)
+    Path("reports").mkdir()
+    Path("reports/performance_comparison.json").write_text(
+        json.dumps({"figures": {"score_agreement": 0.995, "score_agreement_rows": 200}})
+    )
+    Path("harness.yaml").write_text(
+        "profiles:\n  embedded:\n    SCORE_MODE: logprobs\n    provenance:\n"
+        "      SCORE_MODE: {report: reports/performance_comparison.json, date: '2026-10-01'}\n"
+    )
+    assert main(["run", "c.csv", "--no-progress", "--ctx", "60000"]) == 0
+    assert (
+        "score mode: logprobs (harness.yaml, measured in reports/performance_comparison.json on "
+        "2026-10-01: the two modes gave the same score on 99.5% of 200 rows)"
+    ) in capsys.readouterr().err
+
+
+def test_an_unknown_score_mode_is_a_usage_error(in_tmp: Path) -> None:
+    write_candidates_csv("c.csv", 2, seed=5)
+    with pytest.raises(SystemExit) as usage:
+        main(["run", "c.csv", "--score-mode", "guess"])
+    assert usage.value.code == 2
+    Path("harness.yaml").write_text("profiles:\n  embedded:\n    SCORE_MODE: guess\n")
+    assert main(["run", "c.csv", "--no-progress"]) == 2

@@ -32,6 +32,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.metrics",
         "harness.inputs",
         "harness.workload",
+        "harness.scoring",
     ),
     # 2: model servers, behind one contract
     ("harness.backends",),
@@ -54,6 +55,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.htmlreport",
         "harness.phases",
         "harness.batch",
+        "harness.scoremode",
         "harness.rayexec",
         "harness.doctor",
         "harness.plan",

@@ -11,7 +11,9 @@ server) gives those counts.
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ollama_replay import OllamaReplay
+from ollama_replay import OllamaReplay, counting
 
 from harness.backends.embedded import EmbeddedServer
 from harness.backends.openai import OpenAIBackend
@@ -293,3 +295,59 @@ def test_replies_that_leave_the_cached_count_out_fail_savings_with_the_coverage(
     assert report["token_savings"] == pytest.approx(80 * 99_960 / 10_000_000)
     # The replay says what it is, in every report it feeds.
     assert report["backend"]["replay"].startswith("tests/ollama_replay.py")
+
+
+def test_run_in_logprobs_mode_scores_every_row_from_the_replayed_logprobs(
+    rows: Any, tiny_server: EmbeddedServer
+) -> None:
+    """`--score-mode logprobs` against Ollama: each row is a raw `/api/generate` whose prompt
+    ends in the reply's start, asking `top_logprobs`; the derived bodies (SOURCES.md: their
+    shape from Ollama's source, their numbers placeholders) give every row its score, expected
+    score and probability in the scores CSV."""
+    csv_path, _ = rows
+    csv_path = fresh(csv_path, "logprobs")
+    assert tiny_server.url is not None
+    with OllamaReplay(version="0.34.0", counts=counting(tiny_server.url, new_tokens=120)) as replay:
+        done = harness_run(
+            str(csv_path), "--backend", "ollama", "--base-url", replay.url,
+            "--model", "gemma3:12b", "--score-mode", "logprobs", cwd=csv_path.parent,
+        )  # fmt: skip
+        generates, chats = replay.generates, replay.chats()
+    assert done.returncode == 0, done.stderr
+    assert "harness run: score mode: logprobs (command line)" in done.stderr
+    assert not chats  # no row was decoded
+    # Two prompts a row: the value's first token, then the token after `1` (10 is `1`, `0`).
+    assert len(generates) == 2 * ROWS
+    for body in generates:
+        assert body["raw"] is True and body["truncate"] is False
+        assert body["logprobs"] is True and body["top_logprobs"] == 20
+        assert body["options"]["num_predict"] == 1
+        assert body["prompt"].endswith('<start_of_turn>model\n{"score": ') or body[
+            "prompt"
+        ].endswith('{"score": 1')
+    with open(csv_path.with_name("c_scores.csv"), newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == ROWS
+    # From the derived bodies: after `{"score": ` 7 is the most probable digit (e^-0.4 of the
+    # listed mass over 1..9), so the score is 7; 10 takes 1's share times e^-0.2 / (e^-0.2 +
+    # e^-1.8) after `1`.
+    top = [("7", -0.4), ("6", -1.6), ("8", -2.6), ("5", -4.1), ("9", -5.0), ("1", -5.6),
+           ("4", -6.2), ("3", -7.5), ("2", -8.3)]  # fmt: skip
+    z = sum(math.exp(lp) for _, lp in top)
+    p = {int(t): math.exp(lp) / z for t, lp in top}
+    ten = p[1] * math.exp(-0.2) / (math.exp(-0.2) + math.exp(-1.8))
+    p[10], p[1] = ten, p[1] - ten
+    expected = sum(v * pv for v, pv in p.items())
+    for row in table:
+        assert row["status"] == "ok", row
+        assert row["score"] == "7"
+        assert float(row["score_p"]) == pytest.approx(p[7], abs=1e-6)
+        assert float(row["score_expected"]) == pytest.approx(expected, abs=1e-6)
+    line = next(iter(results(csv_path.with_name("c_results.jsonl")).values()))
+    scoring = line["harness"]["scoring"]
+    assert scoring["mode"] == "logprobs" and scoring["argmax"] == 7
+    # The chat.completion body carries them as OpenAI's logprobs.content; the server's own
+    # body beside it.
+    choice = line["response"]["body"]["choices"][0]
+    assert choice["logprobs"]["content"][0]["top_logprobs"][0]["token"] == "7"
+    assert line["harness"]["server_reply"]["logprobs"][0]["top_logprobs"][0]["token"] == "7"

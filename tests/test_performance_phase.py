@@ -238,3 +238,58 @@ def test_calibrations_of_several_rounds_combine_by_median() -> None:
     m = perf.median_curve(curves)
     assert m.prefill_tps == {32: 205.0, 128: 290.0} and m.decode_tps == 60.0
     assert m.depth_tokens == 3874 and "median of 3" in m.source
+
+
+def _scored(cid: str, score: int | None, scoring: dict[str, Any] | None = None) -> RequestRecord:
+    rec = RequestRecord(cid, "ok" if score is not None else "error")
+    rec.parsed = {"score": score} if score is not None else None
+    rec.scoring = scoring
+    return rec
+
+
+def test_score_agreement_counts_the_same_rows_and_lists_those_that_differ() -> None:
+    decoded = [_scored(f"r{i}", 6) for i in range(4)] + [_scored("r4", None)]
+    dist = {"6": 0.51, "7": 0.49}
+    read = [
+        _scored("r0", 6, {"mode": "logprobs", "argmax": 6, "p": 0.6, "distribution": dist}),
+        _scored("r1", 6, {"mode": "logprobs", "argmax": 7, "p": 0.4, "distribution": dist}),
+        _scored("r2", 7, {"mode": "logprobs", "argmax": 7, "p": 0.49, "distribution": dist}),
+        _scored("r3", 6, {"mode": "decode", "fallback": "no allowed token"}),
+        _scored("r4", 6, {"mode": "logprobs", "argmax": 6, "p": 0.9, "distribution": dist}),
+    ]
+    out = perf.score_agreement(decoded, read)
+    assert out["rows"] == 5
+    assert out["agreement"] == pytest.approx(3 / 5)  # r0, r1, r3; r2 differs, r4 unparsed
+    assert out["agreement_argmax"] == pytest.approx(1 / 5)  # only r0's most probable is 6
+    assert out["read_in_logprobs"] == 4
+    assert [d["custom_id"] for d in out["differ"]] == ["r2", "r4"]
+    assert out["differ"][0]["margin"] == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize(
+    ("agreement", "speedup", "mode"),
+    [(0.99, 1.8, "logprobs"), (0.97, 1.8, "decode"), (0.995, 0.9, "decode"), (None, 1.8, "decode")],
+)
+def test_score_mode_is_logprobs_only_when_the_same_answer_and_faster(
+    agreement: float | None, speedup: float, mode: str
+) -> None:
+    assert perf.score_mode_pick(agreement, speedup)[0] == mode
+
+
+def test_the_bound_counts_the_steps_the_mode_needs() -> None:
+    curve = perf.Curve(4000, {128: 500.0}, 25.0)
+    rows = [{"elapsed_s": 1.0, "uncached": 500, "completion": 16, "steps": 8}]
+    got = perf.against_best_bound(rows, [curve], [{}], 128)
+    # 500 prefill tokens at 500 tok/s + 8 steps at 25 tok/s = 1.32 s; not 16 completion tokens.
+    assert got["efficiency"] == pytest.approx(1.32)
+
+
+def test_a_difference_counts_only_beyond_the_rounds_spread() -> None:
+    # The flags comparison's flip: 0.885 vs 0.713 req/s one run, 1.19 vs 1.51 the next.
+    ollama = {"throughput_rps": 1.0, "throughput_rps_range": [0.885, 1.19]}
+    swa = {"throughput_rps": 1.1, "throughput_rps_range": [0.713, 1.51]}
+    assert not perf.beyond_spread(ollama, swa, "throughput_rps")
+    steady = {"x": 126.3, "x_range": [126.0, 126.6]}
+    conv = {"x": 60.0, "x_range": [55.0, 70.0]}
+    assert perf.beyond_spread(steady, conv, "x")
+    assert not perf.beyond_spread(steady, {"x": None, "x_range": None}, "x")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from harness.engine import JobSpec, TrimPolicy, run_job
+from harness.engine import JobSpec, RunnerConfig, TrimPolicy, run_job
 from harness.limits import LimitSearch, Measurement, MemoryFit
 from harness.models import geometry_from_metadata
 from harness.phases import context_shape, recommended_trim_interval
@@ -17,6 +18,7 @@ from harness.phases.context_limits import limits_figures, recommended_config, th
 from harness.records import RequestRecord
 from harness.scenarios import evaluate, load_scenario
 from harness.testing import InProcessDouble
+from harness.testing.doubles import char_tokenize
 from harness.workload import WorkItem, generate_candidates, load_prompt
 
 SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
@@ -144,12 +146,15 @@ def test_a_run_whose_replies_never_parse_scores_zero() -> None:
     assert figures["consistency_rate"] == 0.0
     assert figures["parse_rate"] == 0.0
     assert figures["drift_spread"] is None
-    # And the shipped quality gate fails it on every profile, on reproducibility among others.
+    assert figures["flips_not_near_tie"] == 5  # unparsed: never shown to be a near-tie
+    # And the shipped quality gate fails it on every profile, on reproducibility among others
+    # (the stand-in's profile gates the flips not shown to be near-ties instead of every flip).
     scenario = load_scenario(Path(__file__).resolve().parent.parent / "scenarios/quality.yaml")
     for profile in scenario.profiles:
         results = evaluate(scenario.criteria_for(profile), figures)
         failed = {r.criterion.metric for r in results if not r.passed}
-        assert {"reproducible_rate", "consistency_rate", "parse_rate"} <= failed, profile
+        assert {"consistency_rate", "parse_rate"} <= failed, profile
+        assert {"reproducible_rate", "flips_not_near_tie"} & failed, profile
 
 
 # -- context limits -----------------------------------------------------------------------------
@@ -286,3 +291,102 @@ def test_memory_within_its_prediction_and_read_passes(tmp_path: Path) -> None:
         _scale_result(far), size=20, report_dir=tmp_path, predicted_memory_gb=9.0
     )
     assert set(_check(figures)) == {"memory.predicted_ratio_error"}
+
+
+def test_flips_are_near_ties_when_the_two_scores_top_the_distribution_within_the_margin() -> None:
+    def read(cid: str, s: int, dist: dict[str, float]) -> RequestRecord:
+        r = rec(cid, s)
+        r.scoring = {"mode": "logprobs", "distribution": dist, "expected": 0.0}
+        return r
+
+    its = items(4)
+    tie = {"6": 0.48, "7": 0.46, "1": 0.06}
+    far = {"6": 0.8, "7": 0.1, "1": 0.1}
+    run_a = [read("c0", 6, tie), read("c1", 6, far), rec("c2", 3), read("c3", 5, tie)]
+    run_b = [read("c0", 7, tie), read("c1", 7, far), rec("c2", 4), read("c3", 5, tie)]
+    out = q.flips(its, run_a, run_b)
+    assert [(f["custom_id"], f["near_tie"]) for f in out] == [
+        ("c0", True),  # 6 and 7 are the top two, 0.02 apart
+        ("c1", False),  # 0.7 apart: a real change
+        ("c2", None),  # decoded: no distribution to tell
+    ]
+    # A decode-mode run told by the other mode's pass over the same candidates.
+    other = {"c2": {"distribution": {"3": 0.5, "4": 0.49}}}
+    assert q.flips(its, run_a, run_b, other)[2]["near_tie"] is True
+    assert q.near_tie({"6": 0.5, "7": 0.3, "8": 0.2}, 6, 8, 0.05) is False  # 8 is not 2nd
+
+
+def test_quality_figures_in_logprobs_mode_report_expected_scores_and_agreement() -> None:
+    pool = items(25)
+    backend = InProcessDouble(tokenizer=char_tokenize)
+
+    def run(its: Sequence[WorkItem], strategy: str, mode: str = "logprobs") -> list[RequestRecord]:
+        spec = JobSpec(
+            strategy=strategy,
+            policy=TrimPolicy(1_000_000),
+            runner=RunnerConfig(score_mode=mode),
+            progress=False,
+            keep_records=True,
+        )
+        return asyncio.run(run_job(backend, list(its), spec)).records
+
+    one_to_ten = {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["score"],
+    }
+    scored = [replace(it, max_tokens=16, output_schema=one_to_ten) for it in pool]
+    plan = q.plan_quality(scored, repeats=3, candidates=8, conversation_length=12, controls=2)
+    runs = q.QualityRuns(
+        repeats=run(plan.repeats, "stateless"),
+        run_a=run(plan.candidates, "stateless"),
+        run_b=run(plan.candidates, "stateless"),
+        conversation=run(plan.conversation, "conversation"),
+        bias=[],
+        other_mode=run(plan.candidates, "stateless", "decode"),
+        mode="logprobs",
+    )
+    figures = q.quality_figures(plan, runs, expected=None)
+    assert figures["score_mode"] == "logprobs"
+    assert figures["mode_agreement"] == 1.0 and figures["mode_agreement_rows"] == 8
+    assert figures["expected_spread_repeats"] == 0.0
+    assert figures["expected_drift"] == 0.0
+    assert figures["expected_reproducible_max_diff"] == 0.0
+    assert figures["flips"] == [] and figures["flips_not_near_tie"] == 0
+    assert figures["near_tie_margin"] == q.NEAR_TIE_MARGIN
+
+
+def test_decoded_flips_are_told_by_the_tokens_where_the_replies_part() -> None:
+    """Decoded replies carry each token's top log-probabilities (the quality suite asks them):
+    a flip 1 -> 10 is a near-tie when, after `1`, `}` and `0` were within the margin."""
+    import math
+
+    def decoded(
+        cid: str, value: int, tokens: list[str], tops: list[list[tuple[str, float]]]
+    ) -> RequestRecord:
+        r = rec(cid, value)
+        r.raw = {"choices": [{"logprobs": {"content": [
+            {"token": t, "logprob": 0.0,
+             "top_logprobs": [{"token": x, "logprob": math.log(p)} for x, p in top]}
+            for t, top in zip(tokens, tops, strict=True)]}}]}  # fmt: skip
+        return r
+
+    head = ['{"', "score", '":', " ", "1"]
+    same = [[("x", 0.9)]] * 5
+    close = [("}", 0.48), ("0", 0.46), (",", 0.06)]
+    a = decoded("c0", 1, [*head, "}"], [*same, close])
+    b = decoded("c0", 10, [*head, "0", "}"], [*same, close, [("}", 0.9)]])
+    (flip,) = q.flips(items(1), [a], [b])
+    assert flip["near_tie"] is True and flip["decoded_gap_at_most"] == pytest.approx(0.02)
+    far = [("}", 0.8), ("0", 0.1)]
+    a2 = decoded("c0", 1, [*head, "}"], [*same, far])
+    b2 = decoded("c0", 10, [*head, "0", "}"], [*same, far, [("}", 0.9)]])
+    assert q.flips(items(1), [a2], [b2])[0]["near_tie"] is False
+    assert q.flips(items(1), [rec("c0", 1)], [rec("c0", 10)])[0]["near_tie"] is None
+    # Tokens the grammar forced, both below the listed ones (SmolLM2's `{` or `{"` at 0.03):
+    # the gap is at most the smallest listed probability.
+    tiny = [("N", 0.14), ("Here", 0.036), ("x", 0.03)]
+    a3 = decoded("c0", 1, ["{", '"', "1", "}"], [tiny, *same[:3]])
+    b3 = decoded("c0", 10, ['{"', "1", "0", "}"], [tiny, *same[:3]])
+    (flip3,) = q.flips(items(1), [a3], [b3])
+    assert flip3["decoded_gap_at_most"] == pytest.approx(0.03) and flip3["near_tie"] is True

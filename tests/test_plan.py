@@ -61,6 +61,8 @@ def test_plan_from_a_measured_report(tmp_path: Path, capsys: pytest.CaptureFixtu
     # 1,700,000 / (6.5 req/s x 86,400 s) = 3.03: four servers.
     assert "servers: 4 of this kind (6.500 completed req/s each, measured in " in out
     assert "performance_benchmarks_1000.json (gemma3:12b on ollama" in out
+    # The mode its throughput was measured in: this report predates score modes.
+    assert "score mode decode (reported before score modes existed))" in out
     # 40 Wh for 998 requests -> 68.1 kWh for 1.7M rows, $20.44 at $0.30.
     assert "energy: 68.1 kWh, cost $20.44 at $0.3/kWh (nvml:gpu0 (RTX 4080)" in out
     assert "~3,400 rows to retry" in out

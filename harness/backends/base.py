@@ -26,8 +26,9 @@ from harness.errors import ConfigError
 from harness.memory import MemoryProbe
 from harness.models.geometry import ModelGeometry
 from harness.models.templates import ChatFormat
+from harness.scoring import TokenChoice
 
-__all__ = ["Backend", "ChatRequest", "ChatResult", "ServerInfo", "Timings", "Usage"]
+__all__ = ["Backend", "ChatRequest", "ChatResult", "ServerInfo", "Timings", "TokenChoice", "Usage"]
 
 Message = Mapping[str, str]
 B = TypeVar("B", bound="type[Backend]")
@@ -61,6 +62,12 @@ class ChatRequest:
     prompt_ids: Iterable[int] | None = None
     """The prompt's token ids as the engine counted them (BOS first), for backends whose
     request path sends ids instead of messages (llama.cpp's `/completion`)."""
+    prefill: str | None = None
+    """The start of the assistant's reply, already written: the model continues it (the text
+    path appends it to the rendered prompt, the chat path sends it as a final assistant message,
+    Ollama as a raw prompt). On the token path `prompt_ids` already end with its tokens."""
+    top_logprobs: int | None = None
+    """Ask for the log-probabilities of the N most likely tokens at each generated position."""
 
 
 @dataclass(slots=True)  # not frozen: built for every request, and frozen __init__ is slow
@@ -121,6 +128,9 @@ class ChatResult:
     reply says `truncated`). The prompt the model saw was not the prompt that was sent."""
     endpoint: str | None = None
     """Which server of a pool answered (`harness.backends.pool`); None for a single server."""
+    top_logprobs: list[list[TokenChoice]] | None = None
+    """Per generated token, the most likely tokens at its position (`ChatRequest.top_logprobs`
+    asked), as the server reported them; None when not asked or not reported."""
 
 
 @dataclass(slots=True)
@@ -138,6 +148,9 @@ class ServerInfo:
     """Requests the server runs in parallel (llama.cpp slots)."""
     supports_slots: bool = False
     supports_tokenize: bool = False
+    supports_prefill: bool = False
+    """The server continues a reply the request started (`ChatRequest.prefill`) and reports
+    top log-probabilities: what `--score-mode logprobs` needs."""
     chat_format: ChatFormat | None = None
     """The chat layout the server uses, when the harness knows it exactly."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -192,6 +205,12 @@ class Backend(ABC):
     @abstractmethod
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Run one chat completion."""
+
+    async def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Several requests that differ only in their prompts' ends (the probes of one row in
+        `--score-mode logprobs`), answered in order. Here one after another; llama.cpp's
+        `/completion` takes them in one call."""
+        return [await self.chat(r) for r in requests]
 
     async def model_geometry(self) -> ModelGeometry | None:
         """The served model's geometry (layers, KV heads, ...), when the backend can tell."""

@@ -18,6 +18,11 @@ normalised usage, `harness.backends.base`) and from what the server's own body s
 - llama.cpp's `/completion` body (the `text` and `tokens` request paths): the harness makes the
   id and `created` (the time it got the reply), as it does for any reply without them.
 
+Per-token log-probabilities (`--score-mode logprobs`) go to `choices[0].logprobs.content`: an
+OpenAI reply's own, llama.cpp's `completion_probabilities` and Ollama's `logprobs` (entries of
+the same shape: token, logprob, top_logprobs). A cached count the server left out and the
+harness counts as 0 (`Usage.cached_omitted`) is not the server's report: it is left out here.
+
 `model` is the reply's own name for its model, except where llama.cpp names it by the file it
 loaded (`/root/.cache/.../tiny-gemma3-....gguf`: a path on the server, no model name): then the
 name the harness serves it under (`ServerInfo.model`), as the batch and `harness run` name it.
@@ -72,8 +77,12 @@ def chat_completion(result: ChatResult, *, model: str = "") -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": result.content}
     created: int | None = None
     completion_details: Any = None
+    logprobs: Any = None
     if isinstance(raw.get("choices"), list):  # an OpenAI-shaped reply
         created = _own(raw, "created", int)
+        first = raw["choices"][0] if raw["choices"] else None
+        if isinstance(first, Mapping) and isinstance(first.get("logprobs"), Mapping):
+            logprobs = dict(first["logprobs"])
         usage = raw.get("usage")
         if isinstance(usage, Mapping) and isinstance(
             usage.get("completion_tokens_details"), Mapping
@@ -86,21 +95,30 @@ def chat_completion(result: ChatResult, *, model: str = "") -> dict[str, Any]:
             message["role"] = said["role"]
         if isinstance(said.get("thinking"), str) and said["thinking"]:
             message["reasoning"] = said["thinking"]
+    if logprobs is None:
+        # llama.cpp's /completion (n_probs) and Ollama's (logprobs): per-token entries that
+        # already have OpenAI's `logprobs.content` shape (token, logprob, top_logprobs).
+        entries = raw.get("completion_probabilities", raw.get("logprobs"))
+        if isinstance(entries, list):
+            logprobs = {"content": entries}
     u = result.usage
     usage_out: dict[str, Any] = {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     }
-    if u.cached_tokens is not None:
+    if u.cached_tokens is not None and not u.cached_omitted:  # reported, not inferred
         usage_out["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
     if completion_details is not None:
         usage_out["completion_tokens_details"] = completion_details
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": result.finish_reason}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     return {
         "id": _own(raw, "id", str) or f"chatcmpl-{secrets.token_hex(12)}",
         "object": "chat.completion",
         "created": created if created is not None else int(time.time()),
         "model": _model(raw, model),
-        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "choices": [choice],
         "usage": usage_out,
     }

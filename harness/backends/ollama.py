@@ -19,6 +19,15 @@
   (`context_length`): Ollama's default is 4,096 tokens below 24 GiB of VRAM, less than the
   rubric plus a candidate.
 - Geometry from `/api/show` (`gemma3.*` keys); memory from `/api/ps` (`size`, `size_vram`).
+- A reply the request has already begun (`ChatRequest.prefill`, `--score-mode logprobs`) goes
+  to `/api/generate` with `raw: true`: the prompt rendered here with Gemma's layout (as the text
+  path renders it for llama-server), the prefill after it, and `logprobs` / `top_logprobs` (at
+  most 20). `/api/chat` cannot carry it: Ollama's gemma3 template closes a final assistant turn
+  and opens a new one (`template/gemma3-instruct.gotmpl` at ollama fb30760). Log-probabilities
+  arrived in Ollama 0.12.11 (ollama#12899, 2025-11-11; the Python client 0.6.1, ollama-python
+  #601): the reply's top-level `logprobs` list, each entry `token`, `logprob`, `bytes` and its
+  `top_logprobs` (`api/types.go` `Logprob`), relayed from llama-server's `n_probs` (Ollama ≥ 0.30
+  `llm/llama_server.go`): token text only, no ids.
 
 The client takes an injectable httpx transport, so the logic is tested on recorded replies.
 """
@@ -32,7 +41,15 @@ from typing import Any
 
 import httpx
 
-from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, Timings, Usage
+from harness.backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    ServerInfo,
+    Timings,
+    TokenChoice,
+    Usage,
+)
 from harness.backends.http import map_transport_error
 from harness.errors import (
     BackendError,
@@ -50,11 +67,17 @@ from harness.models.templates import get_format
 __all__ = [
     "CACHED_FIELD_EVIDENCE",
     "DEFAULT_HOST",
+    "LOGPROBS_SINCE",
     "REPLAY_HEADER",
     "OllamaBackend",
     "parse_version",
     "prompt_count_complete",
 ]
+
+LOGPROBS_SINCE = (0, 12, 11)
+"""The first Ollama version whose API returns log-probabilities (ollama#12899)."""
+TOP_LOGPROBS_MAX = 20
+"""Ollama answers 400 to a larger `top_logprobs` (server/routes.go)."""
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 REPLAY_HEADER = "X-Harness-Replay"
@@ -226,6 +249,12 @@ class OllamaBackend(Backend):
             self.info.server += f" (a replay: {replay})"
             self.info.extra["replay"] = replay
         self.info.extra["prompt_eval_count_counts_cached"] = prompt_count_complete(self.version)
+        # A started reply goes as a raw prompt rendered here: the chat layout must be known.
+        self.info.supports_prefill = (
+            self.version is not None
+            and self.version >= LOGPROBS_SINCE
+            and self.info.chat_format is not None
+        )
         await self._request("POST", "/api/show", json={"model": self.model})
         if self.num_ctx is None:
             await self._load_and_read_context()
@@ -303,6 +332,33 @@ class OllamaBackend(Backend):
         }
         if request.output_schema:
             body["format"] = dict(request.output_schema)
+        if request.top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = min(request.top_logprobs, TOP_LOGPROBS_MAX)
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        return body
+
+    def build_generate_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body for `/api/generate` with a raw prompt: the chat rendered here with the
+        model's layout, then the reply already begun (`request.prefill`)."""
+        fmt = self.info.chat_format
+        if fmt is None:
+            raise BackendError(
+                f"Ollama at {self.base_url}: the chat layout of {self.model!r} is not known to "
+                "the harness, so a started reply cannot be sent; use --score-mode decode"
+            )
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": fmt.render_text(request.messages) + (request.prefill or ""),
+            "raw": True,
+            "stream": False,
+            "options": self.options(request),
+            "truncate": False,
+        }
+        if request.top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = min(request.top_logprobs, TOP_LOGPROBS_MAX)
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
         return body
@@ -311,14 +367,24 @@ class OllamaBackend(Backend):
         if self._client is None:
             raise BackendError(f"Ollama backend for {self.base_url} is not started")
         started = time.perf_counter()
+        if request.prefill is not None:
+            data = await self._request(
+                "POST", "/api/generate", json=self.build_generate_body(request)
+            )
+            total_ms = (time.perf_counter() - started) * 1000.0
+            return self.parse_reply(data, total_ms)
         data = await self._request("POST", "/api/chat", json=self.build_body(request))
         total_ms = (time.perf_counter() - started) * 1000.0
         return self.parse_reply(data, total_ms)
 
     def parse_reply(self, data: Mapping[str, Any], total_ms: float) -> ChatResult:
-        """Normalise an Ollama `/api/chat` body (see the module docstring for the counts)."""
+        """Normalise an Ollama `/api/chat` or `/api/generate` body (see the module docstring for
+        the counts)."""
         try:
-            content = (data.get("message") or {}).get("content") or ""
+            if "response" in data and "message" not in data:  # /api/generate
+                content = str(data.get("response") or "")
+            else:
+                content = (data.get("message") or {}).get("content") or ""
             evaluated = data.get("prompt_eval_count")
             prompt_tokens = int(evaluated or 0)
             completion_tokens = int(data.get("eval_count") or 0)
@@ -357,6 +423,7 @@ class OllamaBackend(Backend):
                 load_ms=ms("load_duration"),
             ),
             raw=dict(data),
+            top_logprobs=_top_lists(data.get("logprobs")),
         )
 
     async def model_geometry(self) -> ModelGeometry | None:
@@ -371,3 +438,20 @@ class OllamaBackend(Backend):
 
     def gpu_probe(self) -> MemoryProbe | None:
         return local_gpu_probe(self.base_url)
+
+
+def _top_lists(entries: Any) -> list[list[TokenChoice]] | None:
+    """Per generated token, its `top_logprobs` as Ollama sends them (text, no ids)."""
+    if not isinstance(entries, list):
+        return None
+    out: list[list[TokenChoice]] = []
+    for entry in entries:
+        tops = entry.get("top_logprobs") if isinstance(entry, Mapping) else None
+        out.append(
+            [
+                TokenChoice(str(t.get("token", "")), float(t["logprob"]))
+                for t in (tops if isinstance(tops, list) else [])
+                if isinstance(t, Mapping) and isinstance(t.get("logprob"), int | float)
+            ]
+        )
+    return out

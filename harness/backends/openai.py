@@ -33,11 +33,20 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
-from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, Timings, Usage
+from harness.backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    ServerInfo,
+    Timings,
+    TokenChoice,
+    Usage,
+)
 from harness.backends.http import map_transport_error, raise_for_response
 from harness.errors import (
     BackendError,
@@ -192,6 +201,9 @@ class OpenAIBackend(Backend):
             self.info.n_ctx_per_slot = settings.get("n_ctx")
             self.info.supports_slots = True
             self.info.supports_tokenize = True
+            # llama-server continues a final assistant message (its default, unless started
+            # with --no-prefill-assistant) and reports top log-probabilities (n_probs).
+            self.info.supports_prefill = True
             self.info.extra["props"] = {
                 k: data.get(k) for k in ("model_path", "total_slots", "build_info")
             }
@@ -228,6 +240,13 @@ class OpenAIBackend(Backend):
     def build_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body for `/v1/chat/completions`."""
         body: dict[str, Any] = {"messages": list(request.messages)}
+        if request.prefill is not None:
+            # The reply already begun: llama-server renders it without closing the turn and
+            # the model continues it.
+            body["messages"].append({"role": "assistant", "content": request.prefill})
+        if request.top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.top_logprobs
         if self.model:
             body["model"] = self.model
         if request.max_tokens is not None:
@@ -260,7 +279,11 @@ class OpenAIBackend(Backend):
             fmt = self.info.chat_format
             assert fmt is not None  # checked at start
             prompt = fmt.render_text(request.messages)  # the server adds BOS
+            if request.prefill is not None:
+                prompt += request.prefill
         body: dict[str, Any] = {"prompt": prompt, "cache_prompt": request.cache_prompt}
+        if request.top_logprobs:
+            body["n_probs"] = request.top_logprobs
         if request.max_tokens is not None:
             body["n_predict"] = request.max_tokens
         if request.temperature is not None:
@@ -313,6 +336,77 @@ class OpenAIBackend(Backend):
         total_ms = (time.perf_counter() - started) * 1000.0
         return self.parse_completion(data, total_ms, self.base_url + "/completion", request.slot)
 
+    async def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Two prompts the second of which is the first plus one token (1..10 on Gemma: the
+        token after `1`) are one request of two tokens on llama.cpp, the first forced to that
+        token (`logit_bias`: the probabilities it reports are the model's, before any sampler),
+        so the second position's probabilities are the second prompt's: one task, as a decoded
+        reply is. Otherwise `/completion` (the text and token paths) takes every prompt in one
+        call (llama-server runs them as tasks one after another on the slot, each finding the
+        one before it in its cache), and the chat path asks one by one.
+
+        Why one task: the token path's two tasks a row (a prompt, then it plus `1`) lost 510
+        tokens of cached rubric on 47 of 199 rows in each of three 200-row runs of Gemma 3 270M
+        under Ollama's flags (Gemma's sliding-window cache; decoded rows lost none), a 510-token
+        prefill each."""
+        if len(requests) < 2:
+            return await super().chat_many(requests)
+        forced = self._one_more_token(requests)
+        if forced is not None:
+            return await self._forced_pair(requests[0], forced)
+        if self.request_path == "chat":
+            return await super().chat_many(requests)
+        first = requests[0]
+        timeout = first.timeout_s if first.timeout_s is not None else self.timeout_s
+        bodies = [self.build_completion_body(r) for r in requests]
+        body = dict(bodies[0])
+        body["prompt"] = [b["prompt"] for b in bodies]
+        started = time.perf_counter()
+        data = await self._post("/completion", body, timeout)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        url = self.base_url + "/completion"
+        if not isinstance(data, list) or len(data) != len(requests):
+            raise TransientServerError(
+                f"{url} answered {len(requests)} prompts with something else than "
+                f"{len(requests)} results",
+                url=url,
+            )
+        # llama-server answers in the order of the prompts (each result carries its `index`).
+        data = sorted(data, key=lambda d: int(d.get("index", 0)) if isinstance(d, dict) else 0)
+        return [self.parse_completion(d, total_ms, url, first.slot) for d in data]
+
+    def _one_more_token(self, requests: Sequence[ChatRequest]) -> int | None:
+        """The token the second request adds to the first, when that is all it adds (and the
+        server is llama.cpp, which takes `logit_bias` by token id)."""
+        if len(requests) != 2 or not self.info.supports_slots:
+            return None
+        a, b = requests
+        if a.prompt_ids is None or b.prompt_ids is None or a.top_logprobs is None:
+            return None
+        ids_a, ids_b = list(a.prompt_ids), list(b.prompt_ids)
+        if len(ids_b) != len(ids_a) + 1 or ids_b[:-1] != ids_a:
+            return None
+        return int(ids_b[-1])
+
+    async def _forced_pair(self, first: ChatRequest, token: int) -> list[ChatResult]:
+        # /v1/chat/completions takes OpenAI's {"id": bias}; /completion llama.cpp's [[id, bias]].
+        bias: Any = {str(token): 100} if self.request_path == "chat" else [[token, 100]]
+        extra = {**first.extra, "logit_bias": bias}
+        r = await self.chat(replace(first, max_tokens=2, extra=extra))
+        tops = r.top_logprobs or []
+        prompt, cached, source = r.usage.prompt_tokens, r.usage.cached_tokens, r.usage.cached_source
+        a = ChatResult(
+            r.content, r.finish_reason, Usage(prompt, 1, cached, source), r.timings, r.raw,
+            r.slot, top_logprobs=tops[:1],
+        )  # fmt: skip
+        # The forced token was computed as a decode step: the second "prompt" cost one token.
+        b = ChatResult(
+            r.content, r.finish_reason, Usage(prompt + 1, 1, prompt, source),
+            Timings(total_ms=r.timings.total_ms, prompt_ms=0.0, decode_ms=0.0), r.raw, r.slot,
+            top_logprobs=tops[1:2],
+        )  # fmt: skip
+        return [a, b]
+
     @staticmethod
     def parse_completion(
         data: Any, total_ms: float, url: str, slot: int | None = None
@@ -329,10 +423,13 @@ class OpenAIBackend(Backend):
                 f"{url} sent a reply without content/timings (truncated?)", url=url
             ) from exc
         finish = _STOP_TYPES.get(str(data.get("stop_type")), data.get("stop_type"))
+        probs = data.get("completion_probabilities")
+        top = _top_lists(probs) if isinstance(probs, list) else None
         # The server's reply as it came, less what it echoes of the request: the whole prompt
         # (4,000 tokens of rubric in every results line) and the generation settings (the
         # grammar among them). Results files keep it beside the harness's chat.completion body
-        # (`harness.backends.completion`), as the server's, never as that body.
+        # (`harness.backends.completion`, which carries its per-token probabilities as OpenAI's
+        # `logprobs.content`), as the server's, never as that body.
         raw = {k: v for k, v in data.items() if k not in _COMPLETION_ECHOES}
         return ChatResult(
             content=content,
@@ -346,6 +443,7 @@ class OpenAIBackend(Backend):
             raw=raw,
             slot=slot,
             context_shifted=bool(data.get("truncated")),
+            top_logprobs=top,
         )
 
     @staticmethod
@@ -362,6 +460,8 @@ class OpenAIBackend(Backend):
                 f"{url} sent a reply without choices/usage (truncated?)", url=url
             ) from exc
         timings = data.get("timings") or {}
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        content_probs = logprobs.get("content") if isinstance(logprobs, dict) else None
         details = usage.get("prompt_tokens_details") or {}
         cached: int | None
         if details.get("cached_tokens") is not None:
@@ -381,6 +481,7 @@ class OpenAIBackend(Backend):
             ),
             raw=data,
             slot=slot,
+            top_logprobs=_top_lists(content_probs) if isinstance(content_probs, list) else None,
         )
 
     async def tokenize(
@@ -409,3 +510,24 @@ class OpenAIBackend(Backend):
             return [int(t) for t in resp.json()["tokens"]]
 
         return await asyncio.gather(*(one(t) for t in texts))
+
+
+def _top_lists(entries: list[Any]) -> list[list[TokenChoice]]:
+    """Per generated token, its `top_logprobs` (OpenAI's `logprobs.content`, llama.cpp's
+    `completion_probabilities`: the same shape, llama.cpp adds each token's `id`)."""
+    out: list[list[TokenChoice]] = []
+    for entry in entries:
+        tops = entry.get("top_logprobs") if isinstance(entry, dict) else None
+        row: list[TokenChoice] = []
+        for t in tops if isinstance(tops, list) else []:
+            if isinstance(t, dict) and "logprob" in t:
+                tid = t.get("id")
+                row.append(
+                    TokenChoice(
+                        str(t.get("token", "")),
+                        float(t["logprob"]),
+                        int(tid) if isinstance(tid, int) else None,
+                    )
+                )
+        out.append(row)
+    return out

@@ -34,8 +34,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from harness.backends.base import Backend, ChatRequest, Usage
+from harness.backends.base import Backend, ChatRequest, ChatResult, Usage
 from harness.backends.completion import chat_completion
+from harness.engine.logprobs import LogprobScorer, logprobs_unavailable, probe_requests
 from harness.engine.strategies import Conversation, ConversationStrategy, Strategy
 from harness.engine.tokens import TokenCounter, TokenSeq, common_prefix_len
 from harness.errors import (
@@ -47,6 +48,7 @@ from harness.errors import (
     NoAPI,
 )
 from harness.records import RequestRecord
+from harness.scoring import SCORE_MODES, ScoreReading, Unreadable, ValueTree, read_distribution
 from harness.workload import WorkItem, parse_reply
 
 __all__ = ["TRUNCATION_TOLERANCE", "RetryPolicy", "Runner", "RunnerConfig", "duplicate_id"]
@@ -87,6 +89,12 @@ class RunnerConfig:
     """Work items whose text pieces are tokenized together, ahead of sending."""
     seed: int = 0
     """Seed of the backoff jitter."""
+    score_mode: str = "decode"
+    """`decode` (the model writes the reply) or `logprobs` (the reply's fixed part is sent
+    written, the value read from the probabilities: `harness.engine.logprobs`)."""
+    top_logprobs: int | None = None
+    """Decoded replies: also ask the top log-probabilities of each generated token (kept in
+    the reply body), so a score that changed between runs can be told a near-tie or not."""
 
 
 class Runner:
@@ -121,6 +129,17 @@ class Runner:
         self.aborted: BaseException | None = None
         self.stop_reason: str | None = None
         """Why the run was asked to stop early (`stop`): no item is taken after it."""
+        if self.config.score_mode not in SCORE_MODES:
+            raise InputError(
+                f"score mode {self.config.score_mode!r}: choose one of {', '.join(SCORE_MODES)}"
+            )
+        self.scorer: LogprobScorer | None = None
+        self.score_note: str | None = None
+        """Why logprobs mode was asked but every row is decoded (None otherwise)."""
+        if self.config.score_mode == "logprobs":
+            self.score_note = logprobs_unavailable(backend, counter.source)
+            if self.score_note is None:
+                self.scorer = LogprobScorer(counter)
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -211,6 +230,11 @@ class Runner:
         key: object = ("slot", slot) if slot is not None else ("worker", worker)
         force_trim = overflow_retried = False
         parse_failures = transient = 0
+        tree: ValueTree | None = None
+        fallback: str | None = None
+        if self.scorer is not None and item.constrain:
+            found = await self.scorer.tree_for(item.output_schema)
+            tree = found if isinstance(found, ValueTree) else None
         while True:
             plan = await self.strategy.plan(conv, item, self.counter, force_trim=force_trim)
             force_trim = False
@@ -231,10 +255,22 @@ class Runner:
                 timeout_s=self.config.request_timeout_s,
                 extra=item.extra,
                 prompt_ids=plan.prompt_ids,
+                top_logprobs=self.config.top_logprobs,
             )
             rec.attempts += 1
+            probes: list[ChatRequest] = []
+            expected_tokens = plan.prompt_tokens
             try:
-                result = await self.backend.chat(request)
+                if tree is not None:
+                    probes = probe_requests(request, tree, plan.prompt_ids)
+                    expected_tokens += len(tree.prefill_ids) + len(tree.probes[0].path)
+                    rec.expected_prompt_tokens = expected_tokens
+                    started = time.perf_counter()
+                    results = await self.backend.chat_many(probes)
+                    result = self._merge(results, (time.perf_counter() - started) * 1000.0)
+                else:
+                    results = []
+                    result = await self.backend.chat(request)
             except ContextOverflow as exc:
                 if isinstance(self.strategy, ConversationStrategy) and not overflow_retried:
                     overflow_retried = force_trim = True
@@ -254,7 +290,7 @@ class Runner:
                 return self._fail(rec, exc, type(exc).__name__)
             usage = result.usage
             rec.endpoint = result.endpoint  # the server of a pool that answered
-            shortfall = self._truncated(plan.prompt_tokens, usage)
+            shortfall = self._truncated(expected_tokens, usage)
             if shortfall is not None or result.context_shifted:
                 # The model did not see the prompt that was sent: never a result. A rolling
                 # conversation is trimmed and the request sent once more (as for an overflow
@@ -268,10 +304,28 @@ class Runner:
                 return self._fail(
                     rec, shortfall or self._shifted(plan.prompt_tokens), "ContextOverflow"
                 )
+            sent_ids = probes[0].prompt_ids if probes else plan.prompt_ids
+            assert isinstance(sent_ids, TokenSeq)
             rec.reusable_tokens = self._reusable(
-                key, plan.prompt_ids, usage.cached_tokens, result.endpoint
+                key, sent_ids, usage.cached_tokens, result.endpoint
             )
-            self._last[key] = (plan.prompt_ids, usage.completion_tokens, result.endpoint)
+            held = probes[-1].prompt_ids if probes else plan.prompt_ids
+            assert isinstance(held, TokenSeq)
+            self._last[key] = (held, 1 if probes else usage.completion_tokens, result.endpoint)
+            if tree is not None:
+                try:
+                    reading = read_distribution(
+                        tree, [r.top_logprobs[0] if r.top_logprobs else [] for r in results]
+                    )
+                except Unreadable as exc:
+                    # The probabilities do not tell: this row is decoded instead.
+                    tree, fallback = None, str(exc)
+                    continue
+                result.content = tree.shape.reply(_json_value(reading))
+                rec.scoring = {"mode": "logprobs", **reading.to_dict()}
+                rec.probe_tokens = sum(r.usage.uncached_tokens for r in results[1:])
+            elif fallback is not None:
+                rec.scoring = {"mode": "decode", "fallback": fallback}
             rec.content = result.content
             rec.raw = result.raw
             rec.completion = chat_completion(result, model=self.backend.info.model)
@@ -295,6 +349,20 @@ class Runner:
             rec.status = "ok"
             rec.finished = time.time()
             return rec
+
+    @staticmethod
+    def _merge(results: Sequence[ChatResult], wall_ms: float) -> ChatResult:
+        """A row's probes as one result: the first probe's reply and prompt counts (the row's
+        prompt with the prefill), the server's time of them all, the wall time of them all."""
+        first = results[0]
+        t = first.timings
+        t.total_ms = wall_ms
+        if len(results) > 1:
+            t.prompt_ms = sum(r.timings.prompt_ms or 0.0 for r in results)
+            t.decode_ms = sum(r.timings.decode_ms or 0.0 for r in results)
+            first.usage.completion_tokens = sum(r.usage.completion_tokens for r in results)
+            first.context_shifted = any(r.context_shifted for r in results)
+        return first
 
     def _truncated(self, expected: int, usage: Usage) -> ContextOverflow | None:
         """A server that counted fewer prompt tokens than were sent cut the prompt (Ollama
@@ -336,6 +404,12 @@ class Runner:
             rec.prompt_tokens = 0
         rec.finished = time.time()
         return rec
+
+
+def _json_value(reading: ScoreReading) -> str:
+    import json
+
+    return json.dumps(reading.score)
 
 
 _EXACT_BELOW = 65_536

@@ -238,6 +238,17 @@ class TokenCounter:
                 out[at] = got[text]
         return TokenSeq(out)
 
+    async def texts_ids(self, texts: Sequence[str]) -> list[array[int]]:
+        """Token ids of plain texts (no BOS, specials not parsed), the uncached ones in one
+        call."""
+        found = {t: self._lookup(t) for t in texts}
+        got = await self._add([t for t, ids in found.items() if ids is None])
+        out: list[array[int]] = []
+        for t in texts:
+            ids = found[t]
+            out.append(ids if ids is not None else got[t])
+        return out
+
     async def text_ids(self, text: str) -> array[int]:
         """Token ids of a plain text (e.g. a reply), cached."""
         ids = self._lookup(text)

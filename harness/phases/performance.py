@@ -39,6 +39,7 @@ __all__ = [
     "Spread",
     "against_best_bound",
     "batched_rates",
+    "beyond_spread",
     "breakdown",
     "calibrate_curve",
     "cell_medians",
@@ -50,7 +51,13 @@ __all__ = [
     "pick_settings",
     "prefill_rate_at",
     "ratio_spreads",
+    "score_agreement",
+    "score_mode_pick",
 ]
+
+AGREEMENT_TO_SWITCH = 0.98
+"""SCORE_MODE is written as `logprobs` only when its scores equal the decoded ones on at least
+this share of the same rows (and it is faster)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +124,15 @@ async def interleave(
     return out
 
 
+def beyond_spread(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
+    """Whether two variants' medians of `key` differ by more than either one's spread over
+    its rounds (`<key>_range`: [min, max]): only such a difference is a ranking that repeats."""
+    ra, rb = a.get(f"{key}_range"), b.get(f"{key}_range")
+    if a.get(key) is None or b.get(key) is None or not ra or not rb:
+        return False
+    return bool(abs(float(a[key]) - float(b[key])) > max(ra[1] - ra[0], rb[1] - rb[0]))
+
+
 def cell_medians(
     samples: Mapping[Any, Sequence[Mapping[str, Any]]], key: str = "throughput_rps"
 ) -> dict[Any, dict[str, Any]]:
@@ -176,6 +192,67 @@ def compare_replies(
         "differ": differ[:shown],
         "source": "server replies",
     }
+
+
+def score_agreement(
+    decoded: Sequence[RequestRecord], read: Sequence[RequestRecord], *, shown: int = 20
+) -> dict[str, Any]:
+    """The same rows scored in `decode` and in `logprobs` mode (by custom_id): the share whose
+    logprobs `score` (greedy under the grammar, read from the probabilities) equals the decoded
+    score, the share whose most probable value does, and the rows that differ with what the
+    probabilities said (p of the two values, the margin between the two most probable). A row
+    unparsed or failed in either mode counts as differing."""
+    other = {r.custom_id: r for r in read}
+    pairs = [(a, other[a.custom_id]) for a in decoded if a.custom_id in other]
+    same = same_argmax = 0
+    differ = []
+    for a, b in pairs:
+        sa, sb = score_of(a), score_of(b)
+        scoring = b.scoring or {}
+        if sa is not None and sa == sb:
+            same += 1
+        if sa is not None and scoring.get("argmax") == sa:
+            same_argmax += 1
+        if sa is None or sa != sb:
+            dist = scoring.get("distribution") or {}
+            ranked = sorted(dist.values(), reverse=True)
+            differ.append(
+                {
+                    "custom_id": a.custom_id,
+                    "decoded": sa,
+                    "logprobs": sb,
+                    "p_decoded": dist.get(str(sa)) if sa is not None else None,
+                    "p_logprobs": scoring.get("p"),
+                    "margin": ranked[0] - ranked[1] if len(ranked) > 1 else None,
+                    "mode": scoring.get("mode"),
+                }
+            )
+    n = len(pairs)
+    return {
+        "rows": n,
+        "agreement": same / n if n else None,
+        "agreement_argmax": same_argmax / n if n else None,
+        "read_in_logprobs": sum(1 for _, b in pairs if (b.scoring or {}).get("mode") == "logprobs"),
+        "differ": differ[:shown],
+        "differ_count": len(differ),
+        "source": "server replies (decode) and top log-probabilities (logprobs), same rows",
+    }
+
+
+def score_mode_pick(agreement: float | None, speedup: float | None) -> tuple[str, str]:
+    """The SCORE_MODE the measurements pick, and why."""
+    if agreement is None or speedup is None:
+        return "decode", "not measured"
+    if agreement < AGREEMENT_TO_SWITCH:
+        return "decode", (
+            f"logprobs scores equal the decoded ones on {agreement:.1%} of rows, below "
+            f"{AGREEMENT_TO_SWITCH:.0%}: not the same answer"
+        )
+    if speedup <= 1.0:
+        return "decode", f"logprobs mode is not faster here ({speedup:.2f}x)"
+    return "logprobs", (
+        f"the same score on {agreement:.1%} of rows, {speedup:.2f}x the rows per second"
+    )
 
 
 def breakdown(label: str, records: Sequence[RequestRecord]) -> BreakdownRow:
@@ -368,7 +445,7 @@ def against_best_bound(
             continue
         sp, sd = prefill_rate_at(one.prefill_tps, chunk), one.decode_tps
         bp, bd = float(many.get("prefill_tps") or 0.0), float(many.get("decode_tps") or 0.0)
-        n, out = int(row["uncached"]), int(row["completion"])
+        n, out = int(row["uncached"]), int(row.get("steps", row["completion"]))
         best = bound_s(max(sp, bp), max(sd, bd), n, out)
         if best > 0:
             effs.append(best / float(row["elapsed_s"]))

@@ -9,6 +9,14 @@ that differ only in name, location or education should get the same score.
 `plan_quality` builds the work items of every check from one pool of candidates; the suite runs
 them; the functions below turn the records into figures. A reply that does not parse is never a
 match: two unparseable replies are not "the same score".
+
+With the model's probabilities (`--score-mode logprobs`, or the other-mode pass the suite runs
+over the candidates), a score that changed between two identical runs is told apart as a
+near-tie or a real change: a *near-tie* when the two scores are the two most probable values of
+the row's distribution and their probabilities differ by at most `NEAR_TIE_MARGIN`. llama.cpp's
+numerics differ a little between a cached and an uncached prefix, so such coin-flips can change
+side; a flip that is not a near-tie is a real change. Consistency, reproducibility and drift also
+report the expected score's spread (sum of p·value: it moves before the integer score does).
 """
 
 from __future__ import annotations
@@ -40,6 +48,11 @@ __all__ = [
 
 BIAS_FIELDS = ("name", "location", "education")
 """Fields the generator varies that must not move a score."""
+SAME_READING = 0.98
+"""The modes agree this often or more before one's distributions are taken for the other's."""
+NEAR_TIE_MARGIN = 0.05
+"""A flip is a near-tie when its two scores are the distribution's top two and their
+probabilities are within 0.05 (five percentage points) of each other."""
 
 
 def score(rec: RequestRecord | None) -> int | None:
@@ -48,6 +61,141 @@ def score(rec: RequestRecord | None) -> int | None:
         return None
     value = (rec.parsed or {}).get("score")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def reading(rec: RequestRecord | None) -> Mapping[str, Any] | None:
+    """The row's score distribution (`--score-mode logprobs`), None when it was decoded."""
+    if rec is None or not rec.ok or not rec.scoring or rec.scoring.get("mode") != "logprobs":
+        return None
+    return rec.scoring
+
+
+def expected_score(rec: RequestRecord | None) -> float | None:
+    """The row's expected score (sum of p·value), None when it was decoded."""
+    r = reading(rec)
+    value = r.get("expected") if r is not None else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def spread_of(values: Sequence[float | None]) -> float | None:
+    """max − min of the known values; None when any is unknown (or none is given)."""
+    if not values or any(v is None for v in values):
+        return None
+    known = [v for v in values if v is not None]
+    return max(known) - min(known)
+
+
+def near_tie(dist: Mapping[str, Any] | None, a: int, b: int, margin: float) -> bool | None:
+    """Whether `a` and `b` are `dist`'s two most probable values within `margin` (None: no
+    distribution to tell by)."""
+    if not dist:
+        return None
+    ranked = sorted(dist.items(), key=lambda kv: -float(kv[1]))[:2]
+    if len(ranked) < 2 or {ranked[0][0], ranked[1][0]} != {str(a), str(b)}:
+        return False
+    return float(ranked[0][1]) - float(ranked[1][1]) <= margin
+
+
+def decode_margin(
+    ra: RequestRecord | None, rb: RequestRecord | None, a: int, b: int
+) -> float | None:
+    """Two decoded replies that wrote `a` and `b`: at the first token where the replies part
+    (often in the fixed JSON itself: a grammar lets the model write `{"` or `{` then `"`, and the
+    score follows from that context), the most the probabilities of the two tokens written
+    there can differ, read from the reply bodies' top log-probabilities (the decoded context's
+    own). A token missing from a position's top list is at most that list's smallest
+    probability. None when the bodies carry no probabilities."""
+    first, second = _written(ra), _written(rb)
+    if first is None or second is None:
+        return None
+    (ta, tops_a), (tb, tops_b) = first, second
+    k = 0
+    while k < min(len(ta), len(tb)) and ta[k] == tb[k]:
+        k += 1
+    if k >= len(ta) or k >= len(tb):
+        return None
+    bounds = []
+    for tops in (tops_a, tops_b):
+        if k >= len(tops) or not tops[k]:
+            continue
+        listed = dict(tops[k])
+        floor = min(listed.values())
+        pa, pb = listed.get(ta[k]), listed.get(tb[k])
+        if pa is not None and pb is not None:
+            bounds.append(abs(pa - pb))
+        else:  # an unlisted token holds at most the floor
+            bounds.append(max(pa if pa is not None else floor, pb if pb is not None else floor))
+    return min(bounds) if bounds else None
+
+
+def _written(rec: RequestRecord | None) -> tuple[list[str], list[list[tuple[str, float]]]] | None:
+    """The tokens a decoded reply wrote and each position's top tokens with probabilities,
+    from its body (OpenAI `logprobs.content`: llama.cpp's, or the harness's own mapping)."""
+    import math
+
+    body = rec.raw if rec is not None else None
+    try:
+        content = body["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(content, list) or not content:
+        return None
+    written = [str(e.get("token", "")) for e in content]
+    tops = [
+        [
+            (str(t.get("token", "")), math.exp(float(t["logprob"])))
+            for t in e.get("top_logprobs") or []
+        ]
+        for e in content
+    ]
+    return written, tops
+
+
+def flips(
+    items: Sequence[WorkItem],
+    run_a: Sequence[RequestRecord],
+    run_b: Sequence[RequestRecord],
+    other: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    margin: float = NEAR_TIE_MARGIN,
+) -> list[dict[str, Any]]:
+    """Each candidate whose score differs between the two runs: its scores, and whether it was
+    a near-tie, by run a's distribution, else run b's, else `other`'s (a logprobs pass over
+    the same candidates). `near_tie` None: no distribution, or a reply did not parse."""
+    by_a = {r.custom_id: r for r in run_a}
+    by_b = {r.custom_id: r for r in run_b}
+    out = []
+    for it in items:
+        ra, rb = by_a.get(it.custom_id), by_b.get(it.custom_id)
+        sa, sb = score(ra), score(rb)
+        if sa is not None and sa == sb:
+            continue
+        dists = [d.get("distribution") for d in (reading(ra), reading(rb)) if d is not None]
+        if other is not None and it.custom_id in other:
+            dists.append(other[it.custom_id].get("distribution"))
+        tie: bool | None = None
+        gap: float | None = None
+        if sa is not None and sb is not None and dists:
+            tie = any(near_tie(d, sa, sb, margin) for d in dists)
+        elif sa is not None and sb is not None:
+            # Decoded: the gap at the token where the two replies part, in their own context.
+            gap = decode_margin(ra, rb, sa, sb)
+            tie = None if gap is None else gap <= margin
+        first = dists[0] if dists else None
+        out.append(
+            {
+                "custom_id": it.custom_id,
+                "a": sa,
+                "b": sb,
+                "p_a": first.get(str(sa)) if first and sa is not None else None,
+                "p_b": first.get(str(sb)) if first and sb is not None else None,
+                "expected_a": expected_score(ra),
+                "expected_b": expected_score(rb),
+                "near_tie": tie,
+                "decoded_gap_at_most": gap,
+            }
+        )
+    return out
 
 
 def consistency(scores: Sequence[int | None]) -> float:
@@ -230,10 +378,45 @@ class QualityRuns:
     run_b: list[RequestRecord]
     conversation: list[RequestRecord]
     bias: list[RequestRecord]
+    other_mode: list[RequestRecord] = field(default_factory=list)
+    """The candidates once more in the other score mode (agreement; in decode mode, the
+    distributions that tell near-ties)."""
+    mode: str = "decode"
 
     @property
     def all(self) -> list[RequestRecord]:
         return [*self.repeats, *self.run_a, *self.run_b, *self.conversation, *self.bias]
+
+
+STAND_INS = {"smollm2-135m", "gemma3-270m", "tiny-gemma3"}
+"""The packaged CPU models: stand-ins for the pipeline, not for production's judgement."""
+
+
+def stand_in(model: str, figures: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a stand-in model's quality report can and cannot show, with its own figures;
+    None for another model."""
+    if model not in STAND_INS:
+        return None
+    dist = figures.get("score_distribution") or {}
+    top, most = max(dist.items(), key=lambda kv: kv[1]) if dist else ("-", 0)
+    total = sum(dist.values()) if dist else 0
+    return {
+        "model": model,
+        "can_show": [
+            "the same candidate gets the same score (consistency)",
+            "two identical runs agree, and where they do not, whether each flip was a near-tie "
+            "(the scores' distributions) or a real change",
+            "controls keep their scores (and expected scores) across a conversation (drift)",
+            "replies parse under the schema's grammar; the two score modes agree",
+        ],
+        "cannot_show": [
+            f"judgement: {model} does not apply the probe's rule (accuracy "
+            f"{figures.get('accuracy')} against the known answer; {most} of {total} candidates "
+            f"scored {top}), so accuracy and bias are reported, not gated, on this profile",
+        ],
+        "gated_elsewhere": "production's model is gated on accuracy-like figures (bias, "
+        "conversation agreement) in the gpu-gemma3-12b profile",
+    }
 
 
 def score_file(items: Sequence[WorkItem], scores: Sequence[int | None]) -> str:
@@ -261,6 +444,31 @@ def quality_figures(
     )
     known_gaps = [g for g in gaps.values() if g is not None]
     every = runs.all
+    other = {r.custom_id: r for r in runs.other_mode}
+    paired = [(s, score(other.get(it.custom_id))) for it, s in zip(plan.candidates, a, strict=True)]
+    agree = (
+        sum(1 for x, y in paired if x is not None and x == y) / len(paired)
+        if runs.other_mode and paired
+        else None
+    )
+    # The other mode's distributions describe a decoded flip only where the two modes read the
+    # same (the decoded reply's own tokens for the fixed text can differ from the prefill's,
+    # and so can the model's next-token probabilities).
+    trusted = agree is not None and agree >= SAME_READING
+    other_readings = {
+        cid: d for cid, r in other.items() if trusted and (d := reading(r)) is not None
+    }
+    flipped = flips(plan.candidates, runs.run_a, runs.run_b, other_readings)
+    by_conv = {r.custom_id: r for r in runs.conversation}
+    by_rep = {r.custom_id: r for r in runs.repeats}
+    by_b = {r.custom_id: r for r in runs.run_b}
+    e_a = [expected_score(r) for r in runs.run_a]
+    e_b = [expected_score(by_b.get(r.custom_id)) for r in runs.run_a]
+    diffs = [abs(x - y) for x, y in zip(e_a, e_b, strict=True) if x is not None and y is not None]
+    drifts = [
+        spread_of([expected_score(by_conv.get(f"{cid}#pos{p}")) for p in positions])
+        for cid, positions in plan.control_positions.items()
+    ]
     stateless = {it.custom_id: s for it, s in zip(plan.candidates, a, strict=True)}
     return {
         "requests": len(every),
@@ -278,4 +486,31 @@ def quality_figures(
         "parse_rate": sum(score(r) is not None for r in every) / len(every) if every else 0.0,
         "parse_failures": [r.error for r in every if r.error_type == "ParseError"][:5],
         **distribution(a),
+        "score_mode": runs.mode,
+        "near_tie_margin": NEAR_TIE_MARGIN,
+        "flips": flipped,
+        "flips_near_tie": sum(1 for f in flipped if f["near_tie"] is True),
+        # Not shown to be a near-tie: a real change, or a flip no distribution can tell (an
+        # unparsed reply, a row decoded in both modes): the gate-able count.
+        "flips_not_near_tie": sum(1 for f in flipped if f["near_tie"] is not True),
+        "flips_unclassified": sum(1 for f in flipped if f["near_tie"] is None),
+        "expected_spread_repeats": spread_of(
+            [expected_score(by_rep.get(it.custom_id)) for it in plan.repeats]
+        ),
+        "expected_reproducible_max_diff": max(diffs) if diffs else None,
+        "expected_drift": None
+        if not drifts or None in drifts
+        else max(d for d in drifts if d is not None),
+        "mode_agreement": agree,
+        "mode_agreement_rows": len(runs.other_mode),
+        "flips_told_by": (
+            "each run's own distributions (logprobs mode)"
+            if runs.mode == "logprobs"
+            else "the logprobs pass over the same candidates"
+            if trusted
+            else "the decoded replies' own top log-probabilities at the token where they part "
+            f"(the logprobs pass agreed with the decoded scores on "
+            f"{'-' if agree is None else f'{agree:.0%}'} of candidates, < {SAME_READING:.0%}: "
+            "its distributions describe another context)"
+        ),
     }

@@ -1,10 +1,10 @@
 """The harness's pytest plugin (entry point `pytest11`): options, markers, hooks, fixtures.
 
 - Options, all in one group with the `--harness-` prefix: `--harness-backend`,
-  `--harness-model`, `--harness-base-url`, `--harness-profile`, `--harness-report-dir`,
-  `--harness-scenario-dir`, `--harness-config`, `--harness-price-per-kwh`,
-  `--harness-memory-budget`, `--harness-write-config` (the last two keep their old names,
-  `--memory-budget` and `--write-config`, as aliases).
+  `--harness-model`, `--harness-base-url`, `--harness-score-mode`, `--harness-profile`,
+  `--harness-threads`, `--harness-report-dir`, `--harness-scenario-dir`, `--harness-config`,
+  `--harness-price-per-kwh`, `--harness-memory-budget`, `--harness-write-config` (the last two
+  keep their old names, `--memory-budget` and `--write-config`, as aliases).
 - Markers, registered for `--strict-markers`; the long scale phases (`scale_10k`, `scale_50k`,
   `scale_170k`) run only when `-m` names them.
 - The run session (`harness.pytest.session.HarnessSession`) is built in `pytest_configure` and
@@ -53,6 +53,16 @@ def _backend_name(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise pytest.UsageError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise pytest.UsageError(f"{text} must be at least 1")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -82,6 +92,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--harness-base-url",
         default=None,
         help="server URL for openai/ollama (ollama: $OLLAMA_HOST). Default: %(default)r",
+    )
+    group.addoption(
+        "--harness-score-mode",
+        default=None,
+        choices=["decode", "logprobs"],
+        help="decode: the model writes each reply; logprobs: the reply's JSON is sent written "
+        "up to the score and the score read from the model's probabilities (the quality suite "
+        "runs its checks in it). Default: harness.yaml's SCORE_MODE, else decode",
+    )
+    group.addoption(
+        "--harness-threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads of each embedded server (as harness run --threads): on a machine "
+        "other work keeps busy, llama.cpp's default (every core) spin-waits and runs several "
+        "times slower. Default: llama.cpp's, every core",
     )
     group.addoption(
         "--harness-profile",

@@ -43,6 +43,9 @@ class HarnessSession:
         """The backend named on the command line (else embedded); a scenario profile may name
         another (see `run_config`)."""
         self.model_option: str | None = opt.harness_model
+        self.score_mode_option: str | None = getattr(opt, "harness_score_mode", None)
+        self.threads: int | None = getattr(opt, "harness_threads", None)
+        """CPU threads of each embedded server (None: llama.cpp's default)."""
         self.base_url: str | None = opt.harness_base_url
         self.profile: str = opt.harness_profile or DEFAULT_PROFILES[self.backend_name]
         self.report_dir = self._path(opt.harness_report_dir)
@@ -103,6 +106,7 @@ class HarnessSession:
             "backend": self.backend_option,
             "model": self.model_option,
             "base_url": self.base_url,
+            "score_mode": self.score_mode_option,
         }
         return resolve_run_config(
             profile=self.profile,
@@ -118,6 +122,8 @@ class HarnessSession:
         """A started backend for these settings, shared for the session."""
         name = cfg.backend.value
         options = cfg.backend_options()
+        if name == "embedded" and self.threads is not None:
+            options["threads"] = self.threads
         if name == "openai" and not options.get("base_url"):
             options["base_url"] = "http://127.0.0.1:8080"
         key = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 import zlib
 from array import array
@@ -19,12 +20,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from harness.backends.base import Backend, ChatRequest, ChatResult, ServerInfo, Timings, Usage
+from harness.backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    ServerInfo,
+    Timings,
+    TokenChoice,
+    Usage,
+)
 from harness.engine.tokens import TokenSeq, common_prefix_len
 from harness.errors import ContextOverflow
 from harness.models.templates import ChatFormat, Special, get_format
 
-__all__ = ["DOUBLE_LABEL", "InProcessDouble", "quad_tokenize"]
+__all__ = ["DOUBLE_LABEL", "InProcessDouble", "char_tokenize", "quad_tokenize"]
 
 DOUBLE_LABEL = "in-process test double (its numbers are not measurements)"
 
@@ -48,6 +57,35 @@ def quad_tokenize(text: str, specials: Sequence[str] = ()) -> array[int]:
     return out
 
 
+def char_tokenize(text: str, specials: Sequence[str] = ()) -> array[int]:
+    """One token per character (its code point); specials are single tokens. With it the
+    double's replies split as a real tokenizer splits digits, one each (`--score-mode
+    logprobs` tests)."""
+    out: array[int] = array("i")
+    parts = _specials_pattern(tuple(specials)).split(text) if specials else [text]
+    for part in parts:
+        if part in specials:
+            out.append(-1 - list(specials).index(part))
+        else:
+            out.extend(ord(c) for c in part)
+    return out
+
+
+Logprobs = Callable[[ChatRequest, str], list[TokenChoice]]
+"""`logprobs(request, intended)`: the top tokens at the next position, given the text the
+double would write next."""
+
+
+def default_logprobs(request: ChatRequest, intended: str) -> list[TokenChoice]:
+    """0.6 on the character the double would write, the rest spread over digits, `}` and `,`
+    (deterministic, not a model)."""
+    others = [c for c in "5432167890}," if c != intended]
+    weights = [0.4 * 0.5 ** (k + 1) for k in range(len(others))]
+    weights[-1] += 0.4 - sum(weights)
+    top = [(intended, 0.6), *zip(others, weights, strict=True)]
+    return [TokenChoice(c, math.log(p), ord(c)) for c, p in top][: request.top_logprobs or 1]
+
+
 class InProcessDouble(Backend):
     """A zero-latency llama.cpp stand-in (see the module docstring)."""
 
@@ -63,8 +101,14 @@ class InProcessDouble(Backend):
         fail: Callable[[int, ChatRequest], BaseException | None] | None = None,
         reply: Callable[[ChatRequest], str] | None = None,
         simulate_cache: bool = True,
+        tokenizer: Callable[[str, Sequence[str]], array[int]] = quad_tokenize,
+        logprobs: Logprobs | None = default_logprobs,
     ) -> None:
         self.chat_format = chat_format or get_format("gemma")
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        """How the double reports top log-probabilities (None: it cannot, as a server that
+        does not continue a started reply)."""
         self.delay_s = delay_s
         self.fail = fail
         self.reply = reply
@@ -87,6 +131,7 @@ class InProcessDouble(Backend):
             n_slots=n_slots,
             supports_slots=True,
             supports_tokenize=True,
+            supports_prefill=logprobs is not None,
             chat_format=self.chat_format,
         )
 
@@ -103,12 +148,12 @@ class InProcessDouble(Backend):
         self, texts: Sequence[str], parse_special: bool = False
     ) -> Sequence[Sequence[int]]:
         specials = self.chat_format.specials if parse_special else ()
-        return [quad_tokenize(t, specials) for t in texts]
+        return [self.tokenizer(t, specials) for t in texts]
 
     def _piece_ids(self, text: str) -> array[int]:
         ids = self._pieces.get(text)
         if ids is None:
-            ids = quad_tokenize(text)
+            ids = self.tokenizer(text, ())
             self._pieces[text] = ids
             if len(self._pieces) > 4096:
                 self._pieces.popitem(last=False)
@@ -143,6 +188,8 @@ class InProcessDouble(Backend):
             usage = Usage(chars // 4, 4, None, "unknown")
             return ChatResult(content, "stop", usage, Timings(total_ms=0.0), {}, request.slot)
         ids = self.prompt_ids(request.messages)
+        if request.prefill:
+            ids = ids.extended(self._piece_ids(request.prefill))
         n_ctx = self.info.n_ctx_per_slot or 0
         room = len(ids) + (request.max_tokens or 0)
         if n_ctx and room > n_ctx:
@@ -158,6 +205,14 @@ class InProcessDouble(Backend):
         if held is not None and request.cache_prompt:
             cached = min(common_prefix_len(ids, held), len(ids) - 1)
         content = self.reply(request) if self.reply is not None else self.default_reply(request)
+        top: list[list[TokenChoice]] | None = None
+        if request.prefill is not None:
+            # A started reply: the double continues its own reply, if it starts so.
+            whole = self.default_reply(replace_schema(request))
+            rest = whole[len(request.prefill) :] if whole.startswith(request.prefill) else "}"
+            content = rest[: max(1, request.max_tokens or len(rest))] or "}"
+            if request.top_logprobs and self.logprobs is not None:
+                top = [self.logprobs(request, content[0])]
         completion = self._piece_ids(content)
         if request.max_tokens is not None and len(completion) > request.max_tokens:
             completion = completion[: request.max_tokens]
@@ -167,4 +222,13 @@ class InProcessDouble(Backend):
             "choices": [{"message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": len(completion)},
         }
-        return ChatResult(content, "stop", usage, Timings(total_ms=0.0), raw, slot=request.slot)
+        return ChatResult(
+            content, "stop", usage, Timings(total_ms=0.0), raw, slot=request.slot, top_logprobs=top
+        )
+
+
+def replace_schema(request: ChatRequest) -> ChatRequest:
+    """The request as if it asked for the schema's reply (the double's `{"score": N}`)."""
+    from dataclasses import replace
+
+    return replace(request, output_schema={"type": "object"})

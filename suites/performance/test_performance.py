@@ -15,6 +15,14 @@ variants, single-stream and batched across slots; efficiency against the single-
 and against the best of the two (per rate, whichever is faster on this machine). Then client
 concurrency × slots × path, and the trim interval, measured; the best go to harness.yaml with
 `--harness-write-config` (after the gate).
+
+The score modes: in every round the rubric's scored items on the token path, decoded (the reply
+written under the tight grammar) and in `logprobs` mode (the reply's JSON sent written up to the
+score, the score read from the top log-probabilities: `harness.scoring`), side by side; each
+against its own bound (prefill of the uncached tokens plus the forward steps the mode needs: the
+decoded tokens, or one per probe token, 1 for 1..10 on Gemma). Then the same rows in both modes:
+SCORE_MODE goes to harness.yaml as `logprobs` only where its scores equal the decoded ones on at
+least 98% of them and it is faster.
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ from harness.records import RequestRecord
 from harness.workload import PromptSpec, WorkItem, tight_grammar
 
 SCENARIO = "performance.yaml"
-VARIANTS = ("tokens", "chat", "text", "direct", "conversation")
+VARIANTS = ("tokens", "chat", "text", "direct", "conversation", "decode", "logprobs")
 RATIOS = {
     "tokens_over_chat": ("tokens", "chat", "throughput_rps"),
+    "logprobs_over_decode": ("logprobs", "decode", "throughput_rps"),
+    "logprobs_efficiency": ("logprobs", "logprobs", "efficiency"),
     "engine_over_direct": ("chat", "direct", "throughput_rps"),
     "conversation_over_stateless": ("conversation", "tokens", "throughput_rps"),
     "stateless_efficiency": ("tokens", "tokens", "efficiency"),
@@ -51,7 +61,7 @@ RATIOS = {
 # odd ones (perf.interleave's `alternate`). In a fixed order the engine's chat requests always
 # ran two variants before the direct client's: engine ÷ direct came out 1.026, 0.953 and 0.971
 # in three runs back to back, beyond the ±5% the other ratios held.
-ROUND_ORDER = ("direct", "chat", "tokens", "roofline", "conversation", "text")
+ROUND_ORDER = ("direct", "chat", "tokens", "roofline", "decode", "logprobs", "conversation", "text")
 assert sorted(ROUND_ORDER) == sorted((*VARIANTS, "roofline")), "every variant, once a round"
 pytestmark = [pytest.mark.performance, pytest.mark.integration, pytest.mark.timeout(7200)]
 
@@ -67,11 +77,12 @@ class Bench:
         pool: list[WorkItem],
         n: int,
         policy: TrimPolicy,
-        rubric: str,
+        prompt: PromptSpec,
         batched: Backend | None = None,
     ) -> None:
         self.harness, self.backend, self.counter = harness, backend, counter
-        self.rubric = rubric
+        self.prompt = prompt
+        self.rubric = prompt.system
         self.pool, self.n, self.policy = pool, n, policy
         self.records: dict[str, list[RequestRecord]] = {v: [] for v in VARIANTS}
         self.curves: list[perf.Curve] = []
@@ -109,6 +120,9 @@ class Bench:
             self.batched_rates.append(rates)
             return rates
         items = self.take()
+        if variant in ("decode", "logprobs"):
+            # The rubric's scored items as production sends them, in one score mode each.
+            return await self.score(variant, scored(items, self.prompt), r)
         if variant == "direct":
             d = await direct_loop(self.backend.info.base_url, items)
             return {"throughput_rps": d.throughput_rps, "elapsed_s": d.elapsed_s}
@@ -136,6 +150,31 @@ class Bench:
             "token_savings": m.token_savings,
         }
 
+    async def score(self, mode: str, items: list[WorkItem], r: int) -> dict[str, Any]:
+        self.backend.request_path = "tokens"
+        spec = JobSpec(
+            policy=self.policy,
+            runner=RunnerConfig(score_mode=mode),
+            keep_records=True,
+            progress=False,
+        )
+        res = await run_job(self.backend, items, spec, counter=self.counter)
+        self.records[mode] += res.records
+        m = res.metrics
+        ok = [x for x in res.records if x.ok]
+        return {
+            "throughput_rps": m.throughput_rps,
+            "elapsed_s": m.elapsed_s,
+            "requests": m.completed,
+            "uncached": m.tokens["uncached"],
+            "completion": m.tokens["completion"],
+            # The forward steps after the prefill: each decoded token, or each probe token.
+            "steps": sum(x.probe_tokens for x in ok)
+            if mode == "logprobs"
+            else m.tokens["completion"],
+            "read_in_logprobs": sum(1 for x in ok if (x.scoring or {}).get("mode") == "logprobs"),
+        }
+
 
 def test_performance(harness: HarnessSession) -> None:
     scenario = harness.scenario(SCENARIO)
@@ -159,7 +198,8 @@ def test_performance(harness: HarnessSession) -> None:
         else None
     )
     rounds, n = int(opts.get("rounds", 5)), int(opts.get("requests", 10))
-    pool = items_for(scenario, harness.profile, n * rounds * len(VARIANTS) + 300)
+    agree_n = int(opts.get("agreement_items", 100))
+    pool = items_for(scenario, harness.profile, n * rounds * len(VARIANTS) + 300 + agree_n)
     prompt = prompt_for(scenario, harness.profile)
     figures = harness.run(measure(harness, backend, batched, pool, prompt, rounds, n, opts))
     harness.release(backend)
@@ -193,12 +233,18 @@ def test_performance(harness: HarnessSession) -> None:
         figures["tokens_over_chat"] / ceiling if ceiling else None
     )
     figures["tokens_over_chat_goal"] = TOKENS_OVER_CHAT_GOAL
+    mode, why = perf.score_mode_pick(figures["score_agreement"], figures["logprobs_over_decode"])
+    figures["recommended"]["SCORE_MODE"] = mode
+    figures["score_mode_reason"] = why
     report = harness.report("performance_comparison.json", scenario, figures, backend=backend)
     harness.say(
         "performance: "
         + ", ".join(f"{k} {figures[k]:.3f}" for k in RATIOS)
         + "; tokens over chat with all the chat path's overhead gone, its compute unchanged: "
         + f"{figures['tokens_over_chat_ceiling'] or 0:.3f}"
+        + f"; score modes: logprobs ÷ decode {figures['logprobs_over_decode']:.3f}, the same "
+        + f"score on {figures['score_agreement'] or 0:.1%} of {figures['score_agreement_rows']} "
+        + f"rows: SCORE_MODE {mode} ({why})"
     )
     harness.gate(report)
     harness.recommend(figures["recommended"], report, backend)
@@ -217,7 +263,7 @@ async def measure(
     async with open_token_counter(backend) as counter:
         per_slot = backend.info.n_ctx_per_slot or 8192
         policy = TrimPolicy(per_slot, trim_interval=50)
-        bench = Bench(harness, backend, counter, pool, n, policy, prompt.system, batched)
+        bench = Bench(harness, backend, counter, pool, n, policy, prompt, batched)
         await bench.run("tokens", -1)  # warm-up, not counted
         # The roofline is calibrated in every round, beside the variants it bounds: a machine
         # that slows for a while slows both, and each round's efficiency uses its own rates.
@@ -227,6 +273,10 @@ async def measure(
         checked = scored(bench.take(int(opts.get("reply_items", 8)) + 1), prompt)
         replies = await replies_on_both_paths(backend, counter, checked, policy)
         naive = await direct_loop(backend.info.base_url, bench.take()[:3], cache_prompt=False)
+        agreement = await modes_on_the_same_rows(
+            backend, counter, scored(bench.take(int(opts.get("agreement_items", 100)) + 1), prompt),
+            policy,
+        )  # fmt: skip
     chunk = int(
         statistics.median(r.prompt_tokens - (r.cached_tokens or 0) for r in bench.records["tokens"])
     )
@@ -237,11 +287,17 @@ async def measure(
             if "uncached" in row:
                 own = bench.curves[r]
                 tps = perf.prefill_rate_at(own.prefill_tps, chunk)
-                b = perf.bound_s(tps, own.decode_tps, row["uncached"], row["completion"])
+                steps = row.get("steps", row["completion"])
+                b = perf.bound_s(tps, own.decode_tps, row["uncached"], steps)
                 row["bound_s"], row["efficiency"] = b, b / row["elapsed_s"]
     spreads = perf.ratio_spreads(by_round, RATIOS)
     best = perf.against_best_bound(by_round["tokens"], bench.curves, bench.batched_rates, chunk)
     spreads["stateless_efficiency"] = perf.spread([r["efficiency"] for r in by_round["tokens"]])
+    spreads["logprobs_efficiency"] = perf.spread([r["efficiency"] for r in by_round["logprobs"]])
+    spreads["decode_efficiency"] = perf.spread([r["efficiency"] for r in by_round["decode"]])
+    best_lp = perf.against_best_bound(
+        by_round["logprobs"], bench.curves, bench.batched_rates, chunk
+    )
     plots = draw(harness, bench, workload_tps, curve)
     same = perf.compare_replies(replies["tokens"], replies["text"])
     return {
@@ -255,6 +311,12 @@ async def measure(
         "batched_calibration": perf.median_rates(bench.batched_rates),
         # The token path against the best bound of each round (single-stream or batched).
         "stateless_efficiency_batched": best["efficiency"],
+        # Logprobs mode against its own bound (prefill + one step per probe token), single-stream
+        # and against the best of single-stream and batched.
+        "logprobs_efficiency_batched": best_lp["efficiency"],
+        "score_agreement": agreement["agreement"],
+        "score_agreement_rows": agreement["rows"],
+        "score_modes": agreement,
         "batched_speedup": best["batched_speedup"],
         "workload_chunk_tokens": chunk,
         "rounds": {v: list(rows) for v, rows in by_round.items()},
@@ -278,6 +340,22 @@ async def measure(
 TOKENS_OVER_CHAT_GOAL = 1.25
 """What the token path was asked to gain over the chat path: reported, not gated (the gate is the
 share of this machine's measured ceiling, `tokens_over_chat_of_ceiling`)."""
+
+
+async def modes_on_the_same_rows(
+    backend: Backend, counter: TokenCounter, items: list[WorkItem], policy: TrimPolicy
+) -> dict[str, Any]:
+    """`items` decoded, then in logprobs mode, on the token path (the first of each a primer,
+    not compared): the share with the same score, and the rows that differ."""
+    backend.request_path = "tokens"
+    out: dict[str, list[RequestRecord]] = {}
+    for mode in ("decode", "logprobs"):
+        spec = JobSpec(
+            policy=policy, runner=RunnerConfig(score_mode=mode), keep_records=True, progress=False
+        )
+        res = await run_job(backend, items, spec, counter=counter)
+        out[mode] = sorted(res.records, key=lambda r: r.started)[1:]
+    return perf.score_agreement(out["decode"], out["logprobs"])
 
 
 def scored(items: list[WorkItem], prompt: PromptSpec) -> list[WorkItem]:

@@ -1,7 +1,13 @@
 """Quality: consistent, reproducible, right scores with no drift and no bias.
 
     pytest suites/quality                          # SmolLM2-135M-Instruct on the CPU (~8 min)
+    pytest suites/quality --harness-score-mode logprobs   # the same, scores read in one step
     pytest suites/quality --harness-backend ollama # Gemma 3 12B
+
+The checks run in the run's score mode (`--harness-score-mode`, harness.yaml's SCORE_MODE, else
+decode); then the candidates once more in the other mode: the agreement of the two, and (in
+decode mode) the distributions that tell whether a score that changed between the two runs was
+a near-tie (`harness.phases.quality.NEAR_TIE_MARGIN`) or a real change.
 
 One test runs every check on the same server (one cold start) under the run's trim policy and
 writes `reports/quality_results.json`, naming the prompt (file and hash) and the model that
@@ -22,6 +28,7 @@ from harness.phases import items_for, prompt_for, table_for
 from harness.phases import quality as q
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
+from harness.scoring import TOP_N
 from harness.workload import CandidateTable, WorkItem
 
 SCENARIO = "quality.yaml"
@@ -69,11 +76,18 @@ def test_quality(harness: HarnessSession) -> None:
         bias_pairs=int(opts.get("bias_pairs", 10)),
     )
 
-    def run(items: list[WorkItem], strategy: str, desc: str) -> list[RequestRecord]:
+    mode = cfg.score_mode.value
+    other = "decode" if mode == "logprobs" else "logprobs"
+
+    def run(
+        items: list[WorkItem], strategy: str, desc: str, score_mode: str = mode
+    ) -> list[RequestRecord]:
         spec = JobSpec(
             strategy=strategy,
             policy=policy,
-            runner=RunnerConfig(concurrency=1),
+            # Decoded replies keep each token's top log-probabilities: a score that changes
+            # between runs is then told a near-tie or not in its own context.
+            runner=RunnerConfig(concurrency=1, score_mode=score_mode, top_logprobs=TOP_N),
             keep_records=True,
             desc=f"quality: {desc}",
             progress_stream=harness.terminal,
@@ -86,12 +100,16 @@ def test_quality(harness: HarnessSession) -> None:
         run_b=run(plan.candidates, "stateless", "run b"),
         conversation=run(plan.conversation, "conversation", "drift"),
         bias=run([it for ps in plan.bias.values() for p in ps for it in p], "stateless", "bias"),
+        other_mode=run(plan.candidates, "stateless", f"{other} pass", other),
+        mode=mode,
     )
     figures = describe(harness, plan, runs, table, policy)
     figures.update(model=cfg.model.value, model_scored=backend.info.model)
+    figures["stand_in"] = q.stand_in(cfg.model.value, figures)
     report = harness.report("quality_results.json", scenario, figures, backend=backend)
-    shown = ("consistency_rate", "reproducible_rate", "accuracy", "drift_spread",
-             "bias_max_gap", "parse_rate", "score_distribution")  # fmt: skip
+    shown = ("score_mode", "consistency_rate", "reproducible_rate", "flips_near_tie",
+             "flips_not_near_tie", "mode_agreement", "expected_drift", "accuracy",
+             "drift_spread", "bias_max_gap", "parse_rate", "score_distribution")  # fmt: skip
     harness.say(f"quality ({cfg.model.value}): " + ", ".join(f"{k} {figures[k]}" for k in shown))
     harness.gate(report)
 

@@ -25,6 +25,7 @@ from harness.models.registry import resolve_model
 from harness.phases import items_for, scale_figures
 from harness.phases.common import phase1_budget
 from harness.pytest import HarnessSession
+from harness.scoring import planned_mode
 
 SIZES = [
     pytest.param(100, "phase2_scale_100.yaml", marks=pytest.mark.scale_100, id="100"),
@@ -49,7 +50,9 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     spec = JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,
-        runner=RunnerConfig(concurrency=cfg.total_concurrency),  # per server × servers
+        runner=RunnerConfig(  # concurrency: per server × servers
+            concurrency=cfg.total_concurrency, score_mode=cfg.score_mode.value
+        ),
         desc=f"scale {size}",
         progress_stream=harness.terminal,
     )
@@ -92,6 +95,7 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     figures.update(
         strategy=strategy_figures(cfg),
         config=cfg.to_dict(),
+        score_mode=planned_mode(cfg.score_mode.value, items[0].output_schema if items else None),
         energy_source=f"{gpu.source} ({gpu.device_name()}): {energy.method}"
         if energy is not None and isinstance(gpu, NvmlProbe)
         else None,

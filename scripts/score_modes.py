@@ -1,0 +1,106 @@
+"""Rows per second of `harness run` in logprobs mode ÷ decode mode, on the same rows, the two modes
+alternating run by run (decode first in odd runs, logprobs first in even ones), and how often the
+two give the same score.
+
+    python scripts/score_modes.py tokens            # embedded server, token path (the default)
+    python scripts/score_modes.py text              # embedded server, text path (Ollama's form)
+    python scripts/score_modes.py serve             # `harness serve` through --backend openai
+    python scripts/score_modes.py tokens --runs 3 --rows 200 --threads 1 --dir /tmp/modes
+
+Each run is a fresh `harness run` (a fresh server) over the same generated rows; the figure of a
+run is its own `completed req/s` (the summary line), the ratio is logprobs ÷ decode of the same
+run, and the script prints each run, then the median and range of the ratios and of the
+agreement, with the load average before and after each run (a shared machine: read the ratio,
+not the rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HARNESS = [sys.executable, "-m", "harness"]
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def one(cfg: str, mode: str, rows: Path, out: Path, threads: int | None) -> float:
+    """One `harness run`; returns its completed req/s."""
+    args = [*HARNESS, "run", str(rows), "--score-mode", mode, "--output", str(out), "--new",
+            "--no-progress"]  # fmt: skip
+    server = None
+    if cfg == "serve":
+        cmd = [*HARNESS, "serve", "--model", "gemma3-270m", "--ctx", "8192", "--port", "18931"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(240):
+            if subprocess.run(["curl", "-sf", "http://127.0.0.1:18931/health"],
+                              capture_output=True).returncode == 0:  # fmt: skip
+                break
+            time.sleep(0.5)
+        args += ["--backend", "openai", "--base-url", "http://127.0.0.1:18931/v1"]
+    else:
+        args += ["--request-path", cfg] + (["--threads", str(threads)] if threads else [])
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    m = re.search(r"\(([\d.]+) s, ([\d.]+) completed req/s\)", done.stdout)
+    if done.returncode != 0 or m is None:
+        raise SystemExit(f"harness run failed ({done.returncode}): {done.stderr[-2000:]}")
+    return float(m.group(2))
+
+
+def scores(path: Path) -> dict[str, str]:
+    with path.open(newline="") as fh:
+        return {r["custom_id"]: r["score"] for r in csv.DictReader(fh)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", choices=["tokens", "text", "serve"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rows", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None, help="server threads (default: all)")
+    p.add_argument("--dir", type=Path, default=Path("reports/score_modes"))
+    a = p.parse_args()
+    a.dir.mkdir(parents=True, exist_ok=True)
+    rows = a.dir / "rows.csv"
+    if not rows.exists():
+        subprocess.run([*HARNESS, "generate", str(a.rows), str(rows)], check=True)
+    ratios, agree = [], []
+    for run in range(1, a.runs + 1):
+        order = ("logprobs", "decode") if run % 2 == 0 else ("decode", "logprobs")
+        rps = {}
+        for mode in order:
+            before = load()
+            rps[mode] = one(a.config, mode, rows, a.dir / f"{a.config}_{run}_{mode}.csv", a.threads)
+            print(f"run {run} {mode}: {rps[mode]:.3f} rows/s (load {before} -> {load()})")
+        d = scores(a.dir / f"{a.config}_{run}_decode.csv")
+        lp = scores(a.dir / f"{a.config}_{run}_logprobs.csv")
+        same = sum(1 for k, v in d.items() if v and lp.get(k) == v) / len(d)
+        ratios.append(rps["logprobs"] / rps["decode"])
+        agree.append(same)
+        print(f"run {run}: logprobs / decode {ratios[-1]:.3f}, same score on {same:.1%}")
+    print(
+        f"{a.config}: logprobs / decode median {statistics.median(ratios):.3f} (range "
+        f"{min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} runs); same score median "
+        f"{statistics.median(agree):.1%} (range {min(agree):.1%}-{max(agree):.1%})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
