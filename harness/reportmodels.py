@@ -207,6 +207,9 @@ class QualityReport(PhaseReport):
     conversation_agreement: Num
     bias_gaps: Obj
     bias_max_gap: Num
+    bias_fields: list[str] | None = None
+    """The fields the bias pairs varied: what the prompt declares must never move a score."""
+    bias_fields_source: str | None = None
     parse_rate: float
     parse_failures: list[str | None]
     score_distribution: Obj
@@ -330,6 +333,8 @@ class FlagsReport(PhaseReport):
     recommended_strategy: str | None = None
     recommended_server_flags: str | None = None
     recommendation: str | None
+    recommendation_made: int | None = None
+    """1 when a strategy was recommended (ahead beyond the rounds' spread), else 0 (gated)."""
     uncached_ratio_conversation_over_stateless_ollama: Num = None
     comparisons: list[Obj] | None = None
     """Each pair of variants that differs in one thing: which is ahead on req/s and on

@@ -105,6 +105,7 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
     "performance": (
         "errors",
         "uncached_ratio_conversation_over_stateless_ollama",
+        "recommendation_made",
         "tokens_over_chat",
         "tokens_over_chat_of_ceiling",
         "replies_same_reply",

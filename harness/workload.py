@@ -96,6 +96,10 @@ class PromptSpec:
     user_template: str
     output_schema: Mapping[str, Any] | None
     path: str = ""
+    irrelevant_fields: tuple[str, ...] | None = None
+    """Input columns the prompt says must never move a score (`irrelevant_fields:` in the
+    prompt file): the quality phase's bias pairs vary only these. None: not declared. Not part
+    of `sha256` (it shapes no request)."""
 
     def placeholders(self) -> list[str]:
         return _PLACEHOLDER.findall(self.user_template)
@@ -157,7 +161,7 @@ def load_prompt(path: str | Path | None = None) -> PromptSpec:
         raise InputError(
             "prompt file must be a mapping with `system` and `user_template`", path=str(p)
         )
-    unknown = set(data) - {"name", "system", "user_template", "output_schema"}
+    unknown = set(data) - {"name", "system", "user_template", "output_schema", "irrelevant_fields"}
     if unknown:
         raise InputError(
             f"unknown key(s) in prompt file: {', '.join(sorted(unknown))}", path=str(p)
@@ -168,12 +172,18 @@ def load_prompt(path: str | Path | None = None) -> PromptSpec:
     schema = data.get("output_schema")
     if schema is not None and not isinstance(schema, dict):
         raise InputError("`output_schema` must be a JSON schema object", path=str(p))
+    irrelevant = data.get("irrelevant_fields")
+    if irrelevant is not None and (
+        not isinstance(irrelevant, list) or not all(isinstance(f, str) for f in irrelevant)
+    ):
+        raise InputError("`irrelevant_fields` must be a list of column names", path=str(p))
     return PromptSpec(
         name=str(data.get("name") or p.stem),
         system=data["system"].rstrip("\n"),
         user_template=data["user_template"],
         output_schema=schema,
         path=str(p),
+        irrelevant_fields=tuple(irrelevant) if irrelevant is not None else None,
     )
 
 

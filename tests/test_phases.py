@@ -82,6 +82,28 @@ def test_accuracy_against_the_probe_rule() -> None:
     assert q.accuracy(its, [rec(f"c{i}", 1) for i in range(3)], expected) == pytest.approx(1 / 3)
 
 
+def test_bias_pairs_vary_only_what_the_prompt_declares_irrelevant() -> None:
+    root = Path(__file__).resolve().parent.parent / "scenarios" / "prompts"
+    # The rubric scores education and location (evidence, the time-zone requirement): names only.
+    fields, source = q.bias_fields(load_prompt(root / "recruiter.yaml"))
+    assert fields == ("name",) and "irrelevant_fields of" in source
+    # The probe reads data_infra_years alone.
+    assert q.bias_fields(load_prompt(root / "quality_probe.yaml"))[0] == (
+        "name", "location", "education",
+    )  # fmt: skip
+    varied: list[str] = []
+
+    def variant(item: WorkItem, field: str) -> WorkItem:
+        varied.append(field)
+        return item
+
+    plan = q.plan_quality(
+        items(12), repeats=1, candidates=4, conversation_length=5, controls=1,
+        variant=variant, bias_pairs=2, fields=("name",),
+    )  # fmt: skip
+    assert set(plan.bias) == {"name"} and set(varied) == {"name"}
+
+
 def test_bias_gaps_per_field() -> None:
     gaps = q.bias_gaps({"name": [(5, 5), (3, 4)], "location": [(None, 4)], "education": []})
     assert gaps == {"name": 0.5, "location": None, "education": None}
@@ -143,6 +165,8 @@ def test_a_run_whose_replies_never_parse_scores_zero() -> None:
     )
     figures = q.quality_figures(plan, runs, expected=None)
     assert figures["reproducible_rate"] == 0.0
+    # Two score files of empty cells are two failures, not identical files.
+    assert figures["score_files_identical"] is False
     assert figures["consistency_rate"] == 0.0
     assert figures["parse_rate"] == 0.0
     assert figures["drift_spread"] is None

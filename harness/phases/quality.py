@@ -4,7 +4,8 @@ The roadmap's quality table asks for consistent scoring, reproducible runs and n
 candidate's position in a conversation. A model that gives every candidate the same score passes
 all of those trivially, so the phase also checks the scores against a known answer where there
 is one (the probe prompt: the score is a field of the candidate), and measures bias: candidates
-that differ only in name, location or education should get the same score.
+that differ only in what the prompt declares irrelevant (`bias_fields`: its `irrelevant_fields`,
+else the name) should get the same score.
 
 `plan_quality` builds the work items of every check from one pool of candidates; the suite runs
 them; the functions below turn the records into figures. A reply that does not parse is never a
@@ -28,13 +29,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness.records import RequestRecord
-from harness.workload import WorkItem
+from harness.workload import PromptSpec, WorkItem
 
 __all__ = [
     "BIAS_FIELDS",
     "QualityPlan",
     "QualityRuns",
     "accuracy",
+    "bias_fields",
     "bias_gaps",
     "consistency",
     "drift",
@@ -46,8 +48,19 @@ __all__ = [
     "score_file",
 ]
 
-BIAS_FIELDS = ("name", "location", "education")
-"""Fields the generator varies that must not move a score."""
+BIAS_FIELDS = ("name",)
+"""The fields bias pairs vary when the prompt declares none (`irrelevant_fields`): the name,
+the first attribute every screening rubric tells the model to ignore. A prompt's own list
+replaces it: education or location may be evidence a rubric scores on."""
+
+
+def bias_fields(prompt: PromptSpec) -> tuple[tuple[str, ...], str]:
+    """The fields bias pairs vary, and where that list came from."""
+    if prompt.irrelevant_fields is not None:
+        return prompt.irrelevant_fields, f"irrelevant_fields of {prompt.path or prompt.name}"
+    return BIAS_FIELDS, "default (the prompt declares no irrelevant_fields)"
+
+
 SAME_READING = 0.98
 """The modes agree this often or more before one's distributions are taken for the other's."""
 NEAR_TIE_MARGIN = 0.05
@@ -289,10 +302,12 @@ def plan_quality(
     controls: int,
     variant: Callable[[WorkItem, str], WorkItem | None] | None = None,
     bias_pairs: int = 0,
+    fields: Sequence[str] = BIAS_FIELDS,
 ) -> QualityPlan:
     """Items for: `repeats` of one control; `candidates` scored twice; a conversation of
     `conversation_length` with `controls` control candidates at the start, quarters and end;
-    and `bias_pairs` candidates with one field changed (by `variant(item, field)`)."""
+    and `bias_pairs` candidates with one of `fields` changed (by `variant(item, field)`): only
+    what the prompt says must not move a score (`bias_fields`)."""
     if candidates < 1 or len(pool) < 2:
         raise ValueError("the quality phase needs at least one candidate besides the control")
     control, rest = pool[0], list(pool[1 : 1 + candidates])
@@ -318,7 +333,7 @@ def plan_quality(
         item = at.get(i) or rest[i % len(rest)]
         plan.conversation.append(at.get(i) or _renamed(item, f"{item.custom_id}#conv{i}"))
     if variant is not None:
-        for fld in BIAS_FIELDS:
+        for fld in fields:
             pairs = []
             for it in rest[:bias_pairs]:
                 other = variant(it, fld)
@@ -475,7 +490,10 @@ def quality_figures(
         "consistency_rate": consistency(reps),
         "consistency_scores": reps,
         "reproducible_rate": reproducibility(a, b),
-        "score_files_identical": score_file(plan.candidates, a) == score_file(plan.candidates, b),
+        # Parsed scores, every one: a reply that did not parse never matches (two empty cells
+        # in two score files are two failures, not one agreement).
+        "score_files_identical": len(a) == len(b)
+        and all(x is not None and x == y for x, y in zip(a, b, strict=True)),
         "accuracy": accuracy(plan.candidates, runs.run_a, expected) if expected else None,
         "control_scores": controls,
         "drift_spread": drift(controls),

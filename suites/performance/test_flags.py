@@ -129,7 +129,7 @@ def test_flags_and_strategies(harness: HarnessSession) -> None:
             f"{r['token_savings'] or 0:.1%}, {r['throughput_rps'] or 0:.2f} req/s (rounds "
             f"{r['throughput_rps_range']}), trims {r['context_trims']}"
         )
-    figures = recommend(rows)
+    figures = gated(recommend(rows))
     figures["rounds"] = v.rounds
     figures["requests_per_round"] = v.per
     figures["model"] = harness.run_config(scenario).model.value
@@ -183,6 +183,18 @@ def comparisons(by: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[dict[st
                 }
             )
     return out
+
+
+def gated(figures: dict[str, Any]) -> dict[str, Any]:
+    """The phase's gate: it made a recommendation (a strategy ahead beyond the rounds' spread);
+    when it did not, the criterion's message says why and what narrows the spread."""
+    figures["recommendation_made"] = int(figures.get("recommended_strategy") is not None)
+    if not figures["recommendation_made"]:
+        figures["criteria_notes"] = {
+            "recommendation_made": f"{figures.get('recommendation')}: more rounds "
+            f"({SCENARIO} options.rounds) narrow the spread"
+        }
+    return figures
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def test_quality(harness: HarnessSession) -> None:
     policy = cfg.capped(backend.info.n_ctx_per_slot).policy
     n, controls = int(opts.get("candidates", 50)), int(opts.get("controls", 3))
     table = table_for(scenario, harness.profile, n + controls + 1)
+    fields, fields_source = q.bias_fields(prompt_for(scenario, harness.profile))
     plan = q.plan_quality(
         items_for(scenario, harness.profile, table=table),
         repeats=int(opts.get("repeats", 5)),
@@ -74,6 +75,7 @@ def test_quality(harness: HarnessSession) -> None:
         controls=controls,
         variant=variant_maker(harness, table),
         bias_pairs=int(opts.get("bias_pairs", 10)),
+        fields=fields,
     )
 
     mode = cfg.score_mode.value
@@ -105,6 +107,7 @@ def test_quality(harness: HarnessSession) -> None:
     )
     figures = describe(harness, plan, runs, table, policy)
     figures.update(model=cfg.model.value, model_scored=backend.info.model)
+    figures.update(bias_fields=list(fields), bias_fields_source=fields_source)
     figures["stand_in"] = q.stand_in(cfg.model.value, figures)
     report = harness.report("quality_results.json", scenario, figures, backend=backend)
     shown = ("score_mode", "consistency_rate", "reproducible_rate", "flips_near_tie",
