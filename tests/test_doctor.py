@@ -55,3 +55,5 @@ def test_doctor_against_ollama_default_context_names_num_ctx(tmp_path: Path) -> 
     assert "num_ctx" in context and "OLLAMA_CONTEXT_LENGTH" in context
     cached = next(ln for ln in done.stdout.splitlines() if "cached tokens:" in ln)
     assert cached.startswith("FAIL") and "prompt_eval_cached_count" in cached
+    # The doctor states the evidence it has of which Ollama sends the field (issue 26).
+    assert "ollama PR #17943" in cached and "No recorded reply of a named release" in cached

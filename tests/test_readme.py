@@ -153,3 +153,14 @@ def test_the_production_run_block_on_the_embedded_tiny_model(tmp_path: Path) -> 
     lines = (tmp_path / "batch.jsonl").read_text().splitlines()
     assert all(json.loads(ln)["body"]["model"] == "gemma3:12b" for ln in lines)
     assert len((tmp_path / "candidates_scores.csv").read_text().splitlines()) == 31
+
+
+def test_the_readme_states_the_evidence_of_which_ollama_sends_the_cached_count() -> None:
+    """The README says what the evidence supports (the PR, the release a client names, that no
+    recorded reply of a named release shows it), as the doctor does, not a bare version."""
+    from harness.backends.ollama import CACHED_FIELD_EVIDENCE
+
+    flat = " ".join(README.split())
+    for fact in ("ollama PR #17943", "openclaw PR #140222", "0.33.3"):
+        assert fact in flat and fact in CACHED_FIELD_EVIDENCE, fact
+    assert "no recorded reply of a named release shows it" in flat
