@@ -47,14 +47,19 @@ test-suites: install
 # the tiny model, then `harness run` on 10,000 generated rows with each strategy. Free-text
 # replies (--structured none), as in the scale phases: a small model repeats itself, the case
 # that once made the token counter lose the rubric. Everything goes to reports/long/.
+# One server thread (LONG_THREADS): on a machine other work keeps busy, llama.cpp's default
+# (every core) spin-waits; phase 3 ran at 0.19-0.77 req/s under a load of 5-7 on 2 cores.
 LONG := reports/long
+LONG_THREADS ?= 1
 long: install
 	rm -rf $(LONG) && mkdir -p $(LONG)
 	$(BIN)/python -m pytest suites/scale -m "scale_1k or scale_10k" --harness-model tiny-gemma3 \
-		--harness-report-dir $(LONG) --benchmark-json $(LONG)/benchmark.json -p no:cacheprovider
+		--harness-threads $(LONG_THREADS) --harness-report-dir $(LONG) \
+		--benchmark-json $(LONG)/benchmark.json -p no:cacheprovider
 	$(BIN)/harness generate 10000 $(LONG)/candidates_10k.csv
 	for s in conversation stateless; do \
 		$(BIN)/harness run $(LONG)/candidates_10k.csv --model tiny-gemma3 --strategy $$s \
+			--threads $(LONG_THREADS) \
 			--structured none --max-tokens 8 --output $(LONG)/$${s}_scores.csv || exit $$?; \
 		$(BIN)/python scripts/check_once.py $(LONG)/candidates_10k.csv $(LONG)/$${s}_scores_results.jsonl \
 			|| exit $$?; \
