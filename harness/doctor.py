@@ -27,9 +27,9 @@ from harness.backends.ollama import CACHED_FIELD_EVIDENCE
 from harness.batch import BatchOptions, batch_config, load_input, make_backend, output_paths
 from harness.engine.job import open_token_counter
 from harness.engine.lengths import measure_lengths
+from harness.engine.strategies import SAFE_FRACTION
 from harness.errors import HarnessError
 from harness.memory import NvmlProbe, NvmlUnavailable, is_loopback_url
-from harness.runconfig import SAFE_FRACTION
 
 __all__ = ["Check", "doctor"]
 
@@ -78,7 +78,13 @@ async def _server_checks(options: BatchOptions, backend: Backend) -> list[Check]
     if needed > n_ctx:
         out.append(Check("context", "FAIL", f"{shown}: it does not fit; {fix}"))
     elif needed > margin:
-        out.append(Check("context", "FAIL", f"{shown}: less than a 20% margin is left; {fix}"))
+        out.append(
+            Check(
+                "context",
+                "FAIL",
+                f"{shown}: less than a {100 - int(SAFE_FRACTION * 100)}% margin is left; {fix}",
+            )
+        )
     else:
         out.append(Check("context", "ok", shown))
     cached = reply.usage.cached_source

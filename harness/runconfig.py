@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from harness.config import ProfileConfig
-from harness.engine.strategies import TrimPolicy
+from harness.config import ProfileConfig, measured_values
+from harness.engine.strategies import SAFE_FRACTION, TrimPolicy
 from harness.errors import ConfigError
 from harness.models.registry import DEFAULT_MODEL
 from harness.scenarios import Scenario
@@ -32,17 +32,13 @@ from harness.scoring import SCORE_MODES
 
 __all__ = [
     "DEFAULT_MODELS",
-    "SAFE_FRACTION",
     "RunConfig",
     "Value",
-    "measured_values",
     "resolve_run_config",
 ]
 
 T = TypeVar("T")
 
-SAFE_FRACTION = 0.8
-"""The trim threshold's share of the context cap when nothing else sets it (the roadmap's 80%)."""
 DEFAULT_MODELS = {"embedded": DEFAULT_MODEL, "ollama": "gemma3:12b", "openai": ""}
 DEFAULT_CTX = 8192
 CLI = "command line"
@@ -228,29 +224,6 @@ def _replace(cfg: RunConfig, **changes: Any) -> RunConfig:
     from dataclasses import replace
 
     return replace(cfg, **changes)
-
-
-def measured_values(
-    config: ProfileConfig, backend: str, model: str | None
-) -> tuple[dict[str, Any], list[str]]:
-    """harness.yaml values measured on this backend and model (or set by hand: no
-    provenance); values measured on another backend or model are ignored, and listed."""
-    use: dict[str, Any] = {}
-    ignored: list[str] = []
-    for key, value in config.values.items():
-        if value is None:
-            continue
-        prov = config.provenance.get(key)
-        on = prov.get("backend") if isinstance(prov, Mapping) else None
-        of = prov.get("model") if isinstance(prov, Mapping) else None
-        if on and on != backend:
-            ignored.append(f"{key} = {value} (measured on {on}, this run is {backend})")
-            continue
-        if of and model and of != model:
-            ignored.append(f"{key} = {value} (measured with {of}, this run uses {model})")
-            continue
-        use[key] = value
-    return use, ignored
 
 
 def _endpoints(given: str | None, prof: Any) -> tuple[Value[tuple[str, ...]], Value[str | None]]:
