@@ -400,9 +400,10 @@ def _cmd_verdict(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from harness.backends import Backend
     from harness.backends.openai import REQUEST_PATHS
     from harness.backends.server import SERVER_FLAGS
-    from harness.batch import BACKENDS, EXECUTORS
+    from harness.batch import EXECUTORS
     from harness.engine.strategies import STRATEGIES
     from harness.workload import STRUCTURED_MODES
 
@@ -421,7 +422,9 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="scores CSV to write; the results go next to it as <OUT stem>_results.jsonl "
         "(default: <INPUT stem>_scores.csv next to INPUT)",
     )
-    p.add_argument("--backend", default=d.backend, help=f"model server: {' | '.join(BACKENDS)}")
+    p.add_argument(
+        "--backend", default=d.backend, help=f"model server: {' | '.join(Backend.runnable())}"
+    )
     p.add_argument(
         "--model",
         default=None,

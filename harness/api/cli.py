@@ -34,7 +34,7 @@ from harness.api.settings import (
     ApiSettings,
 )
 from harness.errors import HarnessError, LockHeld
-from harness.runconfig import RunConfig
+from harness.run.settings import RunConfig
 
 __all__ = ["READY_PREFIX", "build_parser", "main", "serve"]
 
@@ -100,7 +100,7 @@ def _count(text: str) -> int:
 
 def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     """The parser of `harness api`'s options."""
-    from harness.batch import BACKENDS
+    from harness.backends import Backend
     from harness.config import DEFAULT_CONFIG_PATH
     from harness.engine.strategies import STRATEGIES
     from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
@@ -111,7 +111,9 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=_count, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
     )
-    p.add_argument("--backend", default=d.backend, help=f"model server: {' | '.join(BACKENDS)}")
+    p.add_argument(
+        "--backend", default=d.backend, help=f"model server: {' | '.join(Backend.runnable())}"
+    )
     p.add_argument(
         "--model",
         default=None,

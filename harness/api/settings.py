@@ -13,10 +13,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.batch import BatchOptions, batch_config
 from harness.config import DEFAULT_CONFIG_PATH
 from harness.errors import ConfigError
-from harness.runconfig import RunConfig
+from harness.run.options import BatchOptions, batch_config
+from harness.run.settings import RunConfig
 
 __all__ = [
     "API_KEY_ENV",

@@ -48,8 +48,12 @@ PHASE_MARKERS = ("context_limits", "scale", "quality", "reliability", "performan
 
 
 def _backend_name(text: str) -> str:
-    if text not in ("embedded", "openai", "ollama"):
-        raise pytest.UsageError(f"--harness-backend {text!r}: choose embedded, openai or ollama")
+    from harness.backends import Backend  # every backend registered
+
+    names = Backend.runnable()
+    if text not in names:
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise pytest.UsageError(f"--harness-backend {text!r}: choose {listed}")
     return text
 
 
