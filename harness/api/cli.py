@@ -104,6 +104,7 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     from harness.config import DEFAULT_CONFIG_PATH
     from harness.engine.strategies import STRATEGIES
     from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+    from harness.run.options import add_server_options
 
     d = ApiSettings()
     p = _Parser(prog=prog, description=_DESCRIPTION, formatter_class=_Formatter)
@@ -226,6 +227,7 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
         "--threads", type=_count, default=None, metavar="N",
         help="CPU threads of the embedded server (default: every core)",
     )  # fmt: skip
+    add_server_options(p)
     p.add_argument(
         "--log-level",
         default="info",
@@ -248,6 +250,8 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
         concurrency=args.concurrency,
         strategy=args.strategy,
         threads=args.threads,
+        request_path=args.request_path,
+        server_flags=args.server_flags,
         config=Path(args.config),
         profile=args.profile,
         max_upload_bytes=args.max_upload_bytes,

@@ -5,6 +5,7 @@ into a run's settings once (`batch_config`: `harness.run.resolve` with `RUN_RULE
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,15 @@ from harness.run.settings import RunConfig
 from harness.scoring import SCORE_MODES
 from harness.workload import STRUCTURED_MODES
 
-__all__ = ["BACKENDS", "DEFAULT_SEED", "EXECUTORS", "MIN_CTX", "BatchOptions", "batch_config"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_SEED",
+    "EXECUTORS",
+    "MIN_CTX",
+    "BatchOptions",
+    "add_server_options",
+    "batch_config",
+]
 
 
 BACKENDS = tuple(Backend.runnable())
@@ -220,6 +229,28 @@ class BatchOptions:
                     f"--model {model!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
                     "nor an existing .gguf file"
                 )
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options of how a run reaches and starts its llama.cpp server, declared once for
+    `harness run` and `harness api`: `--request-path`, `--server-flags`."""
+    parser.add_argument(
+        "--request-path",
+        default=None,
+        choices=list(REQUEST_PATHS),
+        help="how requests reach a llama.cpp server: tokens (the prompt's token ids to "
+        "/completion: no template or tokenizing on the server), text (the rendered prompt, as "
+        "Ollama sends it) or chat (/v1/chat/completions) (default: tokens for the embedded "
+        "server, chat for --backend openai)",
+    )
+    parser.add_argument(
+        "--server-flags",
+        default=None,
+        choices=list(SERVER_FLAGS),
+        help="how the embedded server is started: ollama (the llama-server flags Ollama >= 0.30 "
+        "uses) or harness (full-size sliding windows for --strategy conversation) (default: "
+        "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)",
+    )
 
 
 def batch_config(options: BatchOptions) -> RunConfig:
