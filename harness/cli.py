@@ -400,10 +400,10 @@ def _cmd_verdict(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
-    from harness.backends.openai import REQUEST_PATHS
-    from harness.backends.server import SERVER_FLAGS
-    from harness.batch import BACKENDS, EXECUTORS
+    from harness.backends import Backend
+    from harness.batch import EXECUTORS
     from harness.engine.strategies import STRATEGIES
+    from harness.run.options import add_server_options
     from harness.workload import STRUCTURED_MODES
 
     d = BatchOptions(Path("-"))
@@ -421,7 +421,9 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="scores CSV to write; the results go next to it as <OUT stem>_results.jsonl "
         "(default: <INPUT stem>_scores.csv next to INPUT)",
     )
-    p.add_argument("--backend", default=d.backend, help=f"model server: {' | '.join(BACKENDS)}")
+    p.add_argument(
+        "--backend", default=d.backend, help=f"model server: {' | '.join(Backend.runnable())}"
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -476,23 +478,7 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         "shared rubric (the server's prefix cache reuses it), or rolling conversations "
         "restarted by the trim policy (default: harness.yaml's STRATEGY, else stateless)",
     )
-    p.add_argument(
-        "--request-path",
-        default=None,
-        choices=list(REQUEST_PATHS),
-        help="how requests reach a llama.cpp server: tokens (the prompt's token ids to "
-        "/completion: no template or tokenizing on the server), text (the rendered prompt, as "
-        "Ollama sends it) or chat (/v1/chat/completions) (default: tokens for the embedded "
-        "server, chat for --backend openai)",
-    )
-    p.add_argument(
-        "--server-flags",
-        default=None,
-        choices=list(SERVER_FLAGS),
-        help="how the embedded server is started: ollama (the llama-server flags Ollama >= 0.30 "
-        "uses) or harness (full-size sliding windows for --strategy conversation) (default: "
-        "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)",
-    )
+    add_server_options(p)
     _add_input_options(p)
     p.add_argument(
         "--max-tokens",

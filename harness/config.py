@@ -33,7 +33,14 @@ from harness.errors import ConfigError
 from harness.fileio import atomic_write_text
 from harness.lock import hold, lock_path_for
 
-__all__ = ["CONFIG_KEYS", "DEFAULT_CONFIG_PATH", "ProfileConfig", "load_profile", "write_back"]
+__all__ = [
+    "CONFIG_KEYS",
+    "DEFAULT_CONFIG_PATH",
+    "ProfileConfig",
+    "load_profile",
+    "measured_values",
+    "write_back",
+]
 
 DEFAULT_CONFIG_PATH = Path("harness.yaml")
 CONFIG_KEYS: dict[str, type] = {
@@ -129,6 +136,29 @@ def load_profile(path: str | Path, profile: str) -> ProfileConfig:
             raise ConfigError(f"{p}: profiles.{profile}.{key}: {value!r} is not a number")
         values[str(key)] = value
     return ProfileConfig(profile, values, dict(prof.get("provenance") or {}))
+
+
+def measured_values(
+    config: ProfileConfig, backend: str, model: str | None
+) -> tuple[dict[str, Any], list[str]]:
+    """harness.yaml values measured on this backend and model (or set by hand: no
+    provenance); values measured on another backend or model are ignored, and listed."""
+    use: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in config.values.items():
+        if value is None:
+            continue
+        prov = config.provenance.get(key)
+        on = prov.get("backend") if isinstance(prov, Mapping) else None
+        of = prov.get("model") if isinstance(prov, Mapping) else None
+        if on and on != backend:
+            ignored.append(f"{key} = {value} (measured on {on}, this run is {backend})")
+            continue
+        if of and model and of != model:
+            ignored.append(f"{key} = {value} (measured with {of}, this run uses {model})")
+            continue
+        use[key] = value
+    return use, ignored
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -24,12 +24,16 @@ from pathlib import Path
 
 from harness.backends.base import Backend, ChatRequest
 from harness.backends.ollama import CACHED_FIELD_EVIDENCE
-from harness.batch import BatchOptions, batch_config, load_input, make_backend, output_paths
+from harness.batchfiles import load_input, output_paths
 from harness.engine.job import open_token_counter
 from harness.engine.lengths import measure_lengths
+from harness.engine.strategies import SAFE_FRACTION
 from harness.errors import HarnessError
 from harness.memory import NvmlProbe, NvmlUnavailable, is_loopback_url
-from harness.runconfig import SAFE_FRACTION
+from harness.run.factory import open_backend
+from harness.run.options import BatchOptions, batch_config
+from harness.run.preflight import fitted
+from harness.run.settings import RunConfig
 
 __all__ = ["Check", "doctor"]
 
@@ -48,13 +52,13 @@ class Check:
         return f"{self.status:<4}  {self.name}: {self.detail}"
 
 
-async def _server_checks(options: BatchOptions, backend: Backend) -> list[Check]:
+async def _server_checks(options: BatchOptions, backend: Backend, config: RunConfig) -> list[Check]:
     out: list[Check] = []
     data = load_input(options)
     info = backend.info
     out.append(Check("server", "ok", f"{info.backend} at {info.base_url}: {info.server}"))
     out.append(Check("model", "ok", f"{info.model} is served"))
-    cfg = batch_config(options).capped(info.n_ctx_per_slot)
+    cfg = fitted(config, backend)
     n_ctx = info.n_ctx_per_slot or cfg.n_ctx.value
     source = str(info.extra.get("context_source") or f"n_ctx, {cfg.n_ctx.source}")
     async with open_token_counter(backend) as counter:
@@ -78,7 +82,13 @@ async def _server_checks(options: BatchOptions, backend: Backend) -> list[Check]
     if needed > n_ctx:
         out.append(Check("context", "FAIL", f"{shown}: it does not fit; {fix}"))
     elif needed > margin:
-        out.append(Check("context", "FAIL", f"{shown}: less than a 20% margin is left; {fix}"))
+        out.append(
+            Check(
+                "context",
+                "FAIL",
+                f"{shown}: less than a {100 - int(SAFE_FRACTION * 100)}% margin is left; {fix}",
+            )
+        )
     else:
         out.append(Check("context", "ok", shown))
     cached = reply.usage.cached_source
@@ -132,11 +142,12 @@ def doctor(options: BatchOptions) -> list[Check]:
     """Run every check (see the module docstring)."""
     checks: list[Check] = []
     data = load_input(options)
-    backend = make_backend(options)
+    config = batch_config(options)  # harness.yaml read once
+    backend = open_backend(config)
 
     async def go() -> list[Check]:
         async with backend:
-            return await _server_checks(options, backend)
+            return await _server_checks(options, backend, config)
 
     try:
         checks += asyncio.run(go())

@@ -144,13 +144,14 @@ class OllamaContextProbe:
         self.nvml = nvml
 
     def measure(self, n_ctx: int) -> Measurement:
-        from harness.backends.base import ChatRequest
+        from harness.backends.base import BackendSpec, ChatRequest
         from harness.backends.ollama import OllamaBackend
 
         started = time.perf_counter()
 
         async def load() -> dict[str, Any]:
-            backend = OllamaBackend(self.model, base_url=self.base_url, num_ctx=n_ctx)
+            spec = BackendSpec(model=self.model, base_url=self.base_url, n_ctx=n_ctx)
+            backend = OllamaBackend.from_spec(spec)
             async with backend:
                 await backend.chat(ChatRequest([{"role": "user", "content": "ok"}], max_tokens=1))
                 probe = backend.memory_probe()

@@ -373,7 +373,3 @@ def memory_slope(
     except ValueError:
         return {"bytes_per_hour": None, "r_squared": None, "growth_bytes": None}
     return {"bytes_per_hour": slope * 3600.0, "r_squared": r2, "growth_bytes": ys[-1] - ys[0]}
-
-
-def mapping_of(stats: LatencyStats | Mapping[str, Any]) -> dict[str, Any]:
-    return asdict(stats) if isinstance(stats, LatencyStats) else dict(stats)

@@ -42,23 +42,23 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harness.backends.base import Backend
-from harness.backends.openai import OpenAIBackend
 from harness.backends.pool import PoolBackend
-from harness.engine import JobSpec, Runner, TokenCounter, make_strategy
+from harness.engine import JobSpec, Runner, make_strategy
 from harness.engine.job import open_token_counter
 from harness.engine.progress import Progress
 from harness.engine.store import ResultsStore
 from harness.errors import BackendError, ConfigError
 from harness.records import RequestRecord
+from harness.run.factory import fill_pool, open_backend, reach_backend
+from harness.run.job import Job
+from harness.run.preflight import preflight
+from harness.run.result import BatchResult
 from harness.workload import WorkItem
-
-if TYPE_CHECKING:
-    from harness.batch import BatchOptions, BatchResult, _Plan
 
 __all__ = ["BATCH_ROWS", "EngineActor", "execute_ray", "member_specs"]
 
@@ -79,42 +79,10 @@ def _ray() -> Any:
 
 def member_specs(server: Backend) -> list[dict[str, Any]]:
     """How an actor reaches each server of a started backend (one server, or a pool's
-    members): the URL and the request form, never a new server to start."""
+    members): each class's `Backend.reach()`, the URL and the request form, never a new
+    server to start."""
     members = server.members if isinstance(server, PoolBackend) else [server]
-    specs = []
-    for m in members:
-        if isinstance(m, OpenAIBackend):
-            specs.append(
-                {
-                    "kind": "openai",
-                    "base_url": m.base_url,
-                    "model": m.model,
-                    "api_key_env": m.api_key_env,
-                    "chat_format": m.info.chat_format,
-                    "request_path": m.request_path,
-                    "n_keep": m.n_keep,
-                    "timeout_s": m.timeout_s,
-                }
-            )
-        elif m.name == "ollama":
-            specs.append(
-                {
-                    "kind": "ollama",
-                    "base_url": m.info.base_url,
-                    "model": m.info.model,
-                    "num_ctx": m.info.n_ctx_per_slot,
-                }
-            )
-        else:
-            raise ConfigError(f"--executor ray cannot reach a {m.name!r} backend from its actors")
-    return specs
-
-
-def _client(spec: dict[str, Any]) -> Backend:
-    opts = {k: v for k, v in spec.items() if k != "kind"}
-    if spec["kind"] == "openai":
-        return OpenAIBackend(**opts)
-    return Backend.create(spec["kind"], **opts)
+    return [m.reach() for m in members]
 
 
 class _Registry:
@@ -146,10 +114,7 @@ def actor_backend(specs: Sequence[dict[str, Any]], own: int, concurrency: int = 
     pool in `fill` layout: with the concurrency of its own server's slots, the actor uses only
     that server while it answers; if it dies, its rows go on the others)."""
     order = [own] + [k for k in range(len(specs)) if k != own]
-    members = [_client(specs[k]) for k in order]
-    if len(members) == 1:
-        return members[0]
-    return PoolBackend(members, layout="fill", per_endpoint=concurrency)
+    return fill_pool([reach_backend(specs[k]) for k in order], concurrency)
 
 
 def merge_accounts(
@@ -241,9 +206,7 @@ class EngineActor:
             self.loop.close()
 
 
-def _pipeline(
-    plan: _Plan, spec: JobSpec, specs: list[dict[str, Any]], stop: threading.Event
-) -> None:
+def _pipeline(plan: Job, spec: JobSpec, specs: list[dict[str, Any]], stop: threading.Event) -> None:
     """Build and drain the Ray Data pipeline; the one writer of the results file."""
     ray = _ray()
     options, data = plan.options, plan.data
@@ -286,7 +249,7 @@ def _pipeline(
 
 def _drain(
     ray: Any,
-    plan: _Plan,
+    plan: Job,
     spec: JobSpec,
     specs: list[dict[str, Any]],
     pending: list[str],
@@ -339,22 +302,16 @@ def _drain(
         )
 
 
-async def execute_ray(
-    plan: _Plan,
-    backend: Backend | None,
-    *,
-    make_backend: Callable[[BatchOptions], Backend],
-    preflight: Callable[[_Plan, Backend, TokenCounter], Awaitable[JobSpec]],
-) -> BatchResult:
+async def execute_ray(plan: Job, backend: Backend | None) -> BatchResult:
     """Run `plan` as a Ray Data pipeline (see the module docstring); the same outputs as the
-    local executor. `make_backend` and `preflight` are `harness.batch`'s (passed in: the batch
-    tool imports this module, not the other way round)."""
+    local executor: the same backend (`open_backend`, unless the caller gave one) and the
+    same preflight (`harness.run.preflight`)."""
     _ray()  # a missing extra fails before any server starts
-    options, data = plan.options, plan.data
+    data = plan.data
     stop = threading.Event()
     try:
         if plan.skipped < len(data.items):
-            server = backend if backend is not None else make_backend(options)
+            server = backend if backend is not None else open_backend(plan.config)
             async with server, open_token_counter(server) as counter:
                 spec = await preflight(plan, server, counter)
                 specs = member_specs(server)

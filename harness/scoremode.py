@@ -22,7 +22,7 @@ from harness.backends.base import Backend
 from harness.config import ProfileConfig
 from harness.engine.logprobs import LogprobScorer, describe, logprobs_unavailable
 from harness.engine.tokens import TokenCounter
-from harness.runconfig import RunConfig
+from harness.run.settings import RunConfig
 
 __all__ = ["choose_score_mode", "measured_by"]
 

@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.config import ProfileConfig, load_profile
+from harness.config import ProfileConfig, load_profile, measured_values
 from harness.errors import ConfigError, HarnessError
 from harness.reportfiles import base_name
-from harness.runconfig import measured_values
 from harness.scoring import mode_of_report
 from harness.workload import load_prompt
 

@@ -13,7 +13,6 @@ import io
 import json
 import random
 import re
-import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -760,22 +759,6 @@ def sample_rows(rows: Sequence[Any], n: int | None, seed: int = 0) -> list[Any]:
         raise ConfigError(f"--sample {n} must be positive")
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
-
-
-def rubric_of_tokens(n_tokens_hint: int, seed: int = 0) -> str:
-    """Filler text of roughly `n_tokens_hint` tokens (≈4 characters each) for sized workloads."""
-    rng = random.Random(seed)
-    words = [
-        "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
-        for _ in range(400)
-    ]
-    out: list[str] = []
-    size = 0
-    while size < n_tokens_hint * 4:
-        w = rng.choice(words)
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)
 
 
 def tokens_for_schema(schema: Mapping[str, Any] | None) -> int:

@@ -392,6 +392,8 @@ def test_real_process_refuses_a_non_loopback_host_without_a_key(tmp_path: Path) 
         (["--model", "no-such-model"], "--model 'no-such-model'"),
         (["--max-lines", "0"], "--max-lines 0"),
         (["--port", "x"], "not a whole number"),
+        (["--backend", "ollama", "--request-path", "chat"], "--request-path is for llama.cpp"),
+        (["--server-flags", "nope"], "--server-flags: invalid choice: 'nope'"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(
@@ -410,8 +412,25 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     for opt in (
         "--host", "--port", "--backend", "--model", "--base-url", "--data-dir", "--api-key",
         "--max-upload-bytes", "--max-request-bytes", "--max-lines", "--config", "--profile",
+        "--request-path", "--server-flags",
     ):  # fmt: skip
         assert opt in out
+
+
+def test_the_server_options_of_harness_run_reach_the_batches_settings(tmp_path: Path) -> None:
+    """`--request-path` and `--server-flags`, declared once for `harness run` and `harness api`
+    (`harness.run.options.add_server_options`), resolve the same way: the command line first."""
+    from harness.api.cli import build_parser, settings_from
+
+    args = build_parser().parse_args(
+        ["--request-path", "chat", "--server-flags", "harness", "--config", str(tmp_path / "n")]
+    )
+    cfg = settings_from(args).validate()
+    assert (cfg.request_path.value, cfg.request_path.source) == ("chat", "command line")
+    assert (cfg.server_flags.value, cfg.server_flags.source) == ("harness", "command line")
+    default = settings_from(build_parser().parse_args(["--config", str(tmp_path / "n")]))
+    cfg = default.validate()  # harness run's rule: the embedded server's fastest path
+    assert (cfg.request_path.value, cfg.server_flags.value) == ("tokens", "ollama")
 
 
 # -- the app over the in-process double: key, limits, files, error shapes ----------------------

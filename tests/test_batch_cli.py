@@ -1,7 +1,7 @@
 """`harness convert` and `harness run`: bad inputs, conversions, help, outputs.
 
 The fast tests run in-process through `harness.cli.main` on the in-process double (the
-`harness.batch.make_backend` seam is replaced, so the CLI path itself is what runs), plus one
+`harness.run.execute.open_backend` seam is replaced, so the CLI path itself is what runs), plus one
 subprocess test for the real exit code. Tests marked `integration` start a real llama.cpp server
 (tiny-gemma3, or the default gemma3-270m for the 200-row acceptance run).
 """
@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from harness import batch
 from harness.backends.base import ChatRequest
 from harness.batch import BatchOptions, run_batch
 from harness.cli import main
 from harness.engine.store import read_results
 from harness.errors import BackendError, ModelNotFound
+from harness.run import execute
+from harness.run.settings import RunConfig
 from harness.testing import InProcessDouble
 from harness.testing.doubles import char_tokenize
 from harness.workload import (
@@ -95,10 +96,10 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the run gets as far as building a backend."""
 
-    def refuse(options: BatchOptions) -> InProcessDouble:
+    def refuse(cfg: RunConfig) -> InProcessDouble:
         raise AssertionError("a backend was built: validation must come before any server")
 
-    monkeypatch.setattr(batch, "make_backend", refuse)
+    monkeypatch.setattr(execute, "open_backend", refuse)
 
 
 UseDouble = Callable[..., list[InProcessDouble]]
@@ -111,12 +112,12 @@ def use_double(monkeypatch: pytest.MonkeyPatch) -> UseDouble:
     built: list[InProcessDouble] = []
 
     def install(**kwargs: Any) -> list[InProcessDouble]:
-        def make(options: BatchOptions) -> InProcessDouble:
+        def make(cfg: RunConfig) -> InProcessDouble:
             double = InProcessDouble(**kwargs)
             built.append(double)
             return double
 
-        monkeypatch.setattr(batch, "make_backend", make)
+        monkeypatch.setattr(execute, "open_backend", make)
         return built
 
     return install
@@ -616,10 +617,10 @@ def test_rerun_of_a_finished_batch_starts_no_server_and_rewrites_the_csv(
     results_before = Path("c_results.jsonl").read_bytes()
     Path("c_scores.csv").unlink()
 
-    def refuse(options: BatchOptions) -> InProcessDouble:
+    def refuse(cfg: RunConfig) -> InProcessDouble:
         raise AssertionError("nothing is left to run: no server needed")
 
-    monkeypatch.setattr(batch, "make_backend", refuse)
+    monkeypatch.setattr(execute, "open_backend", refuse)
     assert main(["run", "c.csv", "--no-progress"]) == 0
     assert Path("c_scores.csv").read_bytes() == first
     assert Path("c_results.jsonl").read_bytes() == results_before

@@ -1,8 +1,10 @@
 """The house's floors: no module imports one on a higher floor, and no import circle.
 
-Read from the source (every `import` and `from ... import` in `harness/`, type-only imports
-under `if TYPE_CHECKING:` excepted), so a back-import fails `make test`. The floors, lowest
-first, are the ones `docs/architecture.md` draws; a new module must be given one here.
+Read from the source (every `import` and `from ... import` in `harness/`, those inside
+functions and the type-only ones under `if TYPE_CHECKING:` included: a type-only import is a
+dependency too, and hiding a circle behind one is how two modules grow into each other), so a
+back-import or a circle fails `make test`. The floors, lowest first, are the ones
+`docs/architecture.md` draws; a new module must be given one here.
 """
 
 from __future__ import annotations
@@ -38,12 +40,11 @@ FLOORS: list[tuple[str, ...]] = [
     ("harness.backends",),
     # 3: the engine (strategies, token counting, runner, store, job)
     ("harness.engine",),
-    # 4: what uses the engine: configuration, scenarios, reports, phases, baselines, the batch
-    #    tool, test infrastructure
+    # 4: what uses the engine: configuration, scenarios, reports, phases, baselines, test
+    #    infrastructure
     (
         "harness.config",
         "harness.scenarios",
-        "harness.runconfig",
         "harness.report",
         "harness.verdict",
         "harness.reportmodels",
@@ -54,14 +55,20 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.plots",
         "harness.htmlreport",
         "harness.phases",
-        "harness.batch",
-        "harness.scoremode",
-        "harness.rayexec",
-        "harness.doctor",
         "harness.plan",
         "harness.testing",
     ),
-    # 5: the entry points: the pytest plugin, the command line, the Batch API service
+    # 5: the job every entry point runs: settings resolved once, the one backend factory, the
+    #    preflight, the executors, the batch tool's Python API
+    (
+        "harness.run",
+        "harness.batch",
+        "harness.batchfiles",
+        "harness.scoremode",
+        "harness.rayexec",
+        "harness.doctor",
+    ),
+    # 6: the entry points: the pytest plugin, the command line, the Batch API service
     ("harness.pytest", "harness.cli", "harness.__main__", "harness.api"),
 ]
 
@@ -83,17 +90,12 @@ def floor_of(module: str) -> int:
     return best[1]
 
 
-def imports(path: Path) -> list[tuple[str, int]]:
-    """(imported harness module, line) of a file, type-only imports left out."""
+def imports(path: Path, modules: dict[str, Path] | None = None) -> list[tuple[str, int]]:
+    """(imported harness module, line) of a file, type-only imports included. For
+    `from harness.x import y`, both `harness.x` and `harness.x.y` (when y is a module)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    type_only: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            type_only |= {id(n) for n in ast.walk(node)}
     out = []
     for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names if a.name.startswith("harness")]
         elif (
@@ -103,6 +105,11 @@ def imports(path: Path) -> list[tuple[str, int]]:
             and node.module.startswith("harness")
         ):
             out.append((node.module, node.lineno))
+            out += [
+                (f"{node.module}.{a.name}", node.lineno)
+                for a in node.names
+                if f"{node.module}.{a.name}" in (MODULES if modules is None else modules)
+            ]
     return out
 
 
@@ -121,32 +128,65 @@ def test_no_module_imports_a_higher_floor(module: str) -> None:
     assert not up, "\n".join(up)
 
 
-def test_no_import_circle() -> None:
-    graph: dict[str, set[str]] = {m: set() for m in MODULES}
-    for module, path in MODULES.items():
-        for target, _ in imports(path):
-            # `from harness.x import y` may name a submodule y: resolve to the longest module.
-            name = target if target in MODULES else ".".join(target.split(".")[:-1])
-            if name in MODULES and name != module and not module.startswith(name + "."):
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Each module's harness modules it imports (a package's own submodules importing it
+    left out: `harness.engine.job` may import `harness.engine`'s siblings through it)."""
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for target, _ in imports(path, modules):
+            # `from harness.x import y` may name a name in x: resolve to the longest module.
+            name = target if target in modules else ".".join(target.split(".")[:-1])
+            if name in modules and name != module and not module.startswith(name + "."):
                 graph[module].add(name)
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` (its modules in order, the first repeated at the end)."""
     state: dict[str, int] = {}
     stack: list[str] = []
 
-    def visit(node: str) -> None:
+    def visit(node: str) -> list[str] | None:
         state[node] = 1
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                circle = [*stack[stack.index(nxt) :], nxt]
-                raise AssertionError("import circle: " + " -> ".join(circle))
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state:
-                visit(nxt)
+                found = visit(nxt)
+                if found:
+                    return found
         stack.pop()
         state[node] = 2
+        return None
 
     for node in sorted(graph):
         if node not in state:
-            visit(node)
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_circle() -> None:
+    circle = find_circle(import_graph(MODULES))
+    assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+def test_a_type_only_import_back_is_a_circle(tmp_path: Path) -> None:
+    """The check sees what it exists for: a circle made only by an import under
+    `if TYPE_CHECKING:` (as `batch.py` ⇄ `rayexec.py` and `pytest/reporting.py` ⇄
+    `pytest/session.py` once were) fails it."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from harness.b import run\n", encoding="utf-8")
+    b.write_text(
+        "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from harness.a import Plan\n",
+        encoding="utf-8",
+    )
+    modules = {**MODULES, "harness.a": a, "harness.b": b}
+    assert find_circle(import_graph(modules)) == ["harness.a", "harness.b", "harness.a"]
+    b.write_text("from harness.errors import ConfigError\n", encoding="utf-8")
+    assert find_circle(import_graph(modules)) is None
 
 
 def test_the_contract_imports_no_backend() -> None:

@@ -235,3 +235,28 @@ def test_a_failed_phase_writes_nothing_to_the_config(project: pytest.Pytester) -
     result.assert_outcomes(failed=1, deselected=1)
     assert not (project.path / "harness.yaml").exists()
     result.stdout.no_fnmatch_line("config written:*")
+
+
+def test_a_phase_that_skips_is_in_the_summary_with_its_reason(project: pytest.Pytester) -> None:
+    """The session's own hooks (registered as a plugin of its config) note a phase test that
+    skipped, with why; a skipped test that is no phase is not a phase's business. In-process:
+    the outer pytest's session must not receive the inner run's reports."""
+    scenario(project, "0.5")
+    project.makepyfile(
+        test_skips="""
+import pytest
+
+@pytest.mark.quality
+def test_quality_phase():
+    pytest.skip("no quality model here")
+
+def test_not_a_phase():
+    pytest.skip("not a phase")
+"""
+    )
+    result = project.inline_run("-p", "no:cacheprovider")
+    result.assertoutcome(passed=1, skipped=2)
+    summary = json.loads((project.path / "reports" / "summary.json").read_text())
+    assert summary["skipped"] == [
+        {"test": "test_skips.py::test_quality_phase", "reason": "no quality model here"}
+    ]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import socket
 import struct
 import threading
@@ -24,7 +25,6 @@ from typing import Any
 import httpx
 import pytest
 
-from harness import batch
 from harness.backends.base import Backend, ChatRequest
 from harness.backends.openai import OpenAIBackend
 from harness.backends.pool import PoolBackend
@@ -39,6 +39,8 @@ from harness.engine.tokens import TokenCounter, estimate_tokenize
 from harness.errors import BackendUnreachable, ConfigError, InputError, TransientServerError
 from harness.models.templates import get_format
 from harness.records import RequestRecord
+from harness.run import execute
+from harness.run.settings import RunConfig
 from harness.testing import FaultConfig, FaultProxy, InProcessDouble
 from harness.workload import WorkItem, write_candidates_csv
 
@@ -624,7 +626,7 @@ def test_several_base_urls_make_a_pool_with_one_member_per_url() -> None:
 
 
 def test_servers_share_the_cores_unless_threads_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert BatchOptions(Path("x"), servers=3).pool_threads()[0] == 1
     assert BatchOptions(Path("x"), servers=2).pool_threads()[0] == 1
     assert BatchOptions(Path("x"), servers=3, threads=2).pool_threads() == (2, "command line")
@@ -656,13 +658,13 @@ def test_harness_run_over_a_pool_writes_each_rows_endpoint_and_the_figures(
     src = write_candidates_csv(tmp_path / "c.csv", 90)
     built: list[PoolBackend] = []
 
-    def make(options: BatchOptions) -> PoolBackend:
-        assert options.servers == 3
+    def make(cfg: RunConfig) -> PoolBackend:
+        assert cfg.servers.value == 3 and cfg.pool_size == 3
         pool = PoolBackend([InProcessDouble(delay_s=0.001) for _ in range(3)])
         built.append(pool)
         return pool
 
-    monkeypatch.setattr(batch, "make_backend", make)
+    monkeypatch.setattr(execute, "open_backend", make)
     assert main(["run", str(src), "--servers", "3", "--no-progress"]) == 0
     out, err = capsys.readouterr()
     lines = list(read_results(tmp_path / "c_results.jsonl"))
@@ -680,7 +682,7 @@ def test_one_server_writes_no_endpoint_field_and_no_endpoint_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = write_candidates_csv(tmp_path / "c.csv", 10)
-    monkeypatch.setattr(batch, "make_backend", lambda options: InProcessDouble())
+    monkeypatch.setattr(execute, "open_backend", lambda cfg: InProcessDouble())
     result = run_batch(BatchOptions(src, progress=False))
     assert result.done == 10 and result.endpoints == [] and result.endpoint_lines() == []
     assert all("endpoint" not in ln["harness"] for ln in read_results(result.results_path))
@@ -691,17 +693,17 @@ def test_base_url_may_be_given_several_times_on_the_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = write_candidates_csv(tmp_path / "c.csv", 4)
-    seen: list[BatchOptions] = []
+    seen: list[RunConfig] = []
 
-    def make(options: BatchOptions) -> InProcessDouble:
-        seen.append(options)
+    def make(cfg: RunConfig) -> InProcessDouble:
+        seen.append(cfg)
         return InProcessDouble()
 
-    monkeypatch.setattr(batch, "make_backend", make)
+    monkeypatch.setattr(execute, "open_backend", make)
     argv = ["run", str(src), "--backend", "openai", "--no-progress", "--base-url", "http://a:1"]
     assert main([*argv, "--base-url", "http://b:2,http://c:3"]) == 0
-    assert seen[0].base_urls == ["http://a:1", "http://b:2", "http://c:3"]
-    assert seen[0].endpoints == 3
+    assert seen[0].endpoints.value == ("http://a:1", "http://b:2", "http://c:3")
+    assert seen[0].pool_size == 3
 
 
 # -- the engine keeps no state per item ----------------------------------------------------------
@@ -815,7 +817,7 @@ profiles:
 
 def pool_config(tmp_path: Path, profile: str, **cli: Any) -> Any:
     from harness.config import load_profile
-    from harness.runconfig import resolve_run_config
+    from harness.run.resolve import resolve_run_config
     from harness.scenarios import load_scenario
 
     path = tmp_path / "p.yaml"
@@ -831,7 +833,7 @@ def pool_config(tmp_path: Path, profile: str, **cli: Any) -> Any:
 def test_a_profiles_endpoints_make_a_pool_with_per_server_concurrency(tmp_path: Path) -> None:
     cfg = pool_config(tmp_path, "three", concurrency=2)
     assert cfg.pool_size == 3 and cfg.total_concurrency == 6
-    assert [o["base_url"] for o in cfg.member_options()] == [
+    assert [o.base_url for o in cfg.member_specs()] == [
         "http://127.0.0.1:11434", "http://127.0.0.1:11435", "http://127.0.0.1:11436"
     ]  # fmt: skip
     assert cfg.endpoints.source == "scenario" and cfg.to_dict()["endpoints"]["value"]
@@ -840,8 +842,8 @@ def test_a_profiles_endpoints_make_a_pool_with_per_server_concurrency(tmp_path: 
     assert cli.endpoints.value == ("http://127.0.0.1:9", "http://127.0.0.1:8")
     assert (cli.base_url.value, cli.endpoints.source) == ("http://127.0.0.1:9", "command line")
     emb = pool_config(tmp_path, "cpu")
-    assert emb.pool_size == 2 and len(emb.member_options()) == 2
-    assert all(o["threads"] >= 1 for o in emb.member_options())
+    assert emb.pool_size == 2 and len(emb.member_specs()) == 2
+    assert all(o.threads is not None and o.threads >= 1 for o in emb.member_specs())
 
 
 @pytest.mark.parametrize(

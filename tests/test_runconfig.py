@@ -1,15 +1,19 @@
-"""The one configuration path (harness.runconfig): precedence, sources, and values measured on
+"""The one configuration path (harness.run.resolve): precedence, sources, and values measured on
 another backend or model never applied."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from harness.backends.embedded import EmbeddedBackend
 from harness.config import load_profile, write_back
 from harness.errors import ConfigError
-from harness.runconfig import resolve_run_config
+from harness.run.factory import open_backend
+from harness.run.resolve import resolve_run_config
+from harness.run.settings import Value
 from harness.scenarios import Scenario, load_scenario
 
 # What the performance phase writes with --harness-write-config (suites/performance).
@@ -65,9 +69,13 @@ def test_the_performance_phases_values_are_what_the_next_run_uses(
     # The scenario's n_ctx, as nothing measured one.
     assert (cfg.n_ctx.value, cfg.n_ctx.source) == (16384, "scenario")
     assert cfg.ignored == ()
-    options = cfg.backend_options()
-    assert options["parallel"] == 2 and options["n_ctx"] == 2 * 16384
-    assert options["request_path"] == "tokens"
+    (spec,) = cfg.member_specs()
+    assert (spec.parallel, spec.n_ctx, spec.request_path) == (2, 16384, "tokens")
+    # The factory gives the server every slot's context: n_ctx × parallel (llama-server's -c).
+    server = open_backend(cfg)
+    assert isinstance(server, EmbeddedBackend)
+    assert server.settings.parallel == 2 and server.settings.n_ctx == 2 * 16384
+    assert server.request_path == "tokens"
 
 
 def test_the_command_line_beats_what_was_measured(tmp_path: Path, config: Path) -> None:
@@ -146,3 +154,22 @@ def test_conversation_with_more_requests_in_flight_than_slots_is_refused(
             scenario=scenario(tmp_path),
             cli={"concurrency": 4},
         )
+
+
+def test_an_unknown_backend_is_a_config_error_naming_the_known_ones(tmp_path: Path) -> None:
+    """Not Ollama's constructor arguments handed to whatever was named (issue 28): the
+    resolver and the factory both refuse it, naming the backends a run may use."""
+    config = load_profile(tmp_path / "none.yaml", "embedded")
+    with pytest.raises(ConfigError) as raised:
+        resolve_run_config(profile="embedded", config=config, cli={"backend": "olama"})
+    assert str(raised.value) == (
+        "backend 'olama' (command line) is not known; choose one of: embedded, openai, ollama"
+    )
+    # The pool is registered but put together by a run, never named by one.
+    with pytest.raises(ConfigError, match=r"'pool' .* is not known"):
+        resolve_run_config(profile="embedded", config=config, cli={"backend": "pool"})
+    cfg = resolve_run_config(profile="embedded", config=config)
+    with pytest.raises(ConfigError, match=r"unknown backend 'olama'; choose one of: .*ollama"):
+        open_backend(replace(cfg, backend=Value("olama", "command line")))
+    with pytest.raises(ConfigError, match="cannot be built from a run's settings"):
+        open_backend(replace(cfg, backend=Value("pool", "command line")))

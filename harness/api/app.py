@@ -59,7 +59,7 @@ from harness.api.service import Service
 from harness.api.settings import ApiSettings, is_loopback
 from harness.api.store import TERMINAL_STATUSES, BatchRow
 from harness.backends.base import Backend
-from harness.runconfig import RunConfig
+from harness.run.settings import RunConfig
 
 __all__ = ["create_app"]
 

@@ -34,7 +34,7 @@ from harness.api.settings import (
     ApiSettings,
 )
 from harness.errors import HarnessError, LockHeld
-from harness.runconfig import RunConfig
+from harness.run.settings import RunConfig
 
 __all__ = ["READY_PREFIX", "build_parser", "main", "serve"]
 
@@ -100,10 +100,11 @@ def _count(text: str) -> int:
 
 def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     """The parser of `harness api`'s options."""
-    from harness.batch import BACKENDS
+    from harness.backends import Backend
     from harness.config import DEFAULT_CONFIG_PATH
     from harness.engine.strategies import STRATEGIES
     from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+    from harness.run.options import add_server_options
 
     d = ApiSettings()
     p = _Parser(prog=prog, description=_DESCRIPTION, formatter_class=_Formatter)
@@ -111,7 +112,9 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=_count, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
     )
-    p.add_argument("--backend", default=d.backend, help=f"model server: {' | '.join(BACKENDS)}")
+    p.add_argument(
+        "--backend", default=d.backend, help=f"model server: {' | '.join(Backend.runnable())}"
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -224,6 +227,7 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
         "--threads", type=_count, default=None, metavar="N",
         help="CPU threads of the embedded server (default: every core)",
     )  # fmt: skip
+    add_server_options(p)
     p.add_argument(
         "--log-level",
         default="info",
@@ -246,6 +250,8 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
         concurrency=args.concurrency,
         strategy=args.strategy,
         threads=args.threads,
+        request_path=args.request_path,
+        server_flags=args.server_flags,
         config=Path(args.config),
         profile=args.profile,
         max_upload_bytes=args.max_upload_bytes,

@@ -72,7 +72,6 @@ from harness.api.validate import (
     served_names,
 )
 from harness.backends.base import Backend
-from harness.batch import job_spec
 from harness.engine import JobSpec, TokenCounter, read_results, run_job
 from harness.engine.job import open_token_counter
 from harness.engine.lengths import check_fits, measure_lengths
@@ -81,7 +80,8 @@ from harness.errors import ConfigError
 from harness.inputs import MAX_LINE_BYTES
 from harness.metrics import source_label
 from harness.records import RequestRecord
-from harness.runconfig import RunConfig
+from harness.run.preflight import fitted, spec_for
+from harness.run.settings import RunConfig
 from harness.workload import WorkItem
 
 __all__ = [
@@ -646,9 +646,10 @@ class BatchWorker:
 
         # What `harness run` would run with: the configuration resolved at the service's
         # start, its trim policy capped to the (possibly relaunched) server's context.
-        cfg = self.config.capped(self.backend.info.n_ctx_per_slot)
-        spec = job_spec(
-            cfg,
+        cfg = fitted(self.config, self.backend)
+        spec = spec_for(
+            self.config,
+            self.backend,
             results=results,
             desc=f"batch {row.id}",
             progress=False,

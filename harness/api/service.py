@@ -56,10 +56,12 @@ from harness.api.uploads import receive_upload
 from harness.api.validate import SUPPORTED_ENDPOINTS
 from harness.backends.base import Backend
 from harness.backends.openai import OpenAIBackend
-from harness.batch import batch_config, make_backend
 from harness.errors import BackendError
 from harness.lock import hold
-from harness.runconfig import RunConfig
+from harness.run.factory import open_backend
+from harness.run.options import batch_config
+from harness.run.preflight import fitted
+from harness.run.settings import RunConfig
 
 __all__ = ["COMPLETION_WINDOWS", "Counters", "Service", "data_dir_lock"]
 
@@ -127,7 +129,7 @@ class Service:
         self.options = settings.batch_options()
         self.config = config if config is not None else batch_config(self.options)
         """The run configuration, resolved once (see the module docstring)."""
-        self.backend = backend if backend is not None else make_backend(self.options)
+        self.backend = backend if backend is not None else open_backend(self.config)
         self.store: Store | None = None
         self.notes: ServerNotes | None = None
         self.worker: BatchWorker | None = None
@@ -150,7 +152,7 @@ class Service:
         reap(store)
         notes = self.notes = ServerNotes(store)
         await self.start_backend()
-        cfg = self.config.capped(self.backend.info.n_ctx_per_slot)
+        cfg = fitted(self.config, self.backend)
         log.info(
             "batches run with strategy %s (%s), concurrency %s (%s), context %s (%s)",
             cfg.strategy.value, cfg.strategy.source, cfg.concurrency.value,

@@ -13,10 +13,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.batch import BatchOptions, batch_config
 from harness.config import DEFAULT_CONFIG_PATH
 from harness.errors import ConfigError
-from harness.runconfig import RunConfig
+from harness.run.options import BatchOptions, batch_config
+from harness.run.settings import RunConfig
 
 __all__ = [
     "API_KEY_ENV",
@@ -92,6 +92,12 @@ class ApiSettings:
     strategy: str | None = None
     """`stateless` or `conversation` (None: harness.yaml's, else stateless)."""
     threads: int | None = None
+    request_path: str | None = None
+    """llama.cpp servers: `tokens`, `text` or `chat` (None: tokens for the embedded server,
+    chat for openai), as `harness run --request-path`."""
+    server_flags: str | None = None
+    """The embedded server's launch flags, `ollama` or `harness` (None: harness.yaml's
+    SERVER_FLAGS, else ollama), as `harness run --server-flags`."""
     config: Path = DEFAULT_CONFIG_PATH
     profile: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
@@ -132,6 +138,8 @@ class ApiSettings:
             strategy=self.strategy,
             ctx=self.ctx,
             threads=self.threads,
+            request_path=self.request_path,
+            server_flags=self.server_flags,
             progress=False,
             config=self.config,
             profile=self.profile,

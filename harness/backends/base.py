@@ -10,9 +10,13 @@ and returns a `ChatResult` whose usage is normalised:
 - `completion_tokens`: tokens generated.
 
 Backends register themselves by name (`@Backend.register("openai")`) when the package
-`harness.backends` is imported (its `__init__` imports them; this module imports none of them)
-and are built with `Backend.create("openai", base_url=...)`. Failures are raised as
-`harness.errors` classes, translated once at the backend's edge (`harness.backends.http`).
+`harness.backends` is imported (its `__init__` imports them; this module imports none of them).
+Each registered class says how it is built from a run's resolved settings (`from_spec`, given a
+`BackendSpec`), which model it runs when none is named (`default_model`) and which scenario
+profile a run on it reads (`default_profile`); every list of backends (the command line's
+choices, `--harness-backend`, help texts) is `Backend.runnable()`. A run builds its backend in
+one place, `harness.run.factory.open_backend`. Failures are raised as `harness.errors` classes,
+translated once at the backend's edge (`harness.backends.http`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from harness.errors import ConfigError
 from harness.memory import MemoryProbe
@@ -28,7 +32,16 @@ from harness.models.geometry import ModelGeometry
 from harness.models.templates import ChatFormat
 from harness.scoring import TokenChoice
 
-__all__ = ["Backend", "ChatRequest", "ChatResult", "ServerInfo", "Timings", "TokenChoice", "Usage"]
+__all__ = [
+    "Backend",
+    "BackendSpec",
+    "ChatRequest",
+    "ChatResult",
+    "ServerInfo",
+    "Timings",
+    "TokenChoice",
+    "Usage",
+]
 
 Message = Mapping[str, str]
 B = TypeVar("B", bound="type[Backend]")
@@ -156,20 +169,59 @@ class ServerInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """What a run wants of one server, resolved (`harness.run.settings.RunConfig.spec_of`): the
+    plain values a backend class builds itself from (`Backend.from_spec`)."""
+
+    model: str = ""
+    """The model to run or ask for; empty: the class's `default_model` (openai: the server's
+    first model)."""
+    base_url: str | None = None
+    """The server's URL (openai, ollama); None: the backend's own default, where it has one."""
+    n_ctx: int = 8192
+    """Context of one request in tokens (one llama.cpp slot; Ollama's num_ctx)."""
+    parallel: int = 1
+    """Server slots (a server the backend starts)."""
+    max_connections: int = 64
+    """HTTP connections to keep open to this server (at least the requests in flight)."""
+    server_flags: str = "ollama"
+    """How a started llama.cpp server is launched: `ollama` or `harness`."""
+    request_path: str | None = None
+    """`chat`, `text` or `tokens` (llama.cpp); None: the backend's default."""
+    swa_full: bool = False
+    threads: int | None = None
+    """CPU threads of a server the backend starts (None: llama.cpp's default)."""
+    context_from_server: bool = False
+    """Use (and read) the context the server loads with instead of `n_ctx` (Ollama, when
+    nothing set a context)."""
+
+
 class Backend(ABC):
     """A model server the harness can talk to. Use as `async with backend:`."""
 
     name: ClassVar[str] = ""
+    default_model: ClassVar[str] = ""
+    """The model a run on this backend uses when none is named ("": the server's choice)."""
+    default_profile: ClassVar[str] = "embedded"
+    """The scenario profile (and harness.yaml profile) a run on this backend reads by default."""
+    runs: ClassVar[bool] = True
+    """Whether a run may name it (`--backend`); a pool is put together by the run itself."""
+    order: ClassVar[int] = 100
+    """Where it stands in lists of backends (help texts, error messages)."""
     _registry: ClassVar[dict[str, type[Backend]]] = {}
 
     info: ServerInfo
 
     @classmethod
-    def register(cls, name: str) -> Callable[[B], B]:
-        """Class decorator: make a backend available to `Backend.create(name)`."""
+    def register(cls, name: str, *, order: int = 100, runs: bool = True) -> Callable[[B], B]:
+        """Class decorator: make a backend available to `Backend.create(name)` and, unless
+        `runs` is False, to runs (`--backend name`), listed at `order`."""
 
         def deco(klass: B) -> B:
             klass.name = name
+            klass.order = order
+            klass.runs = runs
             cls._registry[name] = klass
             return klass
 
@@ -180,15 +232,36 @@ class Backend(ABC):
         return sorted(cls._registry)
 
     @classmethod
-    def create(cls, name: str, **options: Any) -> Backend:
-        """Build the backend registered as `name` with its options."""
+    def runnable(cls) -> list[str]:
+        """The backends a run may name, in the order lists show them."""
+        found = [k for k in cls._registry.values() if k.runs]
+        return [k.name for k in sorted(found, key=lambda k: (k.order, k.name))]
+
+    @classmethod
+    def class_of(cls, name: str) -> type[Backend]:
+        """The class registered as `name`; ConfigError naming the known ones otherwise."""
         try:
-            klass = cls._registry[name]
+            return cls._registry[name]
         except KeyError:
             raise ConfigError(
                 f"unknown backend {name!r}; choose one of: {', '.join(sorted(cls._registry))}"
             ) from None
-        return klass(**options)
+
+    @classmethod
+    def create(cls, name: str, **options: Any) -> Backend:
+        """Build the backend registered as `name` with its options."""
+        return cls.class_of(name)(**options)
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        """This backend, not started, for a run's resolved settings (one server)."""
+        raise ConfigError(f"the {cls.name!r} backend cannot be built from a run's settings")
+
+    def reach(self) -> dict[str, Any]:
+        """How another process reaches this started backend's server (the Ray executor's
+        actors): `kind` (a registered name) and the options `Backend.create(kind, ...)` takes
+        to talk to it, never to start a new server."""
+        raise ConfigError(f"--executor ray cannot reach a {self.name!r} backend from its actors")
 
     @abstractmethod
     async def start(self) -> None:

@@ -18,11 +18,11 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import httpx
 
-from harness.backends.base import Backend
+from harness.backends.base import Backend, BackendSpec
 from harness.backends.openai import OpenAIBackend
 from harness.backends.server import (
     LISTEN_PREFIX,
@@ -36,7 +36,7 @@ from harness.memory import ProcessRSSProbe
 from harness.models.geometry import ModelGeometry, geometry_from_gguf
 from harness.models.registry import DEFAULT_MODEL, resolve_model
 
-__all__ = ["EmbeddedBackend", "EmbeddedServer"]
+__all__ = ["EmbeddedBackend", "EmbeddedServer", "packaged_tokenizer"]
 
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cannot allocate", "bad_alloc", "oom")
 
@@ -198,9 +198,25 @@ class EmbeddedServer:
         self.stop()
 
 
-@Backend.register("embedded")
+@Backend.register("embedded", order=0)
 class EmbeddedBackend(OpenAIBackend):
     """OpenAI-compatible backend on a llama.cpp server it launches and stops itself."""
+
+    default_model = DEFAULT_MODEL
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        opts: dict[str, Any] = {
+            "n_ctx": spec.n_ctx * spec.parallel,
+            "parallel": spec.parallel,
+            "server_flags": spec.server_flags,
+            "swa_full": spec.swa_full,
+            "max_connections": spec.max_connections,
+            "threads": spec.threads,
+        }
+        if spec.request_path:
+            opts["request_path"] = spec.request_path
+        return cls(spec.model or None, **opts)
 
     def __init__(
         self,
@@ -290,3 +306,10 @@ class EmbeddedBackend(OpenAIBackend):
 
     def gpu_probe(self) -> None:
         return None  # the embedded server is xllamacpp's CPU build
+
+
+def packaged_tokenizer() -> EmbeddedBackend:
+    """A small server of the packaged Gemma 3 tokenizer (tiny-gemma3: random weights, the real
+    vocabulary), not started: it counts prompts exactly for a Gemma server without a
+    `/tokenize` of its own (Ollama), since Gemma 3's vocabulary is the same at every size."""
+    return EmbeddedBackend(model="tiny-gemma3", n_ctx=512)

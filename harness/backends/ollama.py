@@ -37,12 +37,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
 from harness.backends.base import (
     Backend,
+    BackendSpec,
     ChatRequest,
     ChatResult,
     ServerInfo,
@@ -124,13 +125,33 @@ def prompt_count_complete(version: tuple[int, int, int] | None) -> bool:
     return version is not None and version != (0, 30, 0)
 
 
-@Backend.register("ollama")
+@Backend.register("ollama", order=2)
 class OllamaBackend(Backend):
     """A client of an Ollama server (native API)."""
 
+    default_model = "gemma3:12b"
+    default_profile = "gpu-gemma3-12b"
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        return cls(
+            spec.model or cls.default_model,
+            base_url=spec.base_url,
+            # Nothing set a context: use (and read) the one Ollama loads the model with.
+            num_ctx=None if spec.context_from_server else spec.n_ctx,
+        )
+
+    def reach(self) -> dict[str, Any]:
+        return {
+            "kind": "ollama",
+            "base_url": self.info.base_url,
+            "model": self.info.model,
+            "num_ctx": self.info.n_ctx_per_slot,
+        }
+
     def __init__(
         self,
-        model: str = "gemma3:12b",
+        model: str = default_model,
         *,
         base_url: str | None = None,
         num_ctx: int | None = None,

@@ -34,12 +34,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
 from harness.backends.base import (
     Backend,
+    BackendSpec,
     ChatRequest,
     ChatResult,
     ServerInfo,
@@ -83,9 +84,36 @@ def llama_connections(n_slots: int | None) -> int:
     return max(1, (n_slots or 1) + 1)
 
 
-@Backend.register("openai")
+@Backend.register("openai", order=1)
 class OpenAIBackend(Backend):
     """A client of any OpenAI-compatible chat server."""
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        if not spec.base_url:
+            raise ConfigError(
+                "--backend openai needs --base-url or OPENAI_BASE_URL (e.g. "
+                "http://127.0.0.1:8080/v1)"
+            )
+        opts: dict[str, Any] = {
+            "model": spec.model or None,
+            "max_connections": spec.max_connections,
+        }
+        if spec.request_path:
+            opts["request_path"] = spec.request_path
+        return cls(spec.base_url, **opts)
+
+    def reach(self) -> dict[str, Any]:
+        return {
+            "kind": "openai",
+            "base_url": self.base_url,
+            "model": self.model,
+            "api_key_env": self.api_key_env,
+            "chat_format": self.info.chat_format,
+            "request_path": self.request_path,
+            "n_keep": self.n_keep,
+            "timeout_s": self.timeout_s,
+        }
 
     def __init__(
         self,

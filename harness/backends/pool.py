@@ -148,7 +148,7 @@ class _MembersProbe:
         )
 
 
-@Backend.register("pool")
+@Backend.register("pool", runs=False)
 class PoolBackend(Backend):
     """Several servers of one model as one backend; see the module docstring."""
 

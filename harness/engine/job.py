@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO, overload
 
 from harness.backends.base import Backend
+from harness.backends.embedded import packaged_tokenizer
 from harness.backends.pool import PoolBackend
 from harness.engine.progress import Progress
 from harness.engine.reusewatch import ReuseWatch, ReuseWatchConfig
@@ -151,8 +152,11 @@ def endpoint_report(
 
 
 @contextlib.asynccontextmanager
-async def open_token_counter(backend: Backend) -> AsyncIterator[TokenCounter]:
-    """A token counter for `backend`: its own tokenizer, else the packaged Gemma 3 one."""
+async def open_token_counter(
+    backend: Backend, *, tokenizer: Callable[[], Backend] = packaged_tokenizer
+) -> AsyncIterator[TokenCounter]:
+    """A token counter for `backend`: its own tokenizer, else for a Gemma model `tokenizer()`'s
+    (started for the counter's life: the packaged Gemma 3 one unless told), else an estimate."""
     fmt = backend.info.chat_format or get_format("gemma")
     if backend.info.supports_tokenize:
         yield TokenCounter(fmt, backend.tokenize, source="server")
@@ -160,7 +164,7 @@ async def open_token_counter(backend: Backend) -> AsyncIterator[TokenCounter]:
     if fmt.name == "gemma":
         # Ollama has no tokenize endpoint; Gemma 3's vocabulary is the same at every size, so
         # the packaged model's tokenizer (in a tiny local llama.cpp server) counts exactly.
-        helper = Backend.create("embedded", model="tiny-gemma3", n_ctx=512)
+        helper = tokenizer()
         async with helper:
             yield TokenCounter(fmt, helper.tokenize, source="packaged-gemma3")
         return

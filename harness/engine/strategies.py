@@ -24,6 +24,7 @@ from harness.errors import ConfigError, ContextOverflow
 from harness.workload import WorkItem
 
 __all__ = [
+    "SAFE_FRACTION",
     "STRATEGIES",
     "Conversation",
     "ConversationStrategy",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 Message = Mapping[str, str]
+SAFE_FRACTION = 0.8
+"""The trim threshold's share of the context cap when nothing else sets it (the roadmap's 80%),
+and the margin `harness doctor` and phase 1 keep below a context: the one place it is written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,7 @@ class TrimPolicy:
     """No request is sent whose prompt plus reply room exceeds this (MAX_CONTEXT_TOKENS)."""
     trim_threshold: int | None = None
     """Restart before a conversation would pass this many tokens (CONTEXT_TRIM_THRESHOLD);
-    None: 80% of max_context_tokens."""
+    None: `SAFE_FRACTION` (80%) of max_context_tokens."""
     trim_interval: int | None = None
     """Restart after this many requests in one conversation (TRIM_INTERVAL); None: never."""
     keep_last: int = 0
@@ -55,7 +59,7 @@ class TrimPolicy:
     def threshold(self) -> int:
         if self.trim_threshold is not None:
             return self.trim_threshold
-        return int(self.max_context_tokens * 0.8)
+        return int(self.max_context_tokens * SAFE_FRACTION)
 
     def validate(self) -> None:
         if self.max_context_tokens < 1:

@@ -61,12 +61,6 @@ class ModelGeometry:
     source: str = ""
     """Where the numbers came from: `gguf:<path>` or `ollama:/api/show <model>`."""
 
-    @property
-    def local_layers(self) -> tuple[int, ...]:
-        """Indices of sliding-window layers (their KV is capped at the window)."""
-        glob = set(self.global_layers)
-        return tuple(i for i in range(self.n_layers) if i not in glob)
-
 
 KV_MODELLED = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite"}

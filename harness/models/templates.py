@@ -60,10 +60,6 @@ class ChatFormat:
     def user_name(self) -> str:
         return self.role_names[1][1]
 
-    def message_pieces(self, role: str, content: str) -> tuple[Piece, ...]:
-        """One message's pieces, from its turn-open token to the newline after its turn."""
-        return _message_pieces(self, role, content)
-
     def render_pieces(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
     ) -> list[Piece]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from harness.engine.strategies import SAFE_FRACTION
 from harness.limits import (
     EmbeddedContextProbe,
     LimitSearch,
@@ -25,15 +26,12 @@ from harness.models import ModelGeometry
 from harness.models.kv import KVTheory, UnknownGeometry, kv_theory
 
 __all__ = [
-    "SAFE_FRACTION",
     "geometry_figures",
     "limits_figures",
     "other_layout_kv",
     "recommended_config",
     "theory_or_none",
 ]
-
-SAFE_FRACTION = 0.8
 
 
 def theory_or_none(geom: ModelGeometry, cache_type: str = "f16") -> tuple[KVTheory | None, str]:

@@ -7,8 +7,9 @@
   keep their old names, `--memory-budget` and `--write-config`, as aliases).
 - Markers, registered for `--strict-markers`; the long scale phases (`scale_10k`, `scale_50k`,
   `scale_170k`) run only when `-m` names them.
-- The run session (`harness.pytest.session.HarnessSession`) is built in `pytest_configure` and
-  kept in `config.stash`; the `harness` fixture hands it to tests. Reports, gates, write-back
+- The run session (`harness.pytest.session.HarnessSession`) is built in `pytest_configure`,
+  kept in `config.stash` and its hooks registered as a plugin of that config (`SessionHooks`);
+  the `harness` fixture hands it to tests. Reports, gates, write-back
   and the summary are `harness.pytest.reporting`'s.
 - At the end: `summary.json` and `index.html` over every report in the folder, the verdict
   first, and the same on the terminal.
@@ -48,8 +49,12 @@ PHASE_MARKERS = ("context_limits", "scale", "quality", "reliability", "performan
 
 
 def _backend_name(text: str) -> str:
-    if text not in ("embedded", "openai", "ollama"):
-        raise pytest.UsageError(f"--harness-backend {text!r}: choose embedded, openai or ollama")
+    from harness.backends import Backend  # every backend registered
+
+    names = Backend.runnable()
+    if text not in names:
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise pytest.UsageError(f"--harness-backend {text!r}: choose {listed}")
     return text
 
 
@@ -177,16 +182,40 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(HarnessHooks)
 
 
+SESSION_PLUGIN = "harness-session"
+"""The name the run session's hooks are registered under (`config.pluginmanager`)."""
+
+
+class SessionHooks:
+    """The hooks that need this run's session, registered as a plugin of its own config (as
+    pytest-benchmark registers its session), so each pytest run, nested ones included, reaches
+    its own session and no other."""
+
+    def __init__(self, harness: HarnessSession) -> None:
+        self.harness = harness
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Remember phase tests that skipped, with their reasons, for the summary."""
+        if not report.skipped or report.when not in ("setup", "call"):
+            return
+        if not any(marker in report.keywords for marker in PHASE_MARKERS):
+            return  # not a phase test (the harness's own tests skip too)
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        self.harness.reports.skipped.append((report.nodeid, str(reason).removeprefix("Skipped: ")))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, help_text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {help_text}")
-    config.stash[HARNESS_KEY] = HarnessSession(config)
-    _CONFIG.append(config)
+    harness = config.stash[HARNESS_KEY] = HarnessSession(config)
+    config.pluginmanager.register(SessionHooks(harness), SESSION_PLUGIN)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if config in _CONFIG:
-        _CONFIG.remove(config)
+    plugin = config.pluginmanager.get_plugin(SESSION_PLUGIN)
+    if plugin is not None:
+        config.pluginmanager.unregister(plugin)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -212,26 +241,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             harness.reports.write_pages()
     finally:
         harness.close()
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Remember phase tests that skipped, with their reasons, for the summary."""
-    if not report.skipped or report.when not in ("setup", "call"):
-        return
-    if not any(marker in report.keywords for marker in PHASE_MARKERS):
-        return  # not a phase test (the harness's own tests skip too)
-    harness = _session(report)
-    if harness is None:
-        return
-    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    harness.reports.skipped.append((report.nodeid, str(reason).removeprefix("Skipped: ")))
-
-
-_CONFIG: list[pytest.Config] = []
-
-
-def _session(report: pytest.TestReport) -> HarnessSession | None:
-    return _CONFIG[-1].stash.get(HARNESS_KEY, None) if _CONFIG else None
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

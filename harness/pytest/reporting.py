@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -32,10 +32,7 @@ from harness.reportmodels import SummaryReport
 from harness.scenarios import Criterion, Scenario, evaluate
 from harness.verdict import read_reports, verdict
 
-if TYPE_CHECKING:
-    from harness.pytest.session import HarnessSession
-
-__all__ = ["PhaseResult", "Reports"]
+__all__ = ["PhaseResult", "ReportContext", "Reports"]
 
 _HEADLINES = (
     ("throughput_rps", "{:.2f} req/s"),
@@ -70,11 +67,34 @@ class PhaseResult:
         return "PASS" if self.report.get("criteria") else "ungated"
 
 
+@dataclass(frozen=True)
+class ReportContext:
+    """What the reports need of the pytest session (`HarnessSession.report_context`): where
+    they go, whose they are, and how a report's server and machine are described."""
+
+    profile: str
+    root: Path
+    report_dir: Path
+    config_path: Path
+    write_config: bool
+    backend_info: Callable[..., dict[str, Any]]
+    """`(backend, scenario=None)`: the server a report's figures came from."""
+    machine: Callable[[], dict[str, Any]]
+    """The machine's description (asked once per session, with the plugin hook's additions)."""
+
+    def relpath(self, path: Path) -> str:
+        """`path` relative to the project's root when it lies inside it."""
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
 class Reports:
     """The reports of one session (see the module docstring)."""
 
-    def __init__(self, session: HarnessSession) -> None:
-        self.session = session
+    def __init__(self, context: ReportContext) -> None:
+        self.context = context
         self.results: list[PhaseResult] = []
         self.config_changes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
@@ -95,7 +115,7 @@ class Reports:
         the run ended early: the report keeps what ran and fails on `run_finished`. `defaults`:
         criteria the harness applies where the profile sets none on that metric (a pool run's
         `scaling_efficiency >= 0.7`)."""
-        s = self.session
+        s = self.context
         criteria = scenario.criteria_for(s.profile) if s.profile in scenario.profiles else []
         gated = {c.metric for c in criteria}
         for i, text in enumerate(defaults):
@@ -140,7 +160,7 @@ class Reports:
                 pytest.fail("\n".join(result.failed), pytrace=False)
             if not report.get("criteria"):
                 pytest.fail(
-                    f"{result.scenario}: profile {self.session.profile!r} has no criteria, so "
+                    f"{result.scenario}: profile {self.context.profile!r} has no criteria, so "
                     "nothing was checked and the phase cannot pass (its report says ungated); "
                     "add criteria to the profile",
                     pytrace=False,
@@ -158,7 +178,7 @@ class Reports:
     ) -> None:
         """Write `values` to harness.yaml with their provenance: `report` (the report dict
         this session wrote, or its path) and the backend and model that measured them."""
-        s = self.session
+        s = self.context
         if not s.write_config:
             return
         info = s.backend_info(backend)
@@ -174,7 +194,7 @@ class Reports:
     # -- the session's summary ------------------------------------------------------------
 
     def write_summary(self) -> Path | None:
-        s = self.session
+        s = self.context
         if not self.results and not self.skipped:
             return None
         reports = read_reports(s.report_dir)
@@ -219,7 +239,7 @@ class Reports:
         from harness.htmlreport import build_index
         from harness.plots import plot_memory_vs_context
 
-        s = self.session
+        s = self.context
         found = find_report(s.report_dir, "context_limit_results.json", profile=s.profile)
         if found is not None:
             _, data = found
@@ -241,7 +261,7 @@ class Reports:
 
     def lines(self) -> list[str]:
         """The terminal summary: the verdict, then every report in the folder."""
-        s = self.session
+        s = self.context
         out = verdict(s.report_dir, s.config_path).lines()
         rows = [("report", "profile", "model", "result", "figures")]
         for e in read_reports(s.report_dir):

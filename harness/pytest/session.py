@@ -1,5 +1,6 @@
 """The state of one pytest run of the harness: options, a private event loop, backends built
-through the one configuration path (harness.runconfig), scenarios, and the terminal.
+through the one configuration path (`harness.run`: resolved by `resolve`, built by
+`open_backend`), scenarios, and the terminal.
 
 Reports, gates, write-back and the summary live in `harness.pytest.reporting`; the session's
 `report`, `gate` and `recommend` hand over to it, so a suite needs only the `harness` fixture.
@@ -12,23 +13,26 @@ import contextlib
 import io
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from harness.backends.base import Backend
-from harness.config import load_profile
 from harness.errors import ConfigError
-from harness.pytest.reporting import Reports
+from harness.pytest.reporting import ReportContext, Reports
 from harness.report import machine_info
-from harness.runconfig import RunConfig, resolve_run_config
+from harness.run.factory import open_backend
+from harness.run.resolve import default_profile, resolve
+from harness.run.settings import DEFAULT, RunConfig, Value
 from harness.scenarios import Scenario, load_scenario
 
-__all__ = ["DEFAULT_PROFILES", "HarnessSession", "Terminal"]
+__all__ = ["HarnessSession", "Terminal"]
 
 T = TypeVar("T")
-DEFAULT_PROFILES = {"embedded": "embedded", "openai": "embedded", "ollama": "gpu-gemma3-12b"}
+OPENAI_URL = "http://127.0.0.1:8080"
+"""The openai server a suite talks to when neither --harness-base-url nor the profile names one."""
 
 
 class HarnessSession:
@@ -47,14 +51,24 @@ class HarnessSession:
         self.threads: int | None = getattr(opt, "harness_threads", None)
         """CPU threads of each embedded server (None: llama.cpp's default)."""
         self.base_url: str | None = opt.harness_base_url
-        self.profile: str = opt.harness_profile or DEFAULT_PROFILES[self.backend_name]
+        self.profile: str = opt.harness_profile or default_profile(self.backend_name)
         self.report_dir = self._path(opt.harness_report_dir)
         self.scenario_dir = self._path(opt.harness_scenario_dir)
         self.config_path = self._path(opt.harness_config)
         self.price_per_kwh: float = opt.harness_price_per_kwh
         self.memory_budget: str | None = opt.memory_budget
         self.write_config: bool = opt.write_config
-        self.reports = Reports(self)
+        self.reports = Reports(
+            ReportContext(
+                profile=self.profile,
+                root=self.root,
+                report_dir=self.report_dir,
+                config_path=self.config_path,
+                write_config=self.write_config,
+                backend_info=self.backend_info,
+                machine=self.machine,
+            )
+        )
         """The phase reports written this session (harness.pytest.reporting)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backends: dict[tuple[Any, ...], Backend] = {}
@@ -100,17 +114,18 @@ class HarnessSession:
 
     def run_config(self, scenario: Scenario | None = None, **cli: Any) -> RunConfig:
         """The run's settings for a scenario: the command line, then harness.yaml (measured
-        on the same backend), then the scenario's profile, then defaults (harness.runconfig).
+        on the same backend), then the scenario's profile, then defaults (harness.run.resolve).
         `cli` overrides what a suite sets itself (a sweep's slots, say)."""
         given = {
             "backend": self.backend_option,
             "model": self.model_option,
             "base_url": self.base_url,
             "score_mode": self.score_mode_option,
+            "threads": self.threads,
         }
-        return resolve_run_config(
+        return resolve(
             profile=self.profile,
-            config=load_profile(self.config_path, self.profile),
+            config_path=self.config_path,
             scenario=scenario,
             cli={**given, **cli},
         )
@@ -120,28 +135,13 @@ class HarnessSession:
 
     def backend(self, cfg: RunConfig) -> Backend:
         """A started backend for these settings, shared for the session."""
-        name = cfg.backend.value
-        options = cfg.backend_options()
-        if name == "embedded" and self.threads is not None:
-            options["threads"] = self.threads
-        if name == "openai" and not options.get("base_url"):
-            options["base_url"] = "http://127.0.0.1:8080"
-        key = (
-            name,
-            cfg.pool_size,
-            tuple(sorted((k, repr(v)) for k, v in options.items())),
-            cfg.endpoints.value,
-        )
+        if cfg.backend.value == "openai" and not cfg.base_url.value:
+            cfg = replace(cfg, base_url=Value(OPENAI_URL, DEFAULT))
+        key = (cfg.backend.value, cfg.pool_size, tuple(cfg.member_specs()), cfg.endpoints.value)
         if key not in self._backends:
-            if cfg.pool_size > 1:
-                # Several servers (the profile's endpoints: or servers: N): one pool over them;
-                # the run's concurrency is per server (`RunConfig.total_concurrency`).
-                members = [Backend.create(name, **o) for o in cfg.member_options()]
-                backend = Backend.create(
-                    "pool", members=members, per_endpoint=cfg.concurrency.value
-                )
-            else:
-                backend = Backend.create(name, **options)
+            # Several servers (the profile's endpoints: or servers: N) are one pool over them;
+            # the run's concurrency is per server (`RunConfig.total_concurrency`).
+            backend = open_backend(cfg)
             self.run(backend.__aenter__())
             self._backends[key] = backend
         return self._backends[key]
@@ -204,10 +204,7 @@ class HarnessSession:
         return self._machine
 
     def relpath(self, path: Path) -> str:
-        try:
-            return str(path.relative_to(self.root))
-        except ValueError:
-            return str(path)
+        return self.reports.context.relpath(path)
 
     def report(
         self,

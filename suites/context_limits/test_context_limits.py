@@ -38,7 +38,7 @@ from harness.phases.context_limits import (
 )
 from harness.pytest import HarnessSession
 from harness.reuse import ReuseRow, reuse_fall, reuse_sweep
-from harness.runconfig import RunConfig
+from harness.run.settings import RunConfig
 
 SCENARIO = "phase1_context_limits.yaml"
 REUSE_SCENARIO = "prefix_reuse.yaml"

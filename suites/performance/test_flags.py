@@ -30,6 +30,7 @@ from harness.phases import items_for
 from harness.phases import performance as perf
 from harness.pytest import HarnessSession
 from harness.reportfiles import find_report
+from harness.run.preflight import fitted
 
 SCENARIO = "flags.yaml"
 pytestmark = [pytest.mark.performance, pytest.mark.integration, pytest.mark.timeout(7200)]
@@ -65,7 +66,7 @@ class Variants:
         backend, cfg = self.backends[key], self.cfgs[key]
         spec = JobSpec(
             strategy=key[0],
-            policy=cfg.capped(backend.info.n_ctx_per_slot).policy,
+            policy=fitted(cfg, backend).policy,
             progress=False,
         )
         items = self.items[r * self.per : (r + 1) * self.per]

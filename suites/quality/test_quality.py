@@ -28,6 +28,7 @@ from harness.phases import items_for, prompt_for, table_for
 from harness.phases import quality as q
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
+from harness.run.preflight import fitted
 from harness.scoring import TOP_N
 from harness.workload import CandidateTable, WorkItem
 
@@ -63,7 +64,7 @@ def test_quality(harness: HarnessSession) -> None:
     opts: dict[str, Any] = scenario.profile(harness.profile).options
     cfg = harness.run_config(scenario)
     backend = harness.backend(cfg)
-    policy = cfg.capped(backend.info.n_ctx_per_slot).policy
+    policy = fitted(cfg, backend).policy
     n, controls = int(opts.get("candidates", 50)), int(opts.get("controls", 3))
     table = table_for(scenario, harness.profile, n + controls + 1)
     fields, fields_source = q.bias_fields(prompt_for(scenario, harness.profile))

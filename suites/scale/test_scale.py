@@ -25,6 +25,7 @@ from harness.models.registry import resolve_model
 from harness.phases import items_for, scale_figures
 from harness.phases.common import phase1_budget
 from harness.pytest import HarnessSession
+from harness.run.preflight import fitted
 from harness.scoring import planned_mode
 
 SIZES = [
@@ -46,7 +47,7 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     scenario = harness.scenario(scenario_file)
     cfg = harness.run_config(scenario)
     backend = harness.backend(cfg)
-    cfg = cfg.capped(backend.info.n_ctx_per_slot)
+    cfg = fitted(cfg, backend)
     spec = JobSpec(
         strategy=cfg.strategy.value,
         policy=cfg.policy,

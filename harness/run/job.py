@@ -1,0 +1,263 @@
+"""One batch job, prepared (`prepare`): its options, input, output paths, resolved settings,
+fingerprint (`<results stem>.job.json`, checked on resume), the lock that makes this process
+its results file's one writer, and this run's tally; `Job.finish` writes the scores CSV and
+returns the `BatchResult`. Both executors (local, Ray) run a `Job`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from harness.backends.base import Backend
+from harness.backends.pool import PoolBackend
+from harness.batchfiles import BatchInput, ScoreCounts, load_input, output_paths, write_scores
+from harness.engine.job import endpoint_report
+from harness.engine.store import read_final
+from harness.errors import ConfigError, OutputError
+from harness.fileio import atomic_write_json
+from harness.lock import hold, lock_path_for
+from harness.metrics import MetricsCollector
+from harness.records import RequestRecord
+from harness.run.options import BatchOptions, batch_config
+from harness.run.result import BatchResult, endpoints_path, mean_or_none
+from harness.run.settings import RunConfig
+
+__all__ = ["INPUT_KEYS", "Job", "job_fingerprint", "job_path", "prepare", "write_job"]
+
+
+@dataclass(slots=True)
+class Job:
+    """A prepared batch job (`prepare`) and this run's state: what the executors run, what
+    `finish` turns into the `BatchResult`."""
+
+    options: BatchOptions
+    data: BatchInput
+    scores: Path
+    results: Path
+    skipped: int
+    config: RunConfig
+    job: dict[str, Any]
+    """The job's fingerprint, written beside the results when the run starts."""
+    tally: MetricsCollector = field(default_factory=MetricsCollector)
+    """This run's requests (an engine sink: it keeps its counts after an interruption)."""
+    started: float | None = None
+    ended: float | None = None
+
+    def add(self, rec: RequestRecord) -> None:
+        self.tally.add(rec)
+        self.ended = time.perf_counter()
+
+    server: str = ""
+    backend: Backend | None = None
+    """The backend of this run (a pool's figures are read from it at the end)."""
+    endpoint_history: list[dict[str, Any]] | None = None
+    """Each server's own account when no pool object keeps it (the Ray executor)."""
+    started_unix: float = 0.0
+    counts: ScoreCounts | None = None
+    """Set once the scores CSV is written."""
+    stopped_by: signal.Signals | None = None
+    """The signal that stopped the run, when one did (SIGINT or SIGTERM)."""
+    stopped_reason: str | None = None
+    """Why the engine ended the run before its end without a signal (a reuse alarm with
+    --stop-on-cache-miss)."""
+    reuse_alarms: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Banner lines about the resume (an old fingerprint without the input's hash)."""
+
+    def write_scores(self) -> None:
+        """Write the scores CSV from the results file (when there is one)."""
+        if self.results.exists():
+            ids = [it.custom_id for it in self.data.items]
+            self.counts = write_scores(ids, self.data.fields, self.results, self.scores)
+
+    def finish(self, *, interrupted: bool = False) -> BatchResult:
+        if self.counts is None:
+            self.write_scores()
+        counts = self.counts or ScoreCounts()
+        ids = self.data.items
+        t = self.tally
+        elapsed = self.ended - self.started if self.started is not None and self.ended else 0.0
+        m = t.summary(elapsed)
+        endpoints = self.endpoint_figures(m.extra.get("endpoints", {}))
+        if endpoints:
+            with contextlib.suppress(OutputError):
+                atomic_write_json(
+                    endpoints_path(self.results),
+                    {"elapsed_s": elapsed, "started": self.started_unix, "endpoints": endpoints},
+                )
+        return BatchResult(
+            input=self.data.path,
+            kind=self.data.kind,
+            scores_path=self.scores,
+            results_path=self.results,
+            total=len(ids),
+            done=counts.done,
+            failed=counts.failed,
+            scored=counts.scored,
+            skipped=self.skipped,
+            ran=t.requests,
+            foreign=counts.foreign,
+            elapsed_s=elapsed,
+            throughput_rps=m.throughput_rps,
+            token_savings=m.token_savings,
+            savings_source=m.cached_source,
+            uncached_per_request=m.uncached_tokens_per_request,
+            mean_latency_ms=mean_or_none(t.latency),
+            mean_decode_ms=mean_or_none(t.decode_ms),
+            mean_prompt_ms=mean_or_none(t.prompt_ms),
+            mean_completion_tokens=t.completion / t.completed if t.completed else None,
+            interrupted=interrupted,
+            stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
+            server=self.server,
+            endpoints=endpoints,
+            stopped_reason=self.stopped_reason,
+            reuse_alarms=list(self.reuse_alarms),
+        )
+
+    def endpoint_figures(self, figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.backend is not None and isinstance(self.backend, PoolBackend):
+            return endpoint_report(self.backend, figures, self.started_unix)
+        if self.endpoint_history is None:
+            return []
+        out = []
+        for ep in self.endpoint_history:
+            row = dict(ep)
+            for key in ("down_at", "back_at"):
+                at = row.get(key)
+                row[key.replace("_at", "_after_s")] = at - self.started_unix if at else None
+            row.update(figures.get(row["endpoint"], {"rows": 0, "completed": 0, "errors": 0}))
+            out.append(row)
+        return out
+
+
+INPUT_KEYS = ("input", "input_sha256")
+"""The fingerprint's input: its path (to name it) and the hash of its bytes (compared)."""
+
+
+def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> dict[str, Any]:
+    """What makes a results file this job's: a resumed run must send the same requests, to the
+    same input's rows (another input with the same ids is another job)."""
+    return {
+        "input": str(data.path.resolve()),
+        "input_sha256": data.input_sha256,
+        "prompt": data.prompt,
+        "prompt_sha256": data.prompt_sha256,
+        "model": cfg.model.value,
+        "backend": cfg.backend.value,
+        "strategy": cfg.strategy.value,
+        "output_fields": list(data.fields),
+        "structured": options.structured if data.kind == "csv" else "batch lines",
+        "max_tokens": data.items[0].max_tokens
+        if data.kind == "csv" and data.items
+        else "batch lines",
+        "seed": options.seed,
+        # Only when not the default: results files written before the setting existed resume.
+        **({"score_mode": cfg.score_mode.value} if cfg.score_mode.value != "decode" else {}),
+    }
+
+
+def job_path(results: Path) -> Path:
+    """The fingerprint beside a results file: `<stem>.job.json`."""
+    return results.with_name(results.stem + ".job.json")
+
+
+def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> str | None:
+    """Refuse to resume another job's results (exit 2 naming what differs: the input first),
+    or with `new` move them aside (kept under a new name) and start over. Returns a note for
+    the banner when the results' fingerprint predates the input's hash (then not checked)."""
+    sidecar = job_path(results)
+    if not results.exists() or not sidecar.exists():
+        return None
+    try:
+        old = orjson.loads(sidecar.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"{sidecar}: unreadable job fingerprint ({exc}); use --new") from None
+    unchecked = "input_sha256" not in old
+    differ = [
+        k
+        for k in job
+        if k != "input" and not (unchecked and k in INPUT_KEYS) and old.get(k) != job[k]
+    ]
+    if "score_mode" in old and "score_mode" not in job:  # written only when not `decode`
+        differ.append("score_mode")
+    note = (
+        f"resume: the input is not checked against {sidecar.name} (written before the "
+        "harness kept the input's hash): resumed by custom_id as before; the fingerprint now "
+        "records this input"
+        if unchecked
+        else None
+    )
+    if not differ:
+        return note
+    if not new and "input_sha256" in differ:
+        raise ConfigError(
+            f"{results} holds the results of another input: {old.get('input')} (sha256 "
+            f"{str(old.get('input_sha256'))[:12]}) then, {job['input']} (sha256 "
+            f"{job['input_sha256'][:12]}) now; resuming would take that input's results for "
+            "this one's rows with the same ids: choose another --output, or run with --new to "
+            "start over (the old results are kept under a new name)"
+        )
+    if not new:
+        gone = {"score_mode": "decode"}  # what a key absent from a fingerprint means
+        shown = "; ".join(
+            f"{k}: {old.get(k, gone.get(k))!r} then, {job.get(k, gone.get(k))!r} now"
+            for k in differ
+        )
+        raise ConfigError(
+            f"{results} holds the results of another job ({shown}); resuming would mix the "
+            "two: run with --new to start over (the old results are kept under a new name)"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (results, sidecar):
+        path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+    return None
+
+
+def write_job(results: Path, job: dict[str, Any]) -> None:
+    try:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(job_path(results), job)
+    except (OSError, OutputError) as exc:
+        raise OutputError(
+            f"cannot write next to {results}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _one_writer(results: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock that makes this process the results file's one writer (`harness.lock`): a
+    second `harness run` on the same output exits 2 naming this one, before it reads or
+    appends anything."""
+    return hold(
+        lock_path_for(results),
+        what=f"the results file {results}",
+        advice="wait for that run to end, or stop it: running the same command again then "
+        "resumes where it stopped",
+    )
+
+
+def prepare(options: BatchOptions, locks: contextlib.ExitStack) -> Job:
+    options.validate()
+    config = batch_config(options)  # harness.yaml read once: a bad one fails before any output
+    data = load_input(options)
+    scores, results = output_paths(data.path, options.output)
+    job = job_fingerprint(options, data, config)
+    locks.enter_context(_one_writer(results))  # held until the run (and its scores) ends
+    note = _check_job(results, job, new=options.new)
+    # Read the results file now: a corrupt one fails before a server starts.
+    wanted = {it.custom_id for it in data.items}
+    final = read_final(results)
+    skipped = sum(
+        1
+        for cid, line in final.items()
+        if cid in wanted and not (options.retry_failed and line.get("error") is not None)
+    )
+    plan = Job(options, data, scores, results, skipped, config=config, job=job)
+    plan.notes = [note] if note else []
+    return plan
