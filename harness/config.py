@@ -59,9 +59,10 @@ CONFIG_KEYS: dict[str, type] = {
 }
 _HEADER = """\
 # Configuration of the production run, per profile (see harness/config.py).
-# Values are written back from measurements by `pytest suites/context_limits --write-config`
-# (and the scale suites); each carries its provenance. Edit by hand if you like: a later
-# write-back only replaces values whose measurement changed.
+# Values are written back from measurements by `pytest suites/context_limits` and
+# `pytest suites/performance` with `--harness-write-config`, only from a phase that passed; each
+# carries its provenance. Edit by hand if you like: a later write-back only replaces values whose
+# measurement changed.
 """
 
 

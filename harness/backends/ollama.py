@@ -353,12 +353,7 @@ class OllamaBackend(Backend):
         }
         if request.output_schema:
             body["format"] = dict(request.output_schema)
-        if request.top_logprobs:
-            body["logprobs"] = True
-            body["top_logprobs"] = min(request.top_logprobs, TOP_LOGPROBS_MAX)
-        if self.keep_alive is not None:
-            body["keep_alive"] = self.keep_alive
-        return body
+        return self._finish_body(body, request)
 
     def build_generate_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body for `/api/generate` with a raw prompt: the chat rendered here with the
@@ -377,6 +372,11 @@ class OllamaBackend(Backend):
             "options": self.options(request),
             "truncate": False,
         }
+        return self._finish_body(body, request)
+
+    def _finish_body(self, body: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
+        """What `/api/chat` and `/api/generate` bodies share after their own fields: the
+        log-probabilities asked (at most Ollama's 20) and how long the model stays loaded."""
         if request.top_logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = min(request.top_logprobs, TOP_LOGPROBS_MAX)
