@@ -1,4 +1,4 @@
-"""The performance phase's rounds (harness.phases.performance: `measure`, `sweeps`,
+"""The performance phase's rounds (harness.phases.performance_runs: `measure`, `sweeps`,
 `conclude`) on the in-process double: which variant runs on which request path, what each
 round records, every server started is released, and each job is the run's job (`spec_for`)
 with the variant's own settings, the same job the suite built itself before. The double's
@@ -18,7 +18,7 @@ from harness.backends.base import Backend, ChatRequest, ChatResult
 from harness.baselines import DirectResult
 from harness.config import ProfileConfig
 from harness.engine import JobSpec, RunnerConfig, TrimPolicy
-from harness.phases import performance as perf
+from harness.phases import performance_runs as runs
 from harness.phases.common import phase_job
 from harness.run.preflight import spec_for
 from harness.run.resolve import resolve_run_config
@@ -94,7 +94,7 @@ def test_the_benchs_jobs_are_the_ones_the_suite_built_itself() -> None:
     backend = InProcessDouble(n_ctx_per_slot=8192)
     policy = TrimPolicy(8192, trim_interval=50)
     prompt = load_prompt()
-    bench = perf.Bench(backend, None, [], 1, policy, prompt, job=run_job_of(backend))  # type: ignore[arg-type]
+    bench = runs.Bench(backend, None, [], 1, policy, prompt, job=run_job_of(backend))  # type: ignore[arg-type]
     before = JobSpec(strategy="conversation", policy=policy, keep_records=True, progress=False)
     assert bench.spec("conversation") == JobSpec(**{**vars_of(before), "desc": "performance"})
     scored = JobSpec(
@@ -119,14 +119,14 @@ def test_measure_runs_every_variant_each_round_on_its_path(tmp_path: Path) -> No
         return DirectResult(len(its), 0.5 if cache_prompt else 5.0)
 
     rounds, n = 2, 2
-    pool = items(n * rounds * len(perf.VARIANTS) + 40)
+    pool = items(n * rounds * len(runs.VARIANTS) + 40)
     figures = asyncio.run(
-        perf.measure(
+        runs.measure(
             backend, batched, pool, load_prompt(), rounds, n, OPTS,
             job=run_job_of(backend), plots_dir=tmp_path, direct=direct,
         )
     )  # fmt: skip
-    assert set(figures["rounds"]) == {*perf.ROUND_ORDER, "batched"}
+    assert set(figures["rounds"]) == {*runs.ROUND_ORDER, "batched"}
     assert all(len(rows) == rounds for rows in figures["rounds"].values())
     for v in ("tokens", "chat", "text", "conversation", "decode", "logprobs"):
         assert all("bound_s" in r and "efficiency" in r for r in figures["rounds"][v])
@@ -139,7 +139,7 @@ def test_measure_runs_every_variant_each_round_on_its_path(tmp_path: Path) -> No
     replies = figures["replies"]["tokens_vs_text"]
     assert replies["items"] == OPTS["reply_items"] and replies["same_reply"] == 1.0
     assert figures["score_agreement_rows"] == OPTS["agreement_items"]
-    assert set(figures["ratios"]) >= set(perf.RATIOS)
+    assert set(figures["ratios"]) >= set(runs.RATIOS)
     assert [Path(p).name for p in figures["plots"]] == [
         "throughput_latency_tokens.png",
         "request_breakdown.png",
@@ -149,7 +149,7 @@ def test_measure_runs_every_variant_each_round_on_its_path(tmp_path: Path) -> No
 
 
 class FakeServers:
-    """`perf.Servers` over doubles: what was started, each server's job, what was released."""
+    """`runs.Servers` over doubles: what was started, each server's job, what was released."""
 
     def __init__(self) -> None:
         self.started: list[tuple[int, int, str]] = []
@@ -179,7 +179,7 @@ class FakeServers:
 def test_the_sweep_runs_every_cell_each_round_and_releases_every_server() -> None:
     servers = FakeServers()
     try:
-        out = perf.sweeps(servers, items(120), OPTS)
+        out = runs.sweeps(servers, items(120), OPTS)
     finally:
         servers.loop.close()
     assert servers.started == [
@@ -220,13 +220,13 @@ def test_conclude_picks_the_settings_from_the_figures() -> None:
             "conversation": [{"uncached": 90, "requests": 3}],
         },
     }
-    mode, why = perf.conclude(figures, max_slots=2)
+    mode, why = runs.conclude(figures, max_slots=2)
     rec = figures["recommended"]
     # the path from the interleaved rounds (tokens won there), though chat's cell is faster
     assert (rec["REQUEST_PATH"], rec["parallel"], rec["CONCURRENCY"]) == ("tokens", 2, 2)
     assert rec["STRATEGY"] == "conversation" and rec["TRIM_INTERVAL"] == 10
     assert figures["uncached_tokens_per_request"] == {"stateless": 100, "conversation": 30}
     assert figures["tokens_over_chat_of_ceiling"] == pytest.approx(1.05 / 1.1)
-    assert figures["tokens_over_chat_goal"] == perf.TOKENS_OVER_CHAT_GOAL
+    assert figures["tokens_over_chat_goal"] == runs.TOKENS_OVER_CHAT_GOAL
     assert (mode, rec["SCORE_MODE"]) == ("logprobs", "logprobs") and "99.0%" in why
     assert figures["max_slots_within_budget"] == 2

@@ -2,7 +2,7 @@
 
     pytest suites/performance -k test_performance   # gemma3-270m on the CPU, ~11 min on 2 cores
 
-On one server, round by round (harness.phases.performance): the engine on the token path, the
+On one server, round by round (harness.phases.performance_runs): the engine on the token path, the
 chat path and the text path (Ollama's form), a minimal direct client (chat bodies), the
 conversation strategy, and a naive client with the prefix cache off. Every ratio is computed per
 round and reported as median and spread. Then the same items, scored as production scores them
@@ -35,7 +35,7 @@ import pytest
 from harness.backends.base import Backend
 from harness.engine import JobSpec
 from harness.phases import items_for, prompt_for
-from harness.phases import performance as perf
+from harness.phases import performance_runs as runs
 from harness.phases.common import phase1_budget
 from harness.pytest import HarnessSession
 from harness.run.preflight import spec_for
@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 
 class SessionServers:
-    """The phase's servers from the session (`perf.Servers`): started for the scenario's
+    """The phase's servers from the session (`runs.Servers`): started for the scenario's
     settings, each one's job built by `spec_for` (capped to that server)."""
 
     def __init__(self, harness: HarnessSession, scenario: Scenario) -> None:
@@ -97,20 +97,20 @@ def test_performance(harness: HarnessSession) -> None:
     )
     rounds, n = int(opts.get("rounds", 5)), int(opts.get("requests", 10))
     agree_n = int(opts.get("agreement_items", 100))
-    pool = items_for(scenario, harness.profile, n * rounds * len(perf.VARIANTS) + 300 + agree_n)
+    pool = items_for(scenario, harness.profile, n * rounds * len(runs.VARIANTS) + 300 + agree_n)
     prompt = prompt_for(scenario, harness.profile)
     figures = harness.run(
-        perf.measure(backend, batched, pool, prompt, rounds, n, opts,
+        runs.measure(backend, batched, pool, prompt, rounds, n, opts,
                      job=servers.job(backend), plots_dir=harness.report_dir / "plots")
     )  # fmt: skip
     figures["plots"] = [harness.relpath(p) for p in figures["plots"]]
     servers.release(backend)
-    figures.update(perf.sweeps(servers, pool[-250:], opts))
-    mode, why = perf.conclude(figures, max_slots=max_slots(harness, scenario))
+    figures.update(runs.sweeps(servers, pool[-250:], opts))
+    mode, why = runs.conclude(figures, max_slots=max_slots(harness, scenario))
     report = harness.report("performance_comparison.json", scenario, figures, backend=backend)
     harness.say(
         "performance: "
-        + ", ".join(f"{k} {figures[k]:.3f}" for k in perf.RATIOS)
+        + ", ".join(f"{k} {figures[k]:.3f}" for k in runs.RATIOS)
         + "; tokens over chat with all the chat path's overhead gone, its compute unchanged: "
         + f"{figures['tokens_over_chat_ceiling'] or 0:.3f}"
         + f"; score modes: logprobs ÷ decode {figures['logprobs_over_decode']:.3f}, the same "
