@@ -8,12 +8,15 @@ import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from harness.backends.ollama import CACHED_FIELD_EVIDENCE
-from harness.engine.job import JobResult
+from harness.engine.job import JobResult, JobSpec
 from harness.engine.reusewatch import describe as describe_alarm
+from harness.engine.runner import RunnerConfig
+from harness.engine.strategies import TrimPolicy
 from harness.engine.tokens import TokenCounter
 from harness.metrics import RunMetrics
 from harness.reportfiles import base_name, find_report
@@ -32,6 +35,7 @@ __all__ = [
     "context_shape",
     "items_for",
     "phase1_budget",
+    "phase_job",
     "projection_check",
     "prompt_for",
     "prompt_identity",
@@ -44,6 +48,33 @@ __all__ = [
 
 GB = 1e9
 MB = 1e6
+
+
+def phase_job(
+    base: JobSpec,
+    *,
+    strategy: str | None = None,
+    policy: TrimPolicy | None = None,
+    runner: RunnerConfig | None = None,
+    keep_records: bool | None = None,
+    progress: bool | None = None,
+    progress_stream: TextIO | None = None,
+) -> JobSpec:
+    """A phase's job: `base`, the run's job on its started server as
+    `harness.run.preflight.spec_for` builds it (capped to the server's context there, the reuse
+    watch, the description), with what the phase itself measures set here (a variant's strategy,
+    a policy at the server's context, the runner, records kept); what is not given stays the
+    run's. The suites build every run's job so (`harness.phases` sits below `harness.run` and
+    does not import it: a phase is handed the run's job, or a function that makes it)."""
+    changes: dict[str, Any] = {
+        "strategy": strategy,
+        "policy": policy,
+        "runner": runner,
+        "keep_records": keep_records,
+        "progress": progress,
+        "progress_stream": progress_stream,
+    }
+    return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def prompt_for(scenario: Scenario, profile: str) -> PromptSpec:

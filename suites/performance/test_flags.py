@@ -25,12 +25,13 @@ from typing import Any
 
 import pytest
 
-from harness.engine import JobSpec, run_job
+from harness.engine import RunnerConfig, run_job
 from harness.phases import items_for
 from harness.phases import performance as perf
+from harness.phases.common import phase_job
 from harness.pytest import HarnessSession
 from harness.reportfiles import find_report
-from harness.run.preflight import fitted
+from harness.run.preflight import spec_for
 
 SCENARIO = "flags.yaml"
 pytestmark = [pytest.mark.performance, pytest.mark.integration, pytest.mark.timeout(7200)]
@@ -64,10 +65,10 @@ class Variants:
         server has its own cache); a round is one conversation (its trim interval)."""
         key = NAMES[name]
         backend, cfg = self.backends[key], self.cfgs[key]
-        spec = JobSpec(
+        spec = phase_job(
+            spec_for(cfg, backend, results=None, desc=name, progress=False),  # policy capped
             strategy=key[0],
-            policy=fitted(cfg, backend).policy,
-            progress=False,
+            runner=RunnerConfig(),
         )
         items = self.items[r * self.per : (r + 1) * self.per]
         m = (await run_job(backend, items, spec)).metrics

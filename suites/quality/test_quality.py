@@ -22,13 +22,14 @@ from typing import Any
 
 import pytest
 
-from harness.engine import JobSpec, RunnerConfig, TrimPolicy, run_job
+from harness.engine import RunnerConfig, TrimPolicy, run_job
 from harness.fileio import atomic_write_text
 from harness.phases import items_for, prompt_for, table_for
 from harness.phases import quality as q
+from harness.phases.common import phase_job
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
-from harness.run.preflight import fitted
+from harness.run.preflight import fitted, spec_for
 from harness.scoring import TOP_N
 from harness.workload import CandidateTable, WorkItem
 
@@ -85,14 +86,13 @@ def test_quality(harness: HarnessSession) -> None:
     def run(
         items: list[WorkItem], strategy: str, desc: str, score_mode: str = mode
     ) -> list[RequestRecord]:
-        spec = JobSpec(
+        spec = phase_job(
+            spec_for(cfg, backend, results=None, desc=f"quality: {desc}"),  # policy capped
             strategy=strategy,
-            policy=policy,
             # Decoded replies keep each token's top log-probabilities: a score that changes
             # between runs is then told a near-tie or not in its own context.
             runner=RunnerConfig(concurrency=1, score_mode=score_mode, top_logprobs=TOP_N),
             keep_records=True,
-            desc=f"quality: {desc}",
             progress_stream=harness.terminal,
         )
         return harness.run(run_job(backend, items, spec)).records

@@ -40,6 +40,7 @@ from harness.engine.store import read_results
 from harness.fileio import atomic_write_text
 from harness.limits import EmbeddedContextProbe, fit_memory, search_max_context, sweep
 from harness.phases import items_for
+from harness.phases.reliability import case_table, reliability_figures
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
 from harness.testing.faults import FaultConfig, FaultProxy
@@ -647,6 +648,34 @@ def test_ollama_out_of_memory_on_load_is_reported_and_the_next_load_works(
     )
 
 
+class MidRunRestart:
+    """A run's sink that runs `command` (Ollama's restart) from a thread once `at` records are
+    done: the run goes on, so the restart meets a request in flight. Notes what happened
+    (`events`) and the command's exit codes."""
+
+    def __init__(self, command: str, *, at: int) -> None:
+        self.command, self.at, self.done = command, at, 0
+        self.events: list[str] = []
+        self.codes: list[int] = []
+        self.threads: list[threading.Thread] = []
+
+    def restart(self) -> None:
+        rc = subprocess.run(self.command, shell=True, timeout=300).returncode
+        self.codes.append(rc)
+        self.events.append(f"restart command exited {rc}")
+
+    def __call__(self, rec: RequestRecord) -> None:
+        self.done += 1
+        if self.done == self.at:
+            self.events.append(f"restart started after {self.done}")
+            self.threads.append(threading.Thread(target=self.restart, daemon=True))
+            self.threads[0].start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=300)
+
+
 @pytest.mark.usefixtures("ollama_only")
 def test_ollama_killed_and_restarted_mid_run(
     harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases, servers_seen: list[Any]
@@ -664,24 +693,7 @@ def test_ollama_killed_and_restarted_mid_run(
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
     backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
-    done = [0]
-    events: list[str] = []
-    codes: list[int] = []
-    restarter: list[threading.Thread] = []
-
-    def restart() -> None:
-        rc = subprocess.run(command, shell=True, timeout=300).returncode
-        codes.append(rc)
-        events.append(f"restart command exited {rc}")
-
-    def watch(rec: RequestRecord) -> None:
-        done[0] += 1
-        if done[0] == len(items) // 3:
-            # From a thread: the run goes on, so the restart meets a request in flight.
-            events.append(f"restart started after {done[0]}")
-            restarter.append(threading.Thread(target=restart, daemon=True))
-            restarter[0].start()
-
+    watch = MidRunRestart(command, at=len(items) // 3)
     spec = JobSpec(
         keep_records=True,
         progress=False,
@@ -693,13 +705,13 @@ def test_ollama_killed_and_restarted_mid_run(
             return await run_job(backend, items, spec, sinks=[watch])
 
     records = harness.run(go()).records
-    for thread in restarter:
-        thread.join(timeout=300)
+    watch.join()
+    codes = watch.codes
     once = exactly_once([r.custom_id for r in records], [it.custom_id for it in items])
     loaded = _loaded(backend)
     figures = {
         "requests": len(items),
-        "events": events,
+        "events": watch.events,
         "restart_exit_codes": codes,
         "retried_successes": sum(1 for r in records if r.ok and r.attempts > 1),
         "loaded_after": loaded,
@@ -728,60 +740,11 @@ def test_reliability_report(
     if not cases:
         pytest.skip("no reliability case ran in this session: nothing to report")
     scenario = harness.scenario(SCENARIO)
-    faults = cases.get("faults")
-
-    def total(key: str) -> int | None:
-        values = [f[key] for f in cases.values() if key in f]
-        return sum(values) if values else None
-
-    figures = {
-        "lost": total("lost"),
-        "duplicated": total("duplicated"),
-        "completed": total("completed"),
-        # Each profile gates how many ran: one passing case cannot make the report PASS.
-        "cases_run": len(cases),
-        "cases_failed": sum(1 for f in cases.values() if not f["passed"]),
-        "cases_skipped": dict(skipped_cases),
-        "keys_leaked": total("keys_leaked"),
-        "replies_differ": total("replies_differ"),
-        "restart_failed": total("restart_failed"),
-        # The fault figures exist only when the fault case ran (absent, not zero).
-        **(
-            {
-                k: faults[k]
-                for k in (
-                    "faults_injected",
-                    "retried_successes",
-                    "recorded_errors",
-                    "accounting_gap",
-                )
-            }
-            if faults
-            else {}
-        ),
-        "cases": cases,
-    }
+    figures = reliability_figures(cases, skipped_cases)
     # The Ollama cases' server (a replay says so); the embedded cases start their own.
     backend = servers_seen[-1] if servers_seen else None
     report = harness.report("reliability_results.json", scenario, figures, backend=backend)
-    rows = [("case", "passed", "requests", "faults/kills", "retried ok", "errors", "lost", "dup")]
-    for name, f in cases.items():
-        rows.append(
-            (
-                name,
-                "yes" if f["passed"] else "NO: " + ", ".join(f["failed_checks"]),
-                str(f.get("requests", "-")),
-                str(f.get("faults_injected", f.get("kills", f.get("server_kills", "-")))),
-                str(f.get("retried_successes", "-")),
-                str(f.get("recorded_errors", f.get("parse_errors", "-"))),
-                str(f.get("lost", "-")),
-                str(f.get("duplicated", "-")),
-            )
-        )
-    rows += [(name, f"skipped: {why}", "-", "-", "-", "-", "-", "-")
-             for name, why in skipped_cases.items()]  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    table = case_table(cases, skipped_cases)
     harness.say("reliability figures:\n" + table)
     atomic_write_text(harness.report_dir / "reliability_table.txt", table + "\n")
     harness.gate(report)

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from harness.engine import JobSpec, RunnerConfig, run_job
+from harness.engine import run_job
 from harness.engine.job import JobResult, partial_result
 from harness.memory import EnergyMeter, NvmlProbe
 from harness.models.registry import resolve_model
 from harness.phases import items_for, scale_figures
-from harness.phases.common import phase1_budget
+from harness.phases.common import phase1_budget, phase_job
 from harness.pytest import HarnessSession
-from harness.run.preflight import fitted
+from harness.run.preflight import fitted, spec_for
 from harness.scoring import planned_mode
 
 SIZES = [
@@ -47,16 +47,12 @@ def test_scale(harness: HarnessSession, benchmark: Any, size: int, scenario_file
     scenario = harness.scenario(scenario_file)
     cfg = harness.run_config(scenario)
     backend = harness.backend(cfg)
-    cfg = fitted(cfg, backend)
-    spec = JobSpec(
-        strategy=cfg.strategy.value,
-        policy=cfg.policy,
-        runner=RunnerConfig(  # concurrency: per server × servers
-            concurrency=cfg.total_concurrency, score_mode=cfg.score_mode.value
-        ),
-        desc=f"scale {size}",
+    # The run's job, capped to the server (its concurrency per server × the servers).
+    spec = phase_job(
+        spec_for(cfg, backend, results=None, desc=f"scale {size}"),
         progress_stream=harness.terminal,
     )
+    cfg = fitted(cfg, backend)  # the settings the job runs with, for the report
     items = items_for(scenario, harness.profile, size)
     gpu = backend.gpu_probe()  # energy only when the server runs on this machine's GPU
     energy: EnergyMeter | None = None
