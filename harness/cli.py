@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from harness import __version__
 from harness.backends.server import ServerSettings, serve
-from harness.batch import DEFAULT_SEED, BatchOptions, output_paths
+from harness.batch import BatchOptions, output_paths
 from harness.engine.store import read_results
 from harness.errors import (
     BackendError,
@@ -28,7 +28,7 @@ from harness.errors import (
     OutputError,
 )
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
-from harness.workload import DEFAULT_PROMPT_PATH
+from harness.run.given import add_options, given
 
 __all__ = ["main"]
 
@@ -175,64 +175,13 @@ def _add_convert(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument("input", metavar="INPUT.csv", help="candidates CSV with a header row")
     p.add_argument("output", metavar="OUTPUT.jsonl", help="batch file to write (replaced)")
-    _add_input_options(p)
-    p.add_argument(
-        "--max-tokens",
-        type=_positive_int,
-        default=None,
-        help="max_tokens of each request (default: what the prompt's output schema needs)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="body.model of each line (OpenAI's Batch API requires it; `harness run` uses its "
-        "own --model)",
-    )
-
-
-def _add_input_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--id-column",
-        default="id",
-        help="CSV column holding each row's unique id (becomes custom_id)",
-    )
-    p.add_argument(
-        "--prompt",
-        default=None,
-        metavar="PROMPT.yaml",
-        help="prompt file (system, user_template with {column} placeholders, output_schema) "
-        f"for CSV input (default: the recruiter rubric, "
-        f"{DEFAULT_PROMPT_PATH.parent.parent.name}/prompts/{DEFAULT_PROMPT_PATH.name})",
-    )
-    p.add_argument(
-        "--sample",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="use a reproducible sample of N rows (drawn with --seed), kept in input order "
-        "(default: every row)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULT_SEED,
-        help="seed of the --sample draw and of each request's sampling (`seed` in the body)",
-    )
+    add_options(p, "convert", "id_column", "prompt", "sample", "seed", "max_tokens", "model")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from harness.batch import convert
 
-    result = convert(
-        args.input,
-        args.output,
-        id_column=args.id_column,
-        prompt=args.prompt,
-        sample=args.sample,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        model=args.model,
-    )
+    result = convert(args.input, args.output, **given(args, "convert"))
     print(
         f"convert: wrote {result.lines} batch lines (of {result.rows} rows) to {result.output} "
         f"using the prompt {result.prompt}"
@@ -277,14 +226,11 @@ def _add_doctor(sub: argparse._SubParsersAction[_Parser]) -> None:
         "Exit 0 when nothing failed, 1 otherwise.",
     )
     p.add_argument("input", nargs="?", default=None, metavar="INPUT", help="candidates CSV")
-    p.add_argument("--backend", default="embedded", help="embedded | openai | ollama")
-    p.add_argument("--model", default=None, help="the model (default: the backend's)")
-    p.add_argument("--base-url", default=None, metavar="URL", help="the server's URL")
-    p.add_argument("--ctx", type=_positive_int, default=None, metavar="N",
-                   help="context of one request (default: as harness run resolves it)")  # fmt: skip
-    _add_input_options(p)
-    p.add_argument("--max-tokens", type=_positive_int, default=16, metavar="N")
-    p.add_argument("--config", default="harness.yaml", metavar="harness.yaml")
+    add_options(p, "doctor", *_DOCTOR_OPTIONS)
+
+
+_DOCTOR_OPTIONS = ("backend", "model", "base_url", "ctx", "id_column", "prompt", "sample", "seed",
+                   "max_tokens", "config")  # fmt: skip
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -295,20 +241,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="harness-doctor-") as tmp:
         src = Path(args.input) if args.input else write_candidates_csv(Path(tmp) / "c.csv", 200)
-        options = BatchOptions(
-            input=src,
-            backend=args.backend,
-            model=args.model,
-            base_url=args.base_url,
-            ctx=args.ctx,
-            id_column=args.id_column,
-            prompt=Path(args.prompt) if args.prompt else None,
-            sample=args.sample,
-            seed=args.seed,
-            max_tokens=args.max_tokens,
-            config=Path(args.config),
-            progress=False,
-        )
+        options = BatchOptions(input=src, progress=False, **given(args, "doctor"))
         options.validate()
         checks = doctor(options)
     for check in checks:
@@ -400,13 +333,6 @@ def _cmd_verdict(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
-    from harness.backends import Backend
-    from harness.batch import EXECUTORS
-    from harness.engine.strategies import STRATEGIES
-    from harness.run.options import add_server_options
-    from harness.workload import STRUCTURED_MODES
-
-    d = BatchOptions(Path("-"))
     p = sub.add_parser(
         "run",
         help="score a CSV or run a batch JSONL; resumable; writes a scores CSV",
@@ -414,189 +340,13 @@ def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
         description=_RUN_DESCRIPTION,
     )
     p.add_argument("input", metavar="INPUT", help="candidates CSV, or batch .jsonl/.json")
-    p.add_argument(
-        "--output",
-        default=None,
-        metavar="OUT.csv",
-        help="scores CSV to write; the results go next to it as <OUT stem>_results.jsonl "
-        "(default: <INPUT stem>_scores.csv next to INPUT)",
-    )
-    p.add_argument(
-        "--backend", default=d.backend, help=f"model server: {' | '.join(Backend.runnable())}"
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"embedded: {', '.join(KNOWN_MODELS)} or a .gguf path (default {DEFAULT_MODEL}); "
-        "ollama: a tag (default gemma3:12b); openai: the served model (default: the server's "
-        "first)",
-    )
-    p.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        metavar="URL",
-        help="server URL for --backend openai (default: $OPENAI_BASE_URL; e.g. "
-        "http://127.0.0.1:8080/v1) or ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434). "
-        "Several (the option again, or a comma list) run one job over all of them: each worker "
-        "stays on one server (its conversation and prefix cache with it), rows go to whichever "
-        "worker is free, and a server that dies is taken out (its rows go to the others)",
-    )
-    p.add_argument(
-        "--servers",
-        type=_positive_int,
-        default=d.servers,
-        metavar="N",
-        help="embedded servers to start, each with --threads threads and --concurrency slots; "
-        "more than one runs one job over all of them (as several --base-url do)",
-    )
-    p.add_argument(
-        "--executor",
-        default=d.executor,
-        choices=list(EXECUTORS),
-        help="who runs the engine: this process (local), or a Ray Data pipeline of actors, one "
-        "per server, with this process writing the results (ray; needs the `ray` extra)",
-    )
-    p.add_argument(
-        "--ray-address",
-        default=None,
-        metavar="ADDR",
-        help="the Ray cluster for --executor ray (default: start a local instance)",
-    )
-    p.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="requests in flight, per server when there are several (the embedded server gets "
-        "N slots of --ctx tokens each) (default: harness.yaml's CONCURRENCY, else 1)",
-    )
-    p.add_argument(
-        "--strategy",
-        default=None,
-        help=f"{' | '.join(sorted(STRATEGIES, reverse=True))}: one request per row with the "
-        "shared rubric (the server's prefix cache reuses it), or rolling conversations "
-        "restarted by the trim policy (default: harness.yaml's STRATEGY, else stateless)",
-    )
-    add_server_options(p)
-    _add_input_options(p)
-    p.add_argument(
-        "--max-tokens",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="tokens per reply for CSV input (batch lines carry their own) (default: what the "
-        "prompt's output schema needs: its longest answer + 8, 256 when a field is free text)",
-    )
-    p.add_argument(
-        "--structured",
-        default=d.structured,
-        help=f"{' | '.join(STRUCTURED_MODES)}: how CSV replies are held to the output schema: "
-        "a tight GBNF grammar (llama.cpp; others get the schema), JSON-schema structured "
-        "output, free text parsed afterwards (unconstrained), or free text not parsed (none). "
-        "A reply that does not parse is retried once, then recorded as the row's error",
-    )
-    p.add_argument(
-        "--score-mode",
-        default=None,
-        choices=["decode", "logprobs"],
-        help="decode: the model writes each reply; logprobs: the reply's JSON is sent written "
-        "up to the score, and the score is read from the model's probabilities in one step "
-        "(score, score_expected, score_p; needs llama.cpp or Ollama >= 0.12.11 and an output "
-        "schema whose first field is an integer range or an enum, else rows are decoded and the "
-        "banner says why) (default: harness.yaml's SCORE_MODE, which the performance phase "
-        "writes only where both modes gave the same scores; else decode)",
-    )
-    p.add_argument(
-        "--ctx",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="context window of ONE request in tokens (one server slot; Ollama's num_ctx); a "
-        "longer request is recorded as that row's error, not sent (default: harness.yaml's "
-        "n_ctx from phase 1; Ollama: the context it loaded the model with; else 8192)",
-    )
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="CPU threads of each embedded server (default: every core; with --servers N, the "
-        "cores shared among them, at least 1 each; on a machine shared with other busy "
-        "processes, fewer threads avoid llama.cpp's spin-waiting)",
-    )
-    p.add_argument(
-        "--config",
-        default=str(d.config),
-        metavar="harness.yaml",
-        help="measured configuration: its MAX_CONTEXT_TOKENS, CONTEXT_TRIM_THRESHOLD and "
-        "TRIM_INTERVAL set the trim policy when present (written by --write-config)",
-    )
-    p.add_argument(
-        "--profile",
-        default=None,
-        help="profile of the config file (default: gpu-gemma3-12b for ollama, else embedded)",
-    )
-    p.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="send again the rows whose last result is an error; each id still ends once in "
-        "the scores (the latest result wins; the results file marks the retry)",
-    )
-    p.add_argument(
-        "--stop-on-cache-miss",
-        action="store_true",
-        help="stop at the first reuse alarm: a window of 50 rows whose server computed more "
-        "than twice the prompt tokens the strategy expects (it stopped reusing the rubric); "
-        "finished rows are kept, the same command resumes. Without it the alarm is printed "
-        "and recorded in the results, and the run goes on",
-    )
-    p.add_argument(
-        "--new",
-        action="store_true",
-        help="start over when the results file belongs to another job (another prompt, model, "
-        "strategy, ...): the old results are kept under a new name",
-    )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bar or progress lines on stderr",
-    )
+    add_options(p, "run")  # every option of `harness run`, declared in harness.run.given
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from harness.batch import run_batch
 
-    options = BatchOptions(
-        input=Path(args.input),
-        output=Path(args.output) if args.output else None,
-        backend=args.backend,
-        model=args.model,
-        base_url=",".join(args.base_url) if args.base_url else None,
-        servers=args.servers,
-        executor=args.executor,
-        ray_address=args.ray_address,
-        concurrency=args.concurrency,
-        strategy=args.strategy,
-        sample=args.sample,
-        prompt=Path(args.prompt) if args.prompt else None,
-        id_column=args.id_column,
-        max_tokens=args.max_tokens,
-        structured=args.structured,
-        ctx=args.ctx,
-        request_path=args.request_path,
-        server_flags=args.server_flags,
-        score_mode=args.score_mode,
-        seed=args.seed,
-        threads=args.threads,
-        progress=args.progress,
-        config=Path(args.config),
-        profile=args.profile,
-        retry_failed=args.retry_failed,
-        new=args.new,
-        stop_on_cache_miss=args.stop_on_cache_miss,
-    )
+    options = BatchOptions(input=Path(args.input), **given(args, "run"))
     try:
         result = run_batch(options)
     except BackendError as exc:

@@ -66,7 +66,7 @@ from harness.backends.openai import OpenAIBackend
 from harness.batch import batch_config
 from harness.cli import main as harness_main
 from harness.engine import read_results
-from harness.errors import ModelNotFound
+from harness.errors import ConfigError, ModelNotFound
 from harness.testing import RELEASE_NAME, ApiSeams, InProcessDouble
 from harness.workload import items_from_batch, read_batch_jsonl
 
@@ -419,7 +419,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_the_server_options_of_harness_run_reach_the_batches_settings(tmp_path: Path) -> None:
     """`--request-path` and `--server-flags`, declared once for `harness run` and `harness api`
-    (`harness.run.options.add_server_options`), resolve the same way: the command line first."""
+    (`harness.run.given.OPTIONS`), resolve the same way: the command line first."""
     from harness.api.cli import build_parser, settings_from
 
     args = build_parser().parse_args(
@@ -1048,6 +1048,63 @@ def test_the_reaper_stops_only_the_noted_servers_that_are_still_the_same_process
                 proc.kill()
                 proc.wait()
         store.close()
+
+
+def test_harness_api_servers_builds_harness_runs_pool(tmp_path: Path) -> None:
+    """`harness api --servers N` is `harness run --servers N`: the same option (declared once,
+    `harness.run.given`), resolved the same way, built by the same factory into a pool of N
+    embedded servers (not started here)."""
+    from harness.api.cli import build_parser, settings_from
+    from harness.backends.embedded import EmbeddedBackend
+    from harness.backends.pool import PoolBackend
+    from harness.run.factory import open_backend
+
+    args = build_parser().parse_args(
+        ["--servers", "2", "--threads", "1", "--concurrency", "2", "--config", str(tmp_path / "n")]
+    )
+    settings = settings_from(args)
+    assert settings.servers == 2
+    cfg = settings.validate()
+    assert (cfg.servers.value, cfg.servers.source) == (2, "command line")
+    backend = open_backend(cfg)
+    assert isinstance(backend, PoolBackend)
+    assert len(backend.members) == 2
+    assert all(isinstance(m, EmbeddedBackend) for m in backend.members)
+    # `harness run`'s checks hold for the service too: several servers are embedded ones.
+    bad = build_parser().parse_args(["--servers", "2", "--backend", "ollama"])
+    with pytest.raises(ConfigError, match="--servers starts embedded servers"):
+        settings_from(bad).validate()
+
+
+def test_every_server_of_a_pool_is_noted_and_reaped_after_a_kill(tmp_path: Path) -> None:
+    """A service over a pool (`--servers 2`) notes each server it started (role and index),
+    runs its batches over them, and a SIGKILLed service's next start stops them all, not only
+    the first (a pool's own info carries its first member's pid only)."""
+    from harness.backends.pool import PoolBackend
+
+    members = [RelaunchingDouble([f"http://127.0.0.1:9/m{i}"], delay_s=0.05) for i in range(2)]
+    pool = PoolBackend(members, health_interval_s=0)
+    with in_thread_app(double_settings(tmp_path, concurrency=2), pool) as (url, svc):
+        note = svc.store.get_meta(SERVERS_NOTE)
+        first = [m.procs[0].pid for m in members]
+        assert [(s["role"], s["index"], s["pid"]) for s in note["servers"]] == [
+            ("model", 0, first[0]),
+            ("model", 1, first[1]),
+        ]
+        client = client_for(url)
+        batch = wait_batch(
+            client, create(client, lines_of(4)).id, lambda x: x.status == "completed", 30
+        )
+        assert batch.request_counts is not None and batch.request_counts.completed == 4
+        assert all(m.calls for m in members), "the batch ran over both servers"
+        # A SIGKILLed service leaves this note: the next start stops every server it names.
+        other = Store(tmp_path / "data")
+        try:
+            assert reap(other) == 2
+        finally:
+            other.close()
+        for m in members:
+            assert m.procs[-1].wait(timeout=30) is not None
 
 
 def _mock_openai_backend(seen: list[httpx.Request]) -> OpenAIBackend:

@@ -34,6 +34,7 @@ from harness.api.settings import (
     ApiSettings,
 )
 from harness.errors import HarnessError, LockHeld
+from harness.run.given import add_options, count, given
 from harness.run.settings import RunConfig
 
 __all__ = ["READY_PREFIX", "build_parser", "main", "serve"]
@@ -88,45 +89,23 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
+_SHARED_AFTER = (
+    "config", "profile", "stop_on_cache_miss", "strategy", "concurrency", "ctx", "threads",
+    "request_path", "server_flags", "servers",
+)  # fmt: skip
+"""The options `harness api` shares with `harness run` (`harness.run.given`), declared after
+the service's own ones (the first three, --backend, --model and --base-url, come before them)."""
 
 
 def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     """The parser of `harness api`'s options."""
-    from harness.backends import Backend
-    from harness.config import DEFAULT_CONFIG_PATH
-    from harness.engine.strategies import STRATEGIES
-    from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
-    from harness.run.options import add_server_options
-
     d = ApiSettings()
     p = _Parser(prog=prog, description=_DESCRIPTION, formatter_class=_Formatter)
     p.add_argument("--host", default=d.host, help="address to listen on (loopback by default)")
     p.add_argument(
-        "--port", type=_count, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
+        "--port", type=count, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
     )
-    p.add_argument(
-        "--backend", default=d.backend, help=f"model server: {' | '.join(Backend.runnable())}"
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"embedded: {', '.join(KNOWN_MODELS)} or a .gguf path (default {DEFAULT_MODEL}); "
-        "openai/ollama: the server's model name (default: the server's own choice)",
-    )
-    p.add_argument(
-        "--base-url",
-        default=None,
-        metavar="URL",
-        help="server URL for --backend openai (required) or ollama (default: $OLLAMA_HOST)",
-    )
+    add_options(p, "api", "backend", "model", "base_url")
     p.add_argument(
         "--data-dir",
         default=str(DEFAULT_DATA_DIR),
@@ -142,42 +121,42 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-upload-bytes",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_UPLOAD_BYTES,
         metavar="N",
         help="largest file an upload may be",
     )
     p.add_argument(
         "--max-request-bytes",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_REQUEST_BYTES,
         metavar="N",
         help="largest body any other request (a chat completion, a batch) may have",
     )
     p.add_argument(
         "--max-lines",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_LINES,
         metavar="N",
         help="most lines (requests) an uploaded file may have",
     )
     p.add_argument(
         "--max-stored-bytes",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_STORED_BYTES,
         metavar="N",
         help="quota: bytes of all files kept together (uploads and batch outputs)",
     )
     p.add_argument(
         "--max-files",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_FILES,
         metavar="N",
         help="quota: files kept (uploads and batch outputs)",
     )
     p.add_argument(
         "--max-queued-batches",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_QUEUED_BATCHES,
         metavar="N",
         help="quota: batches not yet ended (validating, in progress, finalizing)",
@@ -188,46 +167,7 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
         help="run a batch whose lines name another model on the served one (its metadata "
         "notes the model asked for); without it such a batch fails with model_not_found",
     )
-    p.add_argument(
-        "--config",
-        default=str(DEFAULT_CONFIG_PATH),
-        metavar="harness.yaml",
-        help="measured configuration: its values (strategy, concurrency, context, trim "
-        "policy) apply where no option sets them",
-    )
-    p.add_argument(
-        "--profile",
-        default=None,
-        help="profile of the config file (default: gpu-gemma3-12b for ollama, else embedded)",
-    )
-    p.add_argument(
-        "--stop-on-cache-miss",
-        action="store_true",
-        help="fail a batch at its first reuse alarm (a window of 50 requests whose server "
-        "computed more than twice the prompt tokens the strategy expects); without it the "
-        "alarm is logged and kept on the results line, and the batch goes on",
-    )
-    p.add_argument(
-        "--strategy",
-        default=None,
-        help=f"{' | '.join(sorted(STRATEGIES, reverse=True))}, as for `harness run` "
-        "(default: harness.yaml's STRATEGY, else stateless)",
-    )
-    p.add_argument(
-        "--concurrency", type=_count, default=None, metavar="N",
-        help="requests in flight; the embedded server gets N slots of --ctx tokens each "
-        "(default: harness.yaml's, else 1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--ctx", type=_count, default=None, metavar="N",
-        help="context window of one request in tokens; a longer request is that line's error "
-        "(default: harness.yaml's n_ctx, else 8192)",
-    )  # fmt: skip
-    p.add_argument(
-        "--threads", type=_count, default=None, metavar="N",
-        help="CPU threads of the embedded server (default: every core)",
-    )  # fmt: skip
-    add_server_options(p)
+    add_options(p, "api", *_SHARED_AFTER)
     p.add_argument(
         "--log-level",
         default="info",
@@ -243,17 +183,6 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
         host=args.host,
         port=args.port,
         data_dir=Path(args.data_dir),
-        backend=args.backend,
-        model=args.model,
-        base_url=args.base_url,
-        ctx=args.ctx,
-        concurrency=args.concurrency,
-        strategy=args.strategy,
-        threads=args.threads,
-        request_path=args.request_path,
-        server_flags=args.server_flags,
-        config=Path(args.config),
-        profile=args.profile,
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
         max_lines=args.max_lines,
@@ -262,7 +191,7 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
         max_queued_batches=args.max_queued_batches,
         serve_any_model=args.serve_any_model,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        stop_on_cache_miss=args.stop_on_cache_miss,
+        **given(args, "api"),  # the options shared with `harness run`
     )
 
 

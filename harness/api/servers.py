@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psutil
@@ -25,6 +25,7 @@ from harness.api.store import Store
 from harness.backends.base import Backend
 from harness.backends.embedded import EmbeddedBackend
 from harness.backends.openai import OpenAIBackend
+from harness.backends.pool import PoolBackend
 from harness.engine.tokens import TokenCounter
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "reap",
     "scrubbed_env",
     "server_pid",
+    "server_pids",
 ]
 
 log = logging.getLogger("harness.api")
@@ -86,6 +88,14 @@ def server_pid(backend: Backend) -> int | None:
     return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
 
 
+def server_pids(backend: Backend) -> list[int]:
+    """The pids of every server a started backend launched: each member's for a pool (`harness
+    api --servers N`, as `harness run` builds it: `harness.run.factory.open_backend`), else
+    its own, when it launched one."""
+    members = backend.members if isinstance(backend, PoolBackend) else [backend]
+    return [pid for pid in (server_pid(m) for m in members) if pid is not None]
+
+
 def helper_backend(counter: TokenCounter, backend: Backend) -> Backend | None:
     """The backend behind a token counter when it is not `backend` itself: the packaged
     tokenizer's server `open_token_counter` starts for a backend without `/tokenize`.
@@ -97,38 +107,40 @@ def helper_backend(counter: TokenCounter, backend: Backend) -> Backend | None:
 
 
 class ServerNotes:
-    """The servers of this run of the service, by role, noted in SQLite (`SERVERS_NOTE`)."""
+    """The servers of this run of the service, by role (`model`, `tokenizer`) and index (the
+    pool's members are `model` 0, 1, ...), noted in SQLite (`SERVERS_NOTE`)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._servers: dict[str, dict[str, Any]] = {}
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {role: int(s["pid"]) for role, s in self._servers.items()}
+        self._servers: dict[str, list[dict[str, Any]]] = {}
 
     def note(self, role: str, pid: int | None) -> None:
-        """Note (or, with None, forget) the server of `role`; written at once."""
-        if pid is None:
-            if self._servers.pop(role, None) is None:
-                return
-        else:
+        """Note (or, with None, forget) the one server of `role`; written at once."""
+        self.note_all(role, [] if pid is None else [pid])
+
+    def note_all(self, role: str, pids: Sequence[int]) -> None:
+        """Note the servers of `role` now (a pool's several; none forgets them), in place of
+        the ones noted before (a relaunch gives new pids); written at once. A pid that is gone
+        already is not noted."""
+        before = self._servers.pop(role, [])
+        servers: list[dict[str, Any]] = []
+        for index, pid in enumerate(pids):
             try:
                 created = psutil.Process(pid).create_time()
             except psutil.Error:
-                created = None
-            if created is None:
-                self._servers.pop(role, None)
-            else:
-                self._servers[role] = {"role": role, "pid": pid, "create_time": created}
-        self._write()
+                continue
+            servers.append({"role": role, "index": index, "pid": pid, "create_time": created})
+        if servers:
+            self._servers[role] = servers
+        if servers or before:
+            self._write()
 
     def clear(self) -> None:
         self._servers.clear()
         self.store.set_meta(SERVERS_NOTE, None)
 
     def _write(self) -> None:
-        servers = list(self._servers.values())
+        servers = [s for role in self._servers.values() for s in role]
         self.store.set_meta(SERVERS_NOTE, {"servers": servers} if servers else None)
 
 
@@ -150,8 +162,8 @@ def _stop_if_ours(pid: int, create_time: float) -> None:
 
 
 def reap(store: Store) -> int:
-    """Stop the servers an earlier run of the service noted and left running (it was killed);
-    returns how many notes were read. The notes are removed."""
+    """Stop every server an earlier run of the service noted and left running (it was killed:
+    a pool's several included); returns how many notes were read. The notes are removed."""
     found: list[dict[str, Any]] = []
     new = store.get_meta(SERVERS_NOTE)
     if new and isinstance(new.get("servers"), list):

@@ -38,7 +38,7 @@ from harness.api.servers import (
     needs_env_credentials,
     reap,
     scrubbed_env,
-    server_pid,
+    server_pids,
 )
 from harness.api.settings import ApiSettings
 from harness.api.store import (
@@ -182,8 +182,8 @@ class Service:
         else:
             with scrubbed_env():
                 await self.backend.start()
-        if self.notes is not None:
-            self.notes.note("model", server_pid(self.backend))
+        if self.notes is not None:  # every server: a pool (--servers N) has several
+            self.notes.note_all("model", server_pids(self.backend))
 
     async def stop(self) -> None:
         if self._worker_task is not None:

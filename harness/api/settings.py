@@ -75,7 +75,8 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
-    """The service's settings (the CLI's options, one field each)."""
+    """The service's settings (the CLI's options, one field each; the ones shared with
+    `harness run` are declared in `harness.run.given` and carry `BatchOptions`' names)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -92,6 +93,10 @@ class ApiSettings:
     strategy: str | None = None
     """`stateless` or `conversation` (None: harness.yaml's, else stateless)."""
     threads: int | None = None
+    servers: int = 1
+    """Embedded servers to start (each with `threads` threads and `concurrency` slots): more
+    than one runs every batch over all of them (a pool), as `harness run --servers`; each is
+    noted (`harness.api.servers`) so that a restart after a SIGKILL stops them all."""
     request_path: str | None = None
     """llama.cpp servers: `tokens`, `text` or `chat` (None: tokens for the embedded server,
     chat for openai), as `harness run --request-path`."""
@@ -138,6 +143,7 @@ class ApiSettings:
             strategy=self.strategy,
             ctx=self.ctx,
             threads=self.threads,
+            servers=self.servers,
             request_path=self.request_path,
             server_flags=self.server_flags,
             progress=False,

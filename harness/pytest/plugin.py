@@ -4,7 +4,9 @@
   `--harness-model`, `--harness-base-url`, `--harness-score-mode`, `--harness-profile`,
   `--harness-threads`, `--harness-report-dir`, `--harness-scenario-dir`, `--harness-config`,
   `--harness-price-per-kwh`, `--harness-memory-budget`, `--harness-write-config` (the last two
-  keep their old names, `--memory-budget` and `--write-config`, as aliases).
+  keep their old names, `--memory-budget` and `--write-config`, as aliases). The ones that
+  set what `harness run`'s options set (backend, model, URL, score mode, threads, profile,
+  config) are declared in `harness.run.given`'s table, with `harness run`'s and `harness api`'s.
 - Markers, registered for `--strict-markers`; the long scale phases (`scale_10k`, `scale_50k`,
   `scale_170k`) run only when `-m` names them.
 - The run session (`harness.pytest.session.HarnessSession`) is built in `pytest_configure`,
@@ -17,12 +19,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from harness.config import DEFAULT_CONFIG_PATH
 from harness.pytest.session import HarnessSession
+from harness.run.given import harness_options
 
 __all__ = ["HARNESS_KEY", "LONG_MARKERS", "MARKERS"]
 
@@ -48,24 +51,26 @@ LONG_MARKERS = ("scale_10k", "scale_50k", "scale_170k")
 PHASE_MARKERS = ("context_limits", "scale", "quality", "reliability", "performance")
 
 
-def _backend_name(text: str) -> str:
-    from harness.backends import Backend  # every backend registered
+def _usage(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A type of the table's (`harness.run.given`: ValueError with the message) as pytest's
+    usage error, so a bad value ends the run with that one line."""
 
-    names = Backend.runnable()
-    if text not in names:
-        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-        raise pytest.UsageError(f"--harness-backend {text!r}: choose {listed}")
-    return text
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise pytest.UsageError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise pytest.UsageError(f"{text} must be at least 1")
-    return value
+def _add_given(group: pytest.OptionGroup, *names: str) -> None:
+    """The `--harness-*` options that set what `harness run` calls `names` (declared once, in
+    `harness.run.given`)."""
+    for flag, keywords in harness_options(*names):
+        if "type" in keywords:
+            keywords["type"] = _usage(keywords["type"])
+        group.addoption(flag, **keywords)
 
 
 def _positive_float(text: str) -> float:
@@ -80,45 +85,7 @@ def _positive_float(text: str) -> float:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "LLM batch harness")
-    group.addoption(
-        "--harness-backend",
-        type=_backend_name,
-        default=None,
-        help="model server: embedded (llama.cpp started here), openai, ollama. "
-        "Default: the scenario profile's backend, else 'embedded'",
-    )
-    group.addoption(
-        "--harness-model",
-        default=None,
-        help="model name or .gguf path (embedded), served model (openai), Ollama tag. "
-        "Default: the scenario profile's, else gemma3-270m / gemma3:12b",
-    )
-    group.addoption(
-        "--harness-base-url",
-        default=None,
-        help="server URL for openai/ollama (ollama: $OLLAMA_HOST). Default: %(default)r",
-    )
-    group.addoption(
-        "--harness-score-mode",
-        default=None,
-        choices=["decode", "logprobs"],
-        help="decode: the model writes each reply; logprobs: the reply's JSON is sent written "
-        "up to the score and the score read from the model's probabilities (the quality suite "
-        "runs its checks in it). Default: harness.yaml's SCORE_MODE, else decode",
-    )
-    group.addoption(
-        "--harness-threads",
-        type=_positive_int,
-        default=None,
-        help="CPU threads of each embedded server (as harness run --threads): on a machine "
-        "other work keeps busy, llama.cpp's default (every core) spin-waits and runs several "
-        "times slower. Default: llama.cpp's, every core",
-    )
-    group.addoption(
-        "--harness-profile",
-        default=None,
-        help="scenario profile (embedded, gpu-gemma3-12b). Default: by backend",
-    )
+    _add_given(group, "backend", "model", "base_url", "score_mode", "threads", "profile")
     group.addoption(
         "--harness-report-dir",
         default="reports",
@@ -129,11 +96,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="scenarios",
         help="where scenario YAML files are read. Default: %(default)r",
     )
-    group.addoption(
-        "--harness-config",
-        default=str(DEFAULT_CONFIG_PATH),
-        help="the production config file to read and write back. Default: %(default)r",
-    )
+    _add_given(group, "config")
     group.addoption(
         "--harness-price-per-kwh",
         type=_positive_float,

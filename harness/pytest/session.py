@@ -20,10 +20,12 @@ from typing import Any, TypeVar
 import pytest
 
 from harness.backends.base import Backend
+from harness.config import DEFAULT_CONFIG_PATH
 from harness.errors import ConfigError
 from harness.pytest.reporting import ReportContext, Reports
 from harness.report import machine_info
 from harness.run.factory import open_backend
+from harness.run.given import from_pytest
 from harness.run.resolve import default_profile, resolve
 from harness.run.settings import DEFAULT, RunConfig, Value
 from harness.scenarios import Scenario, load_scenario
@@ -40,21 +42,22 @@ class HarnessSession:
 
     def __init__(self, config: pytest.Config) -> None:
         opt = config.option
+        given = from_pytest(opt)  # the --harness-* options harness.run.given declares
         self.config = config
         self.root = Path(str(config.rootpath))
-        self.backend_option: str | None = opt.harness_backend
+        self.backend_option: str | None = given["backend"]
         self.backend_name: str = self.backend_option or "embedded"
         """The backend named on the command line (else embedded); a scenario profile may name
         another (see `run_config`)."""
-        self.model_option: str | None = opt.harness_model
-        self.score_mode_option: str | None = getattr(opt, "harness_score_mode", None)
-        self.threads: int | None = getattr(opt, "harness_threads", None)
+        self.model_option: str | None = given["model"]
+        self.score_mode_option: str | None = given["score_mode"]
+        self.threads: int | None = given["threads"]
         """CPU threads of each embedded server (None: llama.cpp's default)."""
-        self.base_url: str | None = opt.harness_base_url
-        self.profile: str = opt.harness_profile or default_profile(self.backend_name)
+        self.base_url: str | None = given["base_url"]
+        self.profile: str = given["profile"] or default_profile(self.backend_name)
         self.report_dir = self._path(opt.harness_report_dir)
         self.scenario_dir = self._path(opt.harness_scenario_dir)
-        self.config_path = self._path(opt.harness_config)
+        self.config_path = self._path(given["config"] or str(DEFAULT_CONFIG_PATH))
         self.price_per_kwh: float = opt.harness_price_per_kwh
         self.memory_budget: str | None = opt.memory_budget
         self.write_config: bool = opt.write_config

@@ -2,6 +2,8 @@
 
 A floor between the engine and phases below and the entry points above:
 
+- `given`: what a caller gave: the options of `harness run`, `harness api`, `harness doctor`,
+  `harness convert` and the `--harness-*` ones, declared once as data (`OPTIONS`);
 - `settings`: `RunConfig` and `Value`, a run's resolved settings, each with its source;
 - `resolve`: the one configuration path (harness.yaml read once; an entry point's own rules
   declared as data, `RUN_RULES`);

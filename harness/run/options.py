@@ -1,11 +1,11 @@
 """What `harness run` (and `harness api`, `harness doctor`) was asked to do: `BatchOptions`, one
-field per command-line option, checked before anything is created (`validate`), and resolved
-into a run's settings once (`batch_config`: `harness.run.resolve` with `RUN_RULES`).
+field per command-line option (the options themselves are declared once, as data, in
+`harness.run.given`), checked before anything is created (`validate`), and resolved into a
+run's settings once (`batch_config`: `harness.run.resolve` with `RUN_RULES`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from harness.config import DEFAULT_CONFIG_PATH
 from harness.engine.strategies import STRATEGIES
 from harness.errors import ConfigError
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+from harness.run.given import DEFAULT_SEED, EXECUTORS
 from harness.run.resolve import RUN_RULES, default_profile, resolve, threads_per_server
 from harness.run.settings import RunConfig
 from harness.scoring import SCORE_MODES
@@ -29,18 +30,12 @@ __all__ = [
     "EXECUTORS",
     "MIN_CTX",
     "BatchOptions",
-    "add_server_options",
     "batch_config",
 ]
 
 
 BACKENDS = tuple(Backend.runnable())
 """Backends `harness run` can use (the registry's, `Backend.runnable()`, as it was at import)."""
-
-EXECUTORS = ("local", "ray")
-"""Who runs the engine: this process, or a Ray Data pipeline (`harness.rayexec`)."""
-
-DEFAULT_SEED = 42
 
 MIN_CTX = 16
 
@@ -229,28 +224,6 @@ class BatchOptions:
                     f"--model {model!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
                     "nor an existing .gguf file"
                 )
-
-
-def add_server_options(parser: argparse.ArgumentParser) -> None:
-    """The options of how a run reaches and starts its llama.cpp server, declared once for
-    `harness run` and `harness api`: `--request-path`, `--server-flags`."""
-    parser.add_argument(
-        "--request-path",
-        default=None,
-        choices=list(REQUEST_PATHS),
-        help="how requests reach a llama.cpp server: tokens (the prompt's token ids to "
-        "/completion: no template or tokenizing on the server), text (the rendered prompt, as "
-        "Ollama sends it) or chat (/v1/chat/completions) (default: tokens for the embedded "
-        "server, chat for --backend openai)",
-    )
-    parser.add_argument(
-        "--server-flags",
-        default=None,
-        choices=list(SERVER_FLAGS),
-        help="how the embedded server is started: ollama (the llama-server flags Ollama >= 0.30 "
-        "uses) or harness (full-size sliding windows for --strategy conversation) (default: "
-        "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)",
-    )
 
 
 def batch_config(options: BatchOptions) -> RunConfig:
