@@ -20,9 +20,10 @@ batches then run in creation order, one at a time, through `run_job` with an app
 results file per batch (`ResultsStore`: every custom_id exactly once, resumable), with the
 configuration the service resolved once at its start (`batch_config`: the command line, then
 harness.yaml's measured values, then defaults), capped to the server's context. Before a
-batch runs, its prompt lengths are measured as `harness run` measures them (`measure_lengths`,
-`check_fits`): a batch whose typical prompt and reply cannot fit one request's context fails
-with that error; longer rows only are recorded as those rows' errors, never sent.
+batch runs, its prompts are checked by the function `harness run` checks them with
+(`harness.run.preflight.check_prompts`): a batch whose typical prompt and reply cannot fit one
+request's context fails with that error; longer rows only are recorded as those rows' errors,
+never sent; the warnings (those rows, phase 1's reuse warning) are logged.
 
 Finalizing turns the results file into the output file (replies) and the error file (errors)
 in OpenAI's line format, written atomically, then names them and sets the final status in one
@@ -74,13 +75,11 @@ from harness.api.validate import (
 from harness.backends.base import Backend
 from harness.engine import JobSpec, TokenCounter, read_results, run_job
 from harness.engine.job import open_token_counter
-from harness.engine.lengths import check_fits, measure_lengths
 from harness.engine.progress import Progress
-from harness.errors import ConfigError
 from harness.inputs import MAX_LINE_BYTES
 from harness.metrics import source_label
 from harness.records import RequestRecord
-from harness.run.preflight import fitted, spec_for
+from harness.run.preflight import check_prompts, spec_for
 from harness.run.settings import RunConfig
 from harness.workload import WorkItem
 
@@ -605,27 +604,20 @@ class BatchWorker:
             yield counter
 
     async def _preflight(
-        self, row: BatchRow, items: Sequence[WorkItem], counter: TokenCounter, cfg: RunConfig
+        self, row: BatchRow, items: Sequence[WorkItem], counter: TokenCounter
     ) -> BatchError | None:
-        """`harness run`'s check of the prompt lengths: an error when the typical prompt and
-        its reply cannot fit one request's context (most rows would fail)."""
-        lengths = await measure_lengths(counter, items)
-        context_source = str(
-            self.backend.info.extra.get("context_source")
-            or f"MAX_CONTEXT_TOKENS, {cfg.max_context_tokens.source}"
-        )
-        try:
-            warning = check_fits(
-                lengths, cfg.max_context_tokens.value, context_source=context_source
-            )
-        except ConfigError as exc:
-            log.error("batch %s: %s", row.id, exc)
+        """`harness run`'s check of the prompts (`check_prompts`): an error when the typical
+        prompt and its reply cannot fit one request's context (most rows would fail); its
+        warnings logged."""
+        checked = await check_prompts(self.config, self.backend, counter, items)
+        if checked.refused is not None:
+            log.error("batch %s: %s", row.id, checked.refused)
             return BatchError(
                 "context_too_small",
-                f"The batch's prompts do not fit the model server's context: {exc}.",
+                f"The batch's prompts do not fit the model server's context: {checked.refused}.",
             )
-        log.info("batch %s: %s", row.id, lengths.describe())
-        if warning:
+        log.info("batch %s: %s", row.id, checked.lengths.describe())
+        for warning in checked.warnings:
             log.warning("batch %s: %s", row.id, warning)
         return None
 
@@ -646,7 +638,6 @@ class BatchWorker:
 
         # What `harness run` would run with: the configuration resolved at the service's
         # start, its trim policy capped to the (possibly relaunched) server's context.
-        cfg = fitted(self.config, self.backend)
         spec = spec_for(
             self.config,
             self.backend,
@@ -657,7 +648,7 @@ class BatchWorker:
         )
         async with self._token_counter() as counter:
             if pending:
-                problem = await self._preflight(row, items, counter, cfg)
+                problem = await self._preflight(row, items, counter)
                 if problem is not None:
                     await self._finalize(
                         row, "failed", allowed=("in_progress",), errors=[problem.to_dict()]

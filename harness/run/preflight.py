@@ -1,7 +1,8 @@
 """Before any request, on a started server: the engine's job for a run's settings, capped to
-the server's context once (`spec_for`; `fitted` is the one call of `RunConfig.capped`), and a
-batch job's preflight (`preflight`: the banner, every setting with its source; the prompts'
-lengths against the context; the reuse warning; the job's fingerprint written).
+the server's context once (`spec_for`; `fitted` is the one call of `RunConfig.capped`), the
+prompts' check that `harness run` and `harness api` share (`check_prompts`: their lengths
+against the context, the reuse warning), and `harness run`'s preflight (`preflight`: the
+banner, every setting with its source; that check; the job's fingerprint written).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,19 @@ from harness.reportfiles import find_report
 from harness.run.job import Job, write_job
 from harness.run.settings import RunConfig
 from harness.scoremode import choose_score_mode
+from harness.workload import WorkItem
 
-__all__ = ["REUSE_REPORT", "banner", "fitted", "job_spec", "preflight", "reuse_warning", "spec_for"]
+__all__ = [
+    "REUSE_REPORT",
+    "PromptCheck",
+    "banner",
+    "check_prompts",
+    "fitted",
+    "job_spec",
+    "preflight",
+    "reuse_warning",
+    "spec_for",
+]
 
 
 def job_spec(
@@ -181,6 +194,56 @@ def reuse_warning(lengths: PromptLengths, info: Any, report: Path) -> str | None
     )
 
 
+@dataclass(frozen=True)
+class PromptCheck:
+    """What a job's prompts say before it runs (`check_prompts`)."""
+
+    lengths: PromptLengths
+    """The prompts' tokens: the rubric, the candidates' p50 and p99, the longest."""
+    refused: ConfigError | None
+    """Why the job cannot run: its typical prompt and reply do not fit one request's context
+    (most rows would fail); None when they do."""
+    warnings: tuple[str, ...]
+    """Rows past the context (recorded as errors, never sent); candidates as long as those at
+    which phase 1 saw the server stop reusing the rubric."""
+
+
+def context_source(cfg: RunConfig, server: Backend) -> str:
+    """Where one request's context comes from: the server's own word, else the setting's."""
+    return str(
+        server.info.extra.get("context_source")
+        or f"MAX_CONTEXT_TOKENS, {cfg.max_context_tokens.source}"
+    )
+
+
+async def check_prompts(
+    cfg: RunConfig,
+    server: Backend,
+    counter: TokenCounter,
+    items: Sequence[WorkItem],
+    *,
+    reuse_report: Path = REUSE_REPORT,
+) -> PromptCheck:
+    """The prompts' check `harness run` (`preflight`) and `harness api` (before each batch)
+    share, on a started server: the lengths measured (`measure_lengths`), checked against the
+    context of `cfg` capped to the server (`check_fits`), and the reuse warning
+    (`reuse_warning`, from `reuse_report`). A job that cannot fit is returned `refused`, not
+    raised: each caller says it its own way (`harness run` after its banner, the API as the
+    batch's error)."""
+    cfg = fitted(cfg, server)
+    lengths = await measure_lengths(counter, items)
+    refused: ConfigError | None = None
+    too_long: str | None = None
+    try:
+        too_long = check_fits(
+            lengths, cfg.max_context_tokens.value, context_source=context_source(cfg, server)
+        )
+    except ConfigError as exc:
+        refused = exc
+    reuse = reuse_warning(lengths, server.info, reuse_report)
+    return PromptCheck(lengths, refused, tuple(w for w in (too_long, reuse) if w))
+
+
 async def preflight(job: Job, server: Backend, counter: TokenCounter) -> JobSpec:
     """On a started server, before any request: print the banner (every setting and its
     source, the prompt's lengths), warn about rows too long for the context, write the job's
@@ -189,7 +252,7 @@ async def preflight(job: Job, server: Backend, counter: TokenCounter) -> JobSpec
     info = server.info
     job.server = f"{info.backend} {info.model} at {info.base_url} ({info.server})"
     cfg = fitted(job.config, server)
-    lengths = await measure_lengths(counter, data.items)
+    checked = await check_prompts(job.config, server, counter, data.items)
     mode, mode_line = await choose_score_mode(
         cfg,
         server,
@@ -197,19 +260,12 @@ async def preflight(job: Job, server: Backend, counter: TokenCounter) -> JobSpec
         data.items[0].output_schema if data.items else None,
         job.config.measured,
     )
-    for line in [*banner(job, server, lengths), mode_line]:
+    for line in [*banner(job, server, checked.lengths), mode_line]:
         print(f"harness run: {line}", file=sys.stderr, flush=True)
-    too_long = check_fits(
-        lengths,
-        cfg.max_context_tokens.value,
-        context_source=str(
-            info.extra.get("context_source")
-            or f"MAX_CONTEXT_TOKENS, {cfg.max_context_tokens.source}"
-        ),
-    )
-    for warning in (too_long, reuse_warning(lengths, info, REUSE_REPORT)):
-        if warning:
-            print(f"harness run: warning: {warning}", file=sys.stderr, flush=True)
+    if checked.refused is not None:
+        raise checked.refused
+    for warning in checked.warnings:
+        print(f"harness run: warning: {warning}", file=sys.stderr, flush=True)
     spec = spec_for(
         job.config,
         server,
