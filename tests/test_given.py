@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from harness.api.cli import settings_from
 from harness.api.settings import ApiSettings
 from harness.batchfiles import convert
 from harness.cli import build_parser
-from harness.run.given import OPTIONS, add_options, from_pytest, given, harness_options
+from harness.run.given import OPTIONS, add_options, count, from_pytest, given, harness_options
 from harness.run.options import BatchOptions
 
 
@@ -105,3 +106,14 @@ def test_the_harness_options_of_pytest_read_back_by_field() -> None:
     for _, kw in harness_options("threads", "backend"):
         with pytest.raises(ValueError):
             kw["type"]("0" if kw["dest"] == "harness_threads" else "nope")
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("12", 12), ("1_000", 1000)])
+def test_a_count_reads_whole_numbers_as_python_does(text: str, value: int) -> None:
+    assert count(text) == value
+
+
+@pytest.mark.parametrize("text", ["_10", "1__0", "10_", "-1", "1.5", "ten"])
+def test_a_count_refuses_what_is_not_a_whole_number_or_is_negative(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(text)):
+        count(text)

@@ -63,9 +63,10 @@ backends reads the registry then, so a backend registered later is listed)."""
 
 
 def count(text: str) -> int:
-    """An argparse type: a whole number, not negative (`1_000` reads as 1000)."""
+    """An argparse type: a whole number, not negative (`1_000` reads as 1000, as Python reads
+    it; `_10` and `1__0` are not numbers)."""
     try:
-        value = int(text.replace("_", ""))
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
