@@ -28,7 +28,7 @@ from harness.errors import (
     OutputError,
 )
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
-from harness.run.given import add_options, given
+from harness.run.given import add_options, count, given
 
 __all__ = ["main"]
 
@@ -48,16 +48,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
-
-
 def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -74,17 +64,15 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument(
         "--ctx",
-        type=_positive_int,
+        type=count,
         default=d.n_ctx,
         help="context size in tokens of ALL slots together (llama-server's -c; each slot gets "
         "ctx / parallel; `harness run --ctx` is per slot)",
     )
-    p.add_argument("--parallel", type=_positive_int, default=d.parallel, help="server slots")
+    p.add_argument("--parallel", type=count, default=d.parallel, help="server slots")
     p.add_argument("--host", default=d.host, help="address to listen on (loopback by default)")
-    p.add_argument("--port", type=_positive_int, default=d.port, help="port; 0 picks a free one")
-    p.add_argument(
-        "--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)"
-    )
+    p.add_argument("--port", type=count, default=d.port, help="port; 0 picks a free one")
+    p.add_argument("--threads", type=count, default=None, help="CPU threads (default: all cores)")
     p.add_argument(
         "--cache-type-k",
         default=d.cache_type_k,
@@ -93,12 +81,12 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--cache-type-v", default=d.cache_type_v, help="KV cache type of values")
     p.add_argument(
         "--cache-ram-mib",
-        type=_positive_int,
+        type=count,
         default=None,
         help="llama.cpp host prompt cache in MiB (0: off; default: llama-server's, 8192)",
     )
-    p.add_argument("--batch", type=_positive_int, default=d.n_batch, help="logical batch size")
-    p.add_argument("--ubatch", type=_positive_int, default=d.n_ubatch, help="physical batch size")
+    p.add_argument("--batch", type=count, default=d.n_batch, help="logical batch size")
+    p.add_argument("--ubatch", type=count, default=d.n_ubatch, help="physical batch size")
     p.add_argument("--swa-full", action="store_true", help="full-size KV for sliding-window layers")
     p.add_argument(
         "--context-shift",
@@ -106,7 +94,7 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="when a sequence fills its context, drop old tokens instead of failing",
     )
     p.add_argument(
-        "--keep", type=_positive_int, default=0, help="tokens a context shift keeps at the start"
+        "--keep", type=count, default=0, help="tokens a context shift keeps at the start"
     )
     p.add_argument(
         "--flash-attn", default=d.flash_attn, choices=["auto", "on", "off"], help="flash attention"
@@ -198,7 +186,7 @@ def _add_generate(sub: argparse._SubParsersAction[_Parser]) -> None:
         "years, skills, education, location, summary), reproducible from --seed, in the\n"
         "columns the default prompt expects. `harness run OUTPUT.csv` scores them.",
     )
-    p.add_argument("rows", type=_positive_int, metavar="ROWS", help="how many candidates")
+    p.add_argument("rows", type=count, metavar="ROWS", help="how many candidates")
     p.add_argument("output", metavar="OUTPUT.csv", help="CSV file to write (replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator")
 
@@ -263,7 +251,7 @@ def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
         "is one), its time, energy and cost, each with its report. Exit 2 when no report\n"
         "matches (it lists the ones it has, and why others cannot be used).",
     )
-    p.add_argument("--rows", type=_positive_int, required=True, help="rows of the job")
+    p.add_argument("--rows", type=count, required=True, help="rows of the job")
     p.add_argument("--deadline", required=True, help="e.g. 24h, 90m, 2d")
     p.add_argument("--model", default=None, help="the model measured (default: any)")
     p.add_argument("--backend", default=None, help="the backend measured (default: any)")

@@ -22,6 +22,7 @@ from harness.baselines import DirectResult, direct_loop
 from harness.engine import JobSpec, RunnerConfig, TrimPolicy, run_job
 from harness.engine.job import open_token_counter
 from harness.engine.tokens import TokenCounter
+from harness.metrics import RunMetrics
 from harness.phases.common import phase_job
 from harness.phases.performance import (
     Curve,
@@ -210,15 +211,7 @@ class Bench:
             self.chunk = int(
                 statistics.median(x.prompt_tokens - (x.cached_tokens or 0) for x in res.records[1:])
             )
-        m = res.metrics
-        return {
-            "throughput_rps": m.throughput_rps,
-            "elapsed_s": m.elapsed_s,
-            "requests": m.completed,
-            "uncached": m.tokens["uncached"],
-            "completion": m.tokens["completion"],
-            "token_savings": m.token_savings,
-        }
+        return {**_figures(res.metrics), "token_savings": res.metrics.token_savings}
 
     async def score(self, mode: str, items: list[WorkItem], r: int) -> dict[str, Any]:
         on_path(self.backend, "tokens")
@@ -228,11 +221,7 @@ class Bench:
         m = res.metrics
         ok = [x for x in res.records if x.ok]
         return {
-            "throughput_rps": m.throughput_rps,
-            "elapsed_s": m.elapsed_s,
-            "requests": m.completed,
-            "uncached": m.tokens["uncached"],
-            "completion": m.tokens["completion"],
+            **_figures(m),
             # The forward steps after the prefill: each decoded token, or each probe token.
             "steps": sum(x.probe_tokens for x in ok)
             if mode == "logprobs"
@@ -307,6 +296,17 @@ async def measure(
             v: vars_of(breakdown(v, bench.records[v])) for v in VARIANTS if v != "direct"
         },
         "plots": draw(bench, prefill_rate_at(curve.prefill_tps, chunk), curve, plots_dir),
+    }
+
+
+def _figures(m: RunMetrics) -> dict[str, Any]:
+    """A round's figures that every variant reports: rate, time, requests and tokens."""
+    return {
+        "throughput_rps": m.throughput_rps,
+        "elapsed_s": m.elapsed_s,
+        "requests": m.completed,
+        "uncached": m.tokens["uncached"],
+        "completion": m.tokens["completion"],
     }
 
 
