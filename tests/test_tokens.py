@@ -11,6 +11,7 @@ piece never refreshed it). The retry inside `count()` then found no rubric.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +32,13 @@ def fresh_ids(messages: Sequence[dict[str, str]], *, generation: bool = True) ->
     """What a tokenizer run on the whole rendered prompt gives (BOS first)."""
     text = GEMMA.render_text(messages, add_generation_prompt=generation)
     return list(quad_tokenize("<bos>", GEMMA.specials)) + list(quad_tokenize(text, GEMMA.specials))
+
+
+def held_now(counter: TokenCounter) -> int:
+    """The bytes of the counter's two tables, recounted from scratch."""
+    tables = (counter._cache, counter._pinned)
+    entries = sum(sys.getsizeof(k) + sys.getsizeof(v) for t in tables for k, v in t.items())
+    return entries + sum(sys.getsizeof(t) for t in tables)
 
 
 async def double_tokenize(texts: list[str], parse_special: bool) -> list[list[int]]:
@@ -126,6 +134,9 @@ def test_count_is_exact_whatever_the_cache_drops(
                 history = []
             # A plain text (a reply) counts exactly too.
             assert list(await counter.text_ids("id id id")) == list(quad_tokenize("id id id"))
+            # What the tables hold is what they hold now, whatever came in, moved or left.
+            assert counter.held_bytes() == held_now(counter)
+            assert len(counter._cache) <= cache_size and len(counter._pinned) <= pin_cap
         # The rubric of the run is never lost while it is in use.
         prefix = await counter.count([rubric], add_generation_prompt=False)
         assert list(prefix) == fresh_ids([rubric], generation=False)

@@ -17,6 +17,7 @@ Where the tokens come from is recorded in `TokenCounter.source`:
 from __future__ import annotations
 
 import itertools
+import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -101,6 +102,9 @@ class TokenCounter:
     the one dropped; a piece dropped from the pin table goes back to the LRU. Whatever either
     table drops, `count()` builds each prompt from the ids it looked up or tokenized in the same
     call, so it always returns the prompt's ids (a piece it needs is never looked up twice).
+
+    Both tables are bounded, and `held_bytes()` says what they hold now, so a memory watch can
+    tell the tables filling up to their bound from a leak.
     """
 
     def __init__(
@@ -121,7 +125,15 @@ class TokenCounter:
         self._special: dict[str, int] = {}
         self._special_ids: dict[str, array[int]] = {}
         self._pinned: OrderedDict[str, array[int]] = OrderedDict()
+        self._entry_bytes = 0
+        """`sys.getsizeof` of every key and value the two tables hold, kept as they change."""
         self.calls = 0
+
+    def held_bytes(self) -> int:
+        """Bytes the two tables hold now, as the interpreter sizes them (`sys.getsizeof` of
+        each piece, its ids and both tables). A lower bound on what they cost the process (the
+        allocator rounds up), so a watch that subtracts it still sees the rest of any growth."""
+        return self._entry_bytes + sys.getsizeof(self._cache) + sys.getsizeof(self._pinned)
 
     # -- filling the cache -----------------------------------------------------------------
 
@@ -188,19 +200,29 @@ class TokenCounter:
             ids = self._pinned.get(text)
             if ids is None:
                 return
+        else:
+            self._entry_bytes -= _sizeof(text, ids)
+        if text not in self._pinned:
+            self._entry_bytes += _sizeof(text, ids)
         self._pinned[text] = ids
         self._pinned.move_to_end(text)
         while len(self._pinned) > self.pin_cap:
             old, old_ids = self._pinned.popitem(last=False)
+            self._entry_bytes -= _sizeof(old, old_ids)
             self._store(old, old_ids)
 
     def _store(self, text: str, ids: array[int]) -> None:
         if text in self._pinned:
             return
+        before = self._cache.get(text)
+        if before is not None:
+            self._entry_bytes -= _sizeof(text, before)
         self._cache[text] = ids
+        self._entry_bytes += _sizeof(text, ids)
         self._cache.move_to_end(text)
         while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            old, old_ids = self._cache.popitem(last=False)
+            self._entry_bytes -= _sizeof(old, old_ids)
 
     def _lookup(self, text: str) -> array[int] | None:
         ids = self._pinned.get(text)
@@ -258,6 +280,10 @@ class TokenCounter:
 
 
 _EMPTY: array[int] = array("i")
+
+
+def _sizeof(text: str, ids: array[int]) -> int:
+    return sys.getsizeof(text) + sys.getsizeof(ids)
 
 
 def estimate_tokenize() -> TokenizeBatch:

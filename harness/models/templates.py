@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from harness.errors import ConfigError
 
-__all__ = ["ChatFormat", "Special", "get_format"]
+__all__ = ["ChatFormat", "Special", "get_format", "memo_held_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +89,54 @@ class ChatFormat:
         )
 
 
+class _PieceMemo:
+    """A message's pieces, memoised for the most recently used `size` messages (thread-safe).
+
+    Bounded like the token counter's LRU and as large (4,096: a run's live conversations hold far
+    fewer messages), and it says what it holds (`held_bytes`), so a memory watch can tell it
+    filling up from a leak. The held bytes count the memo's own tuples, not the strings inside
+    them: the rendered text is the token counter's key too, and is counted there while both hold
+    it (never twice; what only the memo holds is left out, so the figure is a lower bound)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._table: OrderedDict[tuple[ChatFormat, str, str], tuple[Piece, ...]] = OrderedDict()
+        self._bytes = 0
+
+    def pieces(self, fmt: ChatFormat, role: str, content: str) -> tuple[Piece, ...]:
+        key = (fmt, role, content)
+        with self._lock:
+            got = self._table.get(key)
+            if got is not None:
+                self._table.move_to_end(key)
+                return got
+        got = _render_message(fmt, role, content)
+        with self._lock:
+            if key not in self._table:
+                self._table[key] = got
+                self._bytes += sys.getsizeof(key) + sys.getsizeof(got)
+                while len(self._table) > self.size:
+                    old, old_pieces = self._table.popitem(last=False)
+                    self._bytes -= sys.getsizeof(old) + sys.getsizeof(old_pieces)
+        return got
+
+    def held_bytes(self) -> int:
+        return self._bytes + sys.getsizeof(self._table)
+
+
+_MEMO = _PieceMemo(4096)
+_message_pieces = _MEMO.pieces
+
+
+def memo_held_bytes() -> int:
+    """Bytes the message memo holds now (see `_PieceMemo`)."""
+    return _MEMO.held_bytes()
+
+
 # No whitespace-trimming markers and no newline right after a block tag: llama.cpp's Jinja engine
 # trims like Hugging Face's (trim_blocks, lstrip_blocks), and these layouts need every newline.
-@functools.lru_cache(maxsize=16384)
-def _message_pieces(fmt: ChatFormat, role: str, content: str) -> tuple[Piece, ...]:
+def _render_message(fmt: ChatFormat, role: str, content: str) -> tuple[Piece, ...]:
     text = fmt.role(role) + "\n" + content
     if not any(s in text for s in fmt.specials):
         return (_special(fmt.turn_open), text, _special(fmt.turn_close), "\n")

@@ -304,6 +304,10 @@ def scale_figures(
             "gpu_bytes_per_hour": (gpu.get("leak") or {}).get("bytes_per_hour"),
             "server_growth_bytes": (server.get("leak") or {}).get("growth_bytes"),
             "runner_growth_bytes": (runner.get("leak") or {}).get("growth_bytes"),
+            # The runner's figures above are taken on RSS minus its bounded caches; RSS alone:
+            "runner_rss_bytes_per_hour": (runner.get("leak_rss") or {}).get("bytes_per_hour"),
+            "runner_cache_bytes": runner.get("held_bytes_last"),
+            "runner_basis": runner.get("leak_basis"),
         },
         "degradation": m.degradation,
         "projected_170k_s": m.projected_170k_s,
