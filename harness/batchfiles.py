@@ -26,6 +26,7 @@ from harness.engine import read_results
 from harness.errors import ConfigError, InputError
 from harness.fileio import atomic_write_text
 from harness.inputs import input_sha256
+from harness.lock import hold, lock_path_for
 from harness.run.options import DEFAULT_SEED, BatchOptions
 from harness.workload import (
     CandidateTable,
@@ -226,7 +227,8 @@ def convert(
     max_tokens: int | None = None,
     model: str | None = None,
 ) -> ConvertResult:
-    """Write one OpenAI Batch line per CSV row (atomically); validates everything first."""
+    """Write one OpenAI Batch line per CSV row (atomically, under `<output>.lock`: a second
+    writer of the same file is refused, naming the first); validates everything first."""
     src, dst = Path(input_path), Path(output_path)
     if input_kind(src) != "csv":
         raise ConfigError(f"convert reads a candidates CSV; {src} is already a batch JSONL")
@@ -254,7 +256,8 @@ def convert(
             body = {"model": model, **body}  # OpenAI's Batch API requires body.model
         out += orjson.dumps(batch_line(item.custom_id, body))
         out += b"\n"
-    atomic_write_text(dst, out.decode("utf-8"))
+    with hold(lock_path_for(dst), what=f"the batch file {dst}"):
+        atomic_write_text(dst, out.decode("utf-8"))
     return ConvertResult(src, dst, len(items), len(table.rows), spec.path or spec.name)
 
 

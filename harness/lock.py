@@ -14,9 +14,10 @@ tries again if not: a second process that opened the old file just before it was
 cannot then run next to a third that created a new one.
 
 Who takes one: `harness run` on `<results>.lock` (the Ray executor's driver is that process),
-`harness api` on its data dir (`<data dir>/harness-api.lock`), and the suites' write-back on
-`harness.yaml.lock` while they read, change and replace the config file (waiting their turn:
-two sessions writing back at once would otherwise lose one's values).
+`harness api` on its data dir (`<data dir>/harness-api.lock`), `harness generate` and `harness
+convert` on the file they replace (`<output>.lock`, while they write it), and the suites'
+write-back on `harness.yaml.lock` while they read, change and replace the config file (waiting
+their turn: two sessions writing back at once would otherwise lose one's values).
 """
 
 from __future__ import annotations

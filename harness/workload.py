@@ -742,12 +742,19 @@ def generate_candidates(n: int, seed: int = 0, start: int = 0) -> Iterator[dict[
 
 
 def write_candidates_csv(path: str | Path, n: int, seed: int = 0) -> Path:
-    """Write `n` synthetic candidates to a CSV with a header."""
+    """Write `n` synthetic candidates to a CSV with a header: whole or not at all (atomic
+    replace), under `<path>.lock` (a second `harness generate` to the same file is refused,
+    naming the first)."""
+    from harness.fileio import atomic_write_text
+    from harness.lock import hold, lock_path_for
+
     p = Path(path)
-    with p.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(CANDIDATE_COLUMNS))
-        writer.writeheader()
-        writer.writerows(generate_candidates(n, seed))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(CANDIDATE_COLUMNS))
+    writer.writeheader()
+    writer.writerows(generate_candidates(n, seed))
+    with hold(lock_path_for(p), what=f"the candidates file {p}"):
+        atomic_write_text(p, buf.getvalue())
     return p
 
 
