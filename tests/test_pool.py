@@ -296,6 +296,65 @@ def test_every_conversation_stays_on_one_server() -> None:
 # -- failures -----------------------------------------------------------------------------------
 
 
+class Relaunching(Dying):
+    """A member that dies on `kill()` and whose `start()` brings it back (as an embedded
+    member relaunches a server that died), or fails when `broken`."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(10**9, **kw)
+        self.starts = 0
+        self.broken = False
+
+    async def start(self) -> None:
+        self.starts += 1
+        if self.broken:
+            raise BackendUnreachable("the model server would not start (the double is broken)")
+        self.revive()
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+def test_starting_a_started_pool_again_relaunches_the_members_that_died_and_takes_them_back() -> (
+    None
+):
+    """The API worker calls `start()` again after a failed batch: a member that died is
+    started again and routed to again; one that answers is not touched; one that cannot start
+    stays out with its reason; with none left, `start()` raises naming each member's reason."""
+    ok, dead, broken = (Relaunching(delay_s=0.002) for _ in range(3))
+
+    async def go() -> None:
+        pool = PoolBackend([ok, dead, broken], health_interval_s=0, misses_allowed=1)
+        await pool.start()
+        assert (ok.starts, dead.starts, broken.starts) == (1, 1, 1)
+        dead.kill()
+        broken.kill()
+        broken.broken = True
+        await pool.check_health()
+        assert [e.up for e in pool._eps] == [True, False, False]
+        await pool.start()
+        assert (ok.starts, dead.starts, broken.starts) == (1, 2, 2)
+        assert [e.up for e in pool._eps] == [True, True, False]
+        eps = pool.endpoints()
+        assert [ev["event"] for ev in eps[1]["events"]] == ["down", "up"]
+        assert eps[2]["events"][-1]["event"] == "start failed"
+        assert "could not start again: the model server would not start" in str(
+            eps[2]["events"][-1]["reason"]
+        )
+        # the relaunched member is routed to again
+        await run_job(pool, items(12), spec(3))
+        assert dead.calls > 0
+        ok.kill()
+        dead.kill()
+        await pool.check_health()
+        ok.broken = dead.broken = True
+        with pytest.raises(BackendUnreachable, match="no server of the pool is left"):
+            await pool.start()
+        await pool.stop()
+
+    asyncio.run(go())
+
+
 def test_a_server_that_stops_answering_is_taken_out_and_its_rows_go_to_the_others() -> None:
     members = [InProcessDouble(delay_s=0.001), Dying(100, delay_s=0.001)]
     members.append(InProcessDouble(delay_s=0.001))

@@ -204,7 +204,10 @@ class PoolBackend(Backend):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start every member. Once started, a second call (the API worker's after a failed
+        batch) restarts what is out: see `_start_again`."""
         if self._started:
+            await self._start_again()
             return
         outcomes = await asyncio.gather(*(m.start() for m in self.members), return_exceptions=True)
         for outcome in outcomes:
@@ -244,6 +247,28 @@ class PoolBackend(Backend):
         )
         if self.health_interval_s > 0:
             self._watch = asyncio.create_task(self._watch_loop(), name="pool-health")
+
+    async def _start_again(self) -> None:
+        """Each member that does not answer its health check is started again (an embedded
+        member relaunches a server that died; a remote one is asked again) and taken back if
+        it then answers; one that cannot start stays out, with the reason. Raises when no
+        member answers: the pool has nothing to run on."""
+        for i, e in enumerate(self._eps):
+            if await self._healthy(e):
+                if not e.up:
+                    self._mark_up(i)
+                continue
+            try:
+                await e.backend.start()
+            except Exception as exc:  # its reason, kept; the other members go on
+                self._still_down(i, f"could not start again: {exc}")
+                continue
+            if await self._healthy(e):
+                self._mark_up(i)
+            else:
+                self._still_down(i, "started again, but does not answer its health check")
+        if not self.live:
+            raise self._none_left()
 
     def _slots_of(self, info: ServerInfo) -> int:
         if info.supports_slots and info.n_slots:
@@ -379,6 +404,16 @@ class PoolBackend(Backend):
         e.down_reason = reason
         e.down_after = self._answered
         e.events.append({"event": "down", "at": e.down_at, "reason": reason})
+
+    def _still_down(self, i: int, reason: str) -> None:
+        """Out, for `reason` now (a member already out keeps its `down_at`; the event says
+        what was tried)."""
+        if self._eps[i].up:
+            self._mark_down(i, reason)
+            return
+        e = self._eps[i]
+        e.down_reason = reason
+        e.events.append({"event": "start failed", "at": time.time(), "reason": reason})
 
     def _mark_up(self, i: int) -> None:
         e = self._eps[i]
