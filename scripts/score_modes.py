@@ -12,12 +12,20 @@ run is its own `completed req/s` (the summary line), the ratio is logprobs ÷ de
 run, and the script prints each run, then the median and range of the ratios and of the
 agreement, with the load average before and after each run (a shared machine: read the ratio,
 not the rates).
+
+Beside the run's own rate, each run's `warm` rate: rows after the first ÷ the time from the
+first row's end to the last row's end (the results lines' `finished` stamps), i.e. without the
+first row's cold prefill of the rubric, which both modes pay once and which weighs more in the
+faster mode's shorter run; with the medians of those rows' latency, prefill and decode. And
+each row whose scores differ, with the log-probabilities logprobs mode read for the two values'
+first tokens (where greedy decoding chooses), so a near-tie shows as one.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import statistics
@@ -63,6 +71,38 @@ def one(cfg: str, mode: str, rows: Path, out: Path, threads: int | None) -> floa
     return float(m.group(2))
 
 
+def warm(results: Path) -> float:
+    """Rows/s after the first row: (rows - 1) ÷ (last `finished` - first `finished`)."""
+    ends = sorted(json.loads(line)["harness"]["finished"] for line in results.open())
+    return (len(ends) - 1) / (ends[-1] - ends[0])
+
+
+def split(results: Path) -> str:
+    """Medians over the rows after the first: a request's latency, the server's prefill
+    (`prompt_ms`) and decode (`decode_ms`) time, and what is left (HTTP, parsing, queueing)."""
+    rows = sorted((json.loads(line)["harness"] for line in results.open()),
+                  key=lambda h: h["started"])[1:]  # fmt: skip
+    lat, pre, dec = (statistics.median(float(h[k] or 0) for h in rows)
+                     for k in ("latency_ms", "prompt_ms", "decode_ms"))  # fmt: skip
+    return f"latency {lat:.0f} ms: prefill {pre:.0f}, decode {dec:.0f}, rest {lat - pre - dec:.0f}"
+
+
+def readings(results: Path) -> dict[str, dict[str, float]]:
+    """Per row, the log-probabilities logprobs mode read at the value's first token (token
+    text -> natural log)."""
+    out = {}
+    for line in results.open():
+        r = json.loads(line)
+        steps = (r["harness"].get("scoring") or {}).get("steps") or [{}]
+        out[r["custom_id"]] = {str(t): float(lp) for t, lp in steps[0].get("top") or []}
+    return out
+
+
+def first_token(read: dict[str, float], value: str) -> str:
+    """The value's first token among those read: the longest that starts its text."""
+    return max((t for t in read if t and value.startswith(t)), key=len, default="?")
+
+
 def scores(path: Path) -> dict[str, str]:
     with path.open(newline="") as fh:
         return {r["custom_id"]: r["score"] for r in csv.DictReader(fh)}
@@ -80,24 +120,45 @@ def main() -> int:
     rows = a.dir / "rows.csv"
     if not rows.exists():
         subprocess.run([*HARNESS, "generate", str(a.rows), str(rows)], check=True)
-    ratios, agree = [], []
+    ratios, warms, agree = [], [], []
     for run in range(1, a.runs + 1):
         order = ("logprobs", "decode") if run % 2 == 0 else ("decode", "logprobs")
-        rps = {}
+        rps, hot = {}, {}
         for mode in order:
             before = load()
-            rps[mode] = one(a.config, mode, rows, a.dir / f"{a.config}_{run}_{mode}.csv", a.threads)
-            print(f"run {run} {mode}: {rps[mode]:.3f} rows/s (load {before} -> {load()})")
+            out = a.dir / f"{a.config}_{run}_{mode}.csv"
+            rps[mode] = one(a.config, mode, rows, out, a.threads)
+            results = out.with_name(out.stem + "_results.jsonl")
+            hot[mode] = warm(results)
+            print(
+                f"run {run} {mode}: {rps[mode]:.3f} rows/s, warm {hot[mode]:.3f} "
+                f"(load {before} -> {load()}); warm medians: {split(results)}"
+            )
         d = scores(a.dir / f"{a.config}_{run}_decode.csv")
         lp = scores(a.dir / f"{a.config}_{run}_logprobs.csv")
-        same = sum(1 for k, v in d.items() if v and lp.get(k) == v) / len(d)
+        read = readings(a.dir / f"{a.config}_{run}_logprobs_results.jsonl")
+        differ = [k for k, v in d.items() if not v or lp.get(k) != v]
+        same = 1 - len(differ) / len(d)
         ratios.append(rps["logprobs"] / rps["decode"])
+        warms.append(hot["logprobs"] / hot["decode"])
         agree.append(same)
-        print(f"run {run}: logprobs / decode {ratios[-1]:.3f}, same score on {same:.1%}")
+        print(
+            f"run {run}: logprobs / decode {ratios[-1]:.3f} (warm {warms[-1]:.3f}), same score "
+            f"on {same:.1%}"
+        )
+        for k in differ:
+            top = read.get(k, {})
+            t_dec, t_read = first_token(top, d[k]), first_token(top, str(lp.get(k)))
+            print(
+                f"  {k}: decoded {d[k]}, read {lp.get(k)}; their first tokens as read: "
+                f"{t_dec} {top.get(t_dec, float('nan')):.3f}, "
+                f"{t_read} {top.get(t_read, float('nan')):.3f}"
+            )
     print(
         f"{a.config}: logprobs / decode median {statistics.median(ratios):.3f} (range "
-        f"{min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} runs); same score median "
-        f"{statistics.median(agree):.1%} (range {min(agree):.1%}-{max(agree):.1%})"
+        f"{min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} runs); warm median "
+        f"{statistics.median(warms):.3f} (range {min(warms):.3f}-{max(warms):.3f}); same score "
+        f"median {statistics.median(agree):.1%} (range {min(agree):.1%}-{max(agree):.1%})"
     )
     return 0
 
