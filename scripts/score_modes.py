@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HARNESS = [sys.executable, "-m", "harness"]
 
@@ -71,17 +72,22 @@ def one(cfg: str, mode: str, rows: Path, out: Path, threads: int | None) -> floa
     return float(m.group(2))
 
 
-def warm(results: Path) -> float:
+def lines(results: Path) -> list[dict[str, Any]]:
+    """The results lines' `harness` records, in the order their requests started."""
+    return sorted((json.loads(line)["harness"] for line in results.open()),
+                  key=lambda h: h["started"])  # fmt: skip
+
+
+def warm(rows: list[dict[str, Any]]) -> float:
     """Rows/s after the first row: (rows - 1) ÷ (last `finished` - first `finished`)."""
-    ends = sorted(json.loads(line)["harness"]["finished"] for line in results.open())
+    ends = sorted(h["finished"] for h in rows)
     return (len(ends) - 1) / (ends[-1] - ends[0])
 
 
-def split(results: Path) -> str:
+def split(rows: list[dict[str, Any]]) -> str:
     """Medians over the rows after the first: a request's latency, the server's prefill
     (`prompt_ms`) and decode (`decode_ms`) time, and what is left (HTTP, parsing, queueing)."""
-    rows = sorted((json.loads(line)["harness"] for line in results.open()),
-                  key=lambda h: h["started"])[1:]  # fmt: skip
+    rows = rows[1:]
     lat, pre, dec = (statistics.median(float(h[k] or 0) for h in rows)
                      for k in ("latency_ms", "prompt_ms", "decode_ms"))  # fmt: skip
     return f"latency {lat:.0f} ms: prefill {pre:.0f}, decode {dec:.0f}, rest {lat - pre - dec:.0f}"
@@ -128,7 +134,7 @@ def main() -> int:
             before = load()
             out = a.dir / f"{a.config}_{run}_{mode}.csv"
             rps[mode] = one(a.config, mode, rows, out, a.threads)
-            results = out.with_name(out.stem + "_results.jsonl")
+            results = lines(out.with_name(out.stem + "_results.jsonl"))
             hot[mode] = warm(results)
             print(
                 f"run {run} {mode}: {rps[mode]:.3f} rows/s, warm {hot[mode]:.3f} "
