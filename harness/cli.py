@@ -13,7 +13,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from harness import __version__
 from harness.backends.server import ServerSettings, serve
@@ -28,31 +27,16 @@ from harness.errors import (
     OutputError,
 )
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
-from harness.run.given import add_options, count, given
+from harness.run.given import Formatter, Parser, add_options, count, given
 
 __all__ = ["main"]
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        # No "(default: None)": options without a default say in their help what happens.
-        if action.default is None or action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line on stderr (exit 2), pointing at --help."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_serve(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "serve",
         help="run a llama.cpp server for a model on 127.0.0.1 and print its URL",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Run llama.cpp's own server (xllamacpp, CPU) until Ctrl-C or SIGTERM.\n"
         "Prints `harness serve: listening on URL` once it is up.",
     )
@@ -152,11 +136,11 @@ usage (nothing is created); 130 interrupted by Ctrl-C (run the same command agai
 """
 
 
-def _add_convert(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_convert(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "convert",
         help="turn a candidates CSV into an OpenAI Batch JSONL (one request per row)",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Writes one line per CSV row: {custom_id, method, url, body}, where body\n"
         "holds the messages (shared rubric + the rendered row), max_tokens, temperature 0, seed\n"
         "and the output schema as response_format. `harness run OUTPUT.jsonl` runs it.",
@@ -177,11 +161,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_generate(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "generate",
         help="write a CSV of synthetic candidates (to try the pipeline, or load-test it)",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Writes ROWS synthetic candidates (~100 tokens each: id, name, title,\n"
         "years, skills, education, location, summary), reproducible from --seed, in the\n"
         "columns the default prompt expects. `harness run OUTPUT.csv` scores them.",
@@ -201,11 +185,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_doctor(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_doctor(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "doctor",
         help="check a setup before a long run: server, model, context, cached tokens, GPU, disk",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Checks, one line each (ok / FAIL / note), with what to fix:\n"
         "  the server answers and has the model; one request's context holds the rubric, the\n"
         "  longest candidate and the reply with a 20% margin; the server reports cached prompt\n"
@@ -239,11 +223,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "plan",
         help="how many servers the next job needs, from the scale reports measured",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Reads the largest finished scale report that passed its criteria and was\n"
         "measured (performance_benchmarks_<N>.*.json; no test double, no replay) of the asked\n"
         "model, backend and strategy and prints the servers of that kind the job needs by the\n"
@@ -277,11 +261,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_verdict(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_verdict(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "verdict",
         help="GO / NO-GO for the production run, from a reports folder (runs nothing)",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Reads every phase report in REPORT_DIR and prints the verdict for the\n"
         "production profile (gpu-gemma3-12b: Ollama, gemma3:12b): GO only when every phase\n"
         "passed and measured what will run (that model and backend, one server and its\n"
@@ -320,11 +304,11 @@ def _cmd_verdict(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "run",
         help="score a CSV or run a batch JSONL; resumable; writes a scores CSV",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description=_RUN_DESCRIPTION,
     )
     p.add_argument("input", metavar="INPUT", help="candidates CSV, or batch .jsonl/.json")
@@ -368,10 +352,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="harness",
         description="Validate a large local LLM batch job, then run it.",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -3,9 +3,16 @@
 `hold(lock_path, what=...)` takes an exclusive `fcntl.flock` on `lock_path` (created if need be)
 for as long as the `with` block runs. The operating system releases it when the process ends,
 however it ends: a SIGKILLed writer never leaves a stale lock behind, and nothing has to be
-cleaned up by hand. The holder writes its pid and command line into the file (the value of an
-option that carries a secret, such as `--api-key`, is left out), so a second writer can say who
-holds it: `LockHeld`, one line naming the pid and the command.
+cleaned up by hand. The holder writes its pid and command line into the file, readable by its
+owner only, so a second writer can say who holds it: `LockHeld`, one line naming the pid and
+the command.
+
+Secrets never reach that note nor a message. They are redacted by what was parsed, not by how
+the option was spelled: an option that carries one declares `type=secret` (argparse calls it with
+the value, whichever spelling the user typed), a secret read elsewhere (`HARNESS_API_KEY`) is
+noted with `keep_secret`, and `redacted` / `scrubbed` replace every noted value by `***`. The
+spelled names in `SECRET_OPTIONS`, and any prefix of them (an abbreviation a parser refused,
+whose value was never parsed), hide the value that follows them too.
 
 The holder removes the lock file as it lets go (nothing is left beside the results); one a
 SIGKILLed holder left behind is simply locked again. Removal is safe because a process that
@@ -32,10 +39,48 @@ from pathlib import Path
 
 from harness.errors import LockHeld
 
-__all__ = ["SECRET_OPTIONS", "hold", "holder_of", "lock_path_for", "redacted"]
+__all__ = [
+    "SECRET_OPTIONS",
+    "hold",
+    "holder_of",
+    "keep_secret",
+    "lock_path_for",
+    "redacted",
+    "scrubbed",
+    "secret",
+]
 
 SECRET_OPTIONS = ("--api-key",)
-"""Options whose value is never written to a lock file nor shown in a message."""
+"""Options whose value is never written to a lock file nor shown in a message (each declares
+`type=secret`; tests/test_lock.py checks that every option that does is listed here)."""
+
+_SECRETS: set[str] = set()
+"""The secret values this process parsed or read (`secret`, `keep_secret`)."""
+
+
+def keep_secret(value: str | None) -> None:
+    """Note `value` as a secret of this process: `redacted` and `scrubbed` hide it from now on."""
+    if value:
+        _SECRETS.add(value)
+
+
+def secret(value: str) -> str:
+    """The argparse `type=` of an option that carries a secret: the value, noted as one."""
+    keep_secret(value)
+    return value
+
+
+def _secret_name(name: str) -> bool:
+    """`name` is a secret option, or a prefix of one (`--api-k`: an abbreviation)."""
+    return (
+        len(name) > 2 and name.startswith("--") and any(o.startswith(name) for o in SECRET_OPTIONS)
+    )
+
+
+def _hide_values(text: str) -> str:
+    for value in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 def lock_path_for(path: Path) -> Path:
@@ -44,7 +89,8 @@ def lock_path_for(path: Path) -> Path:
 
 
 def redacted(argv: Sequence[str]) -> str:
-    """A command line with the values of `SECRET_OPTIONS` replaced by `***`."""
+    """A command line with every secret replaced by `***`: each value noted as one (however
+    its option was spelled), and the value after a `SECRET_OPTIONS` name or a prefix of one."""
     out: list[str] = []
     hide = False
     for arg in argv:
@@ -53,15 +99,21 @@ def redacted(argv: Sequence[str]) -> str:
             hide = False
             continue
         name, eq, _ = arg.partition("=")
-        if name in SECRET_OPTIONS:
+        if _secret_name(name):
             if eq:
                 out.append(f"{name}=***")
             else:
                 out.append(arg)
                 hide = True
             continue
-        out.append(arg)
+        out.append(_hide_values(arg))
     return " ".join(out)
+
+
+def scrubbed(message: str) -> str:
+    """A message (an argparse error that echoes the command line, say) with every secret
+    replaced by `***`, as `redacted` does for a command line."""
+    return redacted(message.split(" "))
 
 
 def _command() -> str:
@@ -115,7 +167,7 @@ def _locked_fd(lock_path: Path, what: str, advice: str, wait_s: float) -> int:
     while True:
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise LockHeld(
                 f"cannot create the lock {lock_path} for {what}: {exc.strerror or exc}"
@@ -148,6 +200,7 @@ def hold(lock_path: Path, *, what: str, advice: str = "", wait_s: float = 0.0) -
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         note = f"{os.getpid()}\n{_command()}\n{stamp}\n".encode()
         with contextlib.suppress(OSError):  # the note only helps a second writer's message
+            os.fchmod(fd, 0o600)  # the owner's: a file left by an older version was 0644
             os.ftruncate(fd, 0)
             os.pwrite(fd, note, 0)
         yield

@@ -17,7 +17,9 @@ from collections import Counter
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=(__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("input")
     parser.add_argument("results")
     parser.add_argument("--id-column", default="id")

@@ -55,7 +55,7 @@ def show(tops: list[tuple[str, float]]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=200)
     p.add_argument("--cold", type=int, default=10, help="rows also decoded from an empty cache")
     p.add_argument("--swa-full", action="store_true", help="full-size sliding-window KV cache")

@@ -107,7 +107,7 @@ def energy(probe: NvmlProbe, seconds: float, load: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--hold-gib", type=float, default=8.0)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--json", default=None, help="also write the readings to this file")

@@ -115,7 +115,7 @@ def scores(path: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("config", choices=["tokens", "text", "serve"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rows", type=int, default=200)

@@ -204,7 +204,9 @@ def simulate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=1_000_000)
     p.add_argument("--endpoints", type=int, default=64)
     p.add_argument("--slots", type=int, default=4, help="slots (requests in flight) per endpoint")

@@ -18,7 +18,6 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from harness.api.runner import NO_SEAMS, Seams
 from harness.api.settings import (
@@ -34,7 +33,8 @@ from harness.api.settings import (
     ApiSettings,
 )
 from harness.errors import HarnessError, LockHeld
-from harness.run.given import add_options, count, given
+from harness.lock import keep_secret, secret
+from harness.run.given import Formatter, Parser, add_options, count, given
 from harness.run.settings import RunConfig
 
 __all__ = ["READY_PREFIX", "build_parser", "main", "serve"]
@@ -75,20 +75,6 @@ serve fails validation (model_not_found), unless --serve-any-model runs it on th
 (its metadata then says which model the lines asked for)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line on stderr (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
-
-
 _SHARED_AFTER = (
     "config", "profile", "stop_on_cache_miss", "strategy", "concurrency", "ctx", "threads",
     "request_path", "server_flags", "servers",
@@ -100,7 +86,7 @@ the service's own ones (the first three, --backend, --model and --base-url, come
 def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     """The parser of `harness api`'s options."""
     d = ApiSettings()
-    p = _Parser(prog=prog, description=_DESCRIPTION, formatter_class=_Formatter)
+    p = Parser(prog=prog, description=_DESCRIPTION, formatter_class=Formatter)
     p.add_argument("--host", default=d.host, help="address to listen on (loopback by default)")
     p.add_argument(
         "--port", type=count, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
@@ -115,6 +101,7 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key",
         default=None,
+        type=secret,  # noted as a secret whichever way it is spelled: never in a file or message
         metavar="KEY",
         help=f"Bearer token every route but /health requires (default: ${API_KEY_ENV}; "
         "required for a non-loopback --host)",
@@ -178,7 +165,9 @@ def build_parser(prog: str = "harness api") -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> ApiSettings:
-    """Settings from parsed options; the key from --api-key or $HARNESS_API_KEY."""
+    """Settings from parsed options; the key from --api-key or $HARNESS_API_KEY (noted as a
+    secret: `harness.lock` redacts it wherever it would be written or shown)."""
+    keep_secret(os.environ.get(API_KEY_ENV))
     return ApiSettings(
         host=args.host,
         port=args.port,

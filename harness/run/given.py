@@ -13,6 +13,11 @@ that each command's `--help` reads as it did). From it:
 
 An option `harness run` and `harness api` share (`--backend`, `--servers`, `--request-path`,
 ...) is one row here: both parsers, and the settings both build, read it.
+
+`Parser` is every harness command's argparse parser: usage errors in one line (exit 2), no
+abbreviated options (an abbreviation would take a secret past the names that redact it, and
+would change meaning the day an option with the same prefix is added), and no secret in an error
+message (`harness.lock.scrubbed`). `Formatter` is their help's layout.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from harness.backends import Backend
 from harness.backends.openai import REQUEST_PATHS
 from harness.backends.server import SERVER_FLAGS
 from harness.config import DEFAULT_CONFIG_PATH
 from harness.engine.strategies import STRATEGIES
+from harness.lock import scrubbed
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.scoring import SCORE_MODES
 from harness.workload import DEFAULT_PROMPT_PATH, STRUCTURED_MODES
@@ -37,7 +43,9 @@ __all__ = [
     "DEFAULT_SEED",
     "EXECUTORS",
     "OPTIONS",
+    "Formatter",
     "Option",
+    "Parser",
     "add_options",
     "at_least_one",
     "backend_name",
@@ -47,6 +55,30 @@ __all__ = [
     "harness_options",
     "option",
 ]
+
+
+class Parser(argparse.ArgumentParser):
+    """A harness command's parser: options spelled in full only (`allow_abbrev=False`, for
+    subcommands too), usage errors in one line on stderr (exit 2) pointing at --help, with every
+    secret the command line carried replaced by `***`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {scrubbed(message)} (see `{self.prog} --help`)\n")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default, descriptions as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # No "(default: None)": options without a default say in their help what happens.
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
 
 DEFAULT_SEED = 42
 """Seed of `--sample`'s draw and of each request's sampling."""
