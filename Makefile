@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit test-suites long lint clean
+.PHONY: install run test test-unit test-suites test-quality long lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,13 @@ run: install
 	@echo "Reports: reports/summary.json, reports/index.html, reports/*.json"
 
 # The harness's own tests, then the scale logic and the reliability suite on the tiny random
-# model (fast). Tests that assert throughput ratios (-m timing) and the long ones (-m slow) are
+# model (fast), then the quality suite. Tests that assert throughput ratios (-m timing) and the long ones (-m slow) are
 # run on purpose: `pytest tests -m "slow or timing"`. No selection here may be empty: pytest's
 # exit code 5 (no tests ran: a renamed marker, a moved file) fails `make test` like a failure.
 UNIT_MARK ?= not slow and not timing
 SUITES_MARK ?= scale_100 or reliability
-test: test-unit test-suites
+QUALITY_MARK ?= quality
+test: test-unit test-suites test-quality
 
 test-unit: install
 	$(BIN)/python -m pytest tests -m "$(UNIT_MARK)" -p no:cacheprovider
@@ -41,6 +42,13 @@ test-unit: install
 test-suites: install
 	$(BIN)/python -m pytest suites/scale suites/reliability -m "$(SUITES_MARK)" \
 		--harness-model tiny-gemma3 --harness-report-dir reports/ci -p no:cacheprovider
+
+# The quality suite on its own model (SmolLM2-135M-Instruct, the scenario's: the tiny model
+# forced on the suites above has no judgement to check), decode mode, ~80 s: it reads what the
+# real server's replies carry (the near-tie evidence), which no fixture can stand in for.
+test-quality: install
+	$(BIN)/python -m pytest suites/quality -m "$(QUALITY_MARK)" \
+		--harness-report-dir reports/ci-quality -p no:cacheprovider
 
 # The long phases, run before a change to the engine, strategies, token counting or a suite is
 # called done (~2 h on 2 cores): phase 3 (1K, the projection's reference) and phase 4 (10K) on

@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     ("target", "selection"),
     # Registered markers that select nothing there: what a renamed marker would leave.
-    [("test-unit", "UNIT_MARK=scale_170k"), ("test-suites", "SUITES_MARK=quality")],
+    [
+        ("test-unit", "UNIT_MARK=scale_170k"),
+        ("test-suites", "SUITES_MARK=quality"),
+        ("test-quality", "QUALITY_MARK=scale_170k"),
+    ],
 )
 def test_an_empty_selection_fails_make_test(target: str, selection: str) -> None:
     done = subprocess.run(

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -380,19 +381,35 @@ def test_quality_figures_in_logprobs_mode_report_expected_scores_and_agreement()
     assert figures["near_tie_margin"] == q.NEAR_TIE_MARGIN
 
 
-def test_decoded_flips_are_told_by_the_tokens_where_the_replies_part() -> None:
+@pytest.mark.parametrize("shape", ["chat", "completion", "ollama"])
+def test_decoded_flips_are_told_by_the_tokens_where_the_replies_part(shape: str) -> None:
     """Decoded replies carry each token's top log-probabilities (the quality suite asks them):
-    a flip 1 -> 10 is a near-tie when, after `1`, `}` and `0` were within the margin."""
+    a flip 1 -> 10 is a near-tie when, after `1`, `}` and `0` were within the margin. The
+    evidence is read from the reply as the runner maps it (`rec.completion`), whichever body
+    the server sent: OpenAI's chat reply, llama.cpp's `/completion` (the text and tokens
+    paths: `completion_probabilities`), Ollama's `/api/chat` (`logprobs`)."""
     import math
+
+    from harness.backends.base import ChatResult, Timings, Usage
+    from harness.backends.completion import chat_completion
 
     def decoded(
         cid: str, value: int, tokens: list[str], tops: list[list[tuple[str, float]]]
     ) -> RequestRecord:
-        r = rec(cid, value)
-        r.raw = {"choices": [{"logprobs": {"content": [
+        entries = [
             {"token": t, "logprob": 0.0,
              "top_logprobs": [{"token": x, "logprob": math.log(p)} for x, p in top]}
-            for t, top in zip(tokens, tops, strict=True)]}}]}  # fmt: skip
+            for t, top in zip(tokens, tops, strict=True)
+        ]  # fmt: skip
+        text = "".join(tokens)
+        body: dict[str, Any] = {
+            "chat": {"choices": [{"message": {"content": text}, "logprobs": {"content": entries}}]},
+            "completion": {"content": text, "completion_probabilities": entries},
+            "ollama": {"message": {"role": "assistant", "content": text}, "logprobs": entries},
+        }[shape]
+        r = rec(cid, value)
+        result = ChatResult(text, "stop", Usage(10, len(tokens), 0), Timings(1.0), body)
+        r.raw, r.completion = body, chat_completion(result, model="m")  # as the runner does
         return r
 
     head = ['{"', "score", '":', " ", "1"]

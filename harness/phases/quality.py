@@ -143,10 +143,13 @@ def decode_margin(
 
 def _written(rec: RequestRecord | None) -> tuple[list[str], list[list[tuple[str, float]]]] | None:
     """The tokens a decoded reply wrote and each position's top tokens with probabilities,
-    from its body (OpenAI `logprobs.content`: llama.cpp's, or the harness's own mapping)."""
+    from the reply as the harness maps it (`rec.completion`, `choices[0].logprobs.content`):
+    the one place they are whatever the request path (chat, text, tokens) and backend. The
+    server's own body (`rec.raw`) is not read: its shape is the path's (`/completion` keeps
+    them under `completion_probabilities`, Ollama under `logprobs`)."""
     import math
 
-    body = rec.raw if rec is not None else None
+    body = rec.completion if rec is not None else None
     try:
         content = body["choices"][0]["logprobs"]["content"]  # type: ignore[index]
     except (KeyError, IndexError, TypeError):
