@@ -107,6 +107,7 @@ def write_report(
     machine: Mapping[str, Any] | None = None,
     commit: Mapping[str, Any] | None = None,
     prompt: Mapping[str, Any] | None = None,
+    job: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate the envelope, write the report atomically, and return it as a dict."""
     model = phase_model_for(Path(path).name)
@@ -121,6 +122,7 @@ def write_report(
         backend=dict(backend),
         criteria=criteria,
         prompt=dict(prompt) if prompt is not None else None,
+        job=dict(job) if job is not None else None,
         passed=all(c.get("passed") for c in criteria) if criteria else None,
         result=("PASS" if all(c.get("passed") for c in criteria) else "FAIL")
         if criteria

@@ -66,6 +66,10 @@ class PhaseReport(BaseModel):
     prompt: Obj | None = None
     """The prompt the phase sent: its file and `sha256` (system, template and schema), so the
     verdict can tell whether every phase measured the prompt `harness run` will send."""
+    job: Obj | None = None
+    """The rows the phase sent: the user's input (`input`, `id_column`, `input_rows`, how they
+    were drawn) or `rows: generated rows, not your input`, and which job settings the user gave
+    (`given`: `--harness-input`, `--harness-prompt`, `--harness-id-column`)."""
     criteria_notes: Obj | None = None
     """Per metric, how its figure was counted (e.g. cached tokens a server left out, counted
     as 0): added to a failed criterion's message."""

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import ConfigError
 
 __all__ = [
+    "JOB_FIELDS",
     "PHASE_METRICS",
     "Criterion",
     "CriterionResult",
@@ -137,6 +138,8 @@ class WorkloadSpec(_Strict):
     """Prompt file (relative to the scenario's folder), default the recruiter rubric."""
     candidates: str = "generated"
     """`generated` (seeded synthetic candidates) or a CSV path."""
+    id_column: str = "id"
+    """The CSV's column holding each row's unique id."""
     seed: int = 0
     max_tokens: int = Field(16, ge=1)
     structured: Literal["grammar", "schema", "none"] = "grammar"
@@ -196,6 +199,10 @@ class Scenario(_Strict):
     strategy: StrategySpec = StrategySpec()
     profiles: dict[str, ProfileSpec]
     path: str = ""
+    job: dict[str, str] | None = None
+    """The user's job laid over this scenario (`with_job`): the workload settings it gave
+    (`candidates`: the input file, `prompt`, `id_column`), which every profile then sends; None:
+    the scenario's own workload (generated rows unless it names a CSV)."""
 
     @field_validator("profiles")
     @classmethod
@@ -212,6 +219,31 @@ class Scenario(_Strict):
                 f"{self.path}: no profile {name!r}; it has: {', '.join(sorted(self.profiles))}"
             ) from None
 
+    def with_job(self, job: Mapping[str, str]) -> Scenario:
+        """This scenario sending the user's job: `job`'s workload settings (`candidates`,
+        `prompt`, `id_column`; paths absolute) replace the scenario's and every profile's own
+        (a profile's probe prompt included), so each phase draws the user's rows and sends
+        the user's prompt. What the phase adds (its size, samples, criteria) stays."""
+        unknown = set(job) - JOB_FIELDS
+        if unknown:
+            raise ValueError(f"not a job setting: {', '.join(sorted(unknown))}")
+        given = {k: str(v) for k, v in job.items() if v}
+        if not given:
+            return self
+        profiles = {
+            name: spec.model_copy(
+                update={"workload": {k: v for k, v in spec.workload.items() if k not in given}}
+            )
+            for name, spec in self.profiles.items()
+        }
+        return self.model_copy(
+            update={
+                "workload": self.workload.model_copy(update=given),
+                "profiles": profiles,
+                "job": given,
+            }
+        )
+
     def workload_for(self, profile: str) -> WorkloadSpec:
         """The workload with the profile's overrides applied (validated)."""
         merged = {**self.workload.model_dump(), **self.profile(profile).workload}
@@ -227,6 +259,9 @@ class Scenario(_Strict):
             for i, text in enumerate(self.profile(profile).criteria)
         ]
 
+
+JOB_FIELDS = frozenset({"candidates", "prompt", "id_column"})
+"""The workload settings that are the user's job, not a phase's (`Scenario.with_job`)."""
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -97,8 +97,9 @@ def test_an_option_asked_of_a_command_that_does_not_take_it_is_a_mistake() -> No
 def test_the_harness_options_of_pytest_read_back_by_field() -> None:
     flags = [flag for flag, _ in harness_options()]
     assert flags == [
-        "--harness-backend", "--harness-model", "--harness-base-url", "--harness-score-mode",
-        "--harness-threads", "--harness-config", "--harness-profile",
+        "--harness-backend", "--harness-model", "--harness-base-url", "--harness-input",
+        "--harness-id-column", "--harness-prompt", "--harness-score-mode", "--harness-threads",
+        "--harness-config", "--harness-profile",
     ]  # fmt: skip
     option = argparse.Namespace(harness_backend="ollama", harness_threads=2)
     got = from_pytest(option)

@@ -5,6 +5,7 @@ and the figures of a scale report. Suites stay thin; the logic lives here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -29,11 +30,15 @@ from harness.workload import (
     items_from_table,
     load_prompt,
     read_candidates_csv,
+    sample_rows,
 )
 
 __all__ = [
+    "GENERATED_ROWS",
     "context_shape",
+    "drawn",
     "items_for",
+    "job_identity",
     "phase1_budget",
     "phase_job",
     "projection_check",
@@ -94,17 +99,107 @@ def prompt_identity(scenario: Scenario, profile: str, root: Path | None = None) 
     return {"name": prompt.name, "file": str(file or ""), "sha256": prompt.sha256}
 
 
+GENERATED_ROWS = "generated rows, not your input"
+"""What a report says of its rows when the run was given no input (`--harness-input`)."""
+
+REPEAT_MARK = "[repeat {k}] "
+"""Put before the first column the prompt shows of a row's k-th repeat (a phase larger than
+the input): the row then differs from its first sending right after the shared rubric, so no
+prefix cache (a slot's, or llama-server's host cache, `--cache-ram`) serves it as new."""
+
+
+@functools.lru_cache(maxsize=2)
+def _read_table(path: str, id_column: str, stamp: tuple[int, int]) -> CandidateTable:
+    """The CSV read once per session and file version (`stamp`: size and mtime)."""
+    return read_candidates_csv(path, id_column)
+
+
+def _input_table(scenario: Scenario, profile: str) -> CandidateTable:
+    wl = scenario.workload_for(profile)
+    path = Path(scenario.path).parent / wl.candidates
+    try:
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = (-1, -1)  # the reader names the problem
+    return _read_table(str(path), wl.id_column, stamp)
+
+
+def _shown_column(prompt: PromptSpec, table: CandidateTable) -> str | None:
+    """The first column the prompt's template shows of a row (None: it shows none)."""
+    for name in prompt.placeholders():
+        if name == "columns":
+            return next((c for c in table.columns if c != table.id_column), None)
+        if name in table.columns and name != table.id_column:
+            return name
+    return None
+
+
+def drawn(table: CandidateTable, n: int, seed: int, prompt: PromptSpec) -> CandidateTable:
+    """`n` rows of the user's input: a seeded sample in input order (`sample_rows`, as `harness
+    run --sample` draws), or, for more rows than it has, every row and then repeats of them in
+    order, the k-th repeat's id `<id>#<k>` and its first shown column marked (`REPEAT_MARK`)."""
+    if n <= len(table.rows):
+        keep = sample_rows(range(len(table.rows)), n, seed)
+        rows = tuple(table.rows[i] for i in keep)
+        return replace(table, rows=rows, lines=tuple(table.lines[i] for i in keep))
+    shown = _shown_column(prompt, table)
+    rows_out, lines = [], []
+    for j in range(n):
+        k, i = divmod(j, len(table.rows))
+        row = table.rows[i]
+        if k:
+            row = {**row, table.id_column: f"{row[table.id_column]}#{k}"}
+            if shown is not None:
+                row[shown] = REPEAT_MARK.format(k=k) + row[shown]
+        rows_out.append(row)
+        lines.append(table.lines[i])
+    return replace(table, rows=tuple(rows_out), lines=tuple(lines))
+
+
 def table_for(scenario: Scenario, profile: str, n: int | None = None) -> CandidateTable:
-    """The scenario's candidates (generated, or its CSV), the first `n` of them."""
+    """The rows a phase sends, `n` of them: generated, the user's input (`drawn` from it: the
+    job laid over the scenario, `Scenario.with_job`), or a scenario's own CSV (its first `n`)."""
     wl = scenario.workload_for(profile)
     count = n or wl.requests or 100
     if wl.candidates == "generated":
         rows = tuple(generate_candidates(count, seed=wl.seed))
         return CandidateTable("generated", tuple(rows[0]), "id", rows, tuple(range(2, count + 2)))
-    table = read_candidates_csv(Path(scenario.path).parent / wl.candidates)
-    return CandidateTable(
-        table.path, table.columns, table.id_column, table.rows[:count], table.lines[:count]
-    )
+    table = _input_table(scenario, profile)
+    if scenario.job is not None and "candidates" in scenario.job:
+        return drawn(table, count, wl.seed, prompt_for(scenario, profile))
+    return replace(table, rows=table.rows[:count], lines=table.lines[:count])
+
+
+def job_identity(scenario: Scenario, profile: str, root: Path | None = None) -> dict[str, Any]:
+    """The rows a phase sent, as its report names them (the envelope's `job`): the input file
+    (relative to `root` when under it) and its id column and row count, or that the rows were
+    generated (`GENERATED_ROWS`); how they were drawn; the job settings the user gave."""
+    wl = scenario.workload_for(profile)
+    given = sorted(scenario.job or {})
+    if wl.candidates == "generated":
+        return {"input": None, "rows": GENERATED_ROWS, "given": given}
+    table = _input_table(scenario, profile)
+    file = Path(table.path)
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            file = file.resolve().relative_to(root.resolve())
+    yours = scenario.job is not None and "candidates" in scenario.job
+    return {
+        "input": str(file),
+        "id_column": table.id_column,
+        "input_rows": len(table.rows),
+        "rows": "your input" if yours else "the scenario's CSV",
+        "draw": (
+            f"a sample of each phase's size drawn with seed {wl.seed}, in input order; a phase "
+            f"larger than the input sends every row, then repeats them, each repeat's id "
+            f"<id>#<k> and its first shown column marked {REPEAT_MARK.format(k='k')!r} so no "
+            "prefix cache serves it as new"
+            if yours
+            else "the first rows of the file"
+        ),
+        "given": given,
+    }
 
 
 def items_for(

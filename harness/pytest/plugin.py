@@ -86,6 +86,7 @@ def _positive_float(text: str) -> float:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "LLM batch harness")
     _add_given(group, "backend", "model", "base_url", "score_mode", "threads", "profile")
+    _add_given(group, "input", "prompt", "id_column")
     group.addoption(
         "--harness-report-dir",
         default="reports",

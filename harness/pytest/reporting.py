@@ -25,7 +25,7 @@ from harness import __version__
 from harness.backends.base import Backend
 from harness.config import write_back
 from harness.fileio import atomic_write_json
-from harness.phases.common import prompt_identity
+from harness.phases.common import job_identity, prompt_identity
 from harness.report import commit_info, now_iso, write_report
 from harness.reportfiles import find_report, report_filename
 from harness.reportmodels import SummaryReport
@@ -146,6 +146,7 @@ class Reports:
             machine=s.machine(),
             commit=commit_info(s.root),
             prompt=prompt_identity(scenario, s.profile, s.root),
+            job=job_identity(scenario, s.profile, s.root),
         )
         # Messages name the scenario relative to the project, as users wrote it.
         failed = [m.replace(scenario.path, scenario_rel) for m in failed]

@@ -21,7 +21,7 @@ import pytest
 
 from harness.backends.base import Backend
 from harness.config import DEFAULT_CONFIG_PATH
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 from harness.pytest.reporting import ReportContext, Reports
 from harness.report import machine_info
 from harness.run.factory import open_backend
@@ -29,6 +29,7 @@ from harness.run.given import from_pytest
 from harness.run.resolve import default_profile, resolve
 from harness.run.settings import DEFAULT, RunConfig, Value
 from harness.scenarios import Scenario, load_scenario
+from harness.workload import load_prompt, read_candidates_csv
 
 __all__ = ["HarnessSession", "Terminal"]
 
@@ -61,6 +62,10 @@ class HarnessSession:
         self.price_per_kwh: float = opt.harness_price_per_kwh
         self.memory_budget: str | None = opt.memory_budget
         self.write_config: bool = opt.write_config
+        self.job: dict[str, str] = job_given(given)
+        """The user's job (`--harness-input`, `--harness-prompt`, `--harness-id-column`) as
+        workload settings, laid over every scenario (`Scenario.with_job`); empty: generated
+        rows and each scenario's prompt."""
         self.reports = Reports(
             ReportContext(
                 profile=self.profile,
@@ -107,7 +112,7 @@ class HarnessSession:
         if filename not in self._scenarios:
             path = self.scenario_dir / filename
             try:
-                self._scenarios[filename] = load_scenario(path)
+                self._scenarios[filename] = load_scenario(path).with_job(self.job)
             except ConfigError as exc:
                 problem = str(exc).replace(str(path), self.relpath(path))
             else:
@@ -241,6 +246,31 @@ class HarnessSession:
     def report_path(self, report: dict[str, Any]) -> Path:
         """The file a report written this session went to."""
         return self.reports.path_of(report)
+
+
+def job_given(given: dict[str, Any]) -> dict[str, str]:
+    """The job the `--harness-*` options give, as workload settings (paths absolute, read from
+    where pytest was started), checked now: the input's rows and the prompt's columns, so a bad
+    file stops the run before any server starts, with the file and line (a usage error)."""
+    job: dict[str, str] = {}
+    if given.get("input"):
+        job["candidates"] = str(Path(given["input"]).resolve())
+    if given.get("prompt"):
+        job["prompt"] = str(Path(given["prompt"]).resolve())
+    if given.get("id_column"):
+        if "candidates" not in job:
+            raise pytest.UsageError(
+                "--harness-id-column names a column of --harness-input: give both"
+            )
+        job["id_column"] = str(given["id_column"])
+    try:
+        prompt = load_prompt(job.get("prompt"))
+        if "candidates" in job:
+            table = read_candidates_csv(job["candidates"], job.get("id_column", "id"))
+            prompt.check_columns(table.columns, table.path)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    return job
 
 
 class Terminal(io.TextIOBase):

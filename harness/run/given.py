@@ -333,11 +333,24 @@ OPTIONS: tuple[Option, ...] = (
         "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)",
     ),
     Option(
-        "id_column", "--id-column", {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY}, default="id",
+        "input", "--input", {_PYTEST: _ANY}, metavar="FILE.csv",
+        help="your candidates CSV: every phase draws its rows from it (a seeded sample; a phase "
+        "larger than the file cycles it, each repeat marked so no cache serves it as new) "
+        "instead of generated rows. Default: generated rows, as each report then says",
+    ),
+    Option(
+        "id_column", "--id-column",
+        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY,
+         _PYTEST: {"default": None, "help": "the column of --harness-input holding each row's "
+                   "unique id. Default: id"}},
+        default="id",
         help="CSV column holding each row's unique id (becomes custom_id)",
     ),
     Option(
-        "prompt", "--prompt", {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY},
+        "prompt", "--prompt",
+        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY,
+         _PYTEST: {"help": "your prompt file: every phase sends it (the quality phase's probe "
+                   "prompt included). Default: each scenario's, the recruiter rubric"}},
         metavar="PROMPT.yaml", convert=_path,
         help="prompt file (system, user_template with {column} placeholders, output_schema) "
         f"for CSV input (default: the recruiter rubric, "
