@@ -304,6 +304,61 @@ def _cmd_verdict(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _add_validate(sub: argparse._SubParsersAction[Parser]) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="run the phases on your own CSV and prompt, then print the verdict",
+        formatter_class=Formatter,
+        description="Runs the phases the profile needs (context limits, scale 100 and 1K,\n"
+        "quality, reliability; scale 10K too on a production backend) on YOUR job: each phase\n"
+        "draws its rows from INPUT (a seeded sample; cycled, each repeat marked, when the phase\n"
+        "is larger) and sends your prompt. Each phase is a pytest command, printed before it\n"
+        "runs (CI can run the very same). A phase with a fresh passing report of this job in\n"
+        "--report-dir is skipped, so an interrupted validation goes on where it stopped when run\n"
+        "again. Ends with the verdict. Exit 0 when every phase passed, 1 when one failed, 2 for\n"
+        "a bad input or option, 130 when interrupted.",
+    )
+    p.add_argument("input", metavar="INPUT", help="your candidates CSV")
+    add_options(p, "validate")
+    p.add_argument(
+        "--report-dir", default="reports", metavar="DIR", help="where the phases write reports"
+    )
+    p.add_argument(
+        "--phases",
+        default=None,
+        metavar="LIST",
+        help="comma list of the phases to run, by marker (context_limits, scale_100, scale_1k, "
+        "scale_10k, quality, reliability); default: the profile's",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print each phase's command; run nothing")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from harness.validate import ValidateOptions, validate
+
+    got = given(args, "validate")
+    opts = ValidateOptions(
+        input=Path(args.input),
+        prompt=got["prompt"],
+        id_column=got["id_column"],
+        backend=got["backend"],
+        model=got["model"],
+        base_url=got["base_url"],
+        profile=got["profile"],
+        threads=got["threads"],
+        config=got["config"],
+        report_dir=Path(args.report_dir),
+        phases=tuple(m.strip() for m in args.phases.split(",") if m.strip())
+        if args.phases
+        else None,
+        dry_run=args.dry_run,
+    )
+    try:
+        return validate(opts, root=Path(__file__).resolve().parent.parent)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "run",
@@ -363,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_generate(sub)
     _add_run(sub)
+    _add_validate(sub)
     _add_doctor(sub)
     _add_plan(sub)
     _add_verdict(sub)
@@ -380,6 +436,7 @@ _COMMANDS = {
     "convert": _cmd_convert,
     "generate": _cmd_generate,
     "run": _cmd_run,
+    "validate": _cmd_validate,
     "doctor": _cmd_doctor,
     "plan": _cmd_plan,
     "verdict": _cmd_verdict,

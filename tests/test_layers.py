@@ -67,6 +67,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.scoremode",
         "harness.rayexec",
         "harness.doctor",
+        "harness.validate",
     ),
     # 6: the entry points: the pytest plugin, the command line, the Batch API service
     ("harness.pytest", "harness.cli", "harness.__main__", "harness.api"),

@@ -86,7 +86,7 @@ DEFAULT_SEED = 42
 EXECUTORS = ("local", "ray")
 """Who runs the engine: this process, or a Ray Data pipeline (`harness.rayexec`)."""
 
-COMMANDS = ("run", "api", "doctor", "convert", "pytest")
+COMMANDS = ("run", "api", "doctor", "convert", "validate", "pytest")
 """Who takes options from the table (`pytest`: the plugin's `--harness-*` options)."""
 
 Help = str | Callable[[], str]
@@ -200,6 +200,7 @@ _RUN = "run"
 _API = "api"
 _DOCTOR = "doctor"
 _CONVERT = "convert"
+_VALIDATE = "validate"
 _PYTEST = "pytest"
 _ANY: Mapping[str, Any] = {}
 
@@ -213,6 +214,7 @@ OPTIONS: tuple[Option, ...] = (
         "backend", "--backend",
         {
             _RUN: _ANY,
+            _VALIDATE: {"default": None},
             _API: _ANY,
             _DOCTOR: {"help": "embedded | openai | ollama"},
             _PYTEST: {
@@ -228,6 +230,7 @@ OPTIONS: tuple[Option, ...] = (
         "model", "--model",
         {
             _RUN: _ANY,
+            _VALIDATE: _ANY,
             _API: {
                 "help": lambda: f"embedded: {', '.join(KNOWN_MODELS)} or a .gguf path (default "
                 f"{DEFAULT_MODEL}); openai/ollama: the server's model name (default: the "
@@ -251,6 +254,7 @@ OPTIONS: tuple[Option, ...] = (
         "base_url", "--base-url",
         {
             _RUN: {"action": "append"},
+            _VALIDATE: _ANY,
             _API: {
                 "help": "server URL for --backend openai (required) or ollama (default: "
                 "$OLLAMA_HOST)",
@@ -340,7 +344,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "id_column", "--id-column",
-        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY,
+        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
          _PYTEST: {"default": None, "help": "the column of --harness-input holding each row's "
                    "unique id. Default: id"}},
         default="id",
@@ -348,7 +352,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "prompt", "--prompt",
-        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY,
+        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
          _PYTEST: {"help": "your prompt file: every phase sends it (the quality phase's probe "
                    "prompt included). Default: each scenario's, the recruiter rubric"}},
         metavar="PROMPT.yaml", convert=_path,
@@ -428,6 +432,7 @@ OPTIONS: tuple[Option, ...] = (
         "threads", "--threads",
         {
             _RUN: _ANY,
+            _VALIDATE: _ANY,
             _API: {"help": "CPU threads of the embedded server (default: every core)"},
             _PYTEST: {
                 "metavar": None, "type": at_least_one,
@@ -445,6 +450,7 @@ OPTIONS: tuple[Option, ...] = (
         "config", "--config",
         {
             _RUN: _ANY,
+            _VALIDATE: {"default": None},
             _API: {
                 "help": "measured configuration: its values (strategy, concurrency, context, "
                 "trim policy) apply where no option sets them",
@@ -456,7 +462,7 @@ OPTIONS: tuple[Option, ...] = (
                 "%(default)r",
             },
         },
-        default=str(DEFAULT_CONFIG_PATH), metavar="harness.yaml", convert=Path,
+        default=str(DEFAULT_CONFIG_PATH), metavar="harness.yaml", convert=_path,
         help="measured configuration: its MAX_CONTEXT_TOKENS, CONTEXT_TRIM_THRESHOLD and "
         "TRIM_INTERVAL set the trim policy when present (written by --write-config)",
     ),
@@ -464,6 +470,7 @@ OPTIONS: tuple[Option, ...] = (
         "profile", "--profile",
         {
             _RUN: _ANY,
+            _VALIDATE: _ANY,
             _API: _ANY,
             _PYTEST: {"help": "scenario profile (embedded, gpu-gemma3-12b). Default: by backend"},
         },

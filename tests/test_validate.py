@@ -1,0 +1,156 @@
+"""`harness validate INPUT`: the profile's phases on the user's job, skipping what already
+passed on it, then the verdict. The phases' pytest runs are stood in for by a runner that
+writes what a phase's report would say of the job (`job`, `prompt`, result)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_job_rows import make_job
+
+from harness.validate import PHASES, ValidateOptions, default_phases, validate
+from harness.workload import load_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def marker_of(cmd: list[str]) -> str:
+    """The phase's marker in its pytest command (`python -m pytest SUITE -m MARKER ...`)."""
+    return cmd[cmd.index("-m", 3) + 1]
+
+
+class Phases:
+    """Runs nothing: notes each command and writes the report its phase would (PASS unless the
+    phase's marker is in `fail`; pytest's `rc` for the one in `stop`)."""
+
+    def __init__(self, root: Path, fail: tuple[str, ...] = (), stop: str | None = None) -> None:
+        self.root, self.fail, self.stop = root, fail, stop
+        self.ran: list[list[str]] = []
+
+    def __call__(self, cmd: list[str]) -> int:
+        self.ran.append(cmd)
+        marker = marker_of(cmd)
+        if marker == self.stop:
+            return 2  # pytest's exit code for Ctrl-C
+        phase = next(p for p in PHASES if p.marker == marker)
+        arg = dict(itertools.pairwise(cmd))
+        prompt = load_prompt(arg.get("--harness-prompt"))
+        passed = marker not in self.fail
+        report = {
+            "phase": "scale" if marker.startswith("scale") else marker,
+            "profile": "embedded",
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "criteria": [{"metric": "x", "op": ">=", "threshold": 1, "value": 1,
+                          "passed": passed}],
+            "passed": passed,
+            "backend": {"name": "embedded", "model": "gemma3-270m"},
+            "prompt": {"name": prompt.name, "sha256": prompt.sha256},
+            "job": {"input": arg["--harness-input"], "id_column": arg["--harness-id-column"]},
+            "throughput_rps": 2.5,
+        }  # fmt: skip
+        folder = self.root / arg["--harness-report-dir"]
+        folder.mkdir(parents=True, exist_ok=True)
+        name = phase.report.replace(".json", ".embedded.gemma3-270m.json")
+        (folder / name).write_text(json.dumps(report))
+        return 0 if passed else 1
+
+
+def options(tmp: Path, **kw: object) -> ValidateOptions:
+    cands, rubric = make_job(tmp, rows=20)
+    return ValidateOptions(input=cands, prompt=rubric, id_column="candidate_id", **kw)  # type: ignore[arg-type]
+
+
+def test_each_phase_runs_as_a_printed_pytest_command_on_your_job_then_the_verdict(
+    tmp_path: Path,
+) -> None:
+    opts = options(tmp_path)
+    runner, said = Phases(tmp_path), []
+    assert validate(opts, root=tmp_path, say=said.append, run=runner) == 0
+    markers = [marker_of(cmd) for cmd in runner.ran]
+    assert markers == [p.marker for p in default_phases(None)]
+    assert "scale_10k" not in markers  # the stand-in's: hours on a CPU, said so
+    assert any("left out: scale_10k" in line for line in said)
+    for cmd in runner.ran:
+        assert cmd[1:3] == ["-m", "pytest"]
+        assert cmd[cmd.index("--harness-input") + 1] == str(opts.input.resolve())
+        assert cmd[cmd.index("--harness-prompt") + 1] == str(opts.prompt.resolve())  # type: ignore[union-attr]
+        assert cmd[cmd.index("--harness-id-column") + 1] == "candidate_id"
+        assert " ".join(cmd[2:]) in "\n".join(said)  # printed before it ran
+    assert not any(" 100 rows at " in line for line in said)  # no scale rate measured yet
+    assert any("1000 rows at 2.50 rows/s (measured so far): about 6m40s" in s for s in said)
+    assert any(line.startswith("verdict:") for line in said), said
+
+
+def test_a_rerun_skips_the_phases_that_passed_on_this_job_and_reruns_when_it_changed(
+    tmp_path: Path,
+) -> None:
+    opts = options(tmp_path)
+    first = Phases(tmp_path, fail=("quality",))
+    assert validate(opts, root=tmp_path, say=lambda _: None, run=first) == 1
+    again, said = Phases(tmp_path), []
+    assert validate(opts, root=tmp_path, say=said.append, run=again) == 0
+    assert [marker_of(c) for c in again.ran] == ["quality"]  # the one that failed
+    assert sum("skipped, a fresh passing report of this job" in s for s in said) == 4
+    # Another prompt is another job: nothing is skipped.
+    other = tmp_path / "other.yaml"
+    other.write_text(opts.prompt.read_text().replace("1 to 10", "one to ten"))  # type: ignore[union-attr]
+    third = Phases(tmp_path)
+    mine = ValidateOptions(input=opts.input, prompt=other, id_column="candidate_id")
+    validate(mine, root=tmp_path, say=lambda _: None, run=third)
+    assert len(third.ran) == len(default_phases(None))
+    # The input changed after the reports: they are stale.
+    later = time.time() + 5
+    os.utime(opts.input, (later, later))
+    fourth = Phases(tmp_path)
+    validate(opts, root=tmp_path, say=lambda _: None, run=fourth)
+    assert len(fourth.ran) == len(default_phases(None))
+
+
+def test_an_interrupted_validation_stops_and_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    said: list[str] = []
+    assert (
+        validate(opts, root=tmp_path, say=said.append, run=Phases(tmp_path, stop="quality")) == 130
+    )
+    assert "run the same command again" in said[-1]
+    rest = Phases(tmp_path)
+    assert validate(opts, root=tmp_path, say=lambda _: None, run=rest) == 0
+    assert [marker_of(c) for c in rest.ran] == ["quality", "reliability"]
+
+
+def test_a_production_backend_runs_every_phase_and_a_list_runs_those() -> None:
+    assert [p.marker for p in default_phases("ollama")] == [p.marker for p in PHASES]
+    assert "scale_10k" in [p.marker for p in default_phases("ollama")]
+
+
+def test_harness_validate_refuses_a_bad_job_naming_the_file(tmp_path: Path) -> None:
+    cands, rubric = make_job(tmp_path)
+    for args, where in (
+        ([str(cands), "--prompt", str(rubric)], "cands.csv:1: id column 'id' is missing"),
+        ([str(cands), "--id-column", "candidate_id", "--phases", "scale_3"], "unknown phase"),
+        ([str(tmp_path / "no.csv")], "no.csv"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "harness", "validate", *args, "--dry-run"],
+            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert where in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_dry_run_prints_the_commands_and_runs_nothing(tmp_path: Path) -> None:
+    cands, rubric = make_job(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "validate", str(cands), "--prompt", str(rubric),
+         "--id-column", "candidate_id", "--report-dir", str(tmp_path / "r"), "--dry-run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("pytest suites/") == len(default_phases(None))
+    assert not (tmp_path / "r").exists()
