@@ -347,7 +347,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         profile=got["profile"],
         threads=got["threads"],
         config=got["config"],
-        report_dir=Path(args.report_dir),
+        report_dir=Path(args.report_dir).resolve(),  # where the user stands, as INPUT
         phases=tuple(m.strip() for m in args.phases.split(",") if m.strip())
         if args.phases
         else None,

@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from harness.run.resolve import default_profile
 from harness.verdict import ReportEntry, read_reports, verdict
 from harness.workload import load_prompt, read_candidates_csv
 
@@ -136,7 +137,7 @@ def fresh_pass(
     profile: str | None = None,
 ) -> ReportEntry | None:
     """A passing report of `phase` that measured this job and is newer than its files: the
-    same input and id column, the same prompt (sha256), the same profile when one is named."""
+    same input and id column, the same prompt (sha256), the same profile (None: any)."""
     changed = max(
         (p.stat().st_mtime for p in (opts.input, opts.prompt) if p is not None and p.exists()),
         default=0.0,
@@ -157,10 +158,13 @@ def fresh_pass(
 
 
 def measured_rate(
-    entries: Sequence[ReportEntry], opts: ValidateOptions, root: Path
+    entries: Sequence[ReportEntry], opts: ValidateOptions, root: Path, prompt_sha256: str
 ) -> float | None:
-    """Rows per second of the newest finished scale report of this input, None without one."""
+    """Rows per second of the newest finished scale report of this input and prompt, None
+    without one."""
     for e in sorted(entries, key=_written_at, reverse=True):
+        if e.prompt_sha256 != prompt_sha256:
+            continue
         job = e.data.get("job")
         rate = e.data.get("throughput_rps")
         if (
@@ -207,13 +211,16 @@ def validate(
         for marker, why in STAND_IN_SKIPS.items():
             if all(p.marker != marker for p in phases):
                 say(f"  left out: {marker} ({why}); --phases names the phases to run")
+    # The profile the phases run under (a report of another, production's say, is another
+    # measurement, not this one's).
+    profile = opts.profile or default_profile(opts.backend or "embedded")
     runner = run or (lambda cmd: subprocess.run(cmd, cwd=root, check=False).returncode)
     report_dir = opts.report_dir if opts.report_dir.is_absolute() else root / opts.report_dir
     failed: list[str] = []
     for i, phase in enumerate(phases, 1):
         entries = read_reports(report_dir) if report_dir.is_dir() else []
         done = fresh_pass(entries, phase, opts, prompt_sha256=prompt.sha256, root=root,
-                          profile=opts.profile)  # fmt: skip
+                          profile=profile)  # fmt: skip
         head = f"[{i}/{len(phases)}] {phase.name}"
         if done is not None:
             say(f"{head}: skipped, a fresh passing report of this job: {done.file} "
@@ -221,7 +228,7 @@ def validate(
             continue
         cmd = phase_command(opts, phase)
         say(f"{head}: {' '.join(cmd[2:]) if cmd[:1] == [sys.executable] else ' '.join(cmd)}")
-        rate = measured_rate(entries, opts, root)
+        rate = measured_rate(entries, opts, root, prompt.sha256)
         if rate is not None and phase.rows is not None:
             say(f"  {phase.rows} rows at {rate:.2f} rows/s (measured so far): about "
                 f"{_duration(phase.rows / rate)}")  # fmt: skip

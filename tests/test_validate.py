@@ -29,8 +29,14 @@ class Phases:
     """Runs nothing: notes each command and writes the report its phase would (PASS unless the
     phase's marker is in `fail`; pytest's `rc` for the one in `stop`)."""
 
-    def __init__(self, root: Path, fail: tuple[str, ...] = (), stop: str | None = None) -> None:
-        self.root, self.fail, self.stop = root, fail, stop
+    def __init__(
+        self,
+        root: Path,
+        fail: tuple[str, ...] = (),
+        stop: str | None = None,
+        profile: str = "embedded",
+    ) -> None:
+        self.root, self.fail, self.stop, self.profile = root, fail, stop, profile
         self.ran: list[list[str]] = []
 
     def __call__(self, cmd: list[str]) -> int:
@@ -44,7 +50,7 @@ class Phases:
         passed = marker not in self.fail
         report = {
             "phase": "scale" if marker.startswith("scale") else marker,
-            "profile": "embedded",
+            "profile": self.profile,
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             "criteria": [{"metric": "x", "op": ">=", "threshold": 1, "value": 1,
                           "passed": passed}],
@@ -56,7 +62,7 @@ class Phases:
         }  # fmt: skip
         folder = self.root / arg["--harness-report-dir"]
         folder.mkdir(parents=True, exist_ok=True)
-        name = phase.report.replace(".json", ".embedded.gemma3-270m.json")
+        name = phase.report.replace(".json", f".{self.profile}.gemma3-270m.json")
         (folder / name).write_text(json.dumps(report))
         return 0 if passed else 1
 
@@ -104,6 +110,16 @@ def test_a_rerun_skips_the_phases_that_passed_on_this_job_and_reruns_when_it_cha
     mine = ValidateOptions(input=opts.input, prompt=other, id_column="candidate_id")
     validate(mine, root=tmp_path, say=lambda _: None, run=third)
     assert len(third.ran) == len(default_phases(None))
+    # Another profile's passing reports of the same job (production's) are another measurement.
+    other_profile = tmp_path / "elsewhere"
+    other_profile.mkdir()
+    cands, rubric = make_job(other_profile, rows=20)
+    mine = ValidateOptions(input=cands, prompt=rubric, id_column="candidate_id")
+    validate(mine, root=other_profile, say=lambda _: None,
+             run=Phases(other_profile, profile="gpu-gemma3-12b"))  # fmt: skip
+    fifth = Phases(other_profile)
+    validate(mine, root=other_profile, say=lambda _: None, run=fifth)
+    assert len(fifth.ran) == len(default_phases(None))
     # The input changed after the reports: they are stale.
     later = time.time() + 5
     os.utime(opts.input, (later, later))
