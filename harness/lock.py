@@ -52,7 +52,7 @@ __all__ = [
 
 SECRET_OPTIONS = ("--api-key",)
 """Options whose value is never written to a lock file nor shown in a message (each declares
-`type=secret`; tests/test_lock.py checks that every option that does is listed here)."""
+`type=secret`; tests/test_secrets.py checks that every option that does is listed here)."""
 
 _SECRETS: set[str] = set()
 """The secret values this process parsed or read (`secret`, `keep_secret`)."""
