@@ -17,6 +17,7 @@ from pathlib import Path
 from harness import __version__
 from harness.backends.server import ServerSettings, serve
 from harness.batch import BatchOptions, output_paths
+from harness.config import DEFAULT_CONFIG_PATH
 from harness.engine.store import read_results
 from harness.errors import (
     BackendError,
@@ -28,6 +29,7 @@ from harness.errors import (
 )
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.run.given import Formatter, Parser, add_options, count, given
+from harness.run.options import with_validated_job
 
 __all__ = ["main"]
 
@@ -346,7 +348,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         base_url=got["base_url"],
         profile=got["profile"],
         threads=got["threads"],
-        config=got["config"],
+        config=(got["config"] or DEFAULT_CONFIG_PATH).resolve(),  # where the user stands
         report_dir=Path(args.report_dir).resolve(),  # where the user stands, as INPUT
         phases=tuple(m.strip() for m in args.phases.split(",") if m.strip())
         if args.phases
@@ -373,7 +375,9 @@ def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from harness.batch import run_batch
 
-    options = BatchOptions(input=Path(args.input), **given(args, "run"))
+    options = BatchOptions(
+        input=Path(args.input), **with_validated_job(Path(args.input), given(args, "run"))
+    )
     try:
         result = run_batch(options)
     except BackendError as exc:

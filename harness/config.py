@@ -15,6 +15,23 @@ profiles:
       MAX_CONTEXT_TOKENS: {report: ..., date: ..., backend: ..., model: ...}
 ```
 
+`jobs` holds the jobs `harness validate` validated, one per input file (keyed by its absolute
+path; validating a second input adds a second entry, validating the same input again replaces
+its entry). `harness run INPUT` runs the recorded job of INPUT when its command line leaves a
+setting out, and its banner says whether the job it runs is the one validated:
+
+```yaml
+jobs:
+  /home/me/cands.csv:
+    prompt: /home/me/rubric.yaml
+    prompt_sha256: 9f2c...
+    id_column: candidate_id
+    profile: embedded
+    backend: embedded
+    report_dir: /home/me/reports
+    validated_at: '2026-12-07T16:40:00+00:00'
+```
+
 Write-back is a round trip (ruamel.yaml): comments, other profiles and unknown keys stay as
 they were, and a value that did not change is not touched (nor is its provenance), so a second
 run with the same measurements changes nothing. The engine reads these values as the defaults
@@ -36,9 +53,12 @@ from harness.lock import hold, lock_path_for
 __all__ = [
     "CONFIG_KEYS",
     "DEFAULT_CONFIG_PATH",
+    "JobRecord",
     "ProfileConfig",
+    "find_job",
     "load_profile",
     "measured_values",
+    "record_job",
     "write_back",
 ]
 
@@ -62,7 +82,8 @@ _HEADER = """\
 # Values are written back from measurements by `pytest suites/context_limits` and
 # `pytest suites/performance` with `--harness-write-config`, only from a phase that passed; each
 # carries its provenance. Edit by hand if you like: a later write-back only replaces values whose
-# measurement changed.
+# measurement changed. `jobs`: the jobs `harness validate` validated, one per input file
+# (`harness run INPUT` runs its job when no option says otherwise).
 """
 
 
@@ -103,7 +124,7 @@ def _load_doc(path: Path) -> Any:
         return CommentedMap()
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{path}: must be a mapping with a `profiles` key")
-    unknown = set(doc) - {"profiles"}
+    unknown = set(doc) - {"profiles", "jobs"}
     if unknown:
         raise ConfigError(
             f"{path}: unknown top-level key(s): {', '.join(sorted(map(str, unknown)))}"
@@ -137,6 +158,105 @@ def load_profile(path: str | Path, profile: str) -> ProfileConfig:
             raise ConfigError(f"{p}: profiles.{profile}.{key}: {value!r} is not a number")
         values[str(key)] = value
     return ProfileConfig(profile, values, dict(prof.get("provenance") or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job `harness validate` validated (harness.yaml's `jobs.<input>`)."""
+
+    input: Path
+    prompt: Path | None
+    """None: the packaged rubric (no --prompt)."""
+    prompt_sha256: str
+    id_column: str
+    profile: str
+    backend: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    report_dir: Path = Path("reports")
+    validated_at: str = ""
+
+    def to_yaml(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prompt": str(self.prompt) if self.prompt is not None else None,
+            "prompt_sha256": self.prompt_sha256,
+            "id_column": self.id_column,
+            "profile": self.profile,
+            "backend": self.backend,
+            "model": self.model,
+            "base_url": self.base_url,
+            "report_dir": str(self.report_dir),
+            "validated_at": self.validated_at,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+JOB_FIELDS = {
+    "prompt": str,
+    "prompt_sha256": str,
+    "id_column": str,
+    "profile": str,
+    "backend": str,
+    "model": str,
+    "base_url": str,
+    "report_dir": str,
+    "validated_at": str,
+}
+"""The keys of a `jobs.<input>` entry, each a word."""
+
+
+def _job_key(input: Path) -> str:
+    return str(input.resolve())
+
+
+def find_job(path: str | Path, input: Path) -> JobRecord | None:
+    """The validated job of `input` in the config file (None when none is recorded)."""
+    p = Path(path)
+    jobs = _load_doc(p).get("jobs") or {}
+    if not isinstance(jobs, Mapping):
+        raise ConfigError(f"{p}: jobs must be a mapping of input files to their jobs")
+    key = _job_key(input)
+    entry = jobs.get(key)
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{p}: jobs.{key} must be a mapping")
+    for k, v in entry.items():
+        if k not in JOB_FIELDS:
+            raise ConfigError(f"{p}: jobs.{key}.{k}: unknown key; known: {', '.join(JOB_FIELDS)}")
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{p}: jobs.{key}.{k}: {v!r} is not a word")
+    for k in ("prompt_sha256", "id_column", "profile"):
+        if not entry.get(k):
+            raise ConfigError(f"{p}: jobs.{key}: {k} is missing (run harness validate again)")
+    return JobRecord(
+        input=Path(key),
+        prompt=Path(entry["prompt"]) if entry.get("prompt") else None,
+        prompt_sha256=str(entry["prompt_sha256"]),
+        id_column=str(entry["id_column"]),
+        profile=str(entry["profile"]),
+        backend=entry.get("backend"),
+        model=entry.get("model"),
+        base_url=entry.get("base_url"),
+        report_dir=Path(entry.get("report_dir") or "reports"),
+        validated_at=str(entry.get("validated_at") or ""),
+    )
+
+
+def record_job(path: str | Path, job: JobRecord) -> None:
+    """Record `job` as its input's validated job (replacing an earlier one of that input),
+    under the file's lock; the rest of the file is left as it was."""
+    from ruamel.yaml.comments import CommentedMap
+
+    p = Path(path)
+    with hold(lock_path_for(p), what=f"the config file {p}", wait_s=WRITE_BACK_WAIT_S):
+        doc = _load_doc(p)
+        fresh = not p.exists()
+        jobs = doc.setdefault("jobs", CommentedMap())
+        jobs[_job_key(job.input)] = CommentedMap(job.to_yaml())
+        buf = io.StringIO()
+        _yaml().dump(doc, buf)
+        atomic_write_text(p, (_HEADER if fresh else "") + buf.getvalue())
 
 
 def measured_values(

@@ -12,7 +12,10 @@ at the rate measured so far (a scale report of this job: rows per second), when 
 
 It ends with the verdict (`harness.verdict.verdict`) read from the same folder, with the prompt
 `harness run` would send; its exit status is 0 when every phase it ran or skipped passed, 1 when
-one failed, 130 when interrupted.
+one failed, 130 when interrupted. When every phase ran (or was skipped as passed) it records the
+job in harness.yaml (`jobs`, `harness.config.record_job`): `harness run INPUT` then runs that
+job with no flags, and its banner says what `validation_status` finds: `validated: GO`,
+`validated on the stand-in: not measured for production`, or `not validated: <first reason>`.
 """
 
 from __future__ import annotations
@@ -22,15 +25,25 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness.run.resolve import default_profile
-from harness.verdict import ReportEntry, read_reports, verdict
+from harness.config import DEFAULT_CONFIG_PATH, JobRecord, find_job, record_job
+from harness.run.resolve import default_model, default_profile
+from harness.verdict import PRODUCTION_PROFILE, ReportEntry, read_reports, verdict
 from harness.workload import load_prompt, read_candidates_csv
 
-__all__ = ["PHASES", "Phase", "ValidateOptions", "fresh_pass", "phase_command", "validate"]
+__all__ = [
+    "PHASES",
+    "Phase",
+    "ValidateOptions",
+    "Validation",
+    "fresh_pass",
+    "phase_command",
+    "validate",
+    "validation_status",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,8 @@ class ValidateOptions:
     threads: int | None = None
     report_dir: Path = Path("reports")
     config: Path | None = None
+    """The config file the phases write back to and the job is recorded in (None: harness.yaml
+    in `root`); `harness validate` gives the one `harness run` reads where the user stands."""
     phases: tuple[str, ...] | None = None
     """Markers of the phases to run (None: the profile's)."""
     dry_run: bool = False
@@ -252,10 +267,112 @@ def validate(
             failed.append(phase.name)
     if opts.dry_run:
         return 0
-    config = opts.config or root / "harness.yaml"
+    config = opts.config or root / DEFAULT_CONFIG_PATH
     say("")
     for line in verdict(report_dir, config, prompt=opts.prompt).lines():
         say(line)
+    record_job(
+        config,
+        JobRecord(
+            input=opts.input.resolve(),
+            prompt=opts.prompt.resolve() if opts.prompt is not None else None,
+            prompt_sha256=prompt.sha256,
+            id_column=opts.id_column,
+            profile=profile,
+            backend=opts.backend or "embedded",
+            model=opts.model or default_model(opts.backend or "embedded"),
+            base_url=opts.base_url,
+            report_dir=report_dir,
+            validated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        ),
+    )
+    say(f"harness validate: job recorded in {config}: `harness run {opts.input}` runs it "
+        "with no flags")  # fmt: skip
     if failed:
         say(f"harness validate: failed: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """What `harness run`'s banner says of the job it is about to run (`validation_status`)."""
+
+    state: str
+    """`GO`, `stand-in` (every phase passed on the stand-in: not measured for production) or
+    `not validated`."""
+    line: str
+
+    @property
+    def go(self) -> bool:
+        return self.state == "GO"
+
+
+def _first(reasons: Sequence[str]) -> str:
+    return reasons[0] if reasons else "no reason given"
+
+
+def validation_status(
+    config: Path,
+    input: Path,
+    *,
+    prompt: Path | None,
+    prompt_sha256: str,
+    id_column: str,
+    profile: str,
+    backend: str,
+    model: str | None = None,
+    root: Path | None = None,
+) -> Validation:
+    """Whether the job `harness run` is about to run is the one `harness validate` recorded in
+    `config`, with a fresh passing report of it for every phase its profile requires, and what
+    the verdict of that report folder is. The first reason it is not comes first."""
+    record = find_job(config, input)
+    shown = "the packaged rubric"
+    if record is None:
+        return Validation("not validated", f"not validated: no `harness validate {input}` "
+                          f"recorded in {config}")  # fmt: skip
+    if record.prompt_sha256 != prompt_sha256:
+        return Validation(
+            "not validated",
+            f"not validated: the prompt {prompt or shown} (sha256 {prompt_sha256[:12]}) is not "
+            f"the one validated, {record.prompt or shown} (sha256 {record.prompt_sha256[:12]})",
+        )
+    differ = [
+        f"{what} {now!r}, validated with {then!r}"
+        for what, now, then in (
+            ("id column", id_column, record.id_column),
+            ("profile", profile, record.profile),
+            ("backend", backend, record.backend),
+            ("model", model, record.model),
+        )
+        if then is not None and now is not None and now != then
+    ]
+    if differ:
+        return Validation("not validated", f"not validated: {'; '.join(differ)}")
+    report_dir = record.report_dir
+    if not report_dir.is_dir():
+        return Validation("not validated", f"not validated: {report_dir} is gone")
+    entries = read_reports(report_dir)
+    opts = ValidateOptions(input=input, prompt=prompt, id_column=id_column)
+    where = root or Path.cwd()
+    for phase in default_phases(record.backend or backend):
+        if fresh_pass(entries, phase, opts, prompt_sha256=prompt_sha256, root=where,
+                      profile=record.profile) is None:  # fmt: skip
+            return Validation(
+                "not validated",
+                f"not validated: no passing {phase.name} report of this job in {report_dir} "
+                "newer than the input and the prompt (harness validate runs it)",
+            )
+    when = record.validated_at[:10]
+    if record.profile != PRODUCTION_PROFILE:
+        return Validation(
+            "stand-in",
+            f"validated on the stand-in: not measured for production ({report_dir}, {when}; "
+            f"profile {record.profile})",
+        )
+    result = verdict(report_dir, config, prompt=prompt)
+    if result.decision == "GO":
+        return Validation("GO", f"validated: GO ({report_dir}, {when})")
+    return Validation(
+        "not validated", f"not validated: verdict {result.decision}: {_first(result.reasons)}"
+    )

@@ -433,12 +433,13 @@ def test_run_help_explains_every_option_with_its_default(
     assert info.value.code == 0
     text = flat(capsys.readouterr().out)
     for option, default in [
-        ("--backend", "(default: embedded)"),
+        ("--backend", "(default: the validated job's, harness.yaml `jobs`, else embedded)"),
         ("--concurrency", "(default: harness.yaml's CONCURRENCY, else 1)"),
         ("--strategy", "(default: harness.yaml's STRATEGY, else stateless)"),
         ("--request-path", "(default: tokens for the embedded server, chat for --backend openai)"),
         ("--server-flags", "harness.yaml's SERVER_FLAGS, written by phase 1, else ollama)"),
-        ("--id-column", "(default: id)"),
+        ("--id-column", "(default: the validated job's, harness.yaml `jobs`, else id)"),
+        ("--require-go", "unless this job is the one `harness validate` recorded"),
         ("--max-tokens", "(default: what the prompt's output schema needs"),
         ("--structured", "(default: grammar)"),
         ("--ctx", "Ollama: the context it loaded the model with; else 8192)"),

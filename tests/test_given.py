@@ -18,7 +18,7 @@ from harness.api.settings import ApiSettings
 from harness.batchfiles import convert
 from harness.cli import build_parser
 from harness.run.given import OPTIONS, add_options, count, from_pytest, given, harness_options
-from harness.run.options import BatchOptions
+from harness.run.options import BatchOptions, with_validated_job
 
 
 def _sub(command: str) -> argparse.ArgumentParser:
@@ -73,7 +73,9 @@ def test_the_same_options_give_the_same_settings_to_harness_run_and_harness_api(
             "--profile", "embedded", "--config", str(tmp_path / "h.yaml"), "--model", "m.gguf",
             "--stop-on-cache-miss"]  # fmt: skip
     run_args = _sub("run").parse_args(["in.csv", *argv])
-    run = BatchOptions(input=Path("in.csv"), **given(run_args, "run"))
+    run = BatchOptions(
+        input=Path("in.csv"), **with_validated_job(Path("in.csv"), given(run_args, "run"))
+    )
     api = settings_from(api_parser().parse_args(argv)).batch_options()
     for name in ("servers", "request_path", "server_flags", "threads", "ctx", "concurrency",
                  "strategy", "profile", "config", "model", "backend"):  # fmt: skip

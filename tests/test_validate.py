@@ -12,9 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_job_rows import make_job
 
-from harness.validate import PHASES, ValidateOptions, default_phases, validate
+from harness.cli import build_parser
+from harness.config import find_job
+from harness.run.given import given
+from harness.run.options import with_validated_job
+from harness.validate import (
+    PHASES,
+    ValidateOptions,
+    default_phases,
+    validate,
+    validation_status,
+)
+from harness.verdict import Verdict
 from harness.workload import load_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +182,118 @@ def test_a_dry_run_prints_the_commands_and_runs_nothing(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("pytest suites/") == len(default_phases(None))
     assert not (tmp_path / "r").exists()
+
+
+def status_of(opts: ValidateOptions, root: Path, prompt: Path | None = None, **kw: str) -> str:
+    """What `harness run`'s banner would say of running `opts`'s job (`prompt` instead)."""
+    used = prompt or opts.prompt
+    args: dict[str, str] = {"id_column": "candidate_id", "profile": "embedded",
+                            "backend": "embedded", **kw}  # fmt: skip
+    return validation_status(
+        root / "harness.yaml",
+        opts.input,
+        prompt=used,
+        prompt_sha256=load_prompt(used).sha256,
+        root=root,
+        **args,  # type: ignore[arg-type]
+    ).line
+
+
+def test_a_validated_job_is_recorded_and_the_banner_says_what_it_is(tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    assert status_of(opts, tmp_path).startswith("not validated: no `harness validate")
+    said: list[str] = []
+    assert validate(opts, root=tmp_path, say=said.append, run=Phases(tmp_path)) == 0
+    assert any("job recorded in" in s for s in said)
+    record = find_job(tmp_path / "harness.yaml", opts.input)
+    assert record is not None
+    assert (record.prompt, record.id_column, record.profile) == (
+        opts.prompt.resolve(),  # type: ignore[union-attr]
+        "candidate_id",
+        "embedded",
+    )
+    line = status_of(opts, tmp_path)
+    assert line.startswith("validated on the stand-in: not measured for production"), line
+    # Another prompt: not validated, naming it.
+    other = tmp_path / "other.yaml"
+    other.write_text(opts.prompt.read_text().replace("1 to 10", "one to ten"))  # type: ignore[union-attr]
+    line = status_of(opts, tmp_path, prompt=other)
+    assert line.startswith("not validated: the prompt") and "other.yaml" in line, line
+    # Another id column, another model: not validated, naming what differs.
+    assert "id column 'id', validated with 'candidate_id'" in status_of(
+        opts, tmp_path, id_column="id"
+    )
+    assert "model 'm2'" in status_of(opts, tmp_path, model="m2")
+    # The input edited after the reports: they no longer measured it.
+    later = time.time() + 5
+    os.utime(opts.input, (later, later))
+    line = status_of(opts, tmp_path)
+    assert line.startswith("not validated: no passing context limits report"), line
+
+
+def test_a_failed_phase_leaves_the_job_not_validated(tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    assert validate(opts, root=tmp_path, say=lambda _: None,
+                    run=Phases(tmp_path, fail=("quality",))) == 1  # fmt: skip
+    line = status_of(opts, tmp_path)
+    assert line.startswith("not validated: no passing quality report of this job"), line
+
+
+def test_on_production_only_the_verdict_makes_it_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = options(tmp_path, profile="gpu-gemma3-12b", backend="ollama")
+    run = Phases(tmp_path, profile="gpu-gemma3-12b")
+    assert validate(opts, root=tmp_path, say=lambda _: None, run=run) == 0
+    assert len(run.ran) == len(PHASES)  # scale_10k too: a production backend
+    kw = {"profile": "gpu-gemma3-12b", "backend": "ollama"}
+    # These reports are not a production set (their model, their criteria): the verdict says
+    # NO-GO or incomplete, and so does the banner.
+    line = status_of(opts, tmp_path, **kw)
+    assert line.startswith("not validated: verdict "), line
+    import harness.validate as v
+
+    go = Verdict("GO", ["every phase passed"], [], [], [])
+    monkeypatch.setattr(v, "verdict", lambda *a, **k: go)
+    validation = validation_status(
+        tmp_path / "harness.yaml", opts.input, prompt=opts.prompt,
+        prompt_sha256=load_prompt(opts.prompt).sha256, id_column="candidate_id",
+        root=tmp_path, **kw,
+    )  # fmt: skip
+    assert validation.go and validation.line.startswith("validated: GO ("), validation
+    # The verdict GO does not make a stand-in-validated job GO.
+    assert not v.validation_status(
+        tmp_path / "none.yaml", opts.input, prompt=opts.prompt,
+        prompt_sha256=load_prompt(opts.prompt).sha256, id_column="candidate_id",
+        root=tmp_path, **kw,
+    ).go  # fmt: skip
+
+
+def test_harness_run_runs_the_validated_job_with_no_flags_and_require_go_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = options(tmp_path)
+    assert validate(opts, root=tmp_path, say=lambda _: None, run=Phases(tmp_path)) == 0
+    monkeypatch.chdir(tmp_path)  # harness run reads harness.yaml where the user stands
+    args = build_parser().parse_args(["run", str(opts.input)])
+    kw = with_validated_job(opts.input, given(args, "run"))
+    assert (kw["prompt"], kw["id_column"]) == (opts.prompt.resolve(), "candidate_id")  # type: ignore[union-attr]
+    assert set(kw["from_validated"]) >= {"prompt", "id_column"}
+    # The command line wins over the record.
+    args = build_parser().parse_args(["run", str(opts.input), "--id-column", "x"])
+    assert with_validated_job(opts.input, given(args, "run"))["id_column"] == "x"
+    # Nothing recorded for another input: the defaults.
+    other = tmp_path / "other.csv"
+    other.write_text("id,resume_text\n1,a\n")
+    args = build_parser().parse_args(["run", str(other)])
+    kw = with_validated_job(other, given(args, "run"))
+    assert (kw["prompt"], kw["id_column"], kw["backend"]) == (None, "id", "embedded")
+    # --require-go: exit 2 before anything is created, naming why (the stand-in is not GO).
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(opts.input), "--require-go"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--require-go: validated on the stand-in: not measured for production" in done.stderr
+    assert not list(tmp_path.glob("cands_*"))  # no scores, no results

@@ -213,7 +213,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "backend", "--backend",
         {
-            _RUN: _ANY,
+            _RUN: {"default": None, "help": lambda: f"model server: {_backends()} (default: "
+                   "the validated job's, harness.yaml `jobs`, else embedded)"},
             _VALIDATE: {"default": None},
             _API: _ANY,
             _DOCTOR: {"help": "embedded | openai | ollama"},
@@ -344,7 +345,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "id_column", "--id-column",
-        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
+        {_RUN: {"default": None, "help": "CSV column holding each row's unique id, which "
+                "becomes custom_id (default: the validated job's, harness.yaml `jobs`, else id)"},
+         _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
          _PYTEST: {"default": None, "help": "the column of --harness-input holding each row's "
                    "unique id. Default: id"}},
         default="id",
@@ -352,7 +355,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "prompt", "--prompt",
-        {_RUN: _ANY, _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
+        {_RUN: {"help": "prompt file (system, user_template with {column} placeholders, "
+                "output_schema) for CSV input (default: the validated job's, harness.yaml "
+                "`jobs`, else the recruiter rubric, "
+                f"{DEFAULT_PROMPT_PATH.parent.parent.name}/prompts/{DEFAULT_PROMPT_PATH.name})"},
+         _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
          _PYTEST: {"help": "your prompt file: every phase sends it (the quality phase's probe "
                    "prompt included). Default: each scenario's, the recruiter rubric"}},
         metavar="PROMPT.yaml", convert=_path,
@@ -497,6 +504,11 @@ OPTIONS: tuple[Option, ...] = (
         "than twice the prompt tokens the strategy expects (it stopped reusing the rubric); "
         "finished rows are kept, the same command resumes. Without it the alarm is printed "
         "and recorded in the results, and the run goes on",
+    ),
+    Option(
+        "require_go", "--require-go", {_RUN: _ANY}, action="store_true",
+        help="exit 2 before any request unless this job is the one `harness validate` "
+        "recorded and its verdict is GO (the banner's `validated:` line says why not)",
     ),
     Option(
         "new", "--new", {_RUN: _ANY}, action="store_true",

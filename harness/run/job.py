@@ -28,6 +28,7 @@ from harness.records import RequestRecord
 from harness.run.options import BatchOptions, batch_config
 from harness.run.result import BatchResult, endpoints_path, mean_or_none
 from harness.run.settings import RunConfig
+from harness.validate import Validation, validation_status
 
 __all__ = ["INPUT_KEYS", "Job", "job_fingerprint", "job_path", "prepare", "write_job"]
 
@@ -70,6 +71,9 @@ class Job:
     reuse_alarms: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Banner lines about the resume (an old fingerprint without the input's hash)."""
+    validation: Validation | None = None
+    """Whether this is the job `harness validate` recorded, and its verdict (the banner's
+    `validated:` line)."""
 
     def write_scores(self) -> None:
         """Write the scores CSV from the results file (when there is one)."""
@@ -242,10 +246,31 @@ def _one_writer(results: Path) -> contextlib.AbstractContextManager[None]:
     )
 
 
+def validation(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> Validation:
+    """Whether the job is the one `harness validate` recorded, and its verdict."""
+    if data.kind != "csv":
+        return Validation(
+            "not validated", "not validated: a batch JSONL (harness validate takes a CSV)"
+        )
+    return validation_status(
+        options.config,
+        data.path,
+        prompt=options.prompt,
+        prompt_sha256=data.prompt_sha256,
+        id_column=options.id_column,
+        profile=options.config_profile,
+        backend=options.backend,
+        model=str(cfg.model.value),
+    )
+
+
 def prepare(options: BatchOptions, locks: contextlib.ExitStack) -> Job:
     options.validate()
     config = batch_config(options)  # harness.yaml read once: a bad one fails before any output
     data = load_input(options)
+    checked = validation(options, data, config)
+    if options.require_go and not checked.go:
+        raise ConfigError(f"--require-go: {checked.line}; nothing was sent")
     scores, results = output_paths(data.path, options.output)
     job = job_fingerprint(options, data, config)
     locks.enter_context(_one_writer(results))  # held until the run (and its scores) ends
@@ -260,4 +285,10 @@ def prepare(options: BatchOptions, locks: contextlib.ExitStack) -> Job:
     )
     plan = Job(options, data, scores, results, skipped, config=config, job=job)
     plan.notes = [note] if note else []
+    plan.validation = checked
+    if options.from_validated:
+        plan.notes.append(
+            f"job: {', '.join(options.from_validated).replace('_', ' ')} from the validated job "
+            f"in {options.config} (the command line sets any of them)"
+        )
     return plan

@@ -14,7 +14,7 @@ from typing import Any
 from harness.backends import Backend
 from harness.backends.openai import REQUEST_PATHS
 from harness.backends.server import SERVER_FLAGS
-from harness.config import DEFAULT_CONFIG_PATH
+from harness.config import DEFAULT_CONFIG_PATH, find_job
 from harness.engine.strategies import STRATEGIES
 from harness.errors import ConfigError
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
@@ -31,6 +31,7 @@ __all__ = [
     "MIN_CTX",
     "BatchOptions",
     "batch_config",
+    "with_validated_job",
 ]
 
 
@@ -103,6 +104,11 @@ class BatchOptions:
     stop_on_cache_miss: bool = False
     """Stop at the first reuse alarm (a window of rows whose server computed more than twice
     the prompt tokens the strategy expects: harness.engine.reusewatch); finished rows are kept."""
+    require_go: bool = False
+    """Exit 2 before any request unless the job is the validated one and its verdict is GO."""
+    from_validated: tuple[str, ...] = ()
+    """The options the validated job in harness.yaml set (`with_validated_job`): the banner
+    names them."""
     score_mode: str | None = None
     """`decode` (the model writes the reply) or `logprobs` (the reply's JSON sent written up to
     the score, the score read from the model's probabilities). None: harness.yaml's SCORE_MODE
@@ -224,6 +230,33 @@ class BatchOptions:
                     f"--model {model!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
                     "nor an existing .gguf file"
                 )
+
+
+RECORDED = ("prompt", "id_column", "backend", "model", "base_url", "profile")
+"""The options a validated job (harness.yaml `jobs`) sets when the command line leaves them out."""
+FALLBACK = {"id_column": "id", "backend": "embedded"}
+"""What those options are when neither the command line nor a validated job sets them."""
+
+
+def with_validated_job(input: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """`harness run`'s options (`given`, None where the command line left an option out) with
+    the job `harness validate` recorded for `input` filling the gaps (`RECORDED`), then the
+    defaults (`FALLBACK`); `from_validated` names what the record set. A batch JSONL has no
+    validated job."""
+    out = dict(given)
+    used: list[str] = []
+    if input.suffix.lower() not in (".jsonl", ".json"):
+        record = find_job(out.get("config") or DEFAULT_CONFIG_PATH, input)
+        for name in RECORDED if record is not None else ():
+            value = getattr(record, name)
+            if out.get(name) is None and value is not None:
+                out[name] = value
+                used.append(name)
+    for name, value in FALLBACK.items():
+        if out.get(name) is None:
+            out[name] = value
+    out["from_validated"] = tuple(used)
+    return out
 
 
 def batch_config(options: BatchOptions) -> RunConfig:

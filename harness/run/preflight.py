@@ -121,6 +121,7 @@ def banner(job: Job, server: Backend, lengths: PromptLengths | None = None) -> l
         f"prompt: {data.prompt}, sha256 {data.prompt_sha256[:12]}",
         f"input: {data.path} ({data.rows} {'rows' if data.kind == 'csv' else 'lines'}), "
         f"sha256 {data.input_sha256[:12]}",
+        *([job.validation.line] if job.validation is not None else []),
         f"context: {info.n_ctx_per_slot or cfg.n_ctx.value} tokens per request ("
         + str(info.extra.get("context_source") or f"n_ctx {cfg.n_ctx.source}")
         + ")",
