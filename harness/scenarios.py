@@ -141,7 +141,9 @@ class WorkloadSpec(_Strict):
     id_column: str = "id"
     """The CSV's column holding each row's unique id."""
     seed: int = 0
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1)
+    """Reply tokens; None: what the prompt's output schema needs, as `harness run` sends
+    (`harness.workload.tokens_for_schema`)."""
     structured: Literal["grammar", "schema", "none"] = "grammar"
     temperature: float = 0.0
 
@@ -203,6 +205,9 @@ class Scenario(_Strict):
     """The user's job laid over this scenario (`with_job`): the workload settings it gave
     (`candidates`: the input file, `prompt`, `id_column`), which every profile then sends; None:
     the scenario's own workload (generated rows unless it names a CSV)."""
+    as_run: dict[str, str] | None = None
+    """With a job: the scenario's own settings `with_job` replaced by `harness run`'s
+    (`RUN_SHAPE`), each `setting: "<the scenario's> -> <harness run's>"`."""
 
     @field_validator("profiles")
     @classmethod
@@ -230,17 +235,35 @@ class Scenario(_Strict):
         given = {k: str(v) for k, v in job.items() if v}
         if not given:
             return self
+        # The job is sent as `harness run` sends it: its reply shape and its strategy
+        # (`RUN_SHAPE`) replace the scenario's and every profile's, and the report says which.
+        replaced: dict[str, str] = {}
+        for name in (None, *self.profiles):
+            wl = self.workload_for(name) if name else self.workload
+            st = self.strategy_for(name) if name else self.strategy
+            was = {"structured": wl.structured, "max_tokens": wl.max_tokens, "strategy": st.name}
+            for key, (value, shown) in RUN_SHAPE.items():
+                if was[key] != value:
+                    where = f"profiles.{name}" if name else "the scenario"
+                    replaced.setdefault(key, f"{was[key]} ({where}) -> {shown}")
+        drop = set(given) | {"structured", "max_tokens"}
         profiles = {
             name: spec.model_copy(
-                update={"workload": {k: v for k, v in spec.workload.items() if k not in given}}
+                update={
+                    "workload": {k: v for k, v in spec.workload.items() if k not in drop},
+                    "strategy": {k: v for k, v in spec.strategy.items() if k != "name"},
+                }
             )
             for name, spec in self.profiles.items()
         }
+        shape = {"structured": "grammar", "max_tokens": None}
         return self.model_copy(
             update={
-                "workload": self.workload.model_copy(update=given),
+                "workload": self.workload.model_copy(update={**given, **shape}),
+                "strategy": self.strategy.model_copy(update={"name": "stateless"}),
                 "profiles": profiles,
                 "job": given,
+                "as_run": replaced,
             }
         )
 
@@ -261,6 +284,15 @@ class Scenario(_Strict):
 
 
 JOB_FIELDS = frozenset({"candidates", "prompt", "id_column"})
+RUN_SHAPE: dict[str, tuple[Any, str]] = {
+    "structured": ("grammar", "grammar (harness run's --structured default)"),
+    "max_tokens": (None, "what the prompt's output schema needs (harness run's --max-tokens "
+                   "default)"),
+    "strategy": ("stateless", "harness.yaml's STRATEGY, else stateless (harness run's)"),
+}  # fmt: skip
+"""What a job's phases send as `harness run` does (`Scenario.with_job`): each setting, its
+value in the scenario, and how `harness run` resolves it. The strategy is laid over as the
+default, so harness.yaml's STRATEGY (read before a scenario's) still wins, as in the run."""
 """The workload settings that are the user's job, not a phase's (`Scenario.with_job`)."""
 
 M = TypeVar("M", bound=BaseModel)

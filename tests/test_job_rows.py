@@ -112,7 +112,8 @@ def test_each_report_names_your_input_or_says_its_rows_were_generated(tmp_path: 
     cands, rubric = make_job(tmp_path, rows=7)
     scale = load_scenario(ROOT / "scenarios" / "phase2_scale_100.yaml")
     generated = job_identity(scale, "embedded")
-    assert generated == {"input": None, "rows": GENERATED_ROWS, "given": []}
+    assert generated == {"input": None, "rows": GENERATED_ROWS, "given": [],
+                         "structured": "none", "max_tokens": 8, "as_harness_run": {}}  # fmt: skip
     yours = job_identity(scale.with_job(job_of(cands, rubric)), "embedded", tmp_path)
     assert yours["input"] == "cands.csv" and yours["rows"] == "your input"
     assert yours["id_column"] == "candidate_id" and yours["input_rows"] == 7
@@ -187,3 +188,42 @@ def test_a_bad_job_stops_the_run_before_any_phase_naming_the_file(
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
     assert not (scale_project.path / "reports").exists()
+
+
+def test_the_job_is_sent_as_harness_run_sends_it_and_the_report_says_what_was_replaced(
+    tmp_path: Path,
+) -> None:
+    """A scale scenario sends free text, 8 tokens, a rolling conversation; the job's phases send
+    what `harness run` sends (the schema's grammar, the tokens it needs, stateless unless
+    harness.yaml says otherwise), and each report names what the scenario had."""
+    from harness.run.resolve import resolve
+    from harness.workload import load_prompt, tokens_for_schema
+
+    cands, rubric = make_job(tmp_path)
+    scale = load_scenario(ROOT / "scenarios" / "phase2_scale_100.yaml")
+    assert scale.workload_for("embedded").structured == "none"
+    assert scale.strategy_for("embedded").name == "conversation"
+    mine = scale.with_job(job_of(cands, rubric))
+    for profile in mine.profiles:
+        wl = mine.workload_for(profile)
+        assert (wl.structured, wl.max_tokens) == ("grammar", None)
+        assert mine.strategy_for(profile).name == "stateless"
+        assert mine.strategy_for(profile).trim_interval == 50  # the phase's own settings stay
+    items = items_for(mine, "embedded", 5)
+    want = tokens_for_schema(load_prompt(rubric).output_schema)
+    assert {it.max_tokens for it in items} == {want} and want != 8
+    assert all(it.grammar and it.output_schema for it in items)
+    ident = job_identity(mine, "embedded", tmp_path)
+    assert ident["structured"] == "grammar"
+    assert set(ident["as_harness_run"]) == {"structured", "max_tokens", "strategy"}
+    assert ident["as_harness_run"]["strategy"].startswith("conversation (the scenario) -> ")
+    # The strategy is laid over as the default: harness.yaml's STRATEGY wins, as in the run.
+    cfg = resolve(profile="embedded", config_path=tmp_path / "none.yaml", scenario=mine)
+    assert cfg.strategy.value == "stateless"
+    conf = tmp_path / "harness.yaml"
+    conf.write_text("profiles:\n  embedded:\n    STRATEGY: conversation\n")
+    cfg = resolve(profile="embedded", config_path=conf, scenario=mine)
+    assert cfg.strategy.value == "conversation"
+    # Without a job nothing changes.
+    assert job_identity(scale, "embedded")["as_harness_run"] == {}
+    assert items_for(scale, "embedded", 2)[0].max_tokens == 8

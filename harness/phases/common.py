@@ -31,6 +31,7 @@ from harness.workload import (
     load_prompt,
     read_candidates_csv,
     sample_rows,
+    tokens_for_schema,
 )
 
 __all__ = [
@@ -177,8 +178,13 @@ def job_identity(scenario: Scenario, profile: str, root: Path | None = None) -> 
     generated (`GENERATED_ROWS`); how they were drawn; the job settings the user gave."""
     wl = scenario.workload_for(profile)
     given = sorted(scenario.job or {})
+    sent = {
+        "structured": wl.structured,
+        "max_tokens": wl.max_tokens or "what the prompt's output schema needs",
+        "as_harness_run": dict(scenario.as_run or {}),
+    }
     if wl.candidates == "generated":
-        return {"input": None, "rows": GENERATED_ROWS, "given": given}
+        return {"input": None, "rows": GENERATED_ROWS, "given": given, **sent}
     table = _input_table(scenario, profile)
     file = Path(table.path)
     if root is not None:
@@ -199,6 +205,7 @@ def job_identity(scenario: Scenario, profile: str, root: Path | None = None) -> 
             else "the first rows of the file"
         ),
         "given": given,
+        **sent,
     }
 
 
@@ -214,10 +221,11 @@ def items_for(
     prompt = prompt_for(scenario, profile)
     if table is None:
         table = table_for(scenario, profile, n)
+    schema = prompt.output_schema if wl.structured != "none" else None
     return items_from_table(
         table,
         prompt,
-        max_tokens=wl.max_tokens,
+        max_tokens=wl.max_tokens or tokens_for_schema(schema),
         temperature=wl.temperature,
         seed=wl.seed,
         structured=wl.structured,
