@@ -21,6 +21,7 @@ from harness.phases.common import (
     items_for,
     job_identity,
     prompt_for,
+    reply_tokens,
     table_for,
 )
 from harness.scenarios import load_scenario
@@ -212,6 +213,8 @@ def test_the_job_is_sent_as_harness_run_sends_it_and_the_report_says_what_was_re
     items = items_for(mine, "embedded", 5)
     want = tokens_for_schema(load_prompt(rubric).output_schema)
     assert {it.max_tokens for it in items} == {want} and want != 8
+    # Every reply length a phase asks for is this one (phase 1's reuse sweep's too).
+    assert reply_tokens(mine, "embedded") == want and reply_tokens(scale, "embedded") == 8
     assert all(it.grammar and it.output_schema for it in items)
     ident = job_identity(mine, "embedded", tmp_path)
     assert ident["structured"] == "grammar"

@@ -46,6 +46,7 @@ __all__ = [
     "prompt_for",
     "prompt_identity",
     "recommended_trim_interval",
+    "reply_tokens",
     "run_identity",
     "scale_figures",
     "scaling_check",
@@ -209,6 +210,16 @@ def job_identity(scenario: Scenario, profile: str, root: Path | None = None) -> 
     }
 
 
+def reply_tokens(scenario: Scenario, profile: str) -> int:
+    """The reply tokens each request asks for: the workload's, else (a job: as `harness run`)
+    what the prompt's output schema needs."""
+    wl = scenario.workload_for(profile)
+    if wl.max_tokens is not None:
+        return wl.max_tokens
+    schema = prompt_for(scenario, profile).output_schema if wl.structured != "none" else None
+    return tokens_for_schema(schema)
+
+
 def items_for(
     scenario: Scenario,
     profile: str,
@@ -221,11 +232,10 @@ def items_for(
     prompt = prompt_for(scenario, profile)
     if table is None:
         table = table_for(scenario, profile, n)
-    schema = prompt.output_schema if wl.structured != "none" else None
     return items_from_table(
         table,
         prompt,
-        max_tokens=wl.max_tokens or tokens_for_schema(schema),
+        max_tokens=reply_tokens(scenario, profile),
         temperature=wl.temperature,
         seed=wl.seed,
         structured=wl.structured,

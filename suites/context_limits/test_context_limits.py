@@ -30,6 +30,7 @@ from harness.limits import (
 from harness.memory import NvmlProbe, NvmlUnavailable, system_memory_bytes
 from harness.models import ModelGeometry, geometry_from_gguf, resolve_model
 from harness.phases import context_shape, items_for, prompt_for, recommended_trim_interval
+from harness.phases.common import reply_tokens
 from harness.phases.context_limits import (
     limits_figures,
     other_layout_kv,
@@ -181,7 +182,7 @@ def test_prefix_reuse_by_candidate_length(harness: HarnessSession) -> None:
     backend = harness.backend(cfg)
     prompt = prompt_for(scenario, harness.profile)
     rows = harness.run(
-        sweep_reuse(backend, prompt.system, opts, paths, scenario.workload_for(harness.profile))
+        sweep_reuse(backend, prompt.system, opts, paths, reply_tokens(scenario, harness.profile))
     )
     for r in rows:
         harness.say(
@@ -211,7 +212,7 @@ def test_prefix_reuse_by_candidate_length(harness: HarnessSession) -> None:
 
 
 async def sweep_reuse(
-    backend: Any, rubric: str, opts: dict[str, Any], paths: list[str], workload: Any
+    backend: Any, rubric: str, opts: dict[str, Any], paths: list[str], max_tokens: int
 ) -> list[ReuseRow]:
     async with open_token_counter(backend) as counter:
         return await reuse_sweep(
@@ -222,7 +223,7 @@ async def sweep_reuse(
             lengths=[int(n) for n in opts.get("lengths", [100, 400, 800, 1600])],
             paths=paths,
             requests=int(opts.get("requests", 3)),
-            max_tokens=workload.max_tokens,
+            max_tokens=max_tokens,
         )
 
 
