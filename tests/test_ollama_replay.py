@@ -351,3 +351,27 @@ def test_run_in_logprobs_mode_scores_every_row_from_the_replayed_logprobs(
     choice = line["response"]["body"]["choices"][0]
     assert choice["logprobs"]["content"][0]["top_logprobs"][0]["token"] == "7"
     assert line["harness"]["server_reply"]["logprobs"][0]["top_logprobs"][0]["token"] == "7"
+
+
+NOT_HERE = """\
+import harness.memory
+
+# The replay listens on 127.0.0.1; this session takes it for a server on another machine.
+harness.memory.is_loopback_url = lambda url: False
+"""
+
+
+def test_phase_1_on_a_server_elsewhere_needs_a_memory_budget(pytester: pytest.Pytester) -> None:
+    """This machine's RAM or GPU says nothing of a remote server's: phase 1 refuses to budget
+    against them (a usage error, which `harness validate` turns into exit 2) and names the
+    option."""
+    suite_project(pytester)
+    pytester.makeconftest(NOT_HERE)
+    with OllamaReplay(version="0.34.0", kv_bytes_per_token=160_000) as replay:
+        result = pytester.runpytest_subprocess(
+            "suites/context_limits", "-m", "context_limits", "--harness-backend", "ollama",
+            "--harness-base-url", replay.url, "-p", "no:cacheprovider",
+        )  # fmt: skip
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "is not on this machine" in result.stdout.str() + result.stderr.str()
+    assert "--harness-memory-budget" in result.stdout.str() + result.stderr.str()

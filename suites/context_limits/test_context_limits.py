@@ -27,7 +27,7 @@ from harness.limits import (
     search_max_context,
     sweep,
 )
-from harness.memory import NvmlProbe, NvmlUnavailable, system_memory_bytes
+from harness.memory import NvmlProbe, NvmlUnavailable, is_loopback_url, system_memory_bytes
 from harness.models import ModelGeometry, geometry_from_gguf, resolve_model
 from harness.phases import context_shape, items_for, prompt_for, recommended_trim_interval
 from harness.phases.common import reply_tokens
@@ -73,6 +73,16 @@ def memory_budget(
 ) -> tuple[int, str]:
     gpu_total: int | None = None
     if cfg.backend.value != "embedded":
+        url = harness.backend(cfg).info.base_url
+        if not harness.memory_budget and not scenario_budget and not is_loopback_url(url):
+            # This machine's RAM or GPU says nothing of a server elsewhere: a budget read here
+            # would size the context for the wrong machine.
+            pytest.exit(
+                f"context limits: the server at {url} is not on this machine, so its memory "
+                "cannot be read here: give --harness-memory-budget (e.g. 15GB or 90%: what the "
+                "model may use there)",
+                returncode=pytest.ExitCode.USAGE_ERROR,
+            )
         try:
             gpu_total = NvmlProbe().total_bytes()
         except NvmlUnavailable:
