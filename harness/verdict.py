@@ -304,6 +304,8 @@ def _settings(config: ProfileConfig | str) -> list[str]:
             if isinstance(prov, Mapping)
             else "set by hand"
         )
+        if isinstance(prov, Mapping) and prov.get("kind") == "configured":
+            src = f"configured, not measured: {prov.get('configured')}; written with {src}"
         out.append(f"{key}: {value} — {src}")
     return out
 

@@ -260,3 +260,32 @@ def test_not_a_phase():
     assert summary["skipped"] == [
         {"test": "test_skips.py::test_quality_phase", "reason": "no quality model here"}
     ]
+
+
+def test_a_value_the_phase_was_given_is_written_as_configured_not_measured(
+    project: pytest.Pytester,
+) -> None:
+    """Phase 1 writes the slots and server flags it ran with beside what it measured: their
+    provenance says `configured` (and where they came from), the others' `measured`, and the
+    verdict's settings say so."""
+    scenario(project, "0.5")
+    suite = project.path / "test_phase.py"
+    suite.write_text(
+        suite.read_text().replace(
+            'harness.recommend({"TRIM_INTERVAL": 10, "MAX_CONTEXT_TOKENS": 100000}, report, None)',
+            'harness.recommend({"MAX_CONTEXT_TOKENS": 100000, "parallel": 1}, report, None, '
+            'configured={"parallel": "default"})',
+        )
+    )
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--write-config")
+    result.assert_outcomes(passed=1, deselected=1)
+    from harness.config import load_profile
+    from harness.verdict import _settings
+
+    prof = load_profile(project.path / "harness.yaml", "embedded")
+    assert prof.provenance["MAX_CONTEXT_TOKENS"]["kind"] == "measured"
+    assert prof.provenance["parallel"]["kind"] == "configured"
+    assert prof.provenance["parallel"]["configured"] == "default"
+    shown = _settings(prof)
+    assert any(s.startswith("parallel: 1 — configured, not measured: default") for s in shown)
+    assert not any(s.startswith("MAX_CONTEXT_TOKENS") and "configured" in s for s in shown)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,10 +175,17 @@ class Reports:
         raise KeyError("that report was not written by this session")
 
     def recommend(
-        self, values: dict[str, Any], report: dict[str, Any] | Path, backend: Backend | None
+        self,
+        values: dict[str, Any],
+        report: dict[str, Any] | Path,
+        backend: Backend | None,
+        *,
+        configured: Mapping[str, str] | None = None,
     ) -> None:
         """Write `values` to harness.yaml with their provenance: `report` (the report dict
-        this session wrote, or its path) and the backend and model that measured them."""
+        this session wrote, or its path) and the backend and model that measured them.
+        `configured`: the values among them the phase was given, not measured (each with where
+        it came from): their provenance says `configured`, so nothing reads them as measured."""
         s = self.context
         if not s.write_config:
             return
@@ -190,7 +197,19 @@ class Reports:
             "backend": info.get("name"),
             "model": info.get("model"),
         }
-        self.config_changes += write_back(s.config_path, s.profile, values, provenance)
+        given = dict(configured or {})
+        measured = {k: v for k, v in values.items() if k not in given}
+        self.config_changes += write_back(
+            s.config_path, s.profile, measured, {**provenance, "kind": "measured"}
+        )
+        for key, source in given.items():
+            if key in values:
+                self.config_changes += write_back(
+                    s.config_path,
+                    s.profile,
+                    {key: values[key]},
+                    {**provenance, "kind": "configured", "configured": source},
+                )
 
     # -- the session's summary ------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import io
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -237,11 +237,17 @@ class HarnessSession:
         self.reports.gate(report)
 
     def recommend(
-        self, values: dict[str, Any], report: dict[str, Any] | Path, backend: Backend | None
+        self,
+        values: dict[str, Any],
+        report: dict[str, Any] | Path,
+        backend: Backend | None,
+        *,
+        configured: Mapping[str, str] | None = None,
     ) -> None:
         """Write measured values back to harness.yaml (with --harness-write-config); `report`:
-        the report (as `report()` returned it) they were measured in."""
-        self.reports.recommend(values, report, backend)
+        the report (as `report()` returned it) they were measured in; `configured`: the values
+        among them the phase was given, not measured, each with where it came from."""
+        self.reports.recommend(values, report, backend, configured=configured)
 
     def report_path(self, report: dict[str, Any]) -> Path:
         """The file a report written this session went to."""

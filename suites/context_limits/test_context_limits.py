@@ -156,7 +156,16 @@ def test_context_limits(harness: HarnessSession) -> None:
     assert figures["within_budget"], "a server was started whose memory exceeded the budget"
     harness.gate(report)
     # Only a phase that passed writes its figures to harness.yaml.
-    harness.recommend(recommended, report, backend)
+    # The slots and the server's flags were given to the phase, not measured by it.
+    harness.recommend(
+        recommended,
+        report,
+        backend,
+        configured={
+            "parallel": f"the context was measured with it: {cfg.parallel.source}",
+            "SERVER_FLAGS": f"the memory was measured with them: {cfg.server_flags.source}",
+        },
+    )
 
 
 def show(harness: HarnessSession) -> Callable[[Measurement], None]:
