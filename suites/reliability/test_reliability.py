@@ -573,6 +573,10 @@ def test_ollama_model_unloaded_mid_run(
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
     backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
+    harness.say(
+        f"reliability: WARNING: unloading {backend.info.model or 'the model'} from your Ollama "
+        "mid-run (keep_alive 0): other clients of this server wait for it to load again"
+    )
     events: list[str] = []
     checked: dict[str, Any] = {}
     done = [0]
@@ -636,6 +640,11 @@ def test_ollama_out_of_memory_on_load_is_reported_and_the_next_load_works(
     items = items_for(scenario, harness.profile, 3)
     huge = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["oom_num_ctx"]))
     sane = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
+    harness.say(
+        f"reliability: WARNING: asking your Ollama to load the model with num_ctx "
+        f"{int(scenario_opts['oom_num_ctx'])}, past its GPU's memory, to check the refusal: "
+        "Ollama may unload the models it holds to try"
+    )
 
     async def go() -> tuple[list[RequestRecord], list[RequestRecord]]:
         async with huge:
@@ -710,6 +719,10 @@ def test_ollama_killed_and_restarted_mid_run(
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
     backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
     watch = MidRunRestart(command, at=len(items) // 3)
+    harness.say(
+        f"reliability: WARNING: restarting your Ollama mid-run with HARNESS_OLLAMA_RESTART "
+        f"({command!r}) after {watch.at} requests: other clients of this server fail meanwhile"
+    )
     spec = JobSpec(
         keep_records=True,
         progress=False,
