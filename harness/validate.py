@@ -142,6 +142,41 @@ def _written_at(e: ReportEntry) -> float:
         return 0.0
 
 
+def _of_this_job(
+    entries: Sequence[ReportEntry],
+    phase: Phase,
+    opts: ValidateOptions,
+    *,
+    prompt_sha256: str,
+    root: Path,
+    profile: str | None,
+) -> list[ReportEntry]:
+    """The reports of `phase` that measured this job (the same input and id column, the same
+    prompt's sha256, the same profile; None: any), newest first."""
+    out = []
+    for e in sorted(entries, key=_written_at, reverse=True):
+        job = e.data.get("job")
+        if e.base != phase.report or not isinstance(job, Mapping):
+            continue
+        if profile is not None and e.profile != profile:
+            continue
+        if not _same_file(job.get("input"), opts.input, root):
+            continue
+        if job.get("id_column") == opts.id_column and e.prompt_sha256 == prompt_sha256:
+            out.append(e)
+    return out
+
+
+def _changed(opts: ValidateOptions) -> float:
+    """When the input or the prompt last changed (reports are stamped to the second)."""
+    return int(
+        max(
+            (p.stat().st_mtime for p in (opts.input, opts.prompt) if p is not None and p.exists()),
+            default=0.0,
+        )
+    )
+
+
 def fresh_pass(
     entries: Sequence[ReportEntry],
     phase: Phase,
@@ -153,23 +188,38 @@ def fresh_pass(
 ) -> ReportEntry | None:
     """A passing report of `phase` that measured this job and is newer than its files: the
     same input and id column, the same prompt (sha256), the same profile (None: any)."""
-    changed = max(
-        (p.stat().st_mtime for p in (opts.input, opts.prompt) if p is not None and p.exists()),
-        default=0.0,
-    )
-    for e in sorted(entries, key=_written_at, reverse=True):
-        job = e.data.get("job")
-        if e.base != phase.report or e.result != "PASS" or not isinstance(job, Mapping):
-            continue
-        if profile is not None and e.profile != profile:
-            continue
-        if not _same_file(job.get("input"), opts.input, root):
-            continue
-        if job.get("id_column") != opts.id_column or e.prompt_sha256 != prompt_sha256:
-            continue
-        if _written_at(e) >= int(changed):  # reports are stamped to the second
+    changed = _changed(opts)
+    for e in _of_this_job(entries, phase, opts, prompt_sha256=prompt_sha256, root=root,
+                          profile=profile):  # fmt: skip
+        if e.result == "PASS" and _written_at(e) >= changed:
             return e
     return None
+
+
+def why_not_passed(
+    entries: Sequence[ReportEntry],
+    phase: Phase,
+    opts: ValidateOptions,
+    *,
+    prompt_sha256: str,
+    root: Path,
+    profile: str | None,
+    report_dir: Path,
+) -> str:
+    """Why `phase` has no fresh passing report of this job: its newest report failed (its
+    first failed criterion), it predates the files, or there is none."""
+    mine = _of_this_job(entries, phase, opts, prompt_sha256=prompt_sha256, root=root,
+                        profile=profile)  # fmt: skip
+    if not mine:
+        return f"no {phase.name} report of this job in {report_dir} (harness validate runs it)"
+    newest = mine[0]
+    if _written_at(newest) < _changed(opts):
+        return (
+            f"the {phase.name} report of this job ({newest.file}) predates the last change to "
+            "the input or the prompt"
+        )
+    first = newest.failed[0] if newest.failed else newest.result
+    return f"{phase.name} {newest.result} on this job ({newest.file}): {first}"
 
 
 def measured_rate(
@@ -358,11 +408,9 @@ def validation_status(
     for phase in default_phases(record.backend or backend):
         if fresh_pass(entries, phase, opts, prompt_sha256=prompt_sha256, root=where,
                       profile=record.profile) is None:  # fmt: skip
-            return Validation(
-                "not validated",
-                f"not validated: no passing {phase.name} report of this job in {report_dir} "
-                "newer than the input and the prompt (harness validate runs it)",
-            )
+            why = why_not_passed(entries, phase, opts, prompt_sha256=prompt_sha256, root=where,
+                                 profile=record.profile, report_dir=report_dir)  # fmt: skip
+            return Validation("not validated", f"not validated: {why}")
     when = record.validated_at[:10]
     if record.profile != PRODUCTION_PROFILE:
         return Validation(

@@ -18,7 +18,7 @@ from test_job_rows import make_job
 from harness.cli import build_parser
 from harness.config import find_job
 from harness.run.given import given
-from harness.run.options import with_validated_job
+from harness.run.options import BatchOptions, batch_config, with_validated_job
 from harness.validate import (
     PHASES,
     ValidateOptions,
@@ -228,7 +228,8 @@ def test_a_validated_job_is_recorded_and_the_banner_says_what_it_is(tmp_path: Pa
     later = time.time() + 5
     os.utime(opts.input, (later, later))
     line = status_of(opts, tmp_path)
-    assert line.startswith("not validated: no passing context limits report"), line
+    assert line.startswith("not validated: the context limits report of this job"), line
+    assert line.endswith("predates the last change to the input or the prompt"), line
 
 
 def test_a_failed_phase_leaves_the_job_not_validated(tmp_path: Path) -> None:
@@ -236,7 +237,14 @@ def test_a_failed_phase_leaves_the_job_not_validated(tmp_path: Path) -> None:
     assert validate(opts, root=tmp_path, say=lambda _: None,
                     run=Phases(tmp_path, fail=("quality",))) == 1  # fmt: skip
     line = status_of(opts, tmp_path)
-    assert line.startswith("not validated: no passing quality report of this job"), line
+    assert line.startswith("not validated: quality FAIL on this job (quality_results."), line
+    # A phase never run on this job: there is none to read.
+    other = tmp_path / "other"
+    other.mkdir()
+    mine = options(other, phases=("context_limits",))
+    assert validate(mine, root=other, say=lambda _: None, run=Phases(other)) == 0
+    line = status_of(mine, other)
+    assert line.startswith("not validated: no scale 100 report of this job in "), line
 
 
 def test_on_production_only_the_verdict_makes_it_go(
@@ -278,7 +286,15 @@ def test_harness_run_runs_the_validated_job_with_no_flags_and_require_go_refuses
     args = build_parser().parse_args(["run", str(opts.input)])
     kw = with_validated_job(opts.input, given(args, "run"))
     assert (kw["prompt"], kw["id_column"]) == (opts.prompt.resolve(), "candidate_id")  # type: ignore[union-attr]
-    assert set(kw["from_validated"]) >= {"prompt", "id_column"}
+    assert set(kw["from_validated"]) >= {"prompt", "id_column", "backend", "model"}
+    # The banner says the validated job set them, not the command line.
+    cfg = batch_config(BatchOptions(input=opts.input, **kw))
+    assert cfg.model.source == cfg.backend.source == "the validated job, harness.yaml jobs"
+    args = build_parser().parse_args(["run", str(opts.input), "--model", "gemma3-270m"])
+    cfg = batch_config(
+        BatchOptions(input=opts.input, **with_validated_job(opts.input, given(args, "run")))
+    )
+    assert cfg.model.source == "command line"
     # The command line wins over the record.
     args = build_parser().parse_args(["run", str(opts.input), "--id-column", "x"])
     assert with_validated_job(opts.input, given(args, "run"))["id_column"] == "x"

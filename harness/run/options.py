@@ -7,7 +7,7 @@ run's settings once (`batch_config`: `harness.run.resolve` with `RUN_RULES`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.run.given import DEFAULT_SEED, EXECUTORS
 from harness.run.resolve import RUN_RULES, default_profile, resolve, threads_per_server
-from harness.run.settings import RunConfig
+from harness.run.settings import CLI, RunConfig
 from harness.scoring import SCORE_MODES
 from harness.workload import STRUCTURED_MODES
 
@@ -235,6 +235,8 @@ class BatchOptions:
 RECORDED = ("prompt", "id_column", "backend", "model", "base_url", "profile")
 """The options a validated job (harness.yaml `jobs`) sets when the command line leaves them out."""
 FALLBACK = {"id_column": "id", "backend": "embedded"}
+VALIDATED = "the validated job, harness.yaml jobs"
+"""The source of a setting the validated job set."""
 """What those options are when neither the command line nor a validated job sets them."""
 
 
@@ -278,6 +280,13 @@ def batch_config(options: BatchOptions) -> RunConfig:
         "servers": options.servers if embedded and options.servers > 1 else None,
         "threads": options.threads,
     }
-    return resolve(
+    cfg = resolve(
         profile=options.config_profile, config_path=options.config, cli=cli, rules=RUN_RULES
     )
+    # What the validated job set is not the command line's: the banner says where it came from.
+    relabel = {
+        name: replace(value, source=VALIDATED)
+        for name in ("backend", "model", "base_url")
+        if name in options.from_validated and (value := getattr(cfg, name)).source == CLI
+    }
+    return replace(cfg, **relabel) if relabel else cfg
