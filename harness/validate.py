@@ -58,11 +58,14 @@ class Phase:
     """The report's base name (`performance_benchmarks_100.json`)."""
     rows: int | None = None
     """Requests the phase sends, where its size is fixed (for the time estimate)."""
+    writes_config: bool = False
+    """Run with `--harness-write-config`: what it measured (phase 1's context and memory line)
+    is what the later phases and `harness run` read from harness.yaml."""
 
 
 PHASES: tuple[Phase, ...] = (
     Phase("context limits", "suites/context_limits", "context_limits",
-          "context_limit_results.json"),
+          "context_limit_results.json", writes_config=True),
     Phase("scale 100", "suites/scale", "scale_100", "performance_benchmarks_100.json", 100),
     Phase("scale 1K", "suites/scale", "scale_1k", "performance_benchmarks_1000.json", 1_000),
     Phase("scale 10K", "suites/scale", "scale_10k", "performance_benchmarks_10000.json", 10_000),
@@ -115,6 +118,8 @@ def phase_command(opts: ValidateOptions, phase: Phase) -> list[str]:
            "--harness-report-dir", str(opts.report_dir)]  # fmt: skip
     if opts.prompt is not None:
         cmd += ["--harness-prompt", str(opts.prompt.resolve())]
+    if phase.writes_config:
+        cmd.append("--harness-write-config")
     for flag, value in (
         ("--harness-backend", opts.backend),
         ("--harness-model", opts.model),

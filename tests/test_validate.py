@@ -100,6 +100,8 @@ def test_each_phase_runs_as_a_printed_pytest_command_on_your_job_then_the_verdic
         assert cmd[cmd.index("--harness-prompt") + 1] == str(opts.prompt.resolve())  # type: ignore[union-attr]
         assert cmd[cmd.index("--harness-id-column") + 1] == "candidate_id"
         assert " ".join(cmd[2:]) in "\n".join(said)  # printed before it ran
+        # Phase 1 writes what it measured: the scale phases compare memory with its line.
+        assert ("--harness-write-config" in cmd) == (marker_of(cmd) == "context_limits")
     assert not any(" 100 rows at " in line for line in said)  # no scale rate measured yet
     assert any("1000 rows at 2.50 rows/s (measured so far): about 6m40s" in s for s in said)
     assert any(line.startswith("verdict:") for line in said), said
