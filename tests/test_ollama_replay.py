@@ -375,3 +375,42 @@ def test_phase_1_on_a_server_elsewhere_needs_a_memory_budget(pytester: pytest.Py
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "is not on this machine" in result.stdout.str() + result.stderr.str()
     assert "--harness-memory-budget" in result.stdout.str() + result.stderr.str()
+
+
+def test_harness_validate_on_the_replayed_ollama_runs_the_job_and_names_the_replay(
+    tmp_path: Path,
+) -> None:
+    """`harness validate INPUT --backend ollama` against the replay: phase 1 writes its line to
+    the config (the scale phase then compares memory with it), every report names the input and
+    the verdict names the replay. Two phases here (~30 s); all six ran in 2 m 43 s by hand."""
+    from test_job_rows import make_job
+
+    from harness.config import find_job, load_profile
+    from harness.validate import ValidateOptions, validate
+
+    cands, rubric = make_job(tmp_path, rows=30)
+
+    def counts(body: Any) -> dict[str, Any]:
+        text = body.get("prompt") or "".join(m.get("content", "") for m in body["messages"])
+        n = max(50, len(text) // 4)
+        return {"prompt_eval_count": n, "prompt_eval_cached_count": n - 40}
+
+    said: list[str] = []
+    with OllamaReplay(counts=counts, content='{"score": 7}', kv_bytes_per_token=4096) as replay:
+        opts = ValidateOptions(
+            input=cands, prompt=rubric, id_column="candidate_id", backend="ollama",
+            base_url=replay.url, report_dir=tmp_path / "reports",
+            config=tmp_path / "harness.yaml", phases=("context_limits", "scale_100"),
+        )  # fmt: skip
+        validate(opts, root=ROOT, say=said.append)
+    text = "\n".join(said)
+    assert "context limits: PASS" in text, text
+    profile = load_profile(tmp_path / "harness.yaml", "gpu-gemma3-12b")
+    assert profile.get("MODEL_VRAM_GB") is not None and profile.get("KV_CACHE_PER_TOKEN_MB")
+    (scale,) = (tmp_path / "reports").glob("performance_benchmarks_100.*")
+    report = json.loads(scale.read_text())
+    assert report["job"]["input"].endswith("cands.csv") and report["job"]["rows"] == "your input"
+    assert report["memory"]["predicted_ratio_error"] is not None  # phase 1's line was read
+    assert "verdict: NO-GO" in text and "a replayed server (tests/ollama_replay.py" in text
+    record = find_job(tmp_path / "harness.yaml", cands)
+    assert record is not None and record.backend == "ollama"
