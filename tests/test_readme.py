@@ -125,8 +125,9 @@ def test_the_readme_path_for_your_own_ollama_job(
             if "suites/reliability" in cmd:
                 # Before a case that restarts the user's Ollama, unloads its model or forces an
                 # out-of-memory load, it says so.
-                for what in ("restarting your Ollama", "unloading", "past its GPU's memory"):
-                    assert f"WARNING: {what}" in done.stdout, said
+                for what in ("restarting your Ollama", "unloading",
+                             "asking your Ollama to load the model with num_ctx"):  # fmt: skip
+                    assert f"WARNING: {what}" in done.stderr, said  # the terminal's
     config = (cwd / "harness.yaml").read_text()
     assert "gpu-gemma3-12b:" in config and "MAX_CONTEXT_TOKENS" in config
     assert "backend: ollama" in config  # provenance: measured on Ollama
