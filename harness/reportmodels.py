@@ -111,6 +111,9 @@ class ContextLimitsReport(PhaseReport):
     recommended: Obj
     server_flags: str | None = None
     trim_interval_that_fits: int | None = None
+    longest_prompt_tokens: int | None = None
+    longest_prompt_fits: bool | None = None
+    longest_prompt_rows: str | None = None
     config: Obj | None = None
     kv_other_layout: Obj | None = None
 

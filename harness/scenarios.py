@@ -67,6 +67,8 @@ PHASE_METRICS: dict[str, tuple[str, ...]] = {
         "max_context_tokens",
         "safe_context_tokens",
         "trim_interval_that_fits",
+        "longest_prompt_tokens",
+        "longest_prompt_fits",
         "search_steps",
         "max_measured_bytes",
         "within_budget",

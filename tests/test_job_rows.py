@@ -230,3 +230,22 @@ def test_the_job_is_sent_as_harness_run_sends_it_and_the_report_says_what_was_re
     # Without a job nothing changes.
     assert job_identity(scale, "embedded")["as_harness_run"] == {}
     assert items_for(scale, "embedded", 2)[0].max_tokens == 8
+
+
+def test_phase_1_fits_the_longest_rows_of_your_input(tmp_path: Path) -> None:
+    """Phase 1 counts the tokens of the input's longest rows (by the characters of the columns
+    the prompt shows), not of a sample: the longest prompt must fit the safe context."""
+    from harness.phases.common import longest_rows
+
+    cands, rubric = make_job(tmp_path, rows=40)
+    limits = load_scenario(ROOT / "scenarios" / "phase1_context_limits.yaml")
+    mine = limits.with_job(job_of(cands, rubric))
+    table = longest_rows(mine, "embedded", 5)
+    every = table_for(mine, "embedded", 40).rows
+    by_size = sorted(every, key=lambda r: len(r["resume_text"]) + len(r["years"]), reverse=True)
+    assert {r["candidate_id"] for r in table.rows} == {r["candidate_id"] for r in by_size[:5]}
+    ids = [r["candidate_id"] for r in table.rows]
+    assert ids == sorted(ids)  # in input order
+    # Without a job: the rows the phase draws.
+    assert len(longest_rows(limits, "embedded", 5).rows) == 5
+    assert "longest_prompt_fits >= 1" in limits.profile("embedded").criteria

@@ -40,6 +40,7 @@ __all__ = [
     "drawn",
     "items_for",
     "job_identity",
+    "longest_rows",
     "phase1_budget",
     "phase_job",
     "projection_check",
@@ -173,6 +174,29 @@ def table_for(scenario: Scenario, profile: str, n: int | None = None) -> Candida
     return replace(table, rows=table.rows[:count], lines=table.lines[:count])
 
 
+def longest_rows(scenario: Scenario, profile: str, k: int = 20) -> CandidateTable:
+    """The `k` rows of the job's whole input whose columns the prompt shows hold the most
+    characters (the candidates for the longest prompts, their tokens counted by the caller);
+    without a job, the `k` rows the phase draws."""
+    if scenario.job is None or "candidates" not in scenario.job:
+        return table_for(scenario, profile, k)
+    table = _input_table(scenario, profile)
+    prompt = prompt_for(scenario, profile)
+    names = set(prompt.placeholders())
+    shown = [c for c in table.columns if c != table.id_column and ("columns" in names
+             or c in names)]  # fmt: skip
+
+    def size(i: int) -> int:
+        return sum(len(table.rows[i].get(c) or "") for c in shown)
+
+    keep = sorted(sorted(range(len(table.rows)), key=size, reverse=True)[:k])
+    return replace(
+        table,
+        rows=tuple(table.rows[i] for i in keep),
+        lines=tuple(table.lines[i] for i in keep),
+    )
+
+
 def job_identity(scenario: Scenario, profile: str, root: Path | None = None) -> dict[str, Any]:
     """The rows a phase sent, as its report names them (the envelope's `job`): the input file
     (relative to `root` when under it) and its id column and row count, or that the rows were
@@ -255,6 +279,7 @@ async def context_shape(counter: TokenCounter, items: Sequence[WorkItem]) -> dic
     return {
         "prefix_tokens": float(prefix),
         "tokens_per_exchange": sum(per_turn) / len(per_turn),
+        "max_tokens_per_exchange": float(max(per_turn)),
         "max_tokens": float(first.max_tokens or 0),
     }
 

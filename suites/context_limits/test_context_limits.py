@@ -12,6 +12,7 @@ the rubric the server reuses by candidate length (`prefix_reuse_results.json`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from harness.limits import (
 from harness.memory import NvmlProbe, NvmlUnavailable, is_loopback_url, system_memory_bytes
 from harness.models import ModelGeometry, geometry_from_gguf, resolve_model
 from harness.phases import context_shape, items_for, prompt_for, recommended_trim_interval
-from harness.phases.common import reply_tokens
+from harness.phases.common import longest_rows, reply_tokens
 from harness.phases.context_limits import (
     limits_figures,
     other_layout_kv,
@@ -121,6 +122,11 @@ def test_context_limits(harness: HarnessSession) -> None:
     # Tokens of the workload (shared rubric, one exchange) bound the trim interval.
     backend = harness.backend(cfg)
     tokens = harness.run(workload_shape(backend, items_for(scenario, harness.profile, 20)))
+    # The longest prompts must fit too: the rubric, the input's longest rows and their replies.
+    longest = longest_rows(scenario, harness.profile, 20)
+    widest = harness.run(
+        workload_shape(backend, items_for(scenario, harness.profile, table=longest))
+    )
     harness.release(backend)
     flags = cfg.server_flags.value if cfg.backend.value == "embedded" else None
     recommended = recommended_config(
@@ -141,9 +147,19 @@ def test_context_limits(harness: HarnessSession) -> None:
         tokens=tokens,
         recommended=recommended,
     )
+    longest_tokens = int(widest["prefix_tokens"] + widest["max_tokens_per_exchange"])
     figures.update(
         server_flags=flags,
         trim_interval_that_fits=recommended_trim_interval(figures["safe_context_tokens"], tokens),
+        longest_prompt_tokens=longest_tokens,
+        longest_prompt_fits=longest_tokens <= figures["safe_context_tokens"],
+        longest_prompt_rows=(
+            f"the {len(longest.rows)} longest rows of {Path(longest.path).name} (by characters "
+            "of the columns the prompt shows), their tokens counted: the rubric, the longest "
+            "row and its reply"
+            if scenario.job and "candidates" in scenario.job
+            else f"the longest of the {len(longest.rows)} rows the phase draws (not your input)"
+        ),
         config=cfg.to_dict(),
     )
     if cfg.backend.value == "embedded":
