@@ -28,6 +28,7 @@ from harness.models.kv import KVTheory, UnknownGeometry, kv_theory
 __all__ = [
     "geometry_figures",
     "limits_figures",
+    "longest_prompt_figures",
     "other_layout_kv",
     "recommended_config",
     "theory_or_none",
@@ -108,6 +109,25 @@ def recommended_config(
     if server_flags is not None:
         out["SERVER_FLAGS"] = server_flags
     return out
+
+
+def longest_prompt_figures(
+    shape: Mapping[str, float], safe_tokens: int, rows: int, input_name: str | None
+) -> dict[str, Any]:
+    """Whether the longest prompt fits the safe context: the rubric, the longest of `rows`
+    rows (`shape`: `context_shape` of them) and its reply; `input_name`: the user's input they
+    are the longest rows of (None: the rows the phase draws)."""
+    tokens = int(shape["prefix_tokens"] + shape["max_tokens_per_exchange"])
+    return {
+        "longest_prompt_tokens": tokens,
+        "longest_prompt_fits": tokens <= safe_tokens,
+        "longest_prompt_rows": (
+            f"the {rows} longest rows of {input_name} (by characters of the columns the prompt "
+            "shows), their tokens counted: the rubric, the longest row and its reply"
+            if input_name
+            else f"the longest of the {rows} rows the phase draws (not your input)"
+        ),
+    }
 
 
 def limits_figures(

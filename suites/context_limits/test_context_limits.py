@@ -34,6 +34,7 @@ from harness.phases import context_shape, items_for, prompt_for, recommended_tri
 from harness.phases.common import longest_rows, reply_tokens
 from harness.phases.context_limits import (
     limits_figures,
+    longest_prompt_figures,
     other_layout_kv,
     recommended_config,
     theory_or_none,
@@ -119,15 +120,7 @@ def test_context_limits(harness: HarnessSession) -> None:
         step=256,
         on_measure=show(harness),
     )
-    # Tokens of the workload (shared rubric, one exchange) bound the trim interval.
-    backend = harness.backend(cfg)
-    tokens = harness.run(workload_shape(backend, items_for(scenario, harness.profile, 20)))
-    # The longest prompts must fit too: the rubric, the input's longest rows and their replies.
-    longest = longest_rows(scenario, harness.profile, 20)
-    widest = harness.run(
-        workload_shape(backend, items_for(scenario, harness.profile, table=longest))
-    )
-    harness.release(backend)
+    backend, tokens, widest = shapes(harness, cfg, scenario)
     flags = cfg.server_flags.value if cfg.backend.value == "embedded" else None
     recommended = recommended_config(
         max_ctx=search.max_context_tokens, fit=fit, parallel=cfg.parallel.value, server_flags=flags
@@ -147,19 +140,10 @@ def test_context_limits(harness: HarnessSession) -> None:
         tokens=tokens,
         recommended=recommended,
     )
-    longest_tokens = int(widest["prefix_tokens"] + widest["max_tokens_per_exchange"])
     figures.update(
+        longest_prompt_figures(widest, figures["safe_context_tokens"], 20, input_name(scenario)),
         server_flags=flags,
         trim_interval_that_fits=recommended_trim_interval(figures["safe_context_tokens"], tokens),
-        longest_prompt_tokens=longest_tokens,
-        longest_prompt_fits=longest_tokens <= figures["safe_context_tokens"],
-        longest_prompt_rows=(
-            f"the {len(longest.rows)} longest rows of {Path(longest.path).name} (by characters "
-            "of the columns the prompt shows), their tokens counted: the rubric, the longest "
-            "row and its reply"
-            if scenario.job and "candidates" in scenario.job
-            else f"the longest of the {len(longest.rows)} rows the phase draws (not your input)"
-        ),
         config=cfg.to_dict(),
     )
     if cfg.backend.value == "embedded":
@@ -172,16 +156,37 @@ def test_context_limits(harness: HarnessSession) -> None:
     assert figures["within_budget"], "a server was started whose memory exceeded the budget"
     harness.gate(report)
     # Only a phase that passed writes its figures to harness.yaml.
-    # The slots and the server's flags were given to the phase, not measured by it.
-    harness.recommend(
-        recommended,
-        report,
-        backend,
-        configured={
-            "parallel": f"the context was measured with it: {cfg.parallel.source}",
-            "SERVER_FLAGS": f"the memory was measured with them: {cfg.server_flags.source}",
-        },
+    harness.recommend(recommended, report, backend, configured=given_to_phase(cfg))
+
+
+def given_to_phase(cfg: RunConfig) -> dict[str, str]:
+    """The values phase 1 writes that it was given, not measured: the slots and the flags."""
+    return {
+        "parallel": f"the context was measured with it: {cfg.parallel.source}",
+        "SERVER_FLAGS": f"the memory was measured with them: {cfg.server_flags.source}",
+    }
+
+
+def input_name(scenario: Any) -> str | None:
+    """The user's input file's name (None: the phase draws generated or its own rows)."""
+    job = scenario.job or {}
+    return Path(job["candidates"]).name if "candidates" in job else None
+
+
+def shapes(
+    harness: HarnessSession, cfg: RunConfig, scenario: Any
+) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """On the run's server (stopped after): the workload's tokens (the shared rubric, one
+    exchange: they bound the trim interval) and those of its longest prompts (the rubric, the
+    input's 20 longest rows and their replies: they must fit the safe context)."""
+    backend = harness.backend(cfg)
+    tokens = harness.run(workload_shape(backend, items_for(scenario, harness.profile, 20)))
+    longest = longest_rows(scenario, harness.profile, 20)
+    widest = harness.run(
+        workload_shape(backend, items_for(scenario, harness.profile, table=longest))
     )
+    harness.release(backend)
+    return backend, tokens, widest
 
 
 def show(harness: HarnessSession) -> Callable[[Measurement], None]:

@@ -564,6 +564,21 @@ def _loaded(backend: OllamaBackend) -> bool | None:
     return any(names & {m.get("name"), m.get("model")} for m in models)
 
 
+WARNINGS = {
+    "unload": "unloading {model} from your Ollama mid-run (keep_alive 0): other clients of "
+    "this server wait for it to load again",
+    "oom": "asking your Ollama to load the model with num_ctx {num_ctx}, past its GPU's memory, "
+    "to check the refusal: Ollama may unload the models it holds to try",
+    "restart": "restarting your Ollama mid-run with HARNESS_OLLAMA_RESTART ({command!r}) after "
+    "{at} requests: other clients of this server fail meanwhile",
+}
+"""What the Ollama cases say before they act on the user's own server."""
+
+
+def warn(harness: HarnessSession, case: str, **values: Any) -> None:
+    harness.say("reliability: WARNING: " + WARNINGS[case].format(**values))
+
+
 @pytest.mark.usefixtures("ollama_only")
 def test_ollama_model_unloaded_mid_run(
     harness: HarnessSession, scenario_opts: dict[str, Any], cases: Cases, servers_seen: list[Any]
@@ -573,10 +588,7 @@ def test_ollama_model_unloaded_mid_run(
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
     backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
-    harness.say(
-        f"reliability: WARNING: unloading {backend.info.model or 'the model'} from your Ollama "
-        "mid-run (keep_alive 0): other clients of this server wait for it to load again"
-    )
+    warn(harness, "unload", model=backend.info.model or "the model")
     events: list[str] = []
     checked: dict[str, Any] = {}
     done = [0]
@@ -640,11 +652,7 @@ def test_ollama_out_of_memory_on_load_is_reported_and_the_next_load_works(
     items = items_for(scenario, harness.profile, 3)
     huge = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["oom_num_ctx"]))
     sane = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
-    harness.say(
-        f"reliability: WARNING: asking your Ollama to load the model with num_ctx "
-        f"{int(scenario_opts['oom_num_ctx'])}, past its GPU's memory, to check the refusal: "
-        "Ollama may unload the models it holds to try"
-    )
+    warn(harness, "oom", num_ctx=int(scenario_opts["oom_num_ctx"]))
 
     async def go() -> tuple[list[RequestRecord], list[RequestRecord]]:
         async with huge:
@@ -719,10 +727,7 @@ def test_ollama_killed_and_restarted_mid_run(
     items = items_for(scenario, harness.profile, int(scenario_opts["unload_requests"]))
     backend = _ollama(harness, servers_seen, num_ctx=int(scenario_opts["num_ctx"]))
     watch = MidRunRestart(command, at=len(items) // 3)
-    harness.say(
-        f"reliability: WARNING: restarting your Ollama mid-run with HARNESS_OLLAMA_RESTART "
-        f"({command!r}) after {watch.at} requests: other clients of this server fail meanwhile"
-    )
+    warn(harness, "restart", command=command, at=watch.at)
     spec = JobSpec(
         keep_records=True,
         progress=False,
