@@ -249,3 +249,15 @@ def test_phase_1_fits_the_longest_rows_of_your_input(tmp_path: Path) -> None:
     # Without a job: the rows the phase draws.
     assert len(longest_rows(limits, "embedded", 5).rows) == 5
     assert "longest_prompt_fits >= 1" in limits.profile("embedded").criteria
+
+
+def test_the_longest_prompt_gate_fails_a_prompt_past_the_safe_context() -> None:
+    from harness.phases.context_limits import longest_prompt_figures
+
+    shape = {"prefix_tokens": 418.0, "max_tokens_per_exchange": 767.0}
+    fits = longest_prompt_figures(shape, 26_214, 20, "cands.csv")
+    assert fits["longest_prompt_tokens"] == 1185 and fits["longest_prompt_fits"] is True
+    assert "20 longest rows of cands.csv" in fits["longest_prompt_rows"]
+    over = longest_prompt_figures(shape, 1184, 20, None)
+    assert over["longest_prompt_fits"] is False
+    assert "not your input" in over["longest_prompt_rows"]
