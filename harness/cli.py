@@ -215,8 +215,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="harness-doctor-") as tmp:
         src = Path(args.input) if args.input else write_candidates_csv(Path(tmp) / "c.csv", 200)
-        options = BatchOptions(input=src, progress=False, **given(args, "doctor"))
+        got = given(args, "doctor")
+        # INPUT's validated job (harness.yaml `jobs`) fills what the command line left out, as
+        # for `harness run`: doctor checks the job that run would send.
+        kw = with_validated_job(src, got) if args.input else got.with_fallback().options()
+        options = BatchOptions(input=src, progress=False, **kw)
         options.validate()
+        if options.from_validated:
+            print(f"doctor: {', '.join(options.from_validated)} from the validated job "
+                  f"({options.config}, jobs)")  # fmt: skip
         checks = doctor(options)
     for check in checks:
         print(check.line())

@@ -32,7 +32,7 @@ from typing import Any
 from harness.config import DEFAULT_CONFIG_PATH, JobRecord, find_job, record_job
 from harness.run.resolve import default_model, default_profile
 from harness.verdict import PRODUCTION_PROFILE, ReportEntry, read_reports, verdict
-from harness.workload import load_prompt, read_candidates_csv
+from harness.workload import DEFAULT_PROMPT_PATH, load_prompt, read_candidates_csv
 
 __all__ = [
     "PHASES",
@@ -116,8 +116,9 @@ def phase_command(opts: ValidateOptions, phase: Phase) -> list[str]:
            "--harness-input", str(opts.input.resolve()),
            "--harness-id-column", opts.id_column,
            "--harness-report-dir", str(opts.report_dir)]  # fmt: skip
-    if opts.prompt is not None:
-        cmd += ["--harness-prompt", str(opts.prompt.resolve())]
+    # The prompt always: with none named, a job validated earlier for this input would give its
+    # own (the pytest options take the validated job's prompt), not the packaged rubric.
+    cmd += ["--harness-prompt", str((opts.prompt or DEFAULT_PROMPT_PATH).resolve())]
     if phase.writes_config:
         cmd.append("--harness-write-config")
     for flag, value in (

@@ -17,7 +17,17 @@ from harness.api.cli import settings_from
 from harness.api.settings import ApiSettings
 from harness.batchfiles import convert
 from harness.cli import build_parser
-from harness.run.given import OPTIONS, add_options, count, from_pytest, given, harness_options
+from harness.config import JobRecord, record_job
+from harness.run.given import (
+    JOB_DATA,
+    OPTIONS,
+    Given,
+    add_options,
+    count,
+    from_pytest,
+    given,
+    harness_options,
+)
 from harness.run.options import BatchOptions, with_validated_job
 
 
@@ -120,3 +130,60 @@ def test_a_count_reads_whole_numbers_as_python_does(text: str, value: int) -> No
 def test_a_count_refuses_what_is_not_a_whole_number_or_is_negative(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(text)):
         count(text)
+
+
+def test_what_a_caller_gave_is_one_frozen_value_for_every_command() -> None:
+    run = given(_sub("run").parse_args(["in.csv", "--concurrency", "2"]), "run")
+    doctor = given(_sub("doctor").parse_args(["in.csv"]), "doctor")
+    api = given(api_parser().parse_args(["--concurrency", "2"]), "api")
+    pyt = from_pytest(argparse.Namespace(harness_backend="ollama"))
+    for g in (run, doctor, api, pyt):
+        assert isinstance(g, Given)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            g.command = "x"  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            g.settings["backend"] = "x"  # type: ignore[index]
+    assert (run.command, doctor.command, api.command, pyt.command) == (
+        "run",
+        "doctor",
+        "api",
+        "pytest",
+    )
+    assert run["concurrency"] == api["concurrency"] == 2
+    # Left out is None, so that a validated job can fill it: run and doctor alike.
+    assert run["backend"] is run["id_column"] is doctor["backend"] is doctor["id_column"] is None
+
+
+def _recorded(tmp_path: Path, **kw: object) -> tuple[Path, Path]:
+    cands, config = tmp_path / "cands.csv", tmp_path / "harness.yaml"
+    cands.write_text("candidate_id,resume_text\nA,x\n")
+    fields: dict[str, object] = {
+        "input": cands.resolve(), "prompt": tmp_path / "rubric.yaml", "prompt_sha256": "ab",
+        "id_column": "candidate_id", "profile": "embedded", "backend": "embedded",
+        "model": "tiny-gemma3", **kw,
+    }  # fmt: skip
+    record_job(config, JobRecord(**fields))  # type: ignore[arg-type]
+    return cands, config
+
+
+def test_the_validated_job_fills_what_the_caller_left_out_and_its_server_only_for_its_backend(
+    tmp_path: Path,
+) -> None:
+    cands, config = _recorded(tmp_path)
+    args = ["run", str(cands), "--config", str(config)]
+    kw = with_validated_job(cands, given(build_parser().parse_args(args), "run"))
+    assert (kw["backend"], kw["model"], kw["id_column"]) == ("embedded", "tiny-gemma3",
+                                                             "candidate_id")  # fmt: skip
+    # Another backend: the job's rows and prompt, not the stand-in's model or profile.
+    kw = with_validated_job(
+        cands, given(build_parser().parse_args([*args, "--backend", "ollama"]), "run")
+    )
+    assert kw["backend"] == "ollama" and kw["model"] is None and kw["profile"] is None
+    assert kw["prompt"] == tmp_path / "rubric.yaml" and kw["id_column"] == "candidate_id"
+    assert set(kw["from_validated"]) == {"prompt", "id_column"}
+    # The pytest options take the job's data only (the server is the one the phase measures).
+    pyt = from_pytest(argparse.Namespace(harness_input=str(cands))).with_validated_job(
+        cands, config, fields=JOB_DATA
+    )
+    assert pyt.from_validated == ("prompt", "id_column")
+    assert pyt["backend"] is None and pyt["model"] is None

@@ -163,6 +163,32 @@ def test_the_scale_suite_sends_your_rows_and_prompt_and_its_report_says_so(
     assert prompt["file"] == "rubric.yaml"
 
 
+def test_the_pytest_options_take_the_validated_jobs_prompt_and_id_column(
+    scale_project: pytest.Pytester,
+) -> None:
+    """`--harness-input` alone: the job `harness validate` recorded for that file gives the
+    prompt and the id column, as it does to `harness run`, and the report names what it gave."""
+    from harness.config import JobRecord, record_job
+    from harness.workload import load_prompt
+
+    cands, rubric = make_job(scale_project.path, rows=30)
+    config = scale_project.path / "harness.yaml"
+    record_job(config, JobRecord(input=cands.resolve(), prompt=rubric.resolve(),
+                                 prompt_sha256=load_prompt(rubric).sha256,
+                                 id_column="candidate_id", profile="embedded",
+                                 backend="embedded"))  # fmt: skip
+    result = scale_project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-m", "scale_100", "--harness-input", str(cands),
+        "--harness-config", str(config),
+    )  # fmt: skip
+    assert result.ret in (0, 1), result.stderr.str()
+    report = the_report(scale_project.path)
+    job, prompt = report["job"], report["prompt"]
+    assert isinstance(job, dict) and job["id_column"] == "candidate_id"
+    assert job["from_validated"] == ["prompt", "id_column"]
+    assert isinstance(prompt, dict) and prompt["name"] == "my-rubric-v1"
+
+
 def test_without_an_input_the_scale_report_says_its_rows_were_generated(
     scale_project: pytest.Pytester,
 ) -> None:

@@ -315,3 +315,40 @@ def test_harness_run_runs_the_validated_job_with_no_flags_and_require_go_refuses
     assert done.returncode == 2, done.stderr
     assert "--require-go: validated on the stand-in: not measured for production" in done.stderr
     assert not list(tmp_path.glob("cands_*"))  # no scores, no results
+
+
+def test_with_no_prompt_named_the_phases_send_the_packaged_rubric_not_an_earlier_jobs(
+    tmp_path: Path,
+) -> None:
+    """The pytest options take a validated job's prompt when none is named; `harness validate`
+    without --prompt means the packaged rubric, so each phase's command names it."""
+    from harness.workload import DEFAULT_PROMPT_PATH
+
+    opts = options(tmp_path)
+    assert validate(opts, root=tmp_path, say=lambda _: None, run=Phases(tmp_path)) == 0
+    again = ValidateOptions(input=opts.input, id_column="candidate_id", dry_run=True)
+    said: list[str] = []
+    assert validate(again, root=tmp_path, say=said.append, run=Phases(tmp_path)) == 0
+    commands = [line for line in said if "--harness-prompt" in line]
+    assert commands and all(str(DEFAULT_PROMPT_PATH.resolve()) in c for c in commands)
+
+
+def test_harness_doctor_checks_the_validated_job_of_its_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import harness.doctor
+    from harness.cli import main
+
+    opts = options(tmp_path)
+    assert validate(opts, root=tmp_path, say=lambda _: None, run=Phases(tmp_path)) == 0
+    monkeypatch.chdir(tmp_path)  # where harness validate recorded it (harness.yaml)
+    seen: list[BatchOptions] = []
+    monkeypatch.setattr(harness.doctor, "doctor", lambda o: seen.append(o) or [])
+    assert main(["doctor", str(opts.input)]) == 0
+    (got,) = seen
+    assert (got.prompt, got.id_column) == (opts.prompt.resolve(), "candidate_id")  # type: ignore[union-attr]
+    assert {"prompt", "id_column", "backend", "model"} <= set(got.from_validated)
+    assert "from the validated job" in capsys.readouterr().out
+    # Without INPUT: generated rows, the defaults (no job to take).
+    assert main(["doctor"]) == 0
+    assert seen[1].id_column == "id" and seen[1].from_validated == ()

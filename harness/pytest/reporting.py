@@ -81,6 +81,8 @@ class ReportContext:
     """`(backend, scenario=None)`: the server a report's figures came from."""
     machine: Callable[[], dict[str, Any]]
     """The machine's description (asked once per session, with the plugin hook's additions)."""
+    from_validated: tuple[str, ...] = ()
+    """The job settings the validated job (harness.yaml `jobs`) gave, not the options."""
 
     def relpath(self, path: Path) -> str:
         """`path` relative to the project's root when it lies inside it."""
@@ -146,7 +148,10 @@ class Reports:
             machine=s.machine(),
             commit=commit_info(s.root),
             prompt=prompt_identity(scenario, s.profile, s.root),
-            job=job_identity(scenario, s.profile, s.root),
+            job={
+                **job_identity(scenario, s.profile, s.root),
+                "from_validated": list(s.from_validated),
+            },
         )
         # Messages name the scenario relative to the project, as users wrote it.
         failed = [m.replace(scenario.path, scenario_rel) for m in failed]

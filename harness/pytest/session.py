@@ -25,7 +25,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.pytest.reporting import ReportContext, Reports
 from harness.report import machine_info
 from harness.run.factory import open_backend
-from harness.run.given import from_pytest
+from harness.run.given import JOB_DATA, Given, from_pytest
 from harness.run.resolve import default_profile, resolve
 from harness.run.settings import DEFAULT, RunConfig, Value
 from harness.scenarios import Scenario, load_scenario
@@ -46,6 +46,16 @@ class HarnessSession:
         given = from_pytest(opt)  # the --harness-* options harness.run.given declares
         self.config = config
         self.root = Path(str(config.rootpath))
+        if given["input"]:
+            # The job validated for this input (harness.yaml `jobs`) gives the prompt and the id
+            # column the options leave out, as it does for `harness run`.
+            config_file = self._path(given["config"] or str(DEFAULT_CONFIG_PATH))
+            given = given.with_validated_job(
+                Path(given["input"]).resolve(), config_file, fields=JOB_DATA
+            )
+        self.given: Given = given
+        """What the `--harness-*` options gave (`harness.run.given.Given`), the validated
+        job's prompt and id column filled in."""
         self.backend_option: str | None = given["backend"]
         self.backend_name: str = self.backend_option or "embedded"
         """The backend named on the command line (else embedded); a scenario profile may name
@@ -75,6 +85,7 @@ class HarnessSession:
                 write_config=self.write_config,
                 backend_info=self.backend_info,
                 machine=self.machine,
+                from_validated=given.from_validated,
             )
         )
         """The phase reports written this session (harness.pytest.reporting)."""
@@ -254,7 +265,7 @@ class HarnessSession:
         return self.reports.path_of(report)
 
 
-def job_given(given: dict[str, Any]) -> dict[str, str]:
+def job_given(given: Mapping[str, Any]) -> dict[str, str]:
     """The job the `--harness-*` options give, as workload settings (paths absolute, read from
     where pytest was started), checked now: the input's rows and the prompt's columns, so a bad
     file stops the run before any server starts, with the file and line (a usage error)."""

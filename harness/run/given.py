@@ -6,10 +6,16 @@ that take it (`variants`: what differs from one command to the next, its help ab
 that each command's `--help` reads as it did). From it:
 
 - `add_options(parser, command, *names)` declares a command's options on its argparse parser;
-- `given(args, command)` reads them back as the fields of `BatchOptions` / `ApiSettings` (the
-  same names), converted (`Path`, several `--base-url` as one comma list);
-- `harness_options(*names)` and `from_pytest(option)`: the `--harness-*` options, and the settings
-  they give, by the same names.
+- `given(args, command)` reads them back as a `Given`: the frozen mapping of what the caller
+  gave, field by field (the fields of `BatchOptions` / `ApiSettings`, the same names), converted
+  (`Path`, several `--base-url` as one comma list);
+- `harness_options(*names)` and `from_pytest(option)`: the `--harness-*` options, and the `Given`
+  they make, by the same names.
+
+`Given.with_validated_job(input)` is the one resolution of a job against what `harness validate`
+recorded (harness.yaml `jobs`): `harness run`, `harness doctor` and the pytest options all call
+it, so the job a user validated is the job each of them sends (`harness.run.resolve` then turns
+it into a run's settings).
 
 An option `harness run` and `harness api` share (`--backend`, `--servers`, `--request-path`,
 ...) is one row here: both parsers, and the settings both build, read it.
@@ -23,15 +29,16 @@ message (`harness.lock.scrubbed`). `Formatter` is their help's layout.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 from harness.backends import Backend
 from harness.backends.openai import REQUEST_PATHS
 from harness.backends.server import SERVER_FLAGS
-from harness.config import DEFAULT_CONFIG_PATH
+from harness.config import DEFAULT_CONFIG_PATH, find_job
 from harness.engine.strategies import STRATEGIES
 from harness.lock import scrubbed
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
@@ -42,8 +49,14 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_SEED",
     "EXECUTORS",
+    "FALLBACK",
+    "JOB_DATA",
     "OPTIONS",
+    "RECORDED",
+    "SERVER_BOUND",
+    "VALIDATED",
     "Formatter",
+    "Given",
     "Option",
     "Parser",
     "add_options",
@@ -217,7 +230,8 @@ OPTIONS: tuple[Option, ...] = (
                    "the validated job's, harness.yaml `jobs`, else embedded)"},
             _VALIDATE: {"default": None},
             _API: _ANY,
-            _DOCTOR: {"help": "embedded | openai | ollama"},
+            _DOCTOR: {"default": None, "help": "embedded | openai | ollama (default: the "
+                      "validated job's, harness.yaml `jobs`, else embedded)"},
             _PYTEST: {
                 "default": None, "type": backend_name,
                 "help": "model server: embedded (llama.cpp started here), openai, ollama. "
@@ -347,9 +361,11 @@ OPTIONS: tuple[Option, ...] = (
         "id_column", "--id-column",
         {_RUN: {"default": None, "help": "CSV column holding each row's unique id, which "
                 "becomes custom_id (default: the validated job's, harness.yaml `jobs`, else id)"},
-         _DOCTOR: _ANY, _CONVERT: _ANY, _VALIDATE: _ANY,
+         _DOCTOR: {"default": None, "help": "CSV column holding each row's unique id "
+                   "(default: the validated job's, harness.yaml `jobs`, else id)"},
+         _CONVERT: _ANY, _VALIDATE: _ANY,
          _PYTEST: {"default": None, "help": "the column of --harness-input holding each row's "
-                   "unique id. Default: id"}},
+                   "unique id. Default: the validated job's (harness.yaml `jobs`), else id"}},
         default="id",
         help="CSV column holding each row's unique id (becomes custom_id)",
     ),
@@ -541,10 +557,90 @@ def add_options(parser: argparse.ArgumentParser, command: str, *names: str) -> N
         parser.add_argument(o.flag, **o.keywords(command))
 
 
-def given(args: argparse.Namespace, command: str, *names: str) -> dict[str, Any]:
+RECORDED = ("prompt", "id_column", "backend", "model", "base_url", "profile")
+"""The options a validated job (harness.yaml `jobs`) sets when the caller leaves them out."""
+SERVER_BOUND = ("model", "base_url", "profile")
+"""Of those, the ones that belong to the record's backend: taken only when the backend the caller
+runs is the record's (`--backend ollama` on a job validated on the stand-in does not run the
+stand-in's model)."""
+JOB_DATA = ("prompt", "id_column")
+"""What the pytest options take from the record: the job's rows and prompt. Backend, model and
+server stay the command line's (a phase measures the server it is pointed at; `harness
+validate` names each one)."""
+FALLBACK = {"id_column": "id", "backend": "embedded"}
+"""What `harness run` and `harness doctor` take when neither the caller nor a validated job sets
+those options (their parsers leave them None, so that a record can fill them)."""
+VALIDATED = "the validated job, harness.yaml jobs"
+"""The source of a setting the validated job set."""
+
+
+@dataclass(frozen=True, eq=False)
+class Given(Mapping[str, Any]):
+    """What one caller gave (a command line, or pytest's `--harness-*` options), frozen: a
+    mapping from field name to value (None where the caller left an option out), the keyword
+    arguments of `BatchOptions` / `ApiSettings`. Made by `given` and `from_pytest` alike."""
+
+    command: str
+    """`run`, `api`, `doctor`, `convert`, `validate` or `pytest`."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Field name to value (read-only)."""
+    from_validated: tuple[str, ...] = ()
+    """The fields the validated job set (`with_validated_job`): the banner and the reports
+    name them."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.settings[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.settings)
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+    def replaced(self, **values: Any) -> Given:
+        """This `Given` with `values` set (a new one: a `Given` never changes)."""
+        return Given(self.command, {**self.settings, **values}, self.from_validated)
+
+    def with_validated_job(
+        self, input: Path, config: Path | None = None, *, fields: tuple[str, ...] = RECORDED
+    ) -> Given:
+        """This `Given` with the job `harness validate` recorded for `input` (in `config`, else
+        the `config` given, else harness.yaml) filling what the caller left out (None): of
+        `fields`, those that belong to the record's backend only when the backend run is the
+        record's (`SERVER_BOUND`). A batch JSONL has no validated job."""
+        if input.suffix.lower() in (".jsonl", ".json"):
+            return self
+        record = find_job(config or self.settings.get("config") or DEFAULT_CONFIG_PATH, input)
+        if record is None:
+            return self
+        out, used = dict(self.settings), list(self.from_validated)
+        backend = out.get("backend") or record.backend
+        for name in fields:
+            value = getattr(record, name)
+            if out.get(name) is not None or value is None:
+                continue
+            if name in SERVER_BOUND and backend != record.backend:
+                continue
+            out[name] = value
+            used.append(name)
+        return Given(self.command, out, tuple(used))
+
+    def with_fallback(self, fallback: Mapping[str, Any] = FALLBACK) -> Given:
+        """This `Given` with `fallback` where it still holds None."""
+        return self.replaced(**{k: v for k, v in fallback.items() if self.settings.get(k) is None})
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `BatchOptions`: the values and `from_validated`."""
+        return {**self.settings, "from_validated": self.from_validated}
+
+
+def given(args: argparse.Namespace, command: str, *names: str) -> Given:
     """The fields `command`'s options set (`names`, or all of them), read from parsed `args`
     and converted: keyword arguments of `BatchOptions` / `ApiSettings`."""
-    return {n: _BY_NAME[n].value(getattr(args, n)) for n in _names(command, names)}
+    return Given(command, {n: _BY_NAME[n].value(getattr(args, n)) for n in _names(command, names)})
 
 
 def harness_options(*names: str) -> list[tuple[str, dict[str, Any]]]:
@@ -560,8 +656,8 @@ def harness_options(*names: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def from_pytest(option: Any) -> dict[str, Any]:
+def from_pytest(option: Any) -> Given:
     """The settings the `--harness-*` options of the table gave (pytest's `config.option`),
     by field name, as parsed (None where an option was not given)."""
-    return {o.name: getattr(option, f"harness_{o.name}", None) for o in OPTIONS
-            if _PYTEST in o.variants}  # fmt: skip
+    return Given(_PYTEST, {o.name: getattr(option, f"harness_{o.name}", None) for o in OPTIONS
+                           if _PYTEST in o.variants})  # fmt: skip

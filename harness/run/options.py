@@ -14,11 +14,11 @@ from typing import Any
 from harness.backends import Backend
 from harness.backends.openai import REQUEST_PATHS
 from harness.backends.server import SERVER_FLAGS
-from harness.config import DEFAULT_CONFIG_PATH, find_job
+from harness.config import DEFAULT_CONFIG_PATH
 from harness.engine.strategies import STRATEGIES
 from harness.errors import ConfigError
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
-from harness.run.given import DEFAULT_SEED, EXECUTORS
+from harness.run.given import DEFAULT_SEED, EXECUTORS, VALIDATED, Given
 from harness.run.resolve import RUN_RULES, default_profile, resolve, threads_per_server
 from harness.run.settings import CLI, RunConfig
 from harness.scoring import SCORE_MODES
@@ -232,33 +232,12 @@ class BatchOptions:
                 )
 
 
-RECORDED = ("prompt", "id_column", "backend", "model", "base_url", "profile")
-"""The options a validated job (harness.yaml `jobs`) sets when the command line leaves them out."""
-FALLBACK = {"id_column": "id", "backend": "embedded"}
-VALIDATED = "the validated job, harness.yaml jobs"
-"""The source of a setting the validated job set."""
-"""What those options are when neither the command line nor a validated job sets them."""
-
-
-def with_validated_job(input: Path, given: dict[str, Any]) -> dict[str, Any]:
-    """`harness run`'s options (`given`, None where the command line left an option out) with
-    the job `harness validate` recorded for `input` filling the gaps (`RECORDED`), then the
-    defaults (`FALLBACK`); `from_validated` names what the record set. A batch JSONL has no
-    validated job."""
-    out = dict(given)
-    used: list[str] = []
-    if input.suffix.lower() not in (".jsonl", ".json"):
-        record = find_job(out.get("config") or DEFAULT_CONFIG_PATH, input)
-        for name in RECORDED if record is not None else ():
-            value = getattr(record, name)
-            if out.get(name) is None and value is not None:
-                out[name] = value
-                used.append(name)
-    for name, value in FALLBACK.items():
-        if out.get(name) is None:
-            out[name] = value
-    out["from_validated"] = tuple(used)
-    return out
+def with_validated_job(input: Path, given: Given) -> dict[str, Any]:
+    """`harness run`'s (or `harness doctor`'s) options (`given`, None where the command line
+    left an option out) with the job `harness validate` recorded for `input` filling the gaps
+    (`Given.with_validated_job`), then the defaults (`FALLBACK`), as `BatchOptions`' keyword
+    arguments; `from_validated` names what the record set."""
+    return given.with_validated_job(input).with_fallback().options()
 
 
 def batch_config(options: BatchOptions) -> RunConfig:
