@@ -22,6 +22,7 @@ from harness.reportfiles import base_name
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ConcurrencyReport",
     "ContextLimitsReport",
     "CustomReport",
     "FlagsReport",
@@ -331,6 +332,18 @@ class PerformanceReport(PhaseReport):
     """Why SCORE_MODE is what `recommended` says."""
 
 
+class ConcurrencyReport(PhaseReport):
+    """`concurrency_results.json`: requests in flight against a server the harness does not
+    start (Ollama: its slots are OLLAMA_NUM_PARALLEL), the performance suite's part there."""
+
+    server_concurrency: list[Obj]
+    """Each client concurrency: its median req/s over `sweep_rounds` interleaved rounds, its
+    spread, every round's value and the errors."""
+    errors: int
+    slots: str
+    recommended: Obj
+
+
 class FlagsReport(PhaseReport):
     """`flags_comparison.json`: Ollama's flags vs swa_full, for both strategies."""
 
@@ -385,6 +398,7 @@ _FILES: tuple[tuple[str, type[BaseModel]], ...] = (
     ("quality_results.json", QualityReport),
     ("reliability_results.json", ReliabilityReport),
     ("performance_comparison.json", PerformanceReport),
+    ("concurrency_results.json", ConcurrencyReport),
     ("flags_comparison.json", FlagsReport),
     ("summary.json", SummaryReport),
 )

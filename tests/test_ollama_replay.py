@@ -377,6 +377,14 @@ def test_phase_1_on_a_server_elsewhere_needs_a_memory_budget(pytester: pytest.Py
     assert "--harness-memory-budget" in result.stdout.str() + result.stderr.str()
 
 
+def about_4_chars_a_token(body: Any) -> dict[str, Any]:
+    """Token counts for a replayed reply that describe the request (about 4 characters a token,
+    all but the last 40 cached): a model of a server's count, set by the test."""
+    text = body.get("prompt") or "".join(m.get("content", "") for m in body["messages"])
+    n = max(50, len(text) // 4)
+    return {"prompt_eval_count": n, "prompt_eval_cached_count": n - 40}
+
+
 def test_harness_validate_on_the_replayed_ollama_runs_the_job_and_names_the_replay(
     tmp_path: Path,
 ) -> None:
@@ -390,13 +398,10 @@ def test_harness_validate_on_the_replayed_ollama_runs_the_job_and_names_the_repl
 
     cands, rubric = make_job(tmp_path, rows=30)
 
-    def counts(body: Any) -> dict[str, Any]:
-        text = body.get("prompt") or "".join(m.get("content", "") for m in body["messages"])
-        n = max(50, len(text) // 4)
-        return {"prompt_eval_count": n, "prompt_eval_cached_count": n - 40}
-
     said: list[str] = []
-    with OllamaReplay(counts=counts, content='{"score": 7}', kv_bytes_per_token=4096) as replay:
+    with OllamaReplay(
+        counts=about_4_chars_a_token, content='{"score": 7}', kv_bytes_per_token=4096
+    ) as replay:
         opts = ValidateOptions(
             input=cands, prompt=rubric, id_column="candidate_id", backend="ollama",
             base_url=replay.url, report_dir=tmp_path / "reports",
@@ -414,3 +419,33 @@ def test_harness_validate_on_the_replayed_ollama_runs_the_job_and_names_the_repl
     assert "verdict: NO-GO" in text and "a replayed server (tests/ollama_replay.py" in text
     record = find_job(tmp_path / "harness.yaml", cands)
     assert record is not None and record.backend == "ollama"
+
+
+def test_the_performance_suite_on_ollama_measures_requests_in_flight(
+    pytester: pytest.Pytester,
+) -> None:
+    """Against Ollama the suite does not skip: the slots are the server's, and the requests in
+    flight against them are measured, gated (no errors) and named in the report; on the replay
+    its figures are a replay's, never a measurement (the verdict says so)."""
+    suite_project(pytester)
+    with OllamaReplay(counts=about_4_chars_a_token, content='{"score": 7}') as replay:
+        result = pytester.runpytest_subprocess(
+            "suites/performance", "-k", "test_performance", "--harness-backend", "ollama",
+            "--harness-base-url", replay.url, "-p", "no:cacheprovider",
+            "--harness-write-config",
+        )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    said = result.stdout.str() + result.stderr.str()
+    assert "requests in flight against the server's slots: 1: " in said
+    (path,) = (pytester.path / "reports").glob("concurrency_results.gpu-gemma3-12b.*.json")
+    report = json.loads(path.read_text())
+    cells = report["server_concurrency"]
+    assert [c["concurrency"] for c in cells] == [1, 2, 4]
+    assert all(len(c["rounds"]) == 3 and c["errors"] == 0 for c in cells)
+    assert [(c["metric"], c["value"], c["passed"]) for c in report["criteria"]] == [
+        ("errors", 0, True)
+    ]
+    best = report["recommended"]["CONCURRENCY"]
+    assert f"CONCURRENCY {best}" in said and best in (1, 2, 4)
+    assert f"CONCURRENCY: {best}" in (pytester.path / "harness.yaml").read_text()
+    assert "replay" in json.dumps(report["backend"]).lower()

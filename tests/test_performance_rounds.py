@@ -230,3 +230,53 @@ def test_conclude_picks_the_settings_from_the_figures() -> None:
     assert figures["tokens_over_chat_goal"] == runs.TOKENS_OVER_CHAT_GOAL
     assert (mode, rec["SCORE_MODE"]) == ("logprobs", "logprobs") and "99.0%" in why
     assert figures["max_slots_within_budget"] == 2
+
+
+class InFlight(InProcessDouble):
+    """The double, noting each request's row and the most requests in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.01)
+        self.now = self.most = 0
+        self.sent: list[str] = []
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.sent.append(str(request.messages[-1]["content"]))
+        try:
+            return await super().chat(request)
+        finally:
+            self.now -= 1
+
+
+def test_on_a_server_it_does_not_start_the_sweep_measures_requests_in_flight() -> None:
+    """Ollama's slots are its own: the cells are the client's concurrency, every one each round,
+    on rows new to the server (a repeat would be served from its cache)."""
+    opts = {**OPTS, "sweep_requests": 4}
+    double = InFlight()
+    pool = items(1 + 2 * 3 * 4)
+
+    async def go() -> list[dict[str, Any]]:
+        await double.start()
+        try:
+            return await runs.concurrency_cells(double, pool, run_job_of(double), opts)
+        finally:
+            await double.stop()
+
+    cells = asyncio.run(go())
+    assert [c["concurrency"] for c in cells] == [1, 2, 4]
+    assert all(len(c["rounds"]) == 2 and c["errors"] == 0 for c in cells)
+    assert double.most == 4  # the 4-cell held four requests at once
+    assert len(double.sent) == len(set(double.sent)) == len(pool)  # every row new, once
+    with pytest.raises(ValueError, match="needs 25 items, got 24"):
+        asyncio.run(runs.concurrency_cells(double, pool[:-1], run_job_of(double), opts))
+
+
+def test_the_concurrency_picked_is_the_fastest_clean_and_of_a_tie_the_lowest() -> None:
+    def cell(c: int, rps: float, errors: int = 0) -> dict[str, Any]:
+        return {"concurrency": c, "throughput_rps": rps, "errors": errors}
+
+    assert runs.pick_concurrency([cell(1, 1.0), cell(2, 1.9), cell(4, 1.95)]) == 2
+    assert runs.pick_concurrency([cell(1, 1.0), cell(2, 1.5), cell(4, 3.0)]) == 4
+    assert runs.pick_concurrency([cell(1, 1.0), cell(2, 1.5), cell(4, 3.0, errors=1)]) == 2

@@ -56,9 +56,11 @@ __all__ = [
     "Bench",
     "Servers",
     "conclude",
+    "concurrency_cells",
     "direct_client",
     "measure",
     "on_path",
+    "pick_concurrency",
     "scored",
     "sweeps",
 ]
@@ -492,6 +494,53 @@ def overlap_sweep(
     for backend in up.values():
         servers.release(backend)
     return overlap
+
+
+async def concurrency_cells(
+    backend: Backend, items: Sequence[WorkItem], job: JobSpec, opts: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Requests in flight on a server the harness does not start (Ollama: its slots are
+    OLLAMA_NUM_PARALLEL, set where Ollama starts, and no API shows them), the one setting a
+    client has: each of `concurrency` runs once a round on items new to the server (a repeat
+    would be served from its cache), in an order that rotates from round to round; a cell's
+    figure is its median req/s over the rounds. One request first fills the prefix cache with
+    the rubric (else the first cell pays a cold prefill and always loses). Needs
+    `1 + sweep_rounds × len(concurrency) × sweep_requests` items."""
+    per, rounds = int(opts.get("sweep_requests", 8)), int(opts.get("sweep_rounds", 3))
+    concs = sorted({int(c) for c in opts.get("concurrency", [1, 2, 4])})
+    need = 1 + rounds * len(concs) * per
+    if len(items) < need:
+        raise ValueError(f"the concurrency sweep needs {need} items, got {len(items)}")
+
+    def spec(conc: int) -> JobSpec:
+        return phase_job(
+            job,
+            strategy="stateless",
+            runner=RunnerConfig(concurrency=conc),
+            keep_records=False,
+            progress=False,
+        )
+
+    await run_job(backend, items[:1], spec(1))
+
+    async def cell(name: str, r: int) -> dict[str, Any]:
+        conc = int(name)
+        k = 1 + (r * len(concs) + concs.index(conc)) * per
+        m = (await run_job(backend, items[k : k + per], spec(conc))).metrics
+        return {"throughput_rps": m.throughput_rps, "errors": m.errors}
+
+    medians = cell_medians(await interleave([str(c) for c in concs], rounds, cell, rotate=True))
+    return [{"concurrency": c, **medians[str(c)]} for c in concs]
+
+
+def pick_concurrency(cells: Sequence[Mapping[str, Any]], tolerance: float = 0.03) -> int:
+    """The concurrency the cells pick, as `pick_settings` picks a sweep's: the most requests per
+    second without errors, and of the cells within `tolerance` of it the lowest (cells that tie
+    within the noise must not flip the pick from run to run)."""
+    clean = [c for c in cells if not c.get("errors")] or list(cells)
+    top = max(float(c.get("throughput_rps") or 0.0) for c in clean)
+    near = [c for c in clean if float(c.get("throughput_rps") or 0.0) >= top * (1 - tolerance)]
+    return min(int(c["concurrency"]) for c in near)
 
 
 def _sweep_job(servers: Servers, backend: Backend, concurrency: int) -> JobSpec:

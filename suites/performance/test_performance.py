@@ -1,6 +1,11 @@
 """Performance: the request paths side by side, the real limit, and the settings they pick.
 
     pytest suites/performance -k test_performance   # gemma3-270m on the CPU, ~11 min on 2 cores
+    pytest suites/performance -k test_performance --harness-backend ollama   # requests in flight
+
+Against Ollama the request paths and slots are the server's (OLLAMA_NUM_PARALLEL): the suite
+measures what the client sets, requests in flight (`concurrency`), round by round on rows new to
+the server, and writes the fastest back (CONCURRENCY).
 
 On one server, round by round (harness.phases.performance_runs): the engine on the token path, the
 chat path and the text path (Ollama's form), a minimal direct client (chat bodies), the
@@ -83,11 +88,8 @@ def test_performance(harness: HarnessSession) -> None:
     opts: dict[str, Any] = scenario.profile(harness.profile).options
     servers = SessionServers(harness, scenario)
     if servers.config(parallel=1, concurrency=1, request_path="tokens").backend.value != "embedded":
-        pytest.skip(
-            "the performance suite compares llama.cpp request paths and slots on a server it "
-            "starts; against Ollama, set OLLAMA_NUM_PARALLEL=N (restart Ollama) and run the "
-            "scale phases with --harness-... concurrency N to compare"
-        )
+        on_a_server_it_does_not_start(harness, scenario, opts)
+        return
     backend = servers.start(parallel=1, concurrency=1, request_path="tokens")
     # The batched bound's server (the sweep's most slots, token path), calibrated in every round
     # beside the single-stream roofline; the sweep reuses it.
@@ -116,6 +118,37 @@ def test_performance(harness: HarnessSession) -> None:
         + f"; score modes: logprobs ÷ decode {figures['logprobs_over_decode']:.3f}, the same "
         + f"score on {figures['score_agreement'] or 0:.1%} of {figures['score_agreement_rows']} "
         + f"rows: SCORE_MODE {mode} ({why})"
+    )
+    harness.gate(report)
+    harness.recommend(figures["recommended"], report, backend)
+
+
+def on_a_server_it_does_not_start(
+    harness: HarnessSession, scenario: Scenario, opts: dict[str, Any]
+) -> None:
+    """Ollama: the request paths and the slots are the server's (OLLAMA_NUM_PARALLEL, set where
+    it starts); what the client sets, requests in flight, is measured against them and the
+    fastest written back (CONCURRENCY, with --harness-write-config)."""
+    concs = {int(c) for c in opts.get("concurrency", [1, 2, 4])}
+    cfg = harness.run_config(scenario, concurrency=max(concs))
+    backend = harness.backend(cfg)
+    need = 1 + int(opts.get("sweep_rounds", 3)) * len(concs) * int(opts.get("sweep_requests", 8))
+    job = spec_for(cfg, backend, results=None, desc="performance", progress=False)
+    cells = harness.run(
+        runs.concurrency_cells(backend, items_for(scenario, harness.profile, need), job, opts)
+    )
+    best = runs.pick_concurrency(cells)
+    figures = {
+        "server_concurrency": cells,
+        "errors": sum(int(c["errors"]) for c in cells),
+        "slots": "the server's own (OLLAMA_NUM_PARALLEL where Ollama starts; no API shows it)",
+        "recommended": {"CONCURRENCY": best},
+    }
+    report = harness.report("concurrency_results.json", scenario, figures, backend=backend)
+    harness.say(
+        "performance: requests in flight against the server's slots: "
+        + ", ".join(f"{c['concurrency']}: {c['throughput_rps']:.3f} req/s" for c in cells)
+        + f"; CONCURRENCY {best}"
     )
     harness.gate(report)
     harness.recommend(figures["recommended"], report, backend)
