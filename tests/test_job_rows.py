@@ -161,6 +161,11 @@ def test_the_scale_suite_sends_your_rows_and_prompt_and_its_report_says_so(
     prompt = report["prompt"]
     assert isinstance(prompt, dict) and prompt["name"] == "my-rubric-v1"
     assert prompt["file"] == "rubric.yaml"
+    # What the phase sends otherwise than harness run would, said: the stand-in's scale phase
+    # sends Ollama's text form, harness run on the embedded server token ids.
+    assert list(job["unlike_harness_run"]) == ["request_path"], job["unlike_harness_run"]
+    assert job["unlike_harness_run"]["request_path"].startswith("text (")
+    assert "harness run: tokens (" in job["unlike_harness_run"]["request_path"]
 
 
 def test_the_pytest_options_take_the_validated_jobs_prompt_and_id_column(

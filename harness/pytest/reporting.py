@@ -83,6 +83,8 @@ class ReportContext:
     """The machine's description (asked once per session, with the plugin hook's additions)."""
     from_validated: tuple[str, ...] = ()
     """The job settings the validated job (harness.yaml `jobs`) gave, not the options."""
+    unlike_harness_run: Callable[[Scenario], dict[str, str]] | None = None
+    """`(scenario)`: the job settings the phase sends otherwise than `harness run` would."""
 
     def relpath(self, path: Path) -> str:
         """`path` relative to the project's root when it lies inside it."""
@@ -151,6 +153,9 @@ class Reports:
             job={
                 **job_identity(scenario, s.profile, s.root),
                 "from_validated": list(s.from_validated),
+                "unlike_harness_run": s.unlike_harness_run(scenario)
+                if s.unlike_harness_run is not None
+                else {},
             },
         )
         # Messages name the scenario relative to the project, as users wrote it.

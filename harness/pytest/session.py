@@ -26,7 +26,7 @@ from harness.pytest.reporting import ReportContext, Reports
 from harness.report import machine_info
 from harness.run.factory import open_backend
 from harness.run.given import JOB_DATA, Given, from_pytest
-from harness.run.resolve import default_profile, resolve
+from harness.run.resolve import RUN_RULES, default_profile, resolve
 from harness.run.settings import DEFAULT, RunConfig, Value
 from harness.scenarios import Scenario, load_scenario
 from harness.workload import load_prompt, read_candidates_csv
@@ -86,6 +86,7 @@ class HarnessSession:
                 backend_info=self.backend_info,
                 machine=self.machine,
                 from_validated=given.from_validated,
+                unlike_harness_run=self.unlike_harness_run,
             )
         )
         """The phase reports written this session (harness.pytest.reporting)."""
@@ -259,6 +260,28 @@ class HarnessSession:
         the report (as `report()` returned it) they were measured in; `configured`: the values
         among them the phase was given, not measured, each with where it came from."""
         self.reports.recommend(values, report, backend, configured=configured)
+
+    def unlike_harness_run(self, scenario: Scenario) -> dict[str, str]:
+        """With a job, the settings this phase sends otherwise than `harness run` would send
+        that job on the same backend (`harness.run.resolve` with and without the scenario and
+        `RUN_RULES`): each `setting: "<phase's> (<source>); harness run: <run's> (<source>)"`.
+        A phase varies them on purpose (the stand-in's scale phases send Ollama's text form,
+        where `harness run` on the embedded server sends token ids); its report says so."""
+        if not self.job:
+            return {}
+        phase = self.run_config(scenario)
+        given = {"backend": phase.backend.value, "model": self.model_option,
+                 "base_url": self.base_url, "score_mode": self.score_mode_option,
+                 "threads": self.threads}  # fmt: skip
+        run = resolve(
+            profile=self.profile, config_path=self.config_path, cli=given, rules=RUN_RULES
+        )
+        out = {}
+        for name in ("request_path", "concurrency", "strategy", "score_mode"):
+            a, b = getattr(phase, name), getattr(run, name)
+            if a.value != b.value:
+                out[name] = f"{a.value} ({a.source}); harness run: {b.value} ({b.source})"
+        return out
 
     def report_path(self, report: dict[str, Any]) -> Path:
         """The file a report written this session went to."""
