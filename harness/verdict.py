@@ -10,8 +10,9 @@ each with its model, backend, profile, prompt, server, time, harness version and
   and its flags, the prompt `harness run` sends (its sha256), the settings harness.yaml holds
   now, written by this harness version — from a real server, never a test double or a replay;
 - **NO-GO** when a production report failed, or measured something else (another model or
-  backend, a second prompt or server, a test double, a replayed Ollama): it names the report
-  and the field;
+  backend, a second prompt or server, a test double, a replayed Ollama), or was gated more
+  loosely than the project's own scenario for its phase (a criterion left out, a threshold
+  loosened: `looser_gates`): it names the report and the field;
 - **incomplete** when phases are missing, ungated, or their evidence is stale (another harness
   version, settings harness.yaml no longer holds, a report that does not name its prompt);
 - **not measured for production** when only a stand-in ran (the embedded CPU profile): what it
@@ -36,6 +37,7 @@ from harness import __version__
 from harness.config import ProfileConfig, load_profile, measured_values
 from harness.errors import ConfigError, HarnessError
 from harness.reportfiles import base_name
+from harness.scenarios import load_scenario
 from harness.scoring import mode_of_report
 from harness.workload import load_prompt
 
@@ -76,6 +78,9 @@ PROMPT_BOUND = frozenset({"context_limits", "scale", "quality", "performance"})
 """Phases whose figures depend on the prompt (its length, its reuse, its scores): their reports
 must name the prompt `harness run` sends. Reliability counts ids, retries and faults: its own
 short prompt does not change what it shows. Prefix reuse (phase `context_limits`) is bound."""
+PROJECT_SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+"""The project's own scenarios: a production report must have been gated by its phase's
+criteria there, no looser (`looser_gates`)."""
 ROWS = 170_000
 _CONFIG_KEYS = {
     "MAX_CONTEXT_TOKENS": "MAX_CONTEXT_TOKENS",
@@ -379,6 +384,55 @@ def _projection(source: Sequence[ReportEntry], note: str = "") -> list[str]:
     return out
 
 
+def _as_strict(op: str, threshold: Any, want_op: str, want: Any) -> bool:
+    """Whether `metric op threshold` (a report's gate) lets through no value the project's
+    `metric want_op want` refuses."""
+    if isinstance(want, str) or isinstance(threshold, str) or want_op in ("==", "!="):
+        return (op, threshold) == (want_op, want) or (
+            op == "==" and want_op != "!=" and not isinstance(want, str)
+            and not isinstance(threshold, str) and threshold == want
+        )  # fmt: skip
+    try:
+        t, w = float(threshold), float(want)
+    except (TypeError, ValueError):
+        return False
+    if want_op in (">=", ">"):
+        if op == "==":
+            return t > w or (t == w and want_op == ">=")
+        return op in (">=", ">") and (t > w or (t == w and (op == ">" or want_op == ">=")))
+    if op == "==":
+        return t < w or (t == w and want_op == "<=")
+    return op in ("<=", "<") and (t < w or (t == w and (op == "<" or want_op == "<=")))
+
+
+def looser_gates(e: ReportEntry, scenarios: Path = PROJECT_SCENARIOS) -> list[str]:
+    """What the report's gates miss or loosen of the project's own for its phase and profile
+    (the scenario of the same name under `scenarios`), one line each; empty when every one of
+    the project's criteria was checked as strictly or more (a stricter scenario is fine)."""
+    named = str(e.data.get("scenario") or "")
+    path = scenarios / Path(named).name
+    if not named or not path.is_file():
+        return [f"gated by {named or 'no scenario'}, not one of the project's scenarios"]
+    try:
+        want = load_scenario(path).criteria_for(e.profile)
+    except HarnessError as exc:
+        return [f"the project's gates cannot be read: {exc}"]
+    got = [c for c in e.data.get("criteria") or [] if isinstance(c, Mapping)]
+    out = []
+    for c in want:
+        mine = [g for g in got if g.get("metric") == c.metric]
+        shown = f"{c.metric} {c.op} {c.threshold:g}" if not isinstance(c.threshold, str) else (
+            f"{c.metric} {c.op} {c.threshold}")  # fmt: skip
+        if not mine:
+            out.append(f"{shown} (scenarios/{path.name}) was not checked")
+        elif not any(_as_strict(str(g.get("op")), g.get("threshold"), c.op, c.threshold)
+                     for g in mine):  # fmt: skip
+            had = ", ".join(f"{g.get('op')} {g.get('threshold')}" for g in mine)
+            out.append(f"{c.metric} was checked {had}, looser than the project's {shown} "
+                       f"(scenarios/{path.name})")  # fmt: skip
+    return out
+
+
 def servers_of(e: ReportEntry) -> int:
     """How many servers a scale run went over (a pool's aggregate throughput is theirs)."""
     st = e.data.get("strategy")
@@ -473,6 +527,10 @@ def verdict(report_dir: Path, config_path: Path, *, prompt: Path | None = None) 
             incomplete.append(f"{e.file}: stale: {why}")
     failed = [e for e in chosen.values() if e.result == "FAIL"]
     no_go += [f"{e.file} FAIL: {'; '.join(e.failed)}" for e in failed]
+    # Gated by the project's own criteria, no looser: a report's PASS is only as good as them
+    # (an ungated report is missing evidence: incomplete, below).
+    for e in (e for e in chosen.values() if e.result == "PASS"):
+        no_go += [f"{e.file}: gates looser than the project's: {why}" for why in looser_gates(e)]
     ungated = [e.file for e in chosen.values() if e.result == "ungated"]
     if ungated:
         incomplete.append("ungated production reports: " + ", ".join(ungated))

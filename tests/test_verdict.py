@@ -34,6 +34,28 @@ PHASES = {
 }
 
 
+SCENARIOS = {
+    "context_limit_results.json": "phase1_context_limits.yaml",
+    "prefix_reuse_results.json": "prefix_reuse.yaml",
+    "performance_benchmarks_100.json": "phase2_scale_100.yaml",
+    "performance_benchmarks_1000.json": "phase3_scale_1k.yaml",
+    "performance_benchmarks_10000.json": "phase4_scale_10k.yaml",
+    "quality_results.json": "quality.yaml",
+    "reliability_results.json": "reliability.yaml",
+}
+"""The project's scenario that gates each report (`harness.verdict.looser_gates`)."""
+
+
+def gates(base: str) -> list[dict[str, Any]]:
+    """The project's production criteria of `base`'s scenario, each checked and met."""
+    scenario = load_scenario(ROOT / "scenarios" / SCENARIOS[base])
+    return [
+        {"metric": c.metric, "op": c.op, "threshold": c.threshold, "value": c.threshold,
+         "passed": True}
+        for c in scenario.criteria_for("gpu-gemma3-12b")
+    ]  # fmt: skip
+
+
 def report(base: str, **changes: Any) -> dict[str, Any]:
     """A passing production report of `base`, as the plugin writes it."""
     phase = PHASES[base]
@@ -41,7 +63,7 @@ def report(base: str, **changes: Any) -> dict[str, Any]:
         "harness_version": __version__,
         "schema_version": 2,
         "phase": phase,
-        "scenario": "scenarios/x.yaml",
+        "scenario": f"scenarios/{SCENARIOS[base]}",
         "profile": "gpu-gemma3-12b",
         "generated_at": "2026-12-01T10:00:00+00:00",
         "machine_info": {},
@@ -52,7 +74,7 @@ def report(base: str, **changes: Any) -> dict[str, Any]:
             "server": "ollama 0.34.0",
             "request_path": "native",
         },
-        "criteria": [{"metric": "m", "op": ">=", "threshold": 0, "value": 1, "passed": True}],
+        "criteria": gates(base),
         "passed": True,
         "result": "PASS",
         "prompt": {"name": PROMPT.name, "file": PROMPT.path, "sha256": PROMPT.sha256},
@@ -310,3 +332,51 @@ def test_harness_verdict_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "no such folder" in capsys.readouterr().err
     assert main(["verdict", str(folder), "--config", config, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["decision"] == "incomplete"
+
+
+def test_a_criterion_left_out_of_a_reports_gates_is_no_go_naming_it(tmp_path: Path) -> None:
+    """A 10K report gated on 1 of its profile's criteria: its PASS says nothing of the rest."""
+    reports = complete()
+    ten_k = reports["performance_benchmarks_10000.json"]
+    ten_k["criteria"] = ten_k["criteria"][:1]
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO", v.lines()
+    text = " ".join(v.reasons)
+    assert "performance_benchmarks_10000" in text and "gates looser than the project's" in text
+    assert "eta_error_max <= 0.2 (scenarios/phase4_scale_10k.yaml) was not checked" in text
+
+
+@pytest.mark.parametrize(
+    ("metric", "threshold", "op", "outcome"),
+    [
+        ("token_savings", 0.5, ">", "NO-GO"),  # loosened
+        ("token_savings", 0.97, ">=", "NO-GO"),  # the bound itself let through
+        ("token_savings", 0.99, ">", "GO"),  # stricter: fine
+        ("memory.peak_gb", 16, "<", "NO-GO"),  # an upper bound loosened
+        ("memory.peak_gb", 10, "<", "GO"),
+        ("cached_tokens_source", "estimate", "==", "NO-GO"),  # another word
+    ],
+)
+def test_a_threshold_looser_than_the_projects_is_no_go_and_a_stricter_one_is_fine(
+    tmp_path: Path, metric: str, threshold: Any, op: str, outcome: str
+) -> None:
+    reports = complete()
+    for c in reports["performance_benchmarks_10000.json"]["criteria"]:
+        if c["metric"] == metric:
+            c.update(op=op, threshold=threshold)
+    v = decide(tmp_path, reports)
+    assert v.decision == outcome, v.lines()
+    if outcome == "NO-GO":
+        assert f"{metric} was checked {op} {threshold}, looser than the project's" in " ".join(
+            v.reasons
+        )
+
+
+def test_a_report_gated_by_a_scenario_the_project_does_not_have_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    reports["quality_results.json"]["scenario"] = "/somewhere/else/my_quality.yaml"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert "gated by /somewhere/else/my_quality.yaml, not one of the project's scenarios" in (
+        " ".join(v.reasons)
+    )
