@@ -398,14 +398,16 @@ def test_context_search_never_exceeds_the_budget_and_survives_a_failed_load(
     probe = EmbeddedContextProbe("gemma3-270m")
     # The budget comes from this machine's own readings: a resident set differs by ~15 MB
     # between machines (CI read 440.6 MB at a size this machine reads at 426.8 MB), so a fixed
-    # figure put the budget below the sweep's second size there. It is set where the line
-    # predicts 6,144 tokens, between the sweep's second size and its third, so the sweep stops
-    # before 8,192 and the search has a crossing to find.
-    first, _ = sweep(probe, [2048, 4096])
-    budget = int(fit_memory(first).predict(6144))
-    # Two readings of one size differ by up to ~0.4 MB (0.1% of the budget): a 1% margin keeps
-    # a size predicted just under the budget from being started and read just over it.
+    # figure put the budget below the sweep's second size there. Two readings of one size differ
+    # by up to ~0.4 MB (0.1% of the budget): a 1% margin keeps a size predicted just under the
+    # budget from being started and read just over it. A size is started when the line predicts
+    # it within budget × (1 - margin); that point is put at 6,400 tokens, between the sweep's
+    # second size and its third, so the sweep stops before 8,192 and the search finds a size
+    # past 4,096. (The budget at the line's 6,144 itself left 4,608 to a coin: the resident set
+    # grows ~2.9 KB a token, so the 1% margin, ~4.4 MB, is ~1,500 tokens; one CI run found none.)
     margin = 0.01
+    first, _ = sweep(probe, [2048, 4096])
+    budget = int(fit_memory(first).predict(6400) / (1 - margin))
     measured, skipped = sweep(probe, [2048, 4096, 8192, 16384, 32768], budget, margin=margin)
     fit = fit_memory(measured)
     search = search_max_context(
