@@ -1,12 +1,20 @@
 """The reliability report's figures and table (harness.phases.reliability) from made-up cases:
 sums only over the cases that measured a figure, the fault figures only when the fault case ran,
-and one table line a case, skipped ones with why."""
+and one table line a case, skipped ones with why; the faults case's timeout sized from the job."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from harness.phases.reliability import case_table, reliability_figures
+import pytest
+
+from harness.phases.reliability import (
+    case_table,
+    fault_timeouts,
+    longest_items,
+    reliability_figures,
+)
+from harness.workload import WorkItem
 
 FAULTS: dict[str, Any] = {
     "requests": 1000, "completed": 1000, "lost": 0, "duplicated": 0, "faults_injected": 71,
@@ -49,3 +57,26 @@ def test_the_table_has_a_line_a_case_and_the_skipped_ones() -> None:
     assert lines[3].split() == ["secrets", "skipped:", "no", "key", "-", "-", "-", "-", "-", "-"]
     # columns line up: each column starts at the same place on every line
     assert lines[1].index("yes") == lines[2].index("NO:") == lines[0].index("passed")
+
+
+def test_the_fault_timeout_is_four_times_the_slowest_warm_request_with_a_floor() -> None:
+    # The user's 1-3 KB rows: 0.9 s warm on a loaded CPU -> 3.6 s, the stall 3.5 s past it.
+    assert fault_timeouts([400.0, 900.0, 650.0]) == {
+        "slowest_warm_request_s": 0.9,
+        "request_timeout_s": 3.6,
+        "stall_s": 7.1,
+    }
+    # The case's own short prompt on the tiny model: the 1.5 s floor.
+    assert fault_timeouts([40.0, 60.0])["request_timeout_s"] == 1.5
+    with pytest.raises(ValueError, match="no warm request"):
+        fault_timeouts([])
+
+
+def test_the_longest_items_are_the_ones_with_the_most_text() -> None:
+    def item(cid: str, text: str) -> WorkItem:
+        return WorkItem(
+            cid, ({"role": "system", "content": "rubric"}, {"role": "user", "content": text})
+        )
+
+    items = [item("a", "x" * 10), item("b", "x" * 3000), item("c", "x" * 5), item("d", "x" * 900)]
+    assert [it.custom_id for it in longest_items(items, 2)] == ["b", "d"]

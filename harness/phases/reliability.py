@@ -4,10 +4,18 @@ absent or None, never 0), and the table of cases the suite prints and writes bes
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["FAULT_FIGURES", "case_table", "reliability_figures"]
+from harness.workload import WorkItem
+
+__all__ = [
+    "FAULT_FIGURES",
+    "case_table",
+    "fault_timeouts",
+    "longest_items",
+    "reliability_figures",
+]
 
 Cases = Mapping[str, Mapping[str, Any]]
 
@@ -16,6 +24,41 @@ FAULT_FIGURES = ("faults_injected", "retried_successes", "recorded_errors", "acc
 
 SUMMED = ("lost", "duplicated", "completed")
 COUNTED = ("keys_leaked", "replies_differ", "restart_failed")
+
+
+TIMEOUT_FLOOR_S = 1.5
+"""The faults case's shortest request timeout: its own short prompt on the tiny model answers
+in well under it, so a timeout there is a stall the proxy injected."""
+TIMEOUT_FACTOR = 4.0
+"""The timeout as a multiple of the slowest warm request measured on the job's longest rows: a
+busy machine slows a request ~2x; a real request that timed out would count as a failed attempt
+no fault caused (the case's exact accounting fails on it)."""
+STALL_PAST_TIMEOUT_S = 3.5
+"""How much longer an injected stall lasts than the timeout (so each stall is one timeout)."""
+
+
+def longest_items(items: Sequence[WorkItem], n: int = 3) -> list[WorkItem]:
+    """The `n` items with the most characters of message text: the slowest requests of a job
+    (its longest rows), to time before sizing a timeout."""
+    return sorted(items, key=lambda it: -sum(len(m["content"]) for m in it.messages))[:n]
+
+
+def fault_timeouts(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """The faults case's request timeout and injected stall, from warm requests of the job's
+    longest rows (`latencies_ms`, measured on the case's own server without the proxy).
+
+    A user's rows (1-3 KB résumés) take longer than the case's 1.5 s on a loaded CPU: every
+    request then timed out, and the case reported a fault in every attempt it had not injected.
+    """
+    if not latencies_ms:
+        raise ValueError("fault_timeouts: no warm request was measured")
+    slowest_s = max(latencies_ms) / 1000
+    timeout = round(max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * slowest_s), 2)
+    return {
+        "slowest_warm_request_s": round(slowest_s, 3),
+        "request_timeout_s": timeout,
+        "stall_s": round(timeout + STALL_PAST_TIMEOUT_S, 2),
+    }
 
 
 def _total(cases: Cases, key: str) -> int | None:

@@ -40,7 +40,12 @@ from harness.engine.store import read_results
 from harness.fileio import atomic_write_text
 from harness.limits import EmbeddedContextProbe, fit_memory, search_max_context, sweep
 from harness.phases import items_for
-from harness.phases.reliability import case_table, reliability_figures
+from harness.phases.reliability import (
+    case_table,
+    fault_timeouts,
+    longest_items,
+    reliability_figures,
+)
 from harness.pytest import HarnessSession
 from harness.records import RequestRecord
 from harness.testing.faults import FaultConfig, FaultProxy
@@ -119,10 +124,32 @@ def scenario_opts(harness: HarnessSession) -> dict[str, Any]:
     return dict(harness.scenario(SCENARIO).profile(harness.profile).options)
 
 
+def tiny_server(harness: HarnessSession) -> EmbeddedServer:
+    """The tiny model on the session's threads (`--harness-threads`: one on a busy machine,
+    where llama.cpp's default spin-waits) with room for a job's longest rows."""
+    return EmbeddedServer(ServerSettings(model="tiny-gemma3", n_ctx=8192, threads=harness.threads))
+
+
 @pytest.fixture(scope="module")
-def server() -> Any:
-    with EmbeddedServer(ServerSettings(model="tiny-gemma3", n_ctx=4096)) as srv:
+def server(harness: HarnessSession) -> Any:
+    with tiny_server(harness) as srv:
         yield srv
+
+
+def time_longest(harness: HarnessSession, server: EmbeddedServer, items: list[Any]) -> Any:
+    """The faults case's timeout and stall, sized from the job's three longest rows sent twice
+    each to the server without the proxy (the second send of each is timed: warm)."""
+    longest = longest_items(items)
+    warm = [dataclasses.replace(it, custom_id=f"warm-{i}") for i, it in enumerate(longest * 2)]
+
+    async def go() -> Any:
+        async with OpenAIBackend(server.url or "") as backend:
+            return await run_job(backend, warm, JobSpec(keep_records=True, progress=False))
+
+    records = harness.run(go()).records
+    failed = [r.error for r in records if not r.ok]
+    assert not failed, f"the warm requests failed without any fault injected: {failed}"
+    return fault_timeouts([r.latency_ms for r in records[len(longest) :]])
 
 
 @pytest.mark.usefixtures("embedded_only")
@@ -133,13 +160,14 @@ def test_faults_are_retried_and_accounted_exactly(
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["fault_requests"]))
     rates = scenario_opts["fault_rates"]
-    config = FaultConfig(**rates, stall_s=5.0, seed=11)
+    timing = time_longest(harness, server, items)
+    config = FaultConfig(**rates, stall_s=timing["stall_s"], seed=11)
     spec = JobSpec(
         keep_records=True,
         desc="reliability: faults",
         progress_stream=harness.terminal,
         runner=RunnerConfig(
-            request_timeout_s=1.5,
+            request_timeout_s=timing["request_timeout_s"],
             retry=RetryPolicy(max_attempts=6, base_delay_s=0.02, max_delay_s=0.2),
         ),
     )
@@ -168,6 +196,7 @@ def test_faults_are_retried_and_accounted_exactly(
         "attempts_sent": sum(r.attempts for r in records),
         "proxy_chat_requests": stats.faultable,
         "accounting_gap": abs(injected - failed),
+        **timing,
         **once,
     }
     harness.say(f"reliability: faults {figures}")
@@ -191,7 +220,7 @@ def test_server_killed_and_restarted_mid_run(
     scenario = harness.scenario(SCENARIO)
     items = items_for(scenario, harness.profile, int(scenario_opts["restart_requests"]))
     events: list[str] = []
-    with EmbeddedServer(ServerSettings(model="tiny-gemma3", n_ctx=4096)) as srv:
+    with tiny_server(harness) as srv:
         done = [0]
 
         def restart() -> None:
@@ -243,11 +272,13 @@ def test_server_killed_and_restarted_mid_run(
     )
 
 
-def tiny_run_args() -> list[str]:
-    """`harness run` options for fast runs: tiny model, short prompt, short free-text replies."""
+def tiny_run_args(threads: int | None) -> list[str]:
+    """`harness run` options for fast runs: tiny model, short prompt, short free-text replies,
+    the session's server threads."""
     return [
         "--backend", "embedded", "--model", "tiny-gemma3", "--prompt", str(PROMPT),
         "--structured", "none", "--max-tokens", "4", "--ctx", "2048", "--no-progress",
+        *(["--threads", str(threads)] if threads else []),
     ]  # fmt: skip
 
 
@@ -285,7 +316,7 @@ def test_runner_killed_five_times_resumes_exactly_once(
 ) -> None:
     n = int(scenario_opts["kill_requests"])
     kills = int(scenario_opts["kills"])
-    common = tiny_run_args()
+    common = tiny_run_args(harness.threads)
     runs = {}
     for name in ("interrupted", "uninterrupted"):
         folder = tmp_path / name
@@ -448,7 +479,7 @@ def test_full_disk_and_unwritable_output(
     harness: HarnessSession, tmp_path: Path, cases: Cases
 ) -> None:
     write_candidates_csv(tmp_path / "c.csv", 120, seed=3)
-    common = tiny_run_args()
+    common = tiny_run_args(harness.threads)
     # Unwritable: the output folder's parent is a file.
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
