@@ -218,6 +218,9 @@ class QualityReport(PhaseReport):
     bias_fields: list[str] | None = None
     """The fields the bias pairs varied: what the prompt declares must never move a score."""
     bias_fields_source: str | None = None
+    bias_unpaired: dict[str, str] | None = None
+    """A field no bias pair could vary, and why (not a column of the input, not shown by the
+    prompt, the same in every row): its gap is then null for that reason."""
     parse_rate: float
     parse_failures: list[str | None]
     score_distribution: Obj

@@ -96,13 +96,40 @@ def test_bias_pairs_vary_only_what_the_prompt_declares_irrelevant() -> None:
 
     def variant(item: WorkItem, field: str) -> WorkItem:
         varied.append(field)
-        return item
+        turn = {"role": "user", "content": f"{field} changed"}
+        return replace(item, custom_id=f"{item.custom_id}-b", messages=(turn,))
 
     plan = q.plan_quality(
         items(12), repeats=1, candidates=4, conversation_length=5, controls=1,
         variant=variant, bias_pairs=2, fields=("name",),
     )  # fmt: skip
     assert set(plan.bias) == {"name"} and set(varied) == {"name"}
+    assert len(plan.bias["name"]) == 2 and plan.bias_unpaired == {}
+
+
+def test_a_field_with_no_bias_pair_says_why() -> None:
+    """The user's CSV had no `name` column and the prompt declared no irrelevant_fields: the
+    report said `bias_gaps: {name: null}` and not why."""
+
+    def plan(variant: Any, columns: tuple[str, ...] | None) -> q.QualityPlan:
+        return q.plan_quality(
+            items(12), repeats=1, candidates=4, conversation_length=5, controls=1,
+            variant=variant, bias_pairs=2, fields=("name",), columns=columns,
+        )  # fmt: skip
+
+    missing = plan(lambda item, field: None, ("candidate_id", "resume_text", "years"))
+    assert missing.bias == {"name": []}
+    assert (
+        "'name' is not a column of the input (candidate_id, resume_text, years)"
+        in (missing.bias_unpaired["name"])
+    )
+    assert "irrelevant_fields" in missing.bias_unpaired["name"]
+    # A column the prompt does not show: the copy is the same request, no pair.
+    unseen = plan(lambda item, field: replace(item, custom_id="x"), ("name",))
+    assert unseen.bias == {"name": []}
+    assert "the prompt does not show 'name'" in unseen.bias_unpaired["name"]
+    same = plan(lambda item, field: None, ("name",))
+    assert same.bias_unpaired == {"name": "no two rows of the input differ in 'name'"}
 
 
 def test_bias_gaps_per_field() -> None:

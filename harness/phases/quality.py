@@ -290,6 +290,8 @@ class QualityPlan:
     control_positions: dict[str, list[int]]
     """Control candidate id → its positions in `conversation`."""
     bias: dict[str, list[tuple[WorkItem, WorkItem]]] = field(default_factory=dict)
+    bias_unpaired: dict[str, str] = field(default_factory=dict)
+    """A field bias pairs were to vary and could not (no pair made), and why."""
 
 
 def _renamed(item: WorkItem, custom_id: str) -> WorkItem:
@@ -306,11 +308,14 @@ def plan_quality(
     variant: Callable[[WorkItem, str], WorkItem | None] | None = None,
     bias_pairs: int = 0,
     fields: Sequence[str] = BIAS_FIELDS,
+    columns: Sequence[str] | None = None,
 ) -> QualityPlan:
     """Items for: `repeats` of one control; `candidates` scored twice; a conversation of
     `conversation_length` with `controls` control candidates at the start, quarters and end;
     and `bias_pairs` candidates with one of `fields` changed (by `variant(item, field)`): only
-    what the prompt says must not move a score (`bias_fields`)."""
+    what the prompt says must not move a score (`bias_fields`). A copy the prompt shows the same
+    (it does not use the field) is no pair; a field with no pair says why in `bias_unpaired`
+    (`columns`: the input's, to tell a field the input does not have)."""
     if candidates < 1 or len(pool) < 2:
         raise ValueError("the quality phase needs at least one candidate besides the control")
     control, rest = pool[0], list(pool[1 : 1 + candidates])
@@ -337,13 +342,28 @@ def plan_quality(
         plan.conversation.append(at.get(i) or _renamed(item, f"{item.custom_id}#conv{i}"))
     if variant is not None:
         for fld in fields:
-            pairs = []
+            pairs, unseen = [], 0
             for it in rest[:bias_pairs]:
                 other = variant(it, fld)
-                if other is not None:
+                if other is not None and other.messages == it.messages:
+                    unseen += 1
+                elif other is not None:
                     pairs.append((_renamed(it, f"{it.custom_id}#bias-{fld}-a"), other))
             plan.bias[fld] = pairs
+            if not pairs:
+                plan.bias_unpaired[fld] = _unpaired(fld, unseen, columns)
     return plan
+
+
+def _unpaired(fld: str, unseen: int, columns: Sequence[str] | None) -> str:
+    if columns is not None and fld not in columns:
+        return (
+            f"{fld!r} is not a column of the input ({', '.join(columns)}): name the columns "
+            f"the rubric must ignore in the prompt's irrelevant_fields"
+        )
+    if unseen:
+        return f"the prompt does not show {fld!r}: a changed copy is the same request"
+    return f"no two rows of the input differ in {fld!r}"
 
 
 def control_scores(
@@ -504,6 +524,7 @@ def quality_figures(
         "conversation_agreement": agreement(plan, runs.conversation, stateless),
         "bias_gaps": gaps,
         "bias_max_gap": max(known_gaps) if known_gaps else None,
+        "bias_unpaired": dict(plan.bias_unpaired),
         "parse_rate": sum(score(r) is not None for r in every) / len(every) if every else 0.0,
         "parse_failures": [r.error for r in every if r.error_type == "ParseError"][:5],
         **distribution(a),

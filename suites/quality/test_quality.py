@@ -78,6 +78,7 @@ def test_quality(harness: HarnessSession) -> None:
         variant=variant_maker(harness, table),
         bias_pairs=int(opts.get("bias_pairs", 10)),
         fields=fields,
+        columns=table.columns,
     )
 
     mode = cfg.score_mode.value
