@@ -20,6 +20,7 @@ job with no flags, and its banner says what `validation_status` finds: `validate
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,41 @@ PHASES: tuple[Phase, ...] = (
 
 PYTEST_INTERRUPTED, PYTEST_USAGE_ERROR = 2, 4
 """pytest's exit codes for Ctrl-C and for a command line it refused."""
+
+STOP_GRACE_S = 120.0
+"""How long a phase interrupted by Ctrl-C is given to stop on its own (end its case, stop its
+servers, say what ran) before it is killed."""
+
+
+def run_phase(cmd: list[str], cwd: Path, *, grace_s: float = STOP_GRACE_S) -> int:
+    """Run one phase's pytest, its output on this terminal; its exit code.
+
+    Ctrl-C (or SIGTERM) reaches the phase exactly once, from here: it runs in its own session,
+    so the terminal's SIGINT goes to `harness validate` alone, which passes it on and waits up
+    to `grace_s` for pytest to stop as it does on Ctrl-C (a second SIGINT would break its
+    teardown and leave the servers to stop by themselves), then kills it; then the interrupt
+    goes on (KeyboardInterrupt). Before, `subprocess.run` killed pytest 0.25 s after the
+    terminal's SIGINT, in the middle of its teardown.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
 
 STAND_IN_SKIPS = {"scale_10k": "hours on a CPU: `make long` runs it on the tiny model"}
 """Phases the stand-in profile (the embedded CPU server) leaves out by default, and why."""
@@ -285,7 +321,7 @@ def validate(
     # The profile the phases run under (a report of another, production's say, is another
     # measurement, not this one's).
     profile = opts.profile or default_profile(opts.backend or "embedded")
-    runner = run or (lambda cmd: subprocess.run(cmd, cwd=root, check=False).returncode)
+    runner = run or (lambda cmd: run_phase(cmd, root))
     report_dir = opts.report_dir if opts.report_dir.is_absolute() else root / opts.report_dir
     failed: list[str] = []
     for i, phase in enumerate(phases, 1):

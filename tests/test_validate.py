@@ -7,8 +7,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from harness.validate import (
     PHASES,
     ValidateOptions,
     default_phases,
+    run_phase,
     validate,
     validation_status,
 )
@@ -352,3 +355,45 @@ def test_harness_doctor_checks_the_validated_job_of_its_input(
     # Without INPUT: generated rows, the defaults (no job to take).
     assert main(["doctor"]) == 0
     assert seen[1].id_column == "id" and seen[1].from_validated == ()
+
+
+CHILD = """
+import pathlib, signal, sys, time
+here = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    with (here / "signals").open("a") as fh:
+        fh.write("INT\\n")
+    time.sleep(0.5)  # a teardown: stopping servers, writing what ran
+    (here / "stopped").write_text("cleanly")
+    sys.exit(2)
+signal.signal(signal.SIGINT, stop if sys.argv[2] == "stops" else signal.SIG_IGN)
+(here / "ready").write_text("")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("child", ["stops", "ignores"])
+def test_ctrl_c_reaches_a_phase_once_and_waits_for_it_to_stop(tmp_path: Path, child: str) -> None:
+    """A phase gets one SIGINT and its teardown's time; one that does not stop is killed after
+    the grace period. (Before, validate killed pytest 0.25 s after Ctrl-C, mid-teardown.)"""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C reaches validate only
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_phase([sys.executable, str(script), str(tmp_path), child], tmp_path, grace_s=3)
+    waited = time.monotonic() - start
+    if child == "stops":
+        assert (tmp_path / "signals").read_text() == "INT\n"  # once, from validate
+        assert (tmp_path / "stopped").read_text() == "cleanly"
+    else:
+        assert not (tmp_path / "stopped").exists()
+        assert waited >= 3  # the grace period, then killed
+    assert waited < 30
