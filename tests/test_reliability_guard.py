@@ -46,3 +46,24 @@ def test_a_crashed_case_is_a_failed_case_and_a_skipped_one_says_why(
     pytester.makepyfile(test_cases=CASES_MODULE)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:harness")
     result.assert_outcomes(passed=2, failed=1, skipped=1)
+
+
+INTERRUPTED_MODULE = """
+CASES = {"test_interrupted": "interrupted"}
+
+
+def test_interrupted(cases):
+    raise KeyboardInterrupt
+"""
+
+
+def test_a_case_interrupted_by_ctrl_c_ends_the_session_without_a_guard_error(
+    pytester: pytest.Pytester,
+) -> None:
+    """Ctrl-C during a case left the guard a passed setup and no call report: it crashed on
+    the missing traceback (IndexError) in the middle of pytest's interrupted teardown."""
+    shutil.copy(ROOT / "suites" / "reliability" / "conftest.py", pytester.path / "conftest.py")
+    pytester.makepyfile(test_cases=INTERRUPTED_MODULE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:harness")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert "IndexError" not in result.stdout.str() + result.stderr.str()

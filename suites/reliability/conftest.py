@@ -45,6 +45,8 @@ def case_guard(
         return
     reports = request.node.stash.get(OUTCOME, {})
     setup, call = reports.get("setup"), reports.get("call")
+    if call is None and setup is not None and setup.passed:
+        return  # interrupted (Ctrl-C) during its call: the session ends, no report is written
     if call is None and setup is not None and setup.skipped:
         skipped_cases[name] = _skip_reason(setup)
     elif call is not None and call.skipped:
