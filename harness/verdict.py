@@ -12,9 +12,12 @@ each with its model, backend, profile, prompt, server, time, harness version and
 - **NO-GO** when a production report failed, or measured something else (another model or
   backend, a second prompt or server, a test double, a replayed Ollama), or was gated more
   loosely than the project's own scenario for its phase (a criterion left out, a threshold
-  loosened: `looser_gates`): it names the report and the field;
+  loosened: `looser_gates`), or was run otherwise than `harness run` will run the job (another
+  strategy, concurrency, score mode or request path than harness.yaml and harness run's own
+  rules resolve now: `unlike_the_run`): it names the report and the field;
 - **incomplete** when phases are missing, ungated, or their evidence is stale (another harness
-  version, settings harness.yaml no longer holds, a report that does not name its prompt);
+  version, settings harness.yaml no longer holds, a report that does not name its prompt or
+  the run settings it measured with);
 - **not measured for production** when only a stand-in ran (the embedded CPU profile): what it
   predicts, and that it is a prediction.
 
@@ -37,6 +40,7 @@ from harness import __version__
 from harness.config import ProfileConfig, load_profile, measured_values
 from harness.errors import ConfigError, HarnessError
 from harness.reportfiles import base_name
+from harness.run.resolve import RUN_RULES, resolve
 from harness.scenarios import load_scenario
 from harness.scoring import mode_of_report
 from harness.workload import load_prompt
@@ -94,6 +98,13 @@ _CONFIG_KEYS = {
     "SERVER_FLAGS": "server_flags",
 }
 """harness.yaml keys → the setting's name in a report's `config` block."""
+AS_RUN: Mapping[str, tuple[str, ...]] = {
+    "scale": ("strategy", "concurrency", "score_mode", "request_path"),
+    "quality": ("score_mode",),
+}
+"""Per phase, the settings of `harness run` its figures depend on: throughput, savings and the
+projection on all four; the scores on the score mode. A production report must have measured
+with the values `harness run` resolves for the job now (`unlike_the_run`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +365,53 @@ def stale_reasons(e: ReportEntry, config: ProfileConfig | None) -> list[str]:
     return out
 
 
+def _measured_with(e: ReportEntry, key: str) -> Any:
+    """The value of run setting `key` a report measured with (None: not recorded)."""
+    block = e.data.get("config")
+    setting = block.get(key) if isinstance(block, Mapping) else None
+    if isinstance(setting, Mapping) and "value" in setting:
+        return setting["value"]
+    if key == "score_mode" and isinstance(e.data.get("score_mode"), str):
+        return e.data["score_mode"]  # the quality phase's report names its mode alone
+    return None
+
+
+def unlike_the_run(e: ReportEntry, run: Any) -> tuple[list[str], list[str]]:
+    """(differs, unrecorded): the `AS_RUN` settings of its phase `e` measured otherwise than
+    `run` (`harness run`'s resolved settings for the job) will send, each naming the field, the
+    value and where each side's came from; and those the report does not record."""
+    differs: list[str] = []
+    unrecorded: list[str] = []
+    for key in AS_RUN.get(e.phase, ()):
+        want = getattr(run, key)
+        if want.value is None:
+            continue  # the backend's own (Ollama's request path): nothing to compare
+        got = _measured_with(e, key)
+        if got is None:
+            unrecorded.append(key)
+        elif got != want.value:
+            block = e.data.get("config")
+            setting = block.get(key) if isinstance(block, Mapping) else None
+            source = f" ({setting.get('source')})" if isinstance(setting, Mapping) else ""
+            differs.append(
+                f"config.{key} = {got!r}{source}; harness run will send {want.value!r} "
+                f"({want.source})"
+            )
+    return differs, unrecorded
+
+
+def _run_settings(config_path: Path) -> Any:
+    """What `harness run` resolves for the production job now (harness.yaml, its rules), or
+    the error that stops it."""
+    cli = {"backend": PRODUCTION["backend"], "model": PRODUCTION["model"]}
+    try:
+        return resolve(
+            profile=PRODUCTION_PROFILE, config_path=config_path, cli=cli, rules=RUN_RULES
+        )
+    except HarnessError as exc:
+        return f"what harness run will send cannot be resolved: {exc}"
+
+
 def _newest(entries: Sequence[ReportEntry]) -> ReportEntry:
     return max(entries, key=lambda e: e.generated_at)
 
@@ -531,6 +589,21 @@ def verdict(report_dir: Path, config_path: Path, *, prompt: Path | None = None) 
     # (an ungated report is missing evidence: incomplete, below).
     for e in (e for e in chosen.values() if e.result == "PASS"):
         no_go += [f"{e.file}: gates looser than the project's: {why}" for why in looser_gates(e)]
+    # Measured as `harness run` will run the job: the settings its figures depend on.
+    run = _run_settings(config_path)
+    if isinstance(run, str):
+        incomplete.append(run)
+    else:
+        for e in chosen.values():
+            differs, unrecorded = unlike_the_run(e, run)
+            no_go += [
+                f"{e.file}: not measured as harness run will run the job: {d}" for d in differs
+            ]
+            if unrecorded:
+                incomplete.append(
+                    f"{e.file}: names no {', '.join(f'config.{k}' for k in unrecorded)} "
+                    f"(written before reports named them): re-run it"
+                )
     ungated = [e.file for e in chosen.values() if e.result == "ungated"]
     if ungated:
         incomplete.append("ungated production reports: " + ", ".join(ungated))

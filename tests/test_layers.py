@@ -46,16 +46,13 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.config",
         "harness.scenarios",
         "harness.report",
-        "harness.verdict",
         "harness.reportmodels",
         "harness.limits",
         "harness.reuse",
         "harness.roofline",
         "harness.baselines",
         "harness.plots",
-        "harness.htmlreport",
         "harness.phases",
-        "harness.plan",
         "harness.testing",
     ),
     # 5: the job every entry point runs: settings resolved once, the one backend factory, the
@@ -68,6 +65,11 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.rayexec",
         "harness.doctor",
         "harness.validate",
+        # what decides on reports: the verdict binds a GO to what `harness run` will send
+        # (`run.resolve`), and the plan and the page read the verdict
+        "harness.verdict",
+        "harness.plan",
+        "harness.htmlreport",
     ),
     # 6: the entry points: the pytest plugin, the command line, the Batch API service
     ("harness.pytest", "harness.cli", "harness.__main__", "harness.api"),

@@ -86,10 +86,16 @@ def report(base: str, **changes: Any) -> dict[str, Any]:
         n = int(base.removesuffix(".json").rsplit("_", 1)[1])
         data.update(
             requests=n, requests_planned=n, completed=n, finished=True, throughput_rps=6.5,
-            error_rate=0.0, strategy={"name": "conversation", "servers": 1},
+            error_rate=0.0, strategy={"name": "stateless", "servers": 1},
             cached_tokens_source="server",
-            config={"MAX_CONTEXT_TOKENS": {"value": 14000, "source": "scenario"}},
+            # Measured as `harness run` resolves the job with no harness.yaml: its defaults.
+            config={"MAX_CONTEXT_TOKENS": {"value": 14000, "source": "scenario"},
+                    "strategy": {"value": "stateless", "source": "harness run's default"},
+                    "concurrency": {"value": 1, "source": "default"},
+                    "score_mode": {"value": "decode", "source": "default"}},
         )  # fmt: skip
+    if phase == "quality":
+        data["score_mode"] = "decode"
     for key, value in changes.items():
         if value is None:
             data.pop(key, None)
@@ -380,3 +386,65 @@ def test_a_report_gated_by_a_scenario_the_project_does_not_have_is_no_go(tmp_pat
     assert "gated by /somewhere/else/my_quality.yaml, not one of the project's scenarios" in (
         " ".join(v.reasons)
     )
+
+
+def _config(data: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    return {
+        **data["config"],
+        **{k: {"value": v, "source": "scenario"} for k, v in settings.items()},
+    }
+
+
+@pytest.mark.parametrize(
+    ("base", "setting", "value"),
+    [
+        ("performance_benchmarks_10000.json", "strategy", "conversation"),
+        ("performance_benchmarks_1000.json", "concurrency", 4),
+        ("performance_benchmarks_100.json", "score_mode", "logprobs"),
+    ],
+)
+def test_a_scale_run_measured_otherwise_than_harness_run_will_run_is_no_go(
+    tmp_path: Path, base: str, setting: str, value: Any
+) -> None:
+    """Issue 38: scale reports measured with `strategy: conversation` while harness run resolves
+    `stateless` read GO."""
+    reports = complete()
+    reports[base] = report(base, config=_config(reports[base], **{setting: value}))
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO", v.lines()
+    (why,) = [r for r in v.reasons if "not measured as harness run" in r]
+    assert base.removesuffix(".json") in why and f"config.{setting} = {value!r}" in why
+    assert "harness run will send" in why
+
+
+def test_quality_scored_in_another_mode_than_harness_run_uses_is_no_go(tmp_path: Path) -> None:
+    reports = complete()
+    reports["quality_results.json"]["score_mode"] = "logprobs"
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    assert any("quality_results" in r and "config.score_mode = 'logprobs'" in r for r in v.reasons)
+
+
+def test_what_harness_run_will_send_comes_from_harness_yaml_now(tmp_path: Path) -> None:
+    """A conversation measured, and harness.yaml's STRATEGY says conversation: harness run
+    sends that, GO; the same reports with harness.yaml silent are NO-GO."""
+    reports = complete()
+    for base in ("performance_benchmarks_100.json", "performance_benchmarks_1000.json",
+                 "performance_benchmarks_10000.json"):  # fmt: skip
+        reports[base] = report(base, config=_config(reports[base], strategy="conversation"))
+    assert decide(tmp_path, reports).decision == "NO-GO"
+    (tmp_path / "harness.yaml").write_text(
+        "profiles:\n  gpu-gemma3-12b:\n    STRATEGY: conversation\n"
+    )
+    v = decide(tmp_path, reports)
+    assert v.decision == "GO", v.lines()
+
+
+def test_a_scale_report_that_does_not_name_its_run_settings_is_incomplete(tmp_path: Path) -> None:
+    reports = complete()
+    base = "performance_benchmarks_1000.json"
+    reports[base] = report(base, config={"MAX_CONTEXT_TOKENS": {"value": 14000, "source": "x"}})
+    v = decide(tmp_path, reports)
+    assert v.decision == "incomplete", v.lines()
+    assert any("names no config.strategy, config.concurrency, config.score_mode" in r
+               for r in v.reasons)  # fmt: skip
