@@ -52,8 +52,10 @@ __all__ = [
     "REQUIRED_PHASES",
     "ReportEntry",
     "Verdict",
+    "failed_runs",
     "is_double",
     "largest",
+    "measured_as",
     "projection_sources",
     "read_reports",
     "servers_of",
@@ -416,17 +418,59 @@ def _newest(entries: Sequence[ReportEntry]) -> ReportEntry:
     return max(entries, key=lambda e: e.generated_at)
 
 
-def _projection(source: Sequence[ReportEntry], note: str = "") -> list[str]:
-    if not source:
+def failed_runs(
+    entries: Sequence[ReportEntry], *, model: str | None = None, backend: str | None = None
+) -> list[ReportEntry]:
+    """Finished, measured scale runs with a throughput that failed their criteria: the time a
+    NO-GO's job would take is shown from one, labelled, and never used as a reference."""
+    return [
+        e
+        for e in entries
+        if e.phase == "scale"
+        and e.finished
+        and e.result == "FAIL"
+        and is_double(e) is None
+        and float(e.data.get("throughput_rps") or 0) > 0
+        and (model is None or e.model == model)
+        and (backend is None or e.backend == backend)
+    ]
+
+
+def measured_as(e: ReportEntry) -> str:
+    """What a scale run sent, for a line that quotes its throughput: its rows, strategy,
+    concurrency and uncached tokens a request (what its rate depends on)."""
+    job = e.data.get("job")
+    rows = job.get("rows") if isinstance(job, Mapping) and job.get("rows") else "generated rows"
+    cfg = e.data.get("config")
+    conc = cfg.get("concurrency") if isinstance(cfg, Mapping) else None
+    parts = [str(rows), f"strategy {e.strategy or '?'}"]
+    if isinstance(conc, Mapping) and conc.get("value") is not None:
+        parts.append(f"concurrency {conc['value']}")
+    uncached = e.data.get("uncached_tokens_per_request")
+    if isinstance(uncached, int | float):
+        parts.append(f"{uncached:.0f} uncached tokens a row")
+    return ", ".join(parts)
+
+
+def _projection(
+    source: Sequence[ReportEntry], note: str = "", *, failed: Sequence[ReportEntry] = ()
+) -> list[str]:
+    if source:
+        best = largest(source)
+        how = "a finished run that passed its criteria"
+    elif failed:
+        best = largest(failed)
+        first = best.failed[0].split(";")[0] if best.failed else "its criteria"
+        how = f"from a run that failed ({first}): shown, not a reference"
+    else:
         return []
-    best = largest(source)
     rps = float(best.data["throughput_rps"])
     servers = servers_of(best)
     each = f", {rps / servers:.2f} req/s per server over {servers} servers" if servers > 1 else ""
     out = [
         f"{ROWS:,} rows at {rps:.2f} req/s{each} (measured in {best.file}, {best.model} on "
-        f"{best.backend}, {mode_of_report(best.data)}, a finished run that passed its "
-        f"criteria): {ROWS / rps / 3600:.1f} h{note}"
+        f"{best.backend}, {mode_of_report(best.data)}, {measured_as(best)}; {how}): "
+        f"{ROWS / rps / 3600:.1f} h{note}"
     ]
     energy, done = best.data.get("energy_wh"), best.data.get("completed")
     price = best.data.get("price_per_kwh")
@@ -632,9 +676,11 @@ def verdict(report_dir: Path, config_path: Path, *, prompt: Path | None = None) 
         if e.server_identity in idents or e.server_identity is None
     ]
     note = "" if decision == "GO" else f" (from a set whose verdict is {decision})"
-    return Verdict(
-        decision, reasons, _settings(config), _projection(source, note), not_measured, evidence
+    failed = failed_runs(
+        list(chosen.values()), model=PRODUCTION["model"], backend=PRODUCTION["backend"]
     )
+    projection = _projection(source, note, failed=failed)
+    return Verdict(decision, reasons, _settings(config), projection, not_measured, evidence)
 
 
 def _stand_in(
@@ -661,7 +707,11 @@ def _stand_in(
         "not measured for production",
         reasons,
         _settings(config),
-        _projection(projection_sources(entries), " (a stand-in: a prediction, not production)"),
+        _projection(
+            projection_sources(entries),
+            " (a stand-in: a prediction, not production)",
+            failed=failed_runs(entries),
+        ),
         not_measured,
         evidence,
     )

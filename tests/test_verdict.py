@@ -87,6 +87,7 @@ def report(base: str, **changes: Any) -> dict[str, Any]:
         data.update(
             requests=n, requests_planned=n, completed=n, finished=True, throughput_rps=6.5,
             error_rate=0.0, strategy={"name": "stateless", "servers": 1},
+            uncached_tokens_per_request=118.4,
             cached_tokens_source="server",
             # Measured as `harness run` resolves the job with no harness.yaml: its defaults.
             config={"MAX_CONTEXT_TOKENS": {"value": 14000, "source": "scenario"},
@@ -448,3 +449,33 @@ def test_a_scale_report_that_does_not_name_its_run_settings_is_incomplete(tmp_pa
     assert v.decision == "incomplete", v.lines()
     assert any("names no config.strategy, config.concurrency, config.score_mode" in r
                for r in v.reasons)  # fmt: skip
+
+
+def test_the_projection_says_what_the_run_sent(tmp_path: Path) -> None:
+    """Issue 38: the 170K projection was quoted without saying from what rows and settings."""
+    v = decide(tmp_path, complete())
+    assert (
+        "generated rows, strategy stateless, concurrency 1, 118 uncached tokens a row"
+        in (v.projection[0])
+    )
+    assert "a finished run that passed its criteria" in v.projection[0]
+
+
+def test_a_no_go_of_failed_scale_runs_still_shows_the_time_labelled(tmp_path: Path) -> None:
+    """Issue 38: a NO-GO (throughput 3.1, needs > 6) gave no time estimate at all."""
+    reports = complete()
+    failing = {"metric": "throughput_rps", "op": ">", "threshold": 6, "value": 3.1,
+               "passed": False}  # fmt: skip
+    for base in ("performance_benchmarks_100.json", "performance_benchmarks_1000.json",
+                 "performance_benchmarks_10000.json"):  # fmt: skip
+        reports[base].update(
+            passed=False, result="FAIL", throughput_rps=3.1,
+            criteria=[c for c in reports[base]["criteria"] if c["metric"] != "throughput_rps"]
+            + [failing],
+        )  # fmt: skip
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    (line, *_) = v.projection
+    assert "performance_benchmarks_10000" in line and "3.10 req/s" in line
+    assert "from a run that failed (throughput_rps" in line and "not a reference" in line
+    assert "15.2 h" in line  # 170,000 / 3.1 / 3600
