@@ -143,6 +143,23 @@ def test_a_measured_cap_above_the_context_keeps_the_80_percent_margin(tmp_path: 
     assert capped.trim_threshold.value == int(4096 * 0.8)
 
 
+def test_a_threshold_measured_for_a_larger_cap_keeps_the_margin_below_the_lowered_one(
+    tmp_path: Path,
+) -> None:
+    """Issue 42: MAX 20,000, threshold 16,000, --ctx 17,000 resolved a threshold of 16,000
+    (94% of the cap)."""
+    path = tmp_path / "harness.yaml"
+    measured = {"MAX_CONTEXT_TOKENS": 20000, "CONTEXT_TRIM_THRESHOLD": 16000}
+    write_back(path, "embedded", measured, PROV)
+    config = load_profile(path, "embedded")
+    cfg = resolve_run_config(profile="embedded", config=config, cli={"n_ctx": 17000})
+    assert cfg.max_context_tokens.value == 17000
+    assert cfg.trim_threshold.value == int(17000 * 0.8)
+    # Uncapped, the measured threshold stands.
+    cfg = resolve_run_config(profile="embedded", config=config, cli={"n_ctx": 20000})
+    assert cfg.trim_threshold.value == 16000
+
+
 def test_conversation_with_more_requests_in_flight_than_slots_is_refused(
     tmp_path: Path,
 ) -> None:

@@ -249,13 +249,19 @@ def resolve_run_config(
             f"(server_flags: ollama, {flags.source}); drop it or set server_flags: harness"
         )
     max_ctx = pick("max_context_tokens", "MAX_CONTEXT_TOKENS", n_ctx.value)
-    if max_ctx.value > n_ctx.value:
+    capped = max_ctx.value > n_ctx.value
+    if capped:
         max_ctx = Value(n_ctx.value, f"capped to n_ctx {n_ctx.value} ({n_ctx.source})")
     threshold = pick("trim_threshold", "CONTEXT_TRIM_THRESHOLD", None)
-    if threshold.value is None or threshold.value > max_ctx.value:
-        threshold = Value(
-            int(max_ctx.value * SAFE_FRACTION), f"{int(SAFE_FRACTION * 100)}% of MAX_CONTEXT_TOKENS"
-        )
+    margin = int(max_ctx.value * SAFE_FRACTION)
+    # A threshold measured against a larger cap keeps its 80% margin below the lowered one
+    # (MAX 20,000, threshold 16,000, --ctx 17,000: 13,600, not 16,000, 94% of the cap).
+    if (
+        threshold.value is None
+        or threshold.value > max_ctx.value
+        or (capped and threshold.value > margin)
+    ):
+        threshold = Value(margin, f"{int(SAFE_FRACTION * 100)}% of MAX_CONTEXT_TOKENS")
     score_mode = pick("score_mode", "SCORE_MODE", "decode")
     if score_mode.value not in SCORE_MODES:
         raise ConfigError(
