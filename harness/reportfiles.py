@@ -17,7 +17,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["base_name", "find_report", "report_filename", "reports_named", "slug"]
+__all__ = [
+    "base_name",
+    "find_report",
+    "not_a_measurement",
+    "not_a_reference",
+    "report_filename",
+    "reports_named",
+    "slug",
+]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_+-]+")
 
@@ -80,3 +88,35 @@ def find_report(
         if best is None or when > best[0]:
             best = (when, path, data)
     return (best[1], best[2]) if best is not None else None
+
+
+def not_a_measurement(data: Mapping[str, Any]) -> str | None:
+    """Why a report's figures are not a measurement (a test double, a replayed server), or
+    None. A replay says so in its `/api/version` answer or its own header; the backend records
+    it (`backend.replay`) in every report it feeds."""
+    b = data.get("backend")
+    b = b if isinstance(b, Mapping) else {}
+    if b.get("replay"):
+        return f"a replayed server ({b['replay']}), not a measurement"
+    server = str(b.get("server") or "")
+    if "test double" in server or data.get("cached_tokens_source") == "double":
+        return "a test double's figures, not measurements"
+    if "replay" in server.lower():
+        return f"a replayed server ({server}), not a measurement"
+    return None
+
+
+def not_a_reference(data: Mapping[str, Any]) -> str | None:
+    """Why a scale report may not be a reference for another run (a projection's, a pool's
+    scaling), or None: it must be finished, passed and measured, with a throughput (the
+    verdict's `projection_sources` rule)."""
+    if data.get("finished") is False:
+        return "stopped part-way"
+    if data.get("result") != "PASS":
+        return f"result {data.get('result') or 'none'}, not PASS"
+    why = not_a_measurement(data)
+    if why:
+        return why
+    if not data.get("throughput_rps"):
+        return "no throughput"
+    return None

@@ -39,7 +39,7 @@ from typing import Any
 from harness import __version__
 from harness.config import ProfileConfig, load_profile, measured_values
 from harness.errors import ConfigError, HarnessError
-from harness.reportfiles import base_name
+from harness.reportfiles import base_name, not_a_measurement
 from harness.run.resolve import RUN_RULES, resolve
 from harness.scenarios import load_scenario
 from harness.scoring import mode_of_report
@@ -223,17 +223,8 @@ def read_reports(report_dir: Path, *, unreadable: list[str] | None = None) -> li
 
 def is_double(e: ReportEntry) -> str | None:
     """Why a report's figures are not a measurement (a test double, a replayed server), or
-    None. A replay says so in its `/api/version` answer or its own header; the backend records
-    it (`backend.replay`) in every report it feeds."""
-    b = e.backend_block
-    if b.get("replay"):
-        return f"a replayed server ({b['replay']}), not a measurement"
-    server = str(b.get("server") or "")
-    if "test double" in server or e.data.get("cached_tokens_source") == "double":
-        return "a test double's figures, not measurements"
-    if "replay" in server.lower():
-        return f"a replayed server ({server}), not a measurement"
-    return None
+    None (`reportfiles.not_a_measurement`)."""
+    return not_a_measurement(e.data)
 
 
 def projection_sources(

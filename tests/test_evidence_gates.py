@@ -131,7 +131,7 @@ def _scale_report(path: Path, **kw: Any) -> None:
 
     data = {
         "profile": "embedded",
-        "backend": {"name": "embedded", "model": "gemma3-270m"},
+        "backend": {"name": "embedded", "model": "gemma3-270m", "server": kw.pop("server", "")},
         "strategy": {"name": "stateless", "servers": kw.pop("servers", 1)},
         "result": kw.pop("result", "PASS"),
         "finished": kw.pop("finished", True),
@@ -164,6 +164,12 @@ def test_a_pool_is_measured_against_one_finished_passing_server_of_its_identity(
     assert check["one_server_report"] == "performance_benchmarks_100.json"
     other = dict(IDENTITY, model="tiny-gemma3")
     assert scaling_check(tmp_path, 9.0, 3, other)["efficiency"] is None
+    # A replay of the same identity, faster, never becomes the reference (issue 42).
+    _scale_report(tmp_path / "performance_benchmarks_2000.json", requests=2000, rps=8.0,
+                  server="ollama 0.34.0 (a replay: tests/ollama_replay.py)")  # fmt: skip
+    assert scaling_check(tmp_path, 9.0, 3, IDENTITY)["one_server_report"] == (
+        "performance_benchmarks_100.json"
+    )
 
 
 def test_a_pool_run_gates_its_scaling_efficiency() -> None:

@@ -112,16 +112,18 @@ def test_a_projected_170k_cost_over_100_dollars_or_unmeasured_fails(size: int) -
     assert not passes(gate(size, profile, "projected_170k_cost", {"projected_170k_cost": None}))
 
 
-def scale_report(path: Path, n: int, rps: float, **identity: Any) -> None:
+def scale_report(path: Path, n: int, rps: float, *, result: str = "PASS", server: str = "",
+                 **identity: Any) -> None:  # fmt: skip
     ident = {"profile": "embedded", "model": "gemma3-270m", "backend": "embedded"} | identity
     path.joinpath(f"performance_benchmarks_{n}.json").write_text(
         json.dumps(
             {
                 "profile": ident["profile"],
-                "backend": {"name": ident["backend"], "model": ident["model"]},
+                "backend": {"name": ident["backend"], "model": ident["model"], "server": server},
                 "strategy": {"name": ident.get("strategy", "conversation")},
                 "throughput_rps": rps,
                 "finished": True,
+                "result": result,
             }
         )
     )
@@ -165,3 +167,15 @@ def test_a_projection_from_the_same_kind_of_run_is_gated_both_ways(tmp_path: Pat
     for check in (slow, fast):
         report = {"projection_error": check["error"]}
         assert not passes(gate(50_000, "embedded", "projection_error", report))
+
+
+def test_a_projection_reference_is_finished_passing_and_measured(tmp_path: Path) -> None:
+    """Issue 42: projection_check took FAIL reports and replays as a gate's baseline."""
+    scale_report(tmp_path, 1_000, 2.0)
+    scale_report(tmp_path, 10_000, 9.0, result="FAIL")
+    scale_report(tmp_path, 5_000, 8.0, server="ollama 0.34.0 (a replay: tests/ollama_replay.py)")
+    check = projection_check(tmp_path, 50_000, 25_000.0, IDENTITY)
+    assert check is not None and check["from_report"] == "performance_benchmarks_1000.json"
+    shown = " ".join(check["not_comparable"])
+    assert "performance_benchmarks_10000.json (result FAIL, not PASS)" in shown
+    assert "performance_benchmarks_5000.json (a replayed server" in shown

@@ -20,7 +20,7 @@ from harness.engine.runner import RunnerConfig
 from harness.engine.strategies import TrimPolicy
 from harness.engine.tokens import TokenCounter
 from harness.metrics import RunMetrics
-from harness.reportfiles import base_name, find_report
+from harness.reportfiles import base_name, find_report, not_a_reference
 from harness.scenarios import Scenario, lookup
 from harness.workload import (
     CandidateTable,
@@ -321,7 +321,9 @@ def projection_check(
     report_dir: Path, size: int, elapsed_s: float, identity: Mapping[str, Any]
 ) -> dict[str, Any] | None:
     """Compare this run's time with what the largest smaller run of the same profile, model,
-    backend and strategy predicted; runs of anything else are listed as not comparable."""
+    backend and strategy predicted, a finished, passing, measured one (`not_a_reference`);
+    runs of anything else, and those that may not be a reference, are listed as not
+    comparable, with why."""
     best: tuple[int, str, dict[str, Any]] | None = None
     others: list[str] = []
     for path in sorted(report_dir.glob("performance_benchmarks_*.json")):
@@ -330,8 +332,12 @@ def projection_check(
             data = json.loads(path.read_text())
         except (ValueError, OSError, IndexError):
             continue
-        if n >= size or not data.get("throughput_rps") or data.get("finished") is False:
-            continue  # larger, empty, or stopped part-way: predicts nothing
+        if n >= size:
+            continue  # larger: predicts nothing
+        why = not_a_reference(data)
+        if why:  # failed, stopped, a replay or a double: never a gate's baseline
+            others.append(f"{path.name} ({why})")
+            continue
         theirs = run_identity(data)
         if theirs != dict(identity):
             differ = [k for k in identity if theirs.get(k) != identity[k]]
@@ -591,8 +597,9 @@ def scaling_check(
     report_dir: Path, rps: float, servers: int, identity: Mapping[str, Any]
 ) -> dict[str, Any]:
     """A pool run's scaling efficiency: its throughput ÷ (servers × the throughput of the
-    largest finished, passing single-server scale report of the same profile, model, backend
-    and strategy); `why` when there is none to compare with."""
+    largest finished, passing, measured (no replay or double: `not_a_reference`) single-server
+    scale report of the same profile, model, backend and strategy); `why` when there is none
+    to compare with."""
     best: tuple[int, str, float] | None = None
     for path in sorted(report_dir.glob("performance_benchmarks_*.json")):
         try:
@@ -601,10 +608,8 @@ def scaling_check(
             continue
         st = data.get("strategy") if isinstance(data.get("strategy"), Mapping) else {}
         one = int((st or {}).get("servers") or 1) == 1 and not data.get("endpoints")
-        if not one or data.get("result") != "PASS" or data.get("finished") is False:
-            continue
-        if run_identity(data) != dict(identity) or not data.get("throughput_rps"):
-            continue
+        if not one or not_a_reference(data) or run_identity(data) != dict(identity):
+            continue  # a pool, a run that may not be a reference, or another kind of run
         n = int(data.get("requests") or 0)
         if best is None or n > best[0]:
             best = (n, path.name, float(data["throughput_rps"]))
