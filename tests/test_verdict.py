@@ -479,3 +479,30 @@ def test_a_no_go_of_failed_scale_runs_still_shows_the_time_labelled(tmp_path: Pa
     assert "performance_benchmarks_10000" in line and "3.10 req/s" in line
     assert "from a run that failed (throughput_rps" in line and "not a reference" in line
     assert "15.2 h" in line  # 170,000 / 3.1 / 3600
+
+
+def test_the_session_summary_judges_against_the_jobs_prompt(tmp_path: Path) -> None:
+    """Issue 38 (one rule for every reader): the summary, the page and the terminal called the
+    verdict without the prompt `harness run` sends, so a set measured with `--harness-prompt`
+    read NO-GO there and GO in `harness validate`."""
+    from harness.pytest.reporting import ReportContext
+
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(Path(PROMPT.path).read_text().replace("Northwind", "Southwind"))
+    mine = load_prompt(rubric)
+    assert mine.sha256 != PROMPT.sha256
+    reports = complete()
+    for data in reports.values():
+        if data["phase"] != "reliability":
+            data["prompt"] = {"name": mine.name, "file": str(rubric), "sha256": mine.sha256}
+    folder = write_set(tmp_path / "reports", reports)
+
+    def context(prompt: Path | None) -> ReportContext:
+        return ReportContext(
+            profile="gpu-gemma3-12b", root=tmp_path, report_dir=folder,
+            config_path=tmp_path / "harness.yaml", write_config=False,
+            backend_info=lambda *a, **k: {}, machine=dict, prompt=prompt,
+        )  # fmt: skip
+
+    assert context(rubric).verdict().decision == "GO"
+    assert context(None).verdict().decision == "NO-GO"

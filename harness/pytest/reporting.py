@@ -30,7 +30,7 @@ from harness.report import commit_info, now_iso, write_report
 from harness.reportfiles import find_report, report_filename
 from harness.reportmodels import SummaryReport
 from harness.scenarios import Criterion, Scenario, evaluate
-from harness.verdict import read_reports, verdict
+from harness.verdict import Verdict, read_reports, verdict
 
 __all__ = ["PhaseResult", "ReportContext", "Reports"]
 
@@ -85,6 +85,14 @@ class ReportContext:
     """The job settings the validated job (harness.yaml `jobs`) gave, not the options."""
     unlike_harness_run: Callable[[Scenario], dict[str, str]] | None = None
     """`(scenario)`: the job settings the phase sends otherwise than `harness run` would."""
+    prompt: Path | None = None
+    """The job's prompt (`--harness-prompt`, or the validated job's): the one `harness run`
+    sends, so the summary, the page and the terminal judge the reports against it, as
+    `harness verdict --prompt` and `harness validate` do (None: the packaged rubric)."""
+
+    def verdict(self) -> Verdict:
+        """The verdict every reader of this session shows: one call, one prompt."""
+        return verdict(self.report_dir, self.config_path, prompt=self.prompt)
 
     def relpath(self, path: Path) -> str:
         """`path` relative to the project's root when it lies inside it."""
@@ -234,7 +242,7 @@ class Reports:
             "profile": s.profile,
             "machine_info": s.machine(),
             "commit_info": commit_info(s.root),
-            "verdict": verdict(s.report_dir, s.config_path).to_dict(),
+            "verdict": s.verdict().to_dict(),
             "reports": [
                 {
                     "report": e.file,
@@ -287,12 +295,12 @@ class Reports:
                 max_context=data.get("max_context_tokens"),
                 title=f"Memory against context: {data.get('model', '')}",
             )
-        return build_index(s.report_dir, verdict=verdict(s.report_dir, s.config_path))
+        return build_index(s.report_dir, verdict=s.verdict())
 
     def lines(self) -> list[str]:
         """The terminal summary: the verdict, then every report in the folder."""
         s = self.context
-        out = verdict(s.report_dir, s.config_path).lines()
+        out = s.verdict().lines()
         rows = [("report", "profile", "model", "result", "figures")]
         for e in read_reports(s.report_dir):
             figures = []

@@ -87,6 +87,7 @@ class HarnessSession:
                 machine=self.machine,
                 from_validated=given.from_validated,
                 unlike_harness_run=self.unlike_harness_run,
+                prompt=Path(self.job["prompt"]) if self.job.get("prompt") else None,
             )
         )
         """The phase reports written this session (harness.pytest.reporting)."""
