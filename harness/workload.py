@@ -25,10 +25,12 @@ from harness.errors import ConfigError, InputError
 from harness.inputs import MAX_LINE_BYTES, Line, parse_line, request_lines
 
 __all__ = [
+    "BAD_ROWS_LISTED",
     "DEFAULT_PROMPT_PATH",
     "CandidateTable",
     "PromptSpec",
     "WorkItem",
+    "bad_rows",
     "batch_line",
     "generate_candidates",
     "items_from_batch",
@@ -372,6 +374,7 @@ def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTab
     rows: list[dict[str, str]] = []
     lines: list[int] = []
     seen: dict[str, int] = {}
+    bad: list[tuple[int, str]] = []  # every bad row (line, why), in one pass: fixed at once
     id_idx = header.index(id_column)
     line_no = reader.line_num
     try:
@@ -381,28 +384,47 @@ def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTab
             if not record or all(not c.strip() for c in record):
                 continue  # blank line
             if len(record) != len(header):
-                raise InputError(
-                    f"row has {len(record)} fields, the header has {len(header)}",
-                    path=str(p),
-                    line=start_line,
+                bad.append(
+                    (start_line, f"row has {len(record)} fields, the header has {len(header)}")
                 )
+                continue
             cid = record[id_idx].strip()
             if not cid:
-                raise InputError(f"empty {id_column!r}", path=str(p), line=start_line)
+                bad.append((start_line, f"empty {id_column!r}"))
+                continue
             if cid in seen:
-                raise InputError(
-                    f"duplicate {id_column} {cid!r} (first on line {seen[cid]})",
-                    path=str(p),
-                    line=start_line,
+                bad.append(
+                    (start_line, f"duplicate {id_column} {cid!r} (first on line {seen[cid]})")
                 )
+                continue
             seen[cid] = start_line
             rows.append({h: v.strip() for h, v in zip(header, record, strict=True)})
             lines.append(start_line)
     except csv.Error as exc:
         raise InputError(f"cannot parse: {exc}", path=str(p), line=reader.line_num) from None
+    if bad:
+        raise bad_rows(p, bad)
     if not rows:
         raise InputError("input has a header but no rows", path=str(p))
     return CandidateTable(str(p), tuple(header), id_column, tuple(rows), tuple(lines))
+
+
+BAD_ROWS_LISTED = 50
+"""How many bad rows one error lists (the total is always given)."""
+
+
+def bad_rows(path: Path, bad: Sequence[tuple[int, str]]) -> InputError:
+    """One error for every bad row of a file: the first where the message starts (`file:line:`
+    as any input error), then the others, one a line, up to `BAD_ROWS_LISTED`, and the total."""
+    (line, why), rest = bad[0], bad[1:BAD_ROWS_LISTED]
+    if len(bad) == 1:
+        return InputError(why, path=str(path), line=line)
+    listed = "".join(f"\n  {path}:{n}: {w}" for n, w in rest)
+    more = len(bad) - 1 - len(rest)
+    tail = f"\n  ... and {more} more not listed" if more else ""
+    return InputError(
+        f"{why}\n  {len(bad)} bad rows in all; the others:{listed}{tail}", path=str(path), line=line
+    )
 
 
 def _looks_like_value(text: str) -> bool:

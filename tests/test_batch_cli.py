@@ -32,6 +32,7 @@ from harness.run.settings import RunConfig
 from harness.testing import InProcessDouble
 from harness.testing.doubles import char_tokenize
 from harness.workload import (
+    BAD_ROWS_LISTED,
     batch_line,
     generate_candidates,
     items_from_batch,
@@ -1316,3 +1317,33 @@ def test_an_unknown_score_mode_is_a_usage_error(in_tmp: Path) -> None:
     assert usage.value.code == 2
     Path("harness.yaml").write_text("profiles:\n  embedded:\n    SCORE_MODE: guess\n")
     assert main(["run", "c.csv", "--no-progress"]) == 2
+
+
+@pytest.mark.usefixtures("no_server")
+def test_every_bad_row_is_listed_in_one_error(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 41: the first bad row refused the job and only that row was reported; a user with
+    170,000 rows fixed them one run at a time. Now one error lists them all (up to a cap, with
+    the total), and nothing is created."""
+    rows = [f"C{i},Name {i},{i % 9}" for i in range(400)]
+    bad = {5: "C5,Ben", 90: ",Cy,4", 250: "C3,Dup,4"}  # too few fields, empty id, duplicate
+    for i, text in bad.items():
+        rows[i] = text
+    (in_tmp / "c.csv").write_bytes(HEADER + ("\n".join(rows) + "\n").encode())
+    before = snapshot(in_tmp)
+    assert main(["run", "c.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harness run: error: c.csv:7: row has 2 fields, the header has 3")
+    assert "3 bad rows in all; the others:" in err
+    assert "c.csv:92: empty 'id'" in err
+    assert "c.csv:252: duplicate id 'C3' (first on line 5)" in err
+    assert snapshot(in_tmp) == before
+
+    many = [f",x,{i}" if i % 2 else f"C{i},x,{i}" for i in range(300)]  # 150 empty ids
+    (in_tmp / "c.csv").write_bytes(HEADER + ("\n".join(many) + "\n").encode())
+    assert main(["run", "c.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "150 bad rows in all" in err
+    assert err.count("empty 'id'") == BAD_ROWS_LISTED
+    assert f"and {150 - BAD_ROWS_LISTED} more not listed" in err
