@@ -234,16 +234,18 @@ def projection_sources(
     backend: str | None = None,
     strategy: str | None = None,
     profile: str | None = None,
+    result: str = "PASS",
 ) -> list[ReportEntry]:
     """The scale reports a projection may come from: finished, passed, measured (no double or
     replay), with a throughput; of this model, backend, strategy and profile where given.
-    `harness plan` and the verdict both take the largest of these (`max(..., key=requests)`)."""
+    `harness plan` and the verdict both take the largest of these (`max(..., key=requests)`).
+    `result="FAIL"`: the same runs that failed (`failed_runs`: shown, never a reference)."""
     return [
         e
         for e in entries
         if e.phase == "scale"
         and e.finished
-        and e.result == "PASS"
+        and e.result == result
         and is_double(e) is None
         and float(e.data.get("throughput_rps") or 0) > 0
         and (model is None or e.model == model)
@@ -414,17 +416,7 @@ def failed_runs(
 ) -> list[ReportEntry]:
     """Finished, measured scale runs with a throughput that failed their criteria: the time a
     NO-GO's job would take is shown from one, labelled, and never used as a reference."""
-    return [
-        e
-        for e in entries
-        if e.phase == "scale"
-        and e.finished
-        and e.result == "FAIL"
-        and is_double(e) is None
-        and float(e.data.get("throughput_rps") or 0) > 0
-        and (model is None or e.model == model)
-        and (backend is None or e.backend == backend)
-    ]
+    return projection_sources(entries, model=model, backend=backend, result="FAIL")
 
 
 def measured_as(e: ReportEntry) -> str:
