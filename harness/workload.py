@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import yaml
@@ -27,8 +27,10 @@ from harness.inputs import MAX_LINE_BYTES, Line, parse_line, request_lines
 __all__ = [
     "BAD_ROWS_LISTED",
     "DEFAULT_PROMPT_PATH",
+    "ON_BAD_ROW",
     "CandidateTable",
     "PromptSpec",
+    "Rejected",
     "WorkItem",
     "bad_rows",
     "batch_line",
@@ -38,6 +40,7 @@ __all__ = [
     "load_prompt",
     "parse_reply",
     "read_batch_jsonl",
+    "read_batch_lines",
     "read_candidates_csv",
     "tight_grammar",
     "tokens_for_schema",
@@ -300,44 +303,88 @@ class CandidateTable:
     rows: tuple[dict[str, str], ...]
     lines: tuple[int, ...]
     """Line number in the file where each row starts (1-based; line 1 is the header)."""
+    rejected: tuple[Rejected, ...] = ()
+    """Bad rows set aside (`on_bad="skip"`), in file order."""
 
 
-def _read_text(path: Path) -> str:
+def _open_text(path: Path) -> IO[str]:
+    """The input, opened for a streamed read (UTF-8, a byte-order mark skipped), with a
+    missing, unreadable or empty file named."""
     try:
-        raw = path.read_bytes()
+        if path.stat().st_size == 0:
+            raise InputError("input file is empty", path=str(path))
+        return path.open(encoding="utf-8-sig", newline="")
     except FileNotFoundError:
         raise InputError("input file not found", path=str(path)) from None
     except IsADirectoryError:
         raise InputError("input path is a directory, not a file", path=str(path)) from None
     except PermissionError:
         raise InputError("input file cannot be read (permission denied)", path=str(path)) from None
-    if not raw.strip():
-        raise InputError("input file is empty", path=str(path))
+
+
+def _not_utf8(path: Path) -> InputError:
+    """Where the first byte that is not UTF-8 lies (the file read again as bytes: only on this
+    error)."""
+    raw = path.read_bytes()
+    skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = raw.decode("utf-8-sig")
+        raw[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InputError(
-            f"bytes that are not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            "save the file as UTF-8",
+        at = skip + exc.start
+        return InputError(
+            f"bytes that are not UTF-8 (byte 0x{raw[at]:02x} at offset {at}); save the file "
+            "as UTF-8",
             path=str(path),
-            line=line,
-        ) from None
-    return text
+            line=raw[:at].count(b"\n") + 1,
+        )
+    return InputError("bytes that are not UTF-8; save the file as UTF-8", path=str(path))
 
 
-def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTable:
-    """Read and validate a candidates CSV. Raises InputError naming the file and line."""
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A bad row set aside by `on_bad="skip"`: where it starts, its id (when it has one), why."""
+
+    line: int
+    id: str
+    reason: str
+
+
+ON_BAD_ROW = ("refuse", "skip")
+"""What a bad row does: `refuse` the input (every bad row listed in one error) or `skip` it
+(the good rows run; the bad ones are listed in the table's `rejected`)."""
+
+
+def read_candidates_csv(
+    path: str | Path, id_column: str = "id", *, on_bad: str = "refuse"
+) -> CandidateTable:
+    """Read and validate a candidates CSV, streamed (the file is never held whole). Raises
+    InputError naming the file and line: for a bad row (wrong number of fields, empty or
+    repeated id) every bad row in one error, unless `on_bad="skip"` sets them aside."""
+    if on_bad not in ON_BAD_ROW:
+        raise ConfigError(f"on bad row {on_bad!r} is not one of {', '.join(ON_BAD_ROW)}")
     p = Path(path)
-    text = _read_text(p)
+    with _open_text(p) as fh:
+        try:
+            return _read_table(p, fh, id_column, on_bad)
+        except UnicodeDecodeError:
+            raise _not_utf8(p) from None
+
+
+def _read_table(p: Path, fh: IO[str], id_column: str, on_bad: str) -> CandidateTable:
+    head = fh.read(4096)
+    if not head.strip():
+        raise InputError("input file is empty", path=str(p))
     try:
-        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+        dialect: Any = csv.Sniffer().sniff(head, delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
+    fh.seek(0)
+    if fh.read(1) != "\ufeff":  # utf-8-sig skips the mark on the first read only
+        fh.seek(0)
     # The csv module refuses fields over 131,072 characters; a long field (a pasted résumé) is
     # that row's business (a prompt too long for the context is the row's error), not the file's.
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    csv.field_size_limit(max(csv.field_size_limit(), p.stat().st_size + 1))
+    reader = csv.reader(fh, dialect)
     try:
         header = next(reader)
     except StopIteration:
@@ -374,7 +421,7 @@ def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTab
     rows: list[dict[str, str]] = []
     lines: list[int] = []
     seen: dict[str, int] = {}
-    bad: list[tuple[int, str]] = []  # every bad row (line, why), in one pass: fixed at once
+    bad: list[Rejected] = []  # every bad row, in one pass: fixed (or set aside) at once
     id_idx = header.index(id_column)
     line_no = reader.line_num
     try:
@@ -383,30 +430,35 @@ def read_candidates_csv(path: str | Path, id_column: str = "id") -> CandidateTab
             line_no = reader.line_num
             if not record or all(not c.strip() for c in record):
                 continue  # blank line
+            cid = record[id_idx].strip() if id_idx < len(record) else ""
             if len(record) != len(header):
-                bad.append(
-                    (start_line, f"row has {len(record)} fields, the header has {len(header)}")
-                )
+                why = f"row has {len(record)} fields, the header has {len(header)}"
+                bad.append(Rejected(start_line, cid, why))
                 continue
-            cid = record[id_idx].strip()
             if not cid:
-                bad.append((start_line, f"empty {id_column!r}"))
+                bad.append(Rejected(start_line, cid, f"empty {id_column!r}"))
                 continue
             if cid in seen:
-                bad.append(
-                    (start_line, f"duplicate {id_column} {cid!r} (first on line {seen[cid]})")
-                )
+                why = f"duplicate {id_column} {cid!r} (first on line {seen[cid]})"
+                bad.append(Rejected(start_line, cid, why))
                 continue
             seen[cid] = start_line
             rows.append({h: v.strip() for h, v in zip(header, record, strict=True)})
             lines.append(start_line)
     except csv.Error as exc:
         raise InputError(f"cannot parse: {exc}", path=str(p), line=reader.line_num) from None
-    if bad:
-        raise bad_rows(p, bad)
+    if bad and on_bad == "refuse":
+        raise bad_rows(p, [(r.line, r.reason) for r in bad])
     if not rows:
+        if bad:
+            raise InputError(
+                f"every row is bad ({len(bad)}); the first: line {bad[0].line}: {bad[0].reason}",
+                path=str(p),
+            )
         raise InputError("input has a header but no rows", path=str(p))
-    return CandidateTable(str(p), tuple(header), id_column, tuple(rows), tuple(lines))
+    return CandidateTable(
+        str(p), tuple(header), id_column, tuple(rows), tuple(lines), rejected=tuple(bad)
+    )
 
 
 BAD_ROWS_LISTED = 50
@@ -506,60 +558,78 @@ def _batch_lines(path: Path, max_line_bytes: int) -> Iterator[Line]:
 
 
 def read_batch_jsonl(
-    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES
+    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES, on_bad: str = "refuse"
 ) -> list[dict[str, Any]]:
     """Read and validate an OpenAI Batch input file, streamed line by line (`harness.inputs`:
     a line over `max_line_bytes`, bytes that are not UTF-8, a line nested too deep to parse
-    are that line's error, never a traceback). Raises InputError naming the line."""
+    are that line's error, never a traceback). Raises InputError naming the line: every bad
+    line in one error, unless `on_bad="skip"` (then `batch_rejects` lists them)."""
+    lines, bad = read_batch_lines(path, max_line_bytes=max_line_bytes)
     p = Path(path)
-    lines: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for line in _batch_lines(p, max_line_bytes):
-        n = line.number
-        if line.text is None:
-            raise InputError(str(line.problem), path=str(p), line=n)
-        obj, problem = parse_line(line.text)
-        if problem is not None:
-            raise InputError(problem, path=str(p), line=n)
-        if not isinstance(obj, dict):
-            raise InputError("a batch line must be a JSON object", path=str(p), line=n)
-        for key in ("custom_id", "body"):
-            if key not in obj:
-                raise InputError(f"batch line is missing {key!r}", path=str(p), line=n)
-        cid = obj["custom_id"]
-        if not isinstance(cid, str) or not cid.strip():
-            raise InputError("`custom_id` must be a non-empty string", path=str(p), line=n)
-        if cid in seen:
-            raise InputError(
-                f"duplicate custom_id {cid!r} (first on line {seen[cid]})", path=str(p), line=n
-            )
-        seen[cid] = n
-        body = obj["body"]
-        msgs = body.get("messages") if isinstance(body, dict) else None
-        if (
-            not isinstance(msgs, list)
-            or not msgs
-            or not all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in msgs
-            )
-        ):
-            raise InputError(
-                "`body.messages` must be a non-empty list of {role, content} objects",
-                path=str(p),
-                line=n,
-            )
-        url = obj.get("url", "/v1/chat/completions")
-        if url != "/v1/chat/completions":
-            raise InputError(
-                f"unsupported url {url!r} (only /v1/chat/completions)", path=str(p), line=n
-            )
-        lines.append(obj)
+    if bad and on_bad != "skip":
+        raise bad_rows(p, [(r.line, r.reason) for r in bad])
     if not lines:
+        if bad:
+            raise InputError(
+                f"every line is bad ({len(bad)}); the first: line {bad[0].line}: {bad[0].reason}",
+                path=str(p),
+            )
         raise InputError("input has no batch lines", path=str(p))
     return lines
+
+
+def read_batch_lines(
+    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> tuple[list[dict[str, Any]], list[Rejected]]:
+    """The good lines of a batch input file and the bad ones (line, custom_id, why)."""
+    p = Path(path)
+    lines: list[dict[str, Any]] = []
+    bad: list[Rejected] = []
+    seen: dict[str, int] = {}
+    for line in _batch_lines(p, max_line_bytes):
+        if line.text is None:  # not text (NUL bytes, not UTF-8, too long): the file's problem
+            raise InputError(str(line.problem), path=str(p), line=line.number)
+        obj, problem = parse_line(line.text)
+        if problem is None:
+            problem = _batch_line_problem(obj, seen, line.number)
+        if problem is not None:
+            cid = obj.get("custom_id") if isinstance(obj, dict) else None
+            bad.append(Rejected(line.number, cid if isinstance(cid, str) else "", problem))
+            continue
+        assert isinstance(obj, dict)
+        seen[obj["custom_id"]] = line.number
+        lines.append(obj)
+    return lines, bad
+
+
+def _batch_line_problem(obj: Any, seen: Mapping[str, int], n: int) -> str | None:
+    if not isinstance(obj, dict):
+        return "a batch line must be a JSON object"
+    for key in ("custom_id", "body"):
+        if key not in obj:
+            return f"batch line is missing {key!r}"
+    cid = obj["custom_id"]
+    if not isinstance(cid, str) or not cid.strip():
+        return "`custom_id` must be a non-empty string"
+    if cid in seen:
+        return f"duplicate custom_id {cid!r} (first on line {seen[cid]})"
+    body = obj["body"]
+    msgs = body.get("messages") if isinstance(body, dict) else None
+    if (
+        not isinstance(msgs, list)
+        or not msgs
+        or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in msgs
+        )
+    ):
+        return "`body.messages` must be a non-empty list of {role, content} objects"
+    url = obj.get("url", "/v1/chat/completions")
+    if url != "/v1/chat/completions":
+        return f"unsupported url {url!r} (only /v1/chat/completions)"
+    return None
 
 
 def items_from_batch(lines: Sequence[Mapping[str, Any]]) -> list[WorkItem]:
