@@ -1,13 +1,8 @@
 """A batch job's files: which kind an input is, where its outputs go, reading and validating it
-into work items (`load_input`), `harness convert` (a candidates CSV to an OpenAI Batch JSONL)
-and the scores CSV written from the results file:
-
-    custom_id, score, <other output-schema fields>, score_expected, score_p, status, error,
-    prompt_tokens, cached_tokens, completion_tokens, latency_ms
-
-(`score_expected` and `score_p` with `--score-mode logprobs`: `harness.scoring`), one row per
-input row, in input order (rows not run yet are absent). Everything is validated before any
-output is created: a mistake raises `InputError` or `ConfigError` with the file, line or setting.
+into work items (`load_input`: with `--on-bad-row skip` the bad rows are set aside for the
+rejects file, `write_rejects`), and `harness convert` (a candidates CSV to an OpenAI Batch
+JSONL). The scores CSV is `harness.scoresfile`'s. Everything is validated before any output is
+created: a mistake raises `InputError` or `ConfigError` with the file, line or setting.
 """
 
 from __future__ import annotations
@@ -15,29 +10,37 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
-from harness.engine import read_results
 from harness.errors import ConfigError, InputError
 from harness.fileio import atomic_write_text
 from harness.inputs import input_sha256
 from harness.lock import hold, lock_path_for
 from harness.run.options import DEFAULT_SEED, BatchOptions
+from harness.scoresfile import (
+    METRIC_COLUMNS,
+    SCORE_COLUMNS,
+    ScoreCounts,
+    ScoresLayout,
+    kept_columns,
+    write_scores,
+)
 from harness.workload import (
     CandidateTable,
+    Rejected,
     WorkItem,
     batch_line,
     item_body,
     items_from_batch,
     items_from_table,
     load_prompt,
-    parse_reply,
     read_batch_jsonl,
+    read_batch_lines,
     read_candidates_csv,
     sample_rows,
     tokens_for_schema,
@@ -55,28 +58,16 @@ __all__ = [
     "input_kind",
     "load_input",
     "output_paths",
+    "rejects_path",
+    "row_sha",
     "score_columns",
+    "write_rejects",
     "write_scores",
 ]
 
 
 BATCH_SUFFIXES = (".jsonl", ".json")
 """Input files with these suffixes are OpenAI Batch JSONL; anything else is a CSV."""
-
-METRIC_COLUMNS = (
-    "status",
-    "error",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "latency_ms",
-)
-"""The scores CSV's columns after `custom_id`, `score`, the other output-schema fields and
-`SCORE_COLUMNS`."""
-
-SCORE_COLUMNS = ("score_expected", "score_p")
-"""`--score-mode logprobs`: the expected score (sum of p·value over the allowed values) and the
-probability of `score`, from the model's probabilities; empty for rows the model decoded."""
 
 InputKind = Literal["csv", "batch"]
 
@@ -127,6 +118,30 @@ class BatchInput:
     """Hash of the prompt (CSV: system, template, schema; batch: the first line's messages)."""
     input_sha256: str = ""
     """Hash of the whole input file (`harness.inputs.input_sha256`): every row, every line."""
+    id_name: str = "custom_id"
+    """The id column's name in the input (a batch JSONL's: `custom_id`): the scores CSV's."""
+    kept: tuple[str, ...] = ()
+    """Input columns the scores CSV carries over (`--keep-columns`)."""
+    kept_values: tuple[tuple[str, ...], ...] = ()
+    """Each item's values of `kept` (empty when none are kept)."""
+    row_sha: tuple[str, ...] = ()
+    """Each item's row identity (`row_sha`): resume compares it with the row that was scored."""
+    row_lines: tuple[int, ...] = ()
+    """Each item's line in the input (where its row starts)."""
+    rejected: tuple[Rejected, ...] = ()
+    """Bad rows set aside (`--on-bad-row skip`), in file order."""
+
+    def scored_rows(self) -> Iterator[tuple[str, Sequence[str]]]:
+        """(id, kept values) of every item, in input order (what `write_scores` lays out)."""
+        for i, it in enumerate(self.items):
+            yield it.custom_id, self.kept_values[i] if self.kept_values else ()
+
+
+def row_sha(content: Any) -> str:
+    """A row's identity: 16 hex digits of a BLAKE2b hash of its content (a CSV row's cells by
+    column name, a batch line's body), key order ignored."""
+    data = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def _schema_fields(schemas: Sequence[Mapping[str, Any] | None]) -> tuple[str, ...]:
@@ -146,6 +161,7 @@ def _sample_table(table: CandidateTable, n: int | None, seed: int) -> CandidateT
         table.id_column,
         tuple(table.rows[i] for i in keep),
         tuple(table.lines[i] for i in keep),
+        rejected=table.rejected,
     )
 
 
@@ -155,29 +171,11 @@ def load_input(options: BatchOptions) -> BatchInput:
     path = Path(options.input)
     kind = input_kind(path)
     if kind == "batch":
-        if options.prompt is not None:
-            raise ConfigError(
-                f"--prompt applies to CSV input only; the lines of {path} carry their own messages"
-            )
-        lines = read_batch_jsonl(path)
-        chosen = sample_rows(lines, options.sample, options.seed)
-        items = items_from_batch(chosen)
-        fields = _schema_fields([it.output_schema for it in items])
-        digest = hashlib.sha256(
-            orjson.dumps([list(it.prefix) for it in items[:1]], option=orjson.OPT_SORT_KEYS)
-        ).hexdigest()
-        return BatchInput(
-            path,
-            kind,
-            tuple(items),
-            fields,
-            len(lines),
-            "the batch lines' own messages",
-            digest,
-            _input_digest(path),
-        )
-    table = read_candidates_csv(path, options.id_column)
+        return _load_batch(options, path)
+    table = read_candidates_csv(path, options.id_column, on_bad=options.on_bad_row)
     prompt = load_prompt(options.prompt)
+    fields = _schema_fields([prompt.output_schema])
+    kept = kept_columns(options.keep_columns, table.columns, table.id_column, fields)
     sampled = _sample_table(table, options.sample, options.seed)
     items = items_from_table(
         sampled,
@@ -191,11 +189,52 @@ def load_input(options: BatchOptions) -> BatchInput:
         path,
         kind,
         tuple(items),
-        _schema_fields([prompt.output_schema]),
-        len(table.rows),
+        fields,
+        len(table.rows) + len(table.rejected),
         f"{prompt.name} ({prompt.path})",
         prompt.sha256,
         _input_digest(path),
+        id_name=table.id_column,
+        kept=kept,
+        kept_values=tuple(tuple(row[c] for c in kept) for row in sampled.rows) if kept else (),
+        row_sha=tuple(row_sha(row) for row in sampled.rows),
+        row_lines=sampled.lines,
+        rejected=table.rejected,
+    )
+
+
+def _load_batch(options: BatchOptions, path: Path) -> BatchInput:
+    if options.prompt is not None:
+        raise ConfigError(
+            f"--prompt applies to CSV input only; the lines of {path} carry their own messages"
+        )
+    if options.keep_columns:
+        raise ConfigError(
+            f"--keep-columns applies to CSV input only; {path} is a batch JSONL (its scores "
+            "CSV has custom_id and the reply's fields)"
+        )
+    lines, bad = read_batch_lines(path)
+    if bad and options.on_bad_row != "skip":
+        lines = read_batch_jsonl(path)  # raises: every bad line in one error
+    if not lines:
+        read_batch_jsonl(path, on_bad="skip")  # raises: no good line
+    chosen = sample_rows(lines, options.sample, options.seed)
+    items = items_from_batch(chosen)
+    fields = _schema_fields([it.output_schema for it in items])
+    digest = hashlib.sha256(
+        orjson.dumps([list(it.prefix) for it in items[:1]], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+    return BatchInput(
+        path,
+        "batch",
+        tuple(items),
+        fields,
+        len(lines) + len(bad),
+        "the batch lines' own messages",
+        digest,
+        _input_digest(path),
+        row_sha=tuple(row_sha(obj["body"]) for obj in chosen),
+        rejected=tuple(bad),
     )
 
 
@@ -261,104 +300,23 @@ def convert(
     return ConvertResult(src, dst, len(items), len(table.rows), spec.path or spec.name)
 
 
-def score_columns(fields: Sequence[str]) -> list[str]:
-    """The scores CSV header for these output fields."""
-    return ["custom_id", *(fields or ("score",)), *SCORE_COLUMNS, *METRIC_COLUMNS]
+def score_columns(fields: Sequence[str], *, logprobs: bool = True) -> list[str]:
+    """The scores CSV header for these output fields (a batch JSONL's: `custom_id` first)."""
+    return ScoresLayout(fields=tuple(fields), logprobs=logprobs).header
 
 
-def _reply_object(harness: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    parsed = harness.get("parsed")
-    if isinstance(parsed, Mapping):
-        return parsed
-    content = harness.get("content")
-    if not isinstance(content, str) or not content.strip():
-        return None
-    try:
-        return parse_reply(content, None)
-    except ValueError:
-        return None
+def rejects_path(scores: Path) -> Path:
+    """The rejects file beside a scores CSV: `<stem>_rejects.csv` (`x_scores.csv` →
+    `x_rejects.csv`; `--output y.csv` → `y_rejects.csv`)."""
+    stem = scores.stem.removesuffix("_scores")
+    return scores.with_name(f"{stem}_rejects.csv")
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return str(value)
-    return orjson.dumps(value).decode("utf-8")
-
-
-def _rounded(value: Any) -> Any:
-    return round(value, 6) if isinstance(value, float) else value
-
-
-def _score_of(obj: Mapping[str, Any] | None) -> int | None:
-    value = obj.get("score") if obj is not None else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-@dataclass(slots=True)
-class ScoreCounts:
-    done: int = 0
-    failed: int = 0
-    scored: int = 0
-    foreign: int = 0
-    """Results lines whose custom_id is not in this input."""
-
-
-def write_scores(
-    ids: Sequence[str], fields: Sequence[str], results: Path, scores: Path
-) -> ScoreCounts:
-    # Streamed: each results line becomes its CSV line at once, and only that short text is
-    # kept per id (a 170,000-line results file holds every reply body; the CSV lines do not).
-    wanted = set(ids)
-    columns = score_columns(fields)
+def write_rejects(path: Path, id_name: str, rejected: Sequence[Rejected]) -> None:
+    """The bad rows set aside by `--on-bad-row skip`: line, id, reason (atomically)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    counts = ScoreCounts()
-    rows: dict[str, str] = {}
-    final: dict[str, tuple[bool, bool]] = {}
-    for line in read_results(results):
-        cid = line.get("custom_id")
-        if cid not in wanted:
-            counts.foreign += 1
-            continue
-        h: Mapping[str, Any] = line.get("harness") or {}
-        err = line.get("error")
-        ok = err is None
-        obj = _reply_object(h) if ok else None
-        score = _score_of(obj)
-        final[cid] = (ok, score is not None)  # a retried row: its last line is final
-        message = ""
-        if isinstance(err, Mapping):
-            message = f"{err.get('code') or 'Error'}: {err.get('message') or ''}"
-        values = {
-            "custom_id": cid,
-            "score": score,
-            "status": "ok" if ok else "error",
-            "error": message,
-            "prompt_tokens": h.get("prompt_tokens"),
-            "cached_tokens": h.get("cached_tokens"),
-            "completion_tokens": h.get("completion_tokens"),
-            "latency_ms": h.get("latency_ms"),
-        }
-        for name in fields:
-            if name != "score":
-                values[name] = obj.get(name) if obj is not None else None
-        scoring = h.get("scoring")
-        if ok and isinstance(scoring, Mapping) and scoring.get("mode") == "logprobs":
-            values["score_expected"] = _rounded(scoring.get("expected"))
-            values["score_p"] = _rounded(scoring.get("p"))
-        writer.writerow([_cell(values.get(c)) for c in columns])
-        rows[cid] = buf.getvalue()
-        buf.seek(0)
-        buf.truncate()
-    for ok, scored in final.values():
-        counts.done += ok
-        counts.failed += not ok
-        counts.scored += scored
-    writer.writerow(columns)
-    header = buf.getvalue()
-    atomic_write_text(scores, header + "".join(rows[cid] for cid in ids if cid in rows))
-    return counts
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["line", id_name, "reason"])
+    for r in rejected:
+        w.writerow([r.line, r.id, r.reason])
+    atomic_write_text(path, buf.getvalue())

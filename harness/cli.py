@@ -128,13 +128,21 @@ Outputs (next to INPUT, or next to --output):
   <stem>_results.jsonl  every finished request, OpenAI Batch output lines plus a `harness`
                         object; running the same command again resumes from it (finished ids,
                         errors included, are skipped)
-  <stem>_scores.csv     custom_id, score, other output fields, score_expected, score_p (with
-                        --score-mode logprobs), status, error, prompt_tokens, cached_tokens,
-                        completion_tokens, latency_ms: one row per input row in input order,
-                        rewritten at the end of every run (also after Ctrl-C)
+  <stem>_scores.csv     your id column (custom_id for a batch file), the columns kept with
+                        --keep-columns, score, other output fields, score_expected and score_p
+                        (--score-mode logprobs), status, error, prompt_tokens, cached_tokens,
+                        completion_tokens, latency_ms: one row per finished input row, appended
+                        as each row finishes (open it at any time), in input order once the
+                        run ends (also after Ctrl-C)
+  <stem>_rejects.csv    with --on-bad-row skip: the bad rows set aside (line, id, reason)
+
+Resume follows an edited CSV: rows appended to it run, finished rows are kept, a row changed
+under a finished id stops the run before anything is sent (exit 2, naming it) unless
+--rescore-changed.
 
 Exit codes: 0 every row done; 1 rows failed or the server could not be reached; 2 bad input or
-usage (nothing is created); 130 interrupted by Ctrl-C (run the same command again to resume).
+usage (nothing is created); 3 every good row done, bad rows set aside (--on-bad-row skip);
+130 interrupted by Ctrl-C, 143 by SIGTERM (run the same command again to resume).
 """
 
 

@@ -5,15 +5,17 @@ A reader (or a crash) sees the old file or the new one, never half of one. Error
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from harness.errors import OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_writer"]
 
 
 def _umask() -> int:
@@ -22,8 +24,11 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically. Raises OutputError naming the path."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through, streamed: it replaces `path` when the block ends
+    without an exception (fsync, then rename); on an exception the old file stays as it was.
+    Raises OutputError naming the path."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +39,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
@@ -43,7 +48,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return p
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically. Raises OutputError naming the path."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

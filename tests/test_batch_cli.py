@@ -46,11 +46,9 @@ from harness.workload import (
 )
 
 DATA = Path(__file__).parent / "data" / "batch"
-SCORE_HEADER = [
-    "custom_id",
+SCORE_HEADER = [  # a CSV's, in decode mode: its id column's name first
+    "id",
     "score",
-    "score_expected",
-    "score_p",
     "status",
     "error",
     "prompt_tokens",
@@ -572,7 +570,7 @@ def test_run_csv_writes_scores_results_summary_and_progress(
     scores = Path("c_scores.csv")
     assert csv_header(scores) == SCORE_HEADER
     rows = read_csv(scores)
-    assert [r["custom_id"] for r in rows] == [f"C{i:06d}" for i in range(12)]
+    assert [r["id"] for r in rows] == [f"C{i:06d}" for i in range(12)]
     assert [int(r["score"]) for r in rows] == [i % 10 + 1 for i in range(1, 13)]
     assert {r["status"] for r in rows} == {"ok"}
     assert all(r["error"] == "" and int(r["prompt_tokens"]) > 3000 for r in rows)
@@ -586,7 +584,7 @@ def test_run_csv_writes_scores_results_summary_and_progress(
         assert (request.temperature, request.seed, request.max_tokens) == (0.0, 9, 21)
     # The results file: OpenAI Batch output lines plus the harness object.
     lines = results(Path("c_results.jsonl"))
-    assert [ln["custom_id"] for ln in lines] == [r["custom_id"] for r in rows]
+    assert [ln["custom_id"] for ln in lines] == [r["id"] for r in rows]
     for ln, row in zip(lines, rows, strict=True):
         assert ln["error"] is None
         assert ln["response"]["status_code"] == 200
@@ -620,6 +618,7 @@ def test_output_option_places_results_next_to_it(in_tmp: Path, use_double: UseDo
         "final.csv",
         "final_results.job.json",  # the job's fingerprint, checked on resume
         "final_results.jsonl",
+        "final_results.rows.json",  # each row's identity, compared on resume
     ]
     assert not Path("c_scores.csv").exists()
     assert len(read_csv(Path("out/final.csv"))) == 3
@@ -631,11 +630,11 @@ def test_sample_runs_a_reproducible_subset_in_input_order(
     use_double()
     write_candidates_csv("c.csv", 40, seed=5)
     assert main(["run", "c.csv", "--sample", "7", "--seed", "3", "--no-progress"]) == 0
-    ids = [r["custom_id"] for r in read_csv(Path("c_scores.csv"))]
+    ids = [r["id"] for r in read_csv(Path("c_scores.csv"))]
     assert len(ids) == 7
     assert ids == sorted(ids)
     assert main(["run", "c.csv", "--sample", "7", "--seed", "3", "--output", "again.csv"]) == 0
-    assert [r["custom_id"] for r in read_csv(Path("again.csv"))] == ids
+    assert [r["id"] for r in read_csv(Path("again.csv"))] == ids
 
 
 def test_rerun_of_a_finished_batch_starts_no_server_and_rewrites_the_csv(
@@ -690,7 +689,7 @@ def _ctrl_c_then_resume(use_double: UseDouble, capsys: pytest.CaptureFixture[str
     assert "Traceback" not in err
     # The scores CSV was written from the results: the finished rows, in input order.
     rows = read_csv(Path("c_scores.csv"))
-    assert [r["custom_id"] for r in rows] == [f"C{i:06d}" for i in range(len(kept))]
+    assert [r["id"] for r in rows] == [f"C{i:06d}" for i in range(len(kept))]
     before = Path("c_results.jsonl").read_bytes()
 
     use_double()
@@ -814,7 +813,7 @@ def test_batch_lines_are_sent_as_their_bodies_say_and_replies_kept_whole(
     assert score.output_schema is not None
     assert score.grammar == tight_grammar(score.output_schema)
     # The CSV asks for every output field; score is filled where the reply parses as one.
-    assert csv_header(Path("q_scores.csv")) == [*SCORE_HEADER[:2], "fit", *SCORE_HEADER[2:]]
+    assert csv_header(Path("q_scores.csv")) == ["custom_id", "score", "fit", *SCORE_HEADER[2:]]
     got = {r["custom_id"]: r for r in read_csv(Path("q_scores.csv"))}
     assert (got["q-1"]["score"], got["q-2"]["score"], got["q-3"]["score"]) == ("4", "", "9")
     assert got["q-3"]["fit"] == "yes"
@@ -833,8 +832,10 @@ def test_converted_jsonl_runs_like_the_csv(in_tmp: Path, use_double: UseDouble) 
     assert main(["run", "c.csv", "--no-progress"]) == 0
     assert main(["run", "b.jsonl", "--no-progress"]) == 0
     a, b = read_csv(Path("c_scores.csv")), read_csv(Path("b_scores.csv"))
-    keys = ("custom_id", "score", "status", "prompt_tokens")
-    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    keys = ("score", "status", "prompt_tokens")
+    assert [[r["id"], *(r[k] for k in keys)] for r in a] == [
+        [r["custom_id"], *(r[k] for k in keys)] for r in b
+    ]
 
 
 def test_conversation_strategy_runs_through_the_cli(in_tmp: Path, use_double: UseDouble) -> None:
@@ -894,8 +895,10 @@ def test_converted_jsonl_gives_the_csv_results_on_tiny_gemma3(
     assert main(["run", "c.csv", *_tiny_args("--seed", "5", "--output", "csv/scores.csv")]) == 0
     assert main(["run", "b.jsonl", *_tiny_args("--output", "jsonl/scores.csv")]) == 0
     a, b = read_csv(Path("csv/scores.csv")), read_csv(Path("jsonl/scores.csv"))
-    keys = ("custom_id", "score", "status", "prompt_tokens")
-    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    keys = ("score", "status", "prompt_tokens")
+    assert [[r["id"], *(r[k] for k in keys)] for r in a] == [
+        [r["custom_id"], *(r[k] for k in keys)] for r in b
+    ]
     assert all(1 <= int(r["score"]) <= 10 for r in a)
     print("\n" + capsys.readouterr().out)
 
@@ -957,7 +960,7 @@ def test_200_rows_through_the_default_model(
     code = main(["run", "c.csv", "--no-progress", "--threads", str(THREADS)])
     out = capsys.readouterr().out
     rows = read_csv(Path("c_scores.csv"))
-    assert [r["custom_id"] for r in rows] == [f"C{i:06d}" for i in range(200)]
+    assert [r["id"] for r in rows] == [f"C{i:06d}" for i in range(200)]
     for r in rows:
         assert (r["status"] == "ok" and 1 <= int(r["score"]) <= 10) or (
             r["status"] == "error" and r["error"]
@@ -1001,12 +1004,12 @@ def test_resume_with_a_changed_prompt_exits_2_naming_the_prompt(
     assert len(results(Path("c_results.jsonl"))) == 6
 
 
-def test_another_input_with_the_same_ids_under_the_same_output_exits_2_naming_the_input(
+def test_another_input_with_the_same_ids_under_the_same_output_exits_2_naming_the_rows(
     in_tmp: Path, use_double: UseDouble, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The input is in the job's identity: a second CSV with other candidates under the same
-    ids, run with the same --output, exits 2 naming both inputs (it would otherwise report the
-    first CSV's scores as its own); the unchanged input still resumes."""
+    """Each row is in the job's identity: a second CSV with other candidates under the same
+    ids, run with the same --output, exits 2 naming the rows that differ (it would otherwise
+    report the first CSV's scores as its own); the unchanged input still resumes."""
     use_double()
     write_candidates_csv("first.csv", 6, seed=2)
     write_candidates_csv("second.csv", 6, seed=3)  # the same ids, other candidates
@@ -1020,14 +1023,13 @@ def test_another_input_with_the_same_ids_under_the_same_output_exits_2_naming_th
     assert main(["run", "second.csv", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert "out_results.jsonl holds the results of another input" in err[0]
-    assert str(in_tmp / "first.csv") in err[0] and str(in_tmp / "second.csv") in err[0]
-    assert "--output" in err[0] and "--new" in err[0]
+    assert "second.csv: 6 row(s) changed since they were scored into out_results.jsonl" in err[0]
+    assert "'C000000' (line 2)" in err[0] and "--rescore-changed" in err[0]
     assert snapshot(in_tmp) == before  # nothing touched
     capsys.readouterr()
     assert main(["run", "first.csv", *args]) == 0  # the same input resumes as before
     assert "(6 resumed from earlier runs)" in capsys.readouterr().out
-    # A batch JSONL is hashed whole: the same ids, only its last line differs.
+    # A batch JSONL line's identity is its body: the same ids, only its last line differs.
     lines = [
         batch_line(f"r{i}", {"messages": [{"role": "user", "content": f"hi {i}"}]})
         for i in range(3)
@@ -1039,7 +1041,9 @@ def test_another_input_with_the_same_ids_under_the_same_output_exits_2_naming_th
     assert main(["run", "a.jsonl", *jargs]) == 0
     capsys.readouterr()
     assert main(["run", "b.jsonl", *jargs]) == 2
-    assert "holds the results of another input" in capsys.readouterr().err
+    assert "1 row(s) changed since they were scored into j_results.jsonl: 'r2'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_results_of_an_earlier_version_without_the_input_hash_still_resume(
@@ -1057,7 +1061,6 @@ def test_results_of_an_earlier_version_without_the_input_hash_still_resume(
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "(2 resumed from earlier runs)" in out
-    assert "harness run: resume: the input is not checked against c_results.job.json" in err
     assert f"harness run: input: c.csv (4 rows), sha256 {job['input_sha256'][:12]}" in err
     assert json.loads(Path("c_results.job.json").read_text()) == job  # recorded now
 
@@ -1109,7 +1112,7 @@ def test_a_second_writer_of_the_same_results_exits_2_naming_the_first_and_append
             holder.stdout.close()
     # The holder died (SIGKILL): no stale lock; the run resumes.
     assert main(["run", "c.csv", "--no-progress", "--structured", "none"]) == 0
-    assert sorted(r["custom_id"] for r in read_csv(Path("c_scores.csv"))) == sorted(
+    assert sorted(r["id"] for r in read_csv(Path("c_scores.csv"))) == sorted(
         r["id"] for r in read_csv(Path("c.csv"))
     )
     assert not Path("c_results.jsonl.lock").exists()
@@ -1154,12 +1157,12 @@ def test_retry_failed_sends_the_failed_rows_again_and_each_id_ends_once(
 
     use_double(fail=fail)
     assert main(["run", "c.csv", "--no-progress", "--structured", "none"]) == 1
-    scores = {r["custom_id"]: r for r in read_csv(Path("c_scores.csv"))}
+    scores = {r["id"]: r for r in read_csv(Path("c_scores.csv"))}
     assert {cid for cid, r in scores.items() if r["status"] == "error"} == bad
     use_double()  # the server works now
     assert main(["run", "c.csv", "--no-progress", "--structured", "none", "--retry-failed"]) == 0
     scores_rows = read_csv(Path("c_scores.csv"))
-    assert sorted(r["custom_id"] for r in scores_rows) == sorted(names)  # every id once
+    assert sorted(r["id"] for r in scores_rows) == sorted(names)  # every id once
     assert {r["status"] for r in scores_rows} == {"ok"}  # no errors left
     lines = results(Path("c_results.jsonl"))
     assert len(lines) == 8  # 6 first results + 2 retries, appended
@@ -1179,7 +1182,7 @@ def test_an_outsize_field_is_that_rows_error_and_the_run_goes_on(
         writer.writeheader()
         writer.writerows(rows)
     assert main(["run", "c.csv", "--no-progress", "--structured", "none", "--ctx", "8192"]) == 1
-    scores = {r["custom_id"]: r for r in read_csv(Path("c_scores.csv"))}
+    scores = {r["id"]: r for r in read_csv(Path("c_scores.csv"))}
     assert len(scores) == 4
     long_id = rows[2]["id"]
     assert scores[long_id]["status"] == "error"
@@ -1272,7 +1275,8 @@ def test_decode_keeps_old_results_files_resumable_and_its_csv_columns_empty(
     assert "score_mode" not in job  # a fingerprint written before the setting existed matches
     with open("c_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert all(r["score"] and r["score_expected"] == "" and r["score_p"] == "" for r in rows)
+    assert all(r["score"] for r in rows)
+    assert "score_expected" not in rows[0] and "score_p" not in rows[0]  # decode gives no p
 
 
 def test_logprobs_asked_of_a_server_that_cannot_decodes_and_says_why(

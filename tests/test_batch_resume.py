@@ -167,6 +167,10 @@ def test_sigkill_mid_run_then_resume_keeps_finished_rows_and_runs_each_id_once(
     before = by_id(results)
     assert 5 <= len(before) < n, "the kill must land mid-run"
     assert all(isinstance(ln["harness"]["parsed"]["score"], int) for ln in before.values())
+    # The scores CSV was written as the rows finished: whole, one line per finished row.
+    killed = scores_csv(tmp_path / "c_scores.csv")
+    assert {r["id"] for r in killed} <= set(before) and len(killed) >= len(before) - 1
+    assert all(None not in r.values() and int(r["score"]) >= 1 for r in killed)
 
     again = runs.start(tmp_path, *args)
     assert finish(again) == 0, (tmp_path / "run-1.err").read_text()[-2000:]
@@ -177,7 +181,7 @@ def test_sigkill_mid_run_then_resume_keeps_finished_rows_and_runs_each_id_once(
     after = by_id(results)
     for cid, line in before.items():
         assert after[cid] == line, f"{cid} changed after the resume"
-    rows = {r["custom_id"]: r for r in scores_csv(tmp_path / "c_scores.csv")}
+    rows = {r["id"]: r for r in scores_csv(tmp_path / "c_scores.csv")}
     assert len(rows) == n
     for cid, line in before.items():
         assert int(rows[cid]["score"]) == line["harness"]["parsed"]["score"]

@@ -61,6 +61,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.run",
         "harness.batch",
         "harness.batchfiles",
+        "harness.scoresfile",
         "harness.scoremode",
         "harness.rayexec",
         "harness.doctor",

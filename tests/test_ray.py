@@ -36,7 +36,7 @@ SHORT_PROMPT = Path(__file__).parent / "data" / "batch" / "short_prompt.yaml"
 
 def scores(path: Path) -> dict[str, dict[str, str]]:
     with path.open(newline="") as fh:
-        return {row["custom_id"]: row for row in csv.DictReader(fh)}
+        return {row.get("id") or row["custom_id"]: row for row in csv.DictReader(fh)}
 
 
 def lines_in(path: Path) -> int:

@@ -43,7 +43,7 @@ from harness.engine.strategies import STRATEGIES
 from harness.lock import scrubbed
 from harness.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from harness.scoring import SCORE_MODES
-from harness.workload import DEFAULT_PROMPT_PATH, STRUCTURED_MODES
+from harness.workload import DEFAULT_PROMPT_PATH, ON_BAD_ROW, STRUCTURED_MODES
 
 __all__ = [
     "COMMANDS",
@@ -359,8 +359,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "id_column", "--id-column",
-        {_RUN: {"default": None, "help": "CSV column holding each row's unique id, which "
-                "becomes custom_id (default: the validated job's, harness.yaml `jobs`, else id)"},
+        {_RUN: {"default": None, "help": "CSV column holding each row's unique id: the scores "
+                "CSV keeps its name, the results lines call it custom_id (default: the "
+                "validated job's, harness.yaml `jobs`, else id)"},
          _DOCTOR: {"default": None, "help": "CSV column holding each row's unique id "
                    "(default: the validated job's, harness.yaml `jobs`, else id)"},
          _CONVERT: _ANY, _VALIDATE: _ANY,
@@ -503,6 +504,24 @@ OPTIONS: tuple[Option, ...] = (
         "retry_failed", "--retry-failed", {_RUN: _ANY}, action="store_true",
         help="send again the rows whose last result is an error; each id still ends once in "
         "the scores (the latest result wins; the results file marks the retry)",
+    ),
+    Option(
+        "rescore_changed", "--rescore-changed", {_RUN: _ANY}, action="store_true",
+        help="on resume, score again the rows whose content changed since they were scored "
+        "(their earlier lines move to <results stem>.replaced.jsonl); without it such a row "
+        "stops the run before anything is sent (exit 2, naming it)",
+    ),
+    Option(
+        "on_bad_row", "--on-bad-row", {_RUN: _ANY}, default="refuse", choices=ON_BAD_ROW,
+        help="a bad input row (wrong number of fields, empty or repeated id; a batch line that "
+        "is not a request): `refuse` the input, listing every bad row in one error (default), "
+        "or `skip` it: the good rows run, the bad ones go to <stem>_rejects.csv (line, id, "
+        "reason), and the exit status is 3 when every good row is done",
+    ),
+    Option(
+        "keep_columns", "--keep-columns", {_RUN: _ANY}, metavar="A,B|all",
+        help="input columns the scores CSV carries over, after the id (`all`: every one); a "
+        "column named like one the harness writes (score, status, error, ...) is refused",
     ),
     Option(
         "stop_on_cache_miss", "--stop-on-cache-miss",

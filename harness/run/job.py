@@ -17,9 +17,16 @@ import orjson
 
 from harness.backends.base import Backend
 from harness.backends.pool import PoolBackend
-from harness.batchfiles import BatchInput, ScoreCounts, load_input, output_paths, write_scores
+from harness.batchfiles import (
+    BatchInput,
+    ScoreCounts,
+    load_input,
+    output_paths,
+    rejects_path,
+    write_rejects,
+    write_scores,
+)
 from harness.engine.job import endpoint_report
-from harness.engine.store import read_final
 from harness.errors import ConfigError, OutputError
 from harness.fileio import atomic_write_json
 from harness.lock import hold, lock_path_for
@@ -27,7 +34,15 @@ from harness.metrics import MetricsCollector
 from harness.records import RequestRecord
 from harness.run.options import BatchOptions, batch_config
 from harness.run.result import BatchResult, endpoints_path, mean_or_none
+from harness.run.rows import (
+    RowCheck,
+    check_rows,
+    refuse_changed,
+    rows_path,
+    set_aside,
+)
 from harness.run.settings import RunConfig
+from harness.scoresfile import ScoresAppender, ScoresLayout, index_results
 from harness.validate import Validation, validation_status
 
 __all__ = ["INPUT_KEYS", "Job", "job_fingerprint", "job_path", "prepare", "write_job"]
@@ -54,6 +69,8 @@ class Job:
     def add(self, rec: RequestRecord) -> None:
         self.tally.add(rec)
         self.ended = time.perf_counter()
+        if self.appender is not None:
+            self.appender.add(rec)  # the scores CSV, as the run goes
 
     server: str = ""
     backend: Backend | None = None
@@ -74,12 +91,30 @@ class Job:
     validation: Validation | None = None
     """Whether this is the job `harness validate` recorded, and its verdict (the banner's
     `validated:` line)."""
+    rows: RowCheck | None = None
+    """The rows of the input against what the results were scored as (`harness.run.rows`)."""
+    appender: ScoresAppender | None = None
+    """Appends each row this run finishes to the scores CSV."""
+    rejects: Path | None = None
+    """The rejects file, when `--on-bad-row skip` set rows aside."""
+
+    @property
+    def layout(self) -> ScoresLayout:
+        return ScoresLayout(
+            self.data.id_name,
+            self.data.kept,
+            self.data.fields,
+            logprobs=self.config.score_mode.value == "logprobs",
+        )
 
     def write_scores(self) -> None:
-        """Write the scores CSV from the results file (when there is one)."""
+        """Rebuild the scores CSV from the results file (when there is one), in input order."""
+        if self.appender is not None:
+            self.appender.close()
         if self.results.exists():
-            ids = [it.custom_id for it in self.data.items]
-            self.counts = write_scores(ids, self.data.fields, self.results, self.scores)
+            self.counts = write_scores(
+                self.data.scored_rows(), self.layout, self.results, self.scores
+            )
 
     def finish(self, *, interrupted: bool = False) -> BatchResult:
         if self.counts is None:
@@ -118,6 +153,8 @@ class Job:
             mean_prompt_ms=mean_or_none(t.prompt_ms),
             mean_completion_tokens=t.completion / t.completed if t.completed else None,
             interrupted=interrupted,
+            rejected=len(self.data.rejected),
+            rejects_path=self.rejects,
             stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
             server=self.server,
             endpoints=endpoints,
@@ -142,12 +179,14 @@ class Job:
 
 
 INPUT_KEYS = ("input", "input_sha256")
-"""The fingerprint's input: its path (to name it) and the hash of its bytes (compared)."""
+"""The fingerprint's input: its path and the hash of its bytes, recorded to name it, not
+compared: a resume compares the input row by row (`harness.run.rows`), so rows appended to the
+CSV run and a row changed under a finished id is named."""
 
 
 def job_fingerprint(options: BatchOptions, data: BatchInput, cfg: RunConfig) -> dict[str, Any]:
-    """What makes a results file this job's: a resumed run must send the same requests, to the
-    same input's rows (another input with the same ids is another job)."""
+    """What makes a results file this job's: a resumed run must send the same requests (the
+    rows themselves are compared one by one: `harness.run.rows`)."""
     return {
         "input": str(data.path.resolve()),
         "input_sha256": data.input_sha256,
@@ -172,42 +211,21 @@ def job_path(results: Path) -> Path:
     return results.with_name(results.stem + ".job.json")
 
 
-def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> str | None:
-    """Refuse to resume another job's results (exit 2 naming what differs: the input first),
-    or with `new` move them aside (kept under a new name) and start over. Returns a note for
-    the banner when the results' fingerprint predates the input's hash (then not checked)."""
+def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> None:
+    """Refuse to resume another job's results (exit 2 naming what differs), or with `new` move
+    them aside (kept under a new name) and start over."""
     sidecar = job_path(results)
     if not results.exists() or not sidecar.exists():
-        return None
+        return
     try:
         old = orjson.loads(sidecar.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         raise ConfigError(f"{sidecar}: unreadable job fingerprint ({exc}); use --new") from None
-    unchecked = "input_sha256" not in old
-    differ = [
-        k
-        for k in job
-        if k != "input" and not (unchecked and k in INPUT_KEYS) and old.get(k) != job[k]
-    ]
+    differ = [k for k in job if k not in INPUT_KEYS and old.get(k) != job[k]]
     if "score_mode" in old and "score_mode" not in job:  # written only when not `decode`
         differ.append("score_mode")
-    note = (
-        f"resume: the input is not checked against {sidecar.name} (written before the "
-        "harness kept the input's hash): resumed by custom_id as before; the fingerprint now "
-        "records this input"
-        if unchecked
-        else None
-    )
     if not differ:
-        return note
-    if not new and "input_sha256" in differ:
-        raise ConfigError(
-            f"{results} holds the results of another input: {old.get('input')} (sha256 "
-            f"{str(old.get('input_sha256'))[:12]}) then, {job['input']} (sha256 "
-            f"{job['input_sha256'][:12]}) now; resuming would take that input's results for "
-            "this one's rows with the same ids: choose another --output, or run with --new to "
-            "start over (the old results are kept under a new name)"
-        )
+        return
     if not new:
         gone = {"score_mode": "decode"}  # what a key absent from a fingerprint means
         shown = "; ".join(
@@ -219,9 +237,9 @@ def _check_job(results: Path, job: dict[str, Any], *, new: bool) -> str | None:
             "two: run with --new to start over (the old results are kept under a new name)"
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (results, sidecar):
-        path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
-    return None
+    for path in (results, sidecar, rows_path(results)):
+        if path.exists():
+            path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
 
 
 def write_job(results: Path, job: dict[str, Any]) -> None:
@@ -274,21 +292,57 @@ def prepare(options: BatchOptions, locks: contextlib.ExitStack) -> Job:
     scores, results = output_paths(data.path, options.output)
     job = job_fingerprint(options, data, config)
     locks.enter_context(_one_writer(results))  # held until the run (and its scores) ends
-    note = _check_job(results, job, new=options.new)
+    _check_job(results, job, new=options.new)
     # Read the results file now: a corrupt one fails before a server starts.
+    final = index_results(results)
+    rows = _check_rows(options, data, results, final)
+    if rows.changed:
+        set_aside(results, {cid for cid, _ in rows.changed})
+        final = index_results(results)
     wanted = {it.custom_id for it in data.items}
-    final = read_final(results)
     skipped = sum(
         1
-        for cid, line in final.items()
-        if cid in wanted and not (options.retry_failed and line.get("error") is not None)
+        for cid, (_, error) in final.items()
+        if cid in wanted and not (options.retry_failed and error)
     )
     plan = Job(options, data, scores, results, skipped, config=config, job=job)
-    plan.notes = [note] if note else []
+    plan.rows = rows
+    plan.notes = rows.notes()
     plan.validation = checked
     if options.from_validated:
         plan.notes.append(
             f"job: {', '.join(options.from_validated).replace('_', ' ')} from the validated job "
             f"in {options.config} (the command line sets any of them)"
         )
+    if options.on_bad_row == "skip":
+        plan.rejects = rejects_path(scores)
+        write_rejects(plan.rejects, data.id_name, data.rejected)
+        if data.rejected:
+            plan.notes.append(
+                f"input: {len(data.rejected)} bad rows set aside (--on-bad-row skip): "
+                f"{plan.rejects}"
+            )
+    if final:
+        plan.write_scores()  # what is done already, in input order; this run appends to it
+    kept = dict(data.scored_rows()) if data.kept else None
+    plan.appender = ScoresAppender(scores, plan.layout, kept)
     return plan
+
+
+def _check_rows(
+    options: BatchOptions, data: BatchInput, results: Path, final: dict[str, tuple[int, bool]]
+) -> RowCheck:
+    """The input row by row against what the finished ids were scored as; refuses (exit 2) a
+    row changed under a finished id unless --rescore-changed."""
+    rows = check_rows(
+        results,
+        [it.custom_id for it in data.items],
+        data.row_sha,
+        final,
+        lines=data.row_lines,
+        whole_input=options.sample is None,
+        rescore=options.rescore_changed,
+    )
+    if rows.changed and not options.rescore_changed:
+        refuse_changed(results, rows.changed, data.path)
+    return rows

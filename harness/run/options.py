@@ -99,6 +99,14 @@ class BatchOptions:
     """Profile of the config file (default: `gpu-gemma3-12b` for ollama, else `embedded`)."""
     retry_failed: bool = False
     """Send again the rows whose last result is an error (every id still ends once)."""
+    rescore_changed: bool = False
+    """On resume, score again the rows whose content changed since they were scored (their
+    earlier lines are moved out of the results file); without it such a row refuses the run."""
+    on_bad_row: str = "refuse"
+    """`refuse` (every bad row in one error) or `skip` (the good rows run; the bad ones are
+    written to `<stem>_rejects.csv`)."""
+    keep_columns: str | None = None
+    """Input columns the scores CSV carries over (`a,b` or `all`)."""
     new: bool = False
     """Start over when the results file belongs to another job (the old file is kept, renamed)."""
     stop_on_cache_miss: bool = False

@@ -23,6 +23,7 @@ from harness.errors import ConfigError
 from harness.models.registry import resolve_model
 from harness.reportfiles import find_report
 from harness.run.job import Job, write_job
+from harness.run.rows import write_rows
 from harness.run.settings import RunConfig
 from harness.scoremode import choose_score_mode
 from harness.workload import WorkItem
@@ -278,6 +279,8 @@ async def preflight(job: Job, server: Backend, counter: TokenCounter) -> JobSpec
         score_mode=mode,
     )
     write_job(job.results, job.job)
+    if job.rows is not None:
+        write_rows(job.results, job.rows.rows)
     job.backend = server
     job.started_unix = time.time()
     job.started = time.perf_counter()

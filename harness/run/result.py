@@ -14,7 +14,11 @@ from typing import Any
 from harness.batchfiles import InputKind
 from harness.engine.progress import format_duration
 
-__all__ = ["BatchResult", "endpoint_line", "endpoints_path", "mean_or_none"]
+__all__ = ["BAD_ROWS_SKIPPED", "BatchResult", "endpoint_line", "endpoints_path", "mean_or_none"]
+
+BAD_ROWS_SKIPPED = 3
+"""`harness run`'s exit status when every good row is done and bad input rows were set aside
+(`--on-bad-row skip`): the job is not whole, so not 0; nothing failed, so not 1."""
 
 
 def mean_or_none(values: Sequence[float]) -> float | None:
@@ -58,6 +62,9 @@ class BatchResult:
     """Mean server prompt-processing (prefill) time per request, this run."""
     mean_completion_tokens: float | None = None
     interrupted: bool = False
+    rejected: int = 0
+    """Bad input rows set aside (`--on-bad-row skip`): not in `total`."""
+    rejects_path: Path | None = None
     stopped_by: signal.Signals | None = None
     """What interrupted the run: SIGINT (Ctrl-C) or SIGTERM."""
     server: str = ""
@@ -77,11 +84,14 @@ class BatchResult:
 
     @property
     def exit_code(self) -> int:
-        """0 all rows done; 1 rows failed or not run; 128 + the signal when interrupted
-        (130 for Ctrl-C, 143 for SIGTERM)."""
+        """0 all rows done; 1 rows failed or not run; 3 every good row done, bad input rows
+        set aside (`--on-bad-row skip`); 128 + the signal when interrupted (130 for Ctrl-C,
+        143 for SIGTERM)."""
         if self.interrupted:
             return 128 + int(self.stopped_by or signal.SIGINT)
-        return 0 if self.done == self.total else 1
+        if self.done != self.total:
+            return 1
+        return BAD_ROWS_SKIPPED if self.rejected else 0
 
     def summary(self) -> str:
         """The one-line summary `harness run` prints."""
@@ -105,6 +115,8 @@ class BatchResult:
             else "finished"
         )
         alarms = f", {len(self.reuse_alarms)} reuse alarm(s)" if self.reuse_alarms else ""
+        if self.rejected:
+            resumed += f"; {self.rejected} bad input rows set aside ({self.rejects_path})"
         return (
             f"run {state}: {self.done} done, {self.failed} failed{left} of {self.total} rows"
             f"{resumed}; this run: {self.ran} requests in {format_duration(self.elapsed_s)} "
