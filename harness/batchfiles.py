@@ -10,13 +10,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import orjson
 
+from harness.csvfile import CsvFile
 from harness.errors import ConfigError, InputError
 from harness.fileio import atomic_write_text
 from harness.inputs import input_sha256
@@ -31,11 +33,14 @@ from harness.scoresfile import (
     write_scores,
 )
 from harness.workload import (
+    ON_BAD_ROW,
     CandidateTable,
     Rejected,
     WorkItem,
     batch_line,
+    check_bad_rows,
     item_body,
+    item_maker,
     items_from_batch,
     items_from_table,
     load_prompt,
@@ -107,7 +112,8 @@ class BatchInput:
 
     path: Path
     kind: InputKind
-    items: tuple[WorkItem, ...]
+    items: Sequence[WorkItem]
+    """A CSV's: `RowItems` (each built from the file when asked for); a batch file's: a tuple."""
     fields: tuple[str, ...]
     """Output-schema fields for the scores CSV, `score` first (empty when there is none)."""
     rows: int
@@ -126,6 +132,8 @@ class BatchInput:
     """Each item's values of `kept` (empty when none are kept)."""
     row_sha: tuple[str, ...] = ()
     """Each item's row identity (`row_sha`): resume compares it with the row that was scored."""
+    ids: tuple[str, ...] = ()
+    """Each item's id (without building the item); `scored_rows` and resume read it."""
     row_lines: tuple[int, ...] = ()
     """Each item's line in the input (where its row starts)."""
     rejected: tuple[Rejected, ...] = ()
@@ -133,8 +141,9 @@ class BatchInput:
 
     def scored_rows(self) -> Iterator[tuple[str, Sequence[str]]]:
         """(id, kept values) of every item, in input order (what `write_scores` lays out)."""
-        for i, it in enumerate(self.items):
-            yield it.custom_id, self.kept_values[i] if self.kept_values else ()
+        ids = self.ids or tuple(it.custom_id for it in self.items)
+        for i, cid in enumerate(ids):
+            yield cid, self.kept_values[i] if self.kept_values else ()
 
 
 def row_sha(content: Any) -> str:
@@ -172,35 +181,121 @@ def load_input(options: BatchOptions) -> BatchInput:
     kind = input_kind(path)
     if kind == "batch":
         return _load_batch(options, path)
-    table = read_candidates_csv(path, options.id_column, on_bad=options.on_bad_row)
+    return _load_csv(options, path)
+
+
+def _load_csv(options: BatchOptions, path: Path) -> BatchInput:
+    """A CSV read in one streamed pass: per row only its offset, id, identity, line and kept
+    values stay in memory; its work item is built again from the file when it is sent
+    (`RowItems`)."""
+    if options.on_bad_row not in ON_BAD_ROW:
+        raise ConfigError(f"--on-bad-row {options.on_bad_row!r}: choose {' or '.join(ON_BAD_ROW)}")
+    f = CsvFile(path, options.id_column)
     prompt = load_prompt(options.prompt)
     fields = _schema_fields([prompt.output_schema])
-    kept = kept_columns(options.keep_columns, table.columns, table.id_column, fields)
-    sampled = _sample_table(table, options.sample, options.seed)
-    items = items_from_table(
-        sampled,
+    kept = kept_columns(options.keep_columns, f.columns, f.id_column, fields)
+    make = item_maker(
         prompt,
+        f.columns,
+        f.id_column,
+        source=str(path),
         max_tokens=options.max_tokens or tokens_for_schema(prompt.output_schema),
         temperature=0.0,
         seed=options.seed,
         structured=options.structured,
     )
+    offsets, lines = array("q"), array("q")
+    ids: list[str] = []
+    shas: list[str] = []
+    values: list[tuple[str, ...]] = []
+    bad: list[Rejected] = []
+    for offset, line, row in f.rows(bad):
+        offsets.append(offset)
+        lines.append(line)
+        ids.append(row[f.id_column])
+        shas.append(row_sha(row))
+        if kept:
+            values.append(tuple(row[c] for c in kept))
+    check_bad_rows(path, bad, len(ids), options.on_bad_row)
+    total = len(ids)
+    if options.sample is not None:
+        keep = sample_rows(range(total), options.sample, options.seed)
+        offsets = array("q", (offsets[i] for i in keep))
+        lines = array("q", (lines[i] for i in keep))
+        ids = [ids[i] for i in keep]
+        shas = [shas[i] for i in keep]
+        values = [values[i] for i in keep] if kept else values
     return BatchInput(
         path,
-        kind,
-        tuple(items),
+        "csv",
+        RowItems(f, offsets, ids, shas, make),
         fields,
-        len(table.rows) + len(table.rejected),
+        total + len(bad),
         f"{prompt.name} ({prompt.path})",
         prompt.sha256,
         _input_digest(path),
-        id_name=table.id_column,
+        id_name=f.id_column,
         kept=kept,
-        kept_values=tuple(tuple(row[c] for c in kept) for row in sampled.rows) if kept else (),
-        row_sha=tuple(row_sha(row) for row in sampled.rows),
-        row_lines=sampled.lines,
-        rejected=table.rejected,
+        kept_values=tuple(values),
+        row_sha=tuple(shas),
+        row_lines=tuple(lines),
+        rejected=tuple(bad),
+        ids=tuple(ids),
     )
+
+
+class RowItems(Sequence[WorkItem]):
+    """The work items of a CSV's rows, built from the file when asked for: each row read again
+    at its offset (the file opened for that row: nothing is held open between rows). A row
+    whose id or content is not what was read first (the file was edited during the run)
+    raises InputError naming it: what is sent is what the job was checked on."""
+
+    def __init__(
+        self,
+        csvfile: CsvFile,
+        offsets: array[int],
+        ids: Sequence[str],
+        shas: Sequence[str],
+        make: Callable[[Mapping[str, str]], WorkItem],
+    ) -> None:
+        self._file = csvfile
+        self._offsets = offsets
+        self._ids = ids
+        self._shas = shas
+        self._make = make
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    @overload
+    def __getitem__(self, i: int) -> WorkItem: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[WorkItem]: ...
+
+    def __getitem__(self, i: int | slice) -> WorkItem | Sequence[WorkItem]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        with self._file.open_cursor(self._offsets[i]) as cursor:
+            row = cursor.next_row()
+        cid = self._ids[i]
+        if row is None or row.get(self._file.id_column) != cid or row_sha(row) != self._shas[i]:
+            raise InputError(
+                f"row {cid!r} is not what it was when the run read the file: the file changed "
+                "during the run; stop editing it, then run the same command again (finished "
+                "rows are kept)",
+                path=str(self._file.path),
+            )
+        return self._make(row)
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        for i in range(len(self)):
+            yield self[i]
 
 
 def _load_batch(options: BatchOptions, path: Path) -> BatchInput:
@@ -234,6 +329,7 @@ def _load_batch(options: BatchOptions, path: Path) -> BatchInput:
         digest,
         _input_digest(path),
         row_sha=tuple(row_sha(obj["body"]) for obj in chosen),
+        ids=tuple(it.custom_id for it in items),
         rejected=tuple(bad),
     )
 

@@ -229,7 +229,7 @@ def _pipeline(plan: Job, spec: JobSpec, specs: list[dict[str, Any]], stop: threa
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         with ResultsStore(plan.results, retry_failed=options.retry_failed) as store:
-            pending = [it.custom_id for it in data.items if it.custom_id not in store]
+            pending = [cid for cid in data.ids if cid not in store]
             progress = Progress(
                 len(data.items),
                 desc=spec.desc,

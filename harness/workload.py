@@ -13,14 +13,15 @@ import io
 import json
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import yaml
 
+from harness.csvfile import CsvFile, Rejected
 from harness.errors import ConfigError, InputError
 from harness.inputs import MAX_LINE_BYTES, Line, parse_line, request_lines
 
@@ -34,7 +35,9 @@ __all__ = [
     "WorkItem",
     "bad_rows",
     "batch_line",
+    "check_bad_rows",
     "generate_candidates",
+    "item_maker",
     "items_from_batch",
     "items_from_table",
     "load_prompt",
@@ -307,48 +310,6 @@ class CandidateTable:
     """Bad rows set aside (`on_bad="skip"`), in file order."""
 
 
-def _open_text(path: Path) -> IO[str]:
-    """The input, opened for a streamed read (UTF-8, a byte-order mark skipped), with a
-    missing, unreadable or empty file named."""
-    try:
-        if path.stat().st_size == 0:
-            raise InputError("input file is empty", path=str(path))
-        return path.open(encoding="utf-8-sig", newline="")
-    except FileNotFoundError:
-        raise InputError("input file not found", path=str(path)) from None
-    except IsADirectoryError:
-        raise InputError("input path is a directory, not a file", path=str(path)) from None
-    except PermissionError:
-        raise InputError("input file cannot be read (permission denied)", path=str(path)) from None
-
-
-def _not_utf8(path: Path) -> InputError:
-    """Where the first byte that is not UTF-8 lies (the file read again as bytes: only on this
-    error)."""
-    raw = path.read_bytes()
-    skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        at = skip + exc.start
-        return InputError(
-            f"bytes that are not UTF-8 (byte 0x{raw[at]:02x} at offset {at}); save the file "
-            "as UTF-8",
-            path=str(path),
-            line=raw[:at].count(b"\n") + 1,
-        )
-    return InputError("bytes that are not UTF-8; save the file as UTF-8", path=str(path))
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A bad row set aside by `on_bad="skip"`: where it starts, its id (when it has one), why."""
-
-    line: int
-    id: str
-    reason: str
-
-
 ON_BAD_ROW = ("refuse", "skip")
 """What a bad row does: `refuse` the input (every bad row listed in one error) or `skip` it
 (the good rows run; the bad ones are listed in the table's `rejected`)."""
@@ -357,108 +318,34 @@ ON_BAD_ROW = ("refuse", "skip")
 def read_candidates_csv(
     path: str | Path, id_column: str = "id", *, on_bad: str = "refuse"
 ) -> CandidateTable:
-    """Read and validate a candidates CSV, streamed (the file is never held whole). Raises
-    InputError naming the file and line: for a bad row (wrong number of fields, empty or
-    repeated id) every bad row in one error, unless `on_bad="skip"` sets them aside."""
+    """Read and validate a candidates CSV, streamed (`harness.csvfile`: the file is never held
+    whole). Raises InputError naming the file and line: for a bad row (wrong number of fields,
+    empty or repeated id) every bad row in one error, unless `on_bad="skip"` sets them aside."""
     if on_bad not in ON_BAD_ROW:
         raise ConfigError(f"on bad row {on_bad!r} is not one of {', '.join(ON_BAD_ROW)}")
     p = Path(path)
-    with _open_text(p) as fh:
-        try:
-            return _read_table(p, fh, id_column, on_bad)
-        except UnicodeDecodeError:
-            raise _not_utf8(p) from None
-
-
-def _read_table(p: Path, fh: IO[str], id_column: str, on_bad: str) -> CandidateTable:
-    head = fh.read(4096)
-    if not head.strip():
-        raise InputError("input file is empty", path=str(p))
-    try:
-        dialect: Any = csv.Sniffer().sniff(head, delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    fh.seek(0)
-    if fh.read(1) != "\ufeff":  # utf-8-sig skips the mark on the first read only
-        fh.seek(0)
-    # The csv module refuses fields over 131,072 characters; a long field (a pasted résumé) is
-    # that row's business (a prompt too long for the context is the row's error), not the file's.
-    csv.field_size_limit(max(csv.field_size_limit(), p.stat().st_size + 1))
-    reader = csv.reader(fh, dialect)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise InputError("input file is empty", path=str(p)) from None
-    except csv.Error as exc:
-        raise InputError(f"cannot parse the header: {exc}", path=str(p), line=1) from None
-    header = [h.strip() for h in header]
-    if not any(header):
-        raise InputError("no header row (the first line is blank)", path=str(p), line=1)
-    if id_column not in header:
-        # A bare number, an e-mail address or a long text is no column name: the first line
-        # is a data row (a header has no such cells, and one such cell is enough to tell).
-        if len(header) == 1 or any(h and _looks_like_value(h) for h in header):
-            raise InputError(
-                f"no header: the first line looks like data ({', '.join(header)[:80]}); add a "
-                f"header line naming the columns (with an {id_column!r} column)",
-                path=str(p),
-                line=1,
-            )
-        raise InputError(
-            f"id column {id_column!r} is missing; the columns are: {', '.join(header)} "
-            "(choose one with --id-column)",
-            path=str(p),
-            line=1,
-        )
-    blank_cols = [i + 1 for i, h in enumerate(header) if not h]
-    if blank_cols:
-        raise InputError(
-            f"header has an empty column name at position {blank_cols[0]}", path=str(p), line=1
-        )
-    dup = {h for h in header if header.count(h) > 1}
-    if dup:
-        raise InputError(f"header repeats column(s): {', '.join(sorted(dup))}", path=str(p), line=1)
+    f = CsvFile(p, id_column)
     rows: list[dict[str, str]] = []
     lines: list[int] = []
-    seen: dict[str, int] = {}
     bad: list[Rejected] = []  # every bad row, in one pass: fixed (or set aside) at once
-    id_idx = header.index(id_column)
-    line_no = reader.line_num
-    try:
-        for record in reader:
-            start_line = line_no + 1
-            line_no = reader.line_num
-            if not record or all(not c.strip() for c in record):
-                continue  # blank line
-            cid = record[id_idx].strip() if id_idx < len(record) else ""
-            if len(record) != len(header):
-                why = f"row has {len(record)} fields, the header has {len(header)}"
-                bad.append(Rejected(start_line, cid, why))
-                continue
-            if not cid:
-                bad.append(Rejected(start_line, cid, f"empty {id_column!r}"))
-                continue
-            if cid in seen:
-                why = f"duplicate {id_column} {cid!r} (first on line {seen[cid]})"
-                bad.append(Rejected(start_line, cid, why))
-                continue
-            seen[cid] = start_line
-            rows.append({h: v.strip() for h, v in zip(header, record, strict=True)})
-            lines.append(start_line)
-    except csv.Error as exc:
-        raise InputError(f"cannot parse: {exc}", path=str(p), line=reader.line_num) from None
+    for _, line, row in f.rows(bad):
+        rows.append(row)
+        lines.append(line)
+    check_bad_rows(p, bad, len(rows), on_bad)
+    return CandidateTable(str(p), f.columns, id_column, tuple(rows), tuple(lines), tuple(bad))
+
+
+def check_bad_rows(path: Path, bad: Sequence[Rejected], good: int, on_bad: str) -> None:
+    """Raise for bad rows unless they are skipped, and for an input without a good row."""
     if bad and on_bad == "refuse":
-        raise bad_rows(p, [(r.line, r.reason) for r in bad])
-    if not rows:
+        raise bad_rows(path, [(r.line, r.reason) for r in bad])
+    if not good:
         if bad:
             raise InputError(
                 f"every row is bad ({len(bad)}); the first: line {bad[0].line}: {bad[0].reason}",
-                path=str(p),
+                path=str(path),
             )
-        raise InputError("input has a header but no rows", path=str(p))
-    return CandidateTable(
-        str(p), tuple(header), id_column, tuple(rows), tuple(lines), rejected=tuple(bad)
-    )
+        raise InputError("input has a header but no rows", path=str(path))
 
 
 BAD_ROWS_LISTED = 50
@@ -479,11 +366,6 @@ def bad_rows(path: Path, bad: Sequence[tuple[int, str]]) -> InputError:
     )
 
 
-def _looks_like_value(text: str) -> bool:
-    t = text.strip()
-    return not t or t.replace(".", "", 1).isdigit() or "@" in t or len(t) > 64
-
-
 def items_from_table(
     table: CandidateTable,
     prompt: PromptSpec,
@@ -500,18 +382,45 @@ def items_from_table(
     structured output), `unconstrained` (free text, parsed against the schema afterwards), or
     `none` (free text, not parsed: pipeline and load tests).
     """
+    make = item_maker(
+        prompt,
+        table.columns,
+        table.id_column,
+        source=table.path,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        structured=structured,
+    )
+    return [make(row) for row in table.rows]
+
+
+def item_maker(
+    prompt: PromptSpec,
+    columns: Sequence[str],
+    id_column: str,
+    *,
+    source: str,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    seed: int | None = 42,
+    structured: str = "grammar",
+) -> Callable[[Mapping[str, str]], WorkItem]:
+    """The work item of one row (`items_from_table`'s), the prompt checked against the columns
+    once."""
     if structured not in STRUCTURED_MODES:
         raise ConfigError(
             f"structured output {structured!r} is not one of {', '.join(STRUCTURED_MODES)}"
         )
-    prompt.check_columns(table.columns, table.path)
+    prompt.check_columns(columns, source)
     schema = prompt.output_schema if structured != "none" else None
     gbnf = tight_grammar(schema) if structured == "grammar" else None
     system = {"role": "system", "content": prompt.system}
-    return [
-        WorkItem(
-            custom_id=row[table.id_column],
-            messages=(system, {"role": "user", "content": prompt.render(row, table.id_column)}),
+
+    def make(row: Mapping[str, str]) -> WorkItem:
+        return WorkItem(
+            custom_id=row[id_column],
+            messages=(system, {"role": "user", "content": prompt.render(row, id_column)}),
             max_tokens=max_tokens,
             temperature=temperature,
             seed=seed,
@@ -519,8 +428,8 @@ def items_from_table(
             grammar=gbnf,
             constrain=structured != "unconstrained",
         )
-        for row in table.rows
-    ]
+
+    return make
 
 
 # -- OpenAI Batch JSONL -----------------------------------------------------------------------

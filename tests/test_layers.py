@@ -33,6 +33,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.memory",
         "harness.metrics",
         "harness.inputs",
+        "harness.csvfile",
         "harness.workload",
         "harness.scoring",
     ),

@@ -299,7 +299,7 @@ def prepare(options: BatchOptions, locks: contextlib.ExitStack) -> Job:
     if rows.changed:
         set_aside(results, {cid for cid, _ in rows.changed})
         final = index_results(results)
-    wanted = {it.custom_id for it in data.items}
+    wanted = set(data.ids)
     skipped = sum(
         1
         for cid, (_, error) in final.items()
@@ -336,7 +336,7 @@ def _check_rows(
     row changed under a finished id unless --rescore-changed."""
     rows = check_rows(
         results,
-        [it.custom_id for it in data.items],
+        data.ids,
         data.row_sha,
         final,
         lines=data.row_lines,
