@@ -319,3 +319,66 @@ def test_generated_candidates_keep_their_id_column_name(job: Path) -> None:
     write_candidates_csv("g.csv", 3, seed=1)
     assert main(["run", "g.csv", "--no-progress"]) == 0
     assert header(Path("g_scores.csv"))[0] == "id"
+
+
+# -- memory per row ------------------------------------------------------------------------------
+
+
+def _long_rows(path: Path, n: int, text_bytes: int) -> None:
+    rows = candidates(n)
+    for r in rows:
+        r["resume"] = (r["resume"] + " ") * (text_bytes // len(r["resume"]))
+    write_rows(path, rows)
+
+
+def test_load_input_keeps_an_offset_per_row_not_its_text(job: Path) -> None:
+    """3,000 rows of ~4 KB (12 MB): what load_input keeps is under 400 bytes a row (ids,
+    identities, offsets, lines), never the rows' text; each item is built from the file."""
+    import tracemalloc
+
+    from harness.batchfiles import RowItems, load_input
+    from harness.run.options import BatchOptions
+
+    _long_rows(Path("big.csv"), 3000, 4000)
+    assert Path("big.csv").stat().st_size > 11_000_000
+    opts = BatchOptions(input=Path("big.csv"), prompt=Path("rubric.yaml"), id_column="candidate_id")
+    tracemalloc.start()
+    try:
+        data = load_input(opts)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(data.items, RowItems) and len(data.items) == 3000
+    print(f"\nload_input holds {held / 3000:.0f} bytes per row of ~4 KB (tracemalloc)")
+    assert held / 3000 < 400, f"{held / 3000:.0f} bytes per row held"
+    item = data.items[1234]
+    assert item.custom_id == "K01234" and "led team 1234" in item.messages[-1]["content"]
+    assert [it.custom_id for it in data.items[10:13]] == ["K00010", "K00011", "K00012"]
+
+
+def test_a_row_edited_during_the_run_fails_naming_it_instead_of_sending_other_text(
+    job: Path,
+) -> None:
+    from harness.batchfiles import load_input
+    from harness.errors import InputError
+    from harness.run.options import BatchOptions
+
+    rows = candidates(5)
+    write_rows(Path("c.csv"), rows)
+    data = load_input(
+        BatchOptions(input=Path("c.csv"), prompt=Path("rubric.yaml"), id_column="candidate_id")
+    )
+    assert data.items[2].custom_id == "K00002"
+    rows[2]["resume"] = "Edited while the run read it."
+    write_rows(Path("c.csv"), rows)
+    with pytest.raises(InputError, match=r"row 'K00002' is not what it was .* changed during"):
+        data.items[2]
+    assert data.items[0].custom_id == "K00000"  # rows before it are where they were
+
+
+def test_a_csv_with_lines_ending_in_cr_alone_is_refused_naming_the_fix(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("mac.csv").write_bytes(b"candidate_id,name,years,skills,resume\rK1,a,1,b,c\r")
+    assert main(["run", "mac.csv", *ARGS]) == 2
+    assert "lines end in CR alone" in capsys.readouterr().err
