@@ -39,6 +39,7 @@ from typing import Any
 from harness import __version__
 from harness.config import ProfileConfig, load_profile, measured_values
 from harness.errors import ConfigError, HarnessError
+from harness.nextsteps import Evidence, next_step
 from harness.reportfiles import base_name, not_a_measurement
 from harness.run.resolve import RUN_RULES, resolve
 from harness.scenarios import load_scenario
@@ -611,7 +612,8 @@ def verdict(report_dir: Path, config_path: Path, *, prompt: Path | None = None) 
         for why in stale_reasons(e, cfg):
             incomplete.append(f"{e.file}: stale: {why}")
     failed = [e for e in chosen.values() if e.result == "FAIL"]
-    no_go += [f"{e.file} FAIL: {'; '.join(e.failed)}" for e in failed]
+    evidence_of = _evidence([e for e in prod if e.model == PRODUCTION["model"]])
+    no_go += [line for e in failed for line in failed_with_next_steps(e, evidence_of)]
     # Gated by the project's own criteria, no looser: a report's PASS is only as good as them
     # (an ungated report is missing evidence: incomplete, below).
     for e in (e for e in chosen.values() if e.result == "PASS"):
@@ -666,6 +668,38 @@ def verdict(report_dir: Path, config_path: Path, *, prompt: Path | None = None) 
     return Verdict(decision, reasons, _settings(config), projection, not_measured, evidence)
 
 
+def _evidence(entries: Sequence[ReportEntry]) -> Evidence:
+    """The newest concurrency, performance and context-limits reports among `entries`: what a
+    next step quotes."""
+
+    def newest(base: str) -> Mapping[str, Any] | None:
+        mine = [e for e in entries if e.base == base]
+        return _newest(mine).data if mine else None
+
+    return Evidence(
+        concurrency=newest("concurrency_results.json"),
+        performance=newest("performance_comparison.json"),
+        context=newest("context_limit_results.json"),
+        rows=ROWS,
+    )
+
+
+def failed_with_next_steps(e: ReportEntry, evidence: Evidence) -> list[str]:
+    """One line per failed criterion of `e`: the criterion, then what to try
+    (`harness.nextsteps`), grounded in what the reports measured."""
+    criteria = [
+        c
+        for c in e.data.get("criteria") or []
+        if isinstance(c, Mapping) and c.get("passed") is False
+    ]
+    if not criteria:
+        return [f"{e.file} FAIL: {'; '.join(e.failed) or 'its criteria'}"]
+    return [
+        f"{e.file} FAIL: {said}; next: {next_step(c, e.data, evidence)}"
+        for said, c in zip(e.failed, criteria, strict=True)
+    ]
+
+
 def _stand_in(
     entries: Sequence[ReportEntry], config_path: Path, not_measured: list[str]
 ) -> Verdict:
@@ -678,8 +712,12 @@ def _stand_in(
         + ". They predict the pipeline's behaviour (caching, trims, memory per token), "
         "not production's throughput or scores",
     ]
+    ev = _evidence(list(entries))
     reasons += [
-        f"stand-in FAIL: {e.file}: {'; '.join(e.failed)}" for e in entries if e.result == "FAIL"
+        f"stand-in FAIL: {line}"
+        for e in entries
+        if e.result == "FAIL"
+        for line in failed_with_next_steps(e, ev)
     ]
     config = _load_config(config_path, "embedded")
     cfg = config if isinstance(config, ProfileConfig) else None

@@ -69,6 +69,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.validate",
         # what decides on reports: the verdict binds a GO to what `harness run` will send
         # (`run.resolve`), and the plan and the page read the verdict
+        "harness.nextsteps",
         "harness.verdict",
         "harness.plan",
         "harness.htmlreport",

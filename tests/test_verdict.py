@@ -506,3 +506,76 @@ def test_the_session_summary_judges_against_the_jobs_prompt(tmp_path: Path) -> N
 
     assert context(rubric).verdict().decision == "GO"
     assert context(None).verdict().decision == "NO-GO"
+
+
+def _slow_scale_set() -> dict[str, dict[str, Any]]:
+    reports = complete()
+    failing = {"metric": "throughput_rps", "op": ">", "threshold": 6, "value": 3.1,
+               "passed": False}  # fmt: skip
+    for base in ("performance_benchmarks_100.json", "performance_benchmarks_1000.json",
+                 "performance_benchmarks_10000.json"):  # fmt: skip
+        reports[base].update(
+            passed=False, result="FAIL", throughput_rps=3.1,
+            criteria=[c for c in reports[base]["criteria"] if c["metric"] != "throughput_rps"]
+            + [failing],
+        )  # fmt: skip
+    return reports
+
+
+def _extra(base: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A production report outside the required set (concurrency, performance)."""
+    return {**report("context_limit_results.json"), "phase": base.split("_")[0], **data}
+
+
+def test_a_no_go_says_what_to_try_from_what_was_measured(tmp_path: Path) -> None:
+    """Issue 38: each failed criterion carries one next step grounded in the reports: the
+    concurrency the concurrency phase measured fastest, the score mode the performance phase
+    measured faster, the deadline the measured rate meets."""
+    reports = _slow_scale_set()
+    cells = [{"concurrency": n, "throughput_rps": r, "errors": 0}
+             for n, r in ((1, 3.1), (2, 5.0), (4, 6.8))]  # fmt: skip
+    reports["concurrency_results.json"] = _extra(
+        "concurrency_results.json", {"server_concurrency": cells, "criteria": []}
+    )
+    reports["performance_comparison.json"] = _extra(
+        "performance_comparison.json",
+        {"logprobs_over_decode": 1.6, "score_agreement": 0.985, "criteria": []},
+    )
+    v = decide(tmp_path, reports)
+    assert v.decision == "NO-GO"
+    (line,) = [r for r in v.reasons if r.startswith("performance_benchmarks_10000")]
+    assert "throughput_rps = 3.1, needs > 6; next: at the measured 3.10 req/s" in line
+    assert "170,000 rows take 15.2 h (concurrency 1, score mode decode" in line
+    assert "measured 6.80 req/s at 4 in flight: set CONCURRENCY: 4" in line
+    assert "OLLAMA_NUM_PARALLEL to at least 4" in line
+    assert "--score-mode logprobs, measured 1.60x decode" in line and "98.5%" in line
+    assert "or a deadline of 16 h" in line
+
+
+def test_a_no_go_without_the_report_that_would_ground_a_step_says_which_to_run(
+    tmp_path: Path,
+) -> None:
+    v = decide(tmp_path, _slow_scale_set())
+    (line,) = [r for r in v.reasons if r.startswith("performance_benchmarks_10000")]
+    assert "next: " in line and "measure concurrency (pytest suites/performance" in line
+    reports = complete()
+    reports["performance_benchmarks_1000.json"].update(
+        passed=False, result="FAIL", uncached_tokens_per_request=2100.0,
+        criteria=[{"metric": "token_savings", "op": ">", "threshold": 0.95, "value": 0.41,
+                   "passed": False}],
+    )  # fmt: skip
+    v = decide(tmp_path / "b", reports)
+    (line,) = [r for r in v.reasons if r.startswith("performance_benchmarks_1000.")]
+    assert "next: 2100 uncached prompt tokens a row: the shared rubric is not reused" in line
+
+
+def test_every_production_criterion_has_a_next_step_of_its_own() -> None:
+    """A failed production criterion never falls to the generic "run the phase again" unless
+    it is one of the few listed here (their report names the fix)."""
+    from harness.nextsteps import STEPS
+
+    generic = {"r_squared", "distinct_scores", "cases_failed", "cases_run", "duplicated",
+               "lost", "restart_failed", "cached_tokens_source"}  # fmt: skip
+    metrics = {c["metric"] for base in SCENARIOS for c in gates(base)}
+    uncovered = {m for m in metrics if m not in STEPS and m.split(".", 1)[0] not in STEPS} - generic
+    assert not uncovered
