@@ -249,8 +249,9 @@ def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
         "measured (performance_benchmarks_<N>.*.json; no test double, no replay) of the asked\n"
         "model, backend and strategy and prints the servers of that kind the job needs by the\n"
         "deadline (per-server throughput; a pool run's measured scaling efficiency when there\n"
-        "is one), its time, energy and cost, each with its report. Exit 2 when no report\n"
-        "matches (it lists the ones it has, and why others cannot be used).",
+        "is one), its time, energy and cost, each with its report, then the verdict on the\n"
+        "same folder (harness verdict's reasons, word for word, when it is not GO). Exit 2\n"
+        "when no report matches (it lists the ones it has, and why others cannot be used).",
     )
     p.add_argument("--rows", type=count, required=True, help="rows of the job")
     p.add_argument("--deadline", required=True, help="e.g. 24h, 90m, 2d")
@@ -259,6 +260,15 @@ def _add_plan(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--strategy", default=None, help="the strategy measured (default: any)")
     p.add_argument("--price-per-kwh", type=float, default=0.30, help="electricity price")
     p.add_argument("--report-dir", default="reports", help="where the reports are")
+    p.add_argument(
+        "--config", default="harness.yaml",
+        help="the run's configuration file (for the verdict printed below the plan)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prompt", default=None,
+        help="the prompt file harness run will send, for the verdict (default: the packaged "
+        "rubric, as harness run)",
+    )  # fmt: skip
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -272,6 +282,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         backend=args.backend,
         strategy=args.strategy,
         price_per_kwh=args.price_per_kwh,
+        config_path=Path(args.config),
+        prompt=Path(args.prompt) if args.prompt else None,
     )
     for line in result.lines(args.price_per_kwh):
         print(line)

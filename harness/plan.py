@@ -13,6 +13,10 @@ the scaling efficiency a pool run measured (N servers' throughput ÷ N × one se
 of assuming servers add up, saying which it did. A report measured on the CPU stand-in plans
 for that stand-in, not for a GPU, and says so. With no report of that model, backend and
 strategy it refuses (exit 2) and lists what it has, and why the others cannot be used.
+
+Below the plan it prints the verdict on the same folder (`harness.verdict.verdict`, the same
+function, prompt and harness.yaml as `harness verdict`): when it is not GO, every reason it gives,
+word for word, so a plan is never read as the green light the verdict refuses.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from harness.errors import ConfigError
 from harness.scoring import mode_of_report
 from harness.verdict import (
     ReportEntry,
+    Verdict,
     is_double,
     largest,
     projection_sources,
     read_reports,
     servers_of,
+    verdict,
 )
 
 __all__ = ["Plan", "parse_duration", "plan"]
@@ -61,6 +67,8 @@ class Plan:
     scaling_efficiency: float | None = None
     """N servers' throughput ÷ (N × one server's), measured by a pool run; None: not measured."""
     scaling_source: ReportEntry | None = None
+    verdict: Verdict | None = None
+    """The verdict on the same folder (`harness verdict`'s), printed below the plan."""
 
     def lines(self, price_per_kwh: float) -> list[str]:
         src = f"{self.source.file} ({self.source.model} on {self.source.backend}, "
@@ -110,6 +118,11 @@ class Plan:
                 "note: measured on the embedded CPU stand-in: this plans for that stand-in, "
                 "not for a GPU server"
             )
+        if self.verdict is not None:
+            v = self.verdict
+            out.append(f"verdict on these reports (harness verdict): {v.decision}")
+            if v.decision != "GO":
+                out += [f"  {r}" for r in v.reasons]
         return out
 
 
@@ -133,9 +146,13 @@ def plan(
     backend: str | None,
     strategy: str | None,
     price_per_kwh: float,
+    config_path: Path | None = None,
+    prompt: Path | None = None,
 ) -> Plan:
     """The plan from the largest finished, passing, measured scale report that matches (the
-    verdict's rule, `harness.verdict.projection_sources`); see the module doc."""
+    verdict's rule, `harness.verdict.projection_sources`), with the verdict on the folder when
+    `config_path` is given (its harness.yaml; `prompt`: the one harness run sends); see the
+    module doc."""
     if rows < 1 or deadline_s <= 0:
         raise ConfigError("--rows must be at least 1 and --deadline positive")
     entries = read_reports(report_dir)
@@ -174,6 +191,7 @@ def plan(
         source=best,
         scaling_efficiency=eff,
         scaling_source=scaling,
+        verdict=verdict(report_dir, config_path, prompt=prompt) if config_path else None,
     )
 
 

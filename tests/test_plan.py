@@ -154,3 +154,28 @@ def test_a_plan_without_measured_scaling_says_it_assumes_servers_add_up(
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_the_plan_prints_the_verdicts_reasons_word_for_word(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 38: one rule for every reader. A plan from a passing scale report of a folder the
+    verdict does not call GO prints the verdict's decision and every reason it gives."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    scale_report(folder)
+    argv = ["plan", "--rows", "170000", "--deadline", "8h", "--report-dir", str(folder)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert main(["verdict", str(folder)]) == 1
+    said = capsys.readouterr().out.splitlines()
+    decision = said[0].removeprefix("verdict: ")
+    assert decision != "GO"
+    at = out.index(f"verdict on these reports (harness verdict): {decision}")
+    reasons = []
+    for line in said[1:]:
+        if not line.startswith("  "):
+            break
+        reasons.append(line)
+    assert reasons and out[at + 1 : at + 1 + len(reasons)] == reasons
