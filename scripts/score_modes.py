@@ -123,7 +123,7 @@ def main() -> int:
     p.add_argument("--dir", type=Path, default=Path("reports/score_modes"))
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    rows = a.dir / "rows.csv"
+    rows = a.dir / f"rows{a.rows}.csv"  # named by --rows: another N is another file
     if not rows.exists():
         subprocess.run([*HARNESS, "generate", str(a.rows), str(rows)], check=True)
     ratios, warms, agree = [], [], []

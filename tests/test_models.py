@@ -136,3 +136,23 @@ def test_unknown_model_name_says_what_exists() -> None:
         resolve_model("gemma-9000")
     with pytest.raises(ModelNotFound, match="does not exist"):
         resolve_model("/nonexistent/model.gguf")
+
+
+@pytest.mark.parametrize(
+    ("meta", "tuned"),
+    [({"general.architecture": "gemma3", "tokenizer.chat_template": "{{ x }}"}, True),
+     ({"general.architecture": "llama"}, False)],
+)  # fmt: skip
+def test_a_gguf_is_instruction_tuned_only_when_it_carries_a_chat_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meta: dict[str, str], tuned: bool
+) -> None:
+    """Issue 42: every .gguf given by path was called instruction-tuned, base models too."""
+    import harness.models.geometry as geometry
+    from harness.models.registry import resolve_model
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(geometry, "read_gguf_metadata", lambda path: meta)
+    spec = resolve_model(str(gguf))
+    assert spec.instruction_tuned is tuned
+    assert ("likely a base model" in spec.note) is not tuned

@@ -38,7 +38,8 @@ class ModelSpec:
     chat_format: ChatFormat
     """Chat layout; its Jinja text is handed to llama.cpp so server and engine agree."""
     instruction_tuned: bool
-    """Whether the model follows instructions (only then do its scores mean anything)."""
+    """Whether the model follows instructions (only then do its scores mean anything): a GGUF
+    given by path is when it carries a chat template (`tokenizer.chat_template`)."""
     note: str = ""
 
 
@@ -94,6 +95,14 @@ def resolve_model(name: str) -> ModelSpec:
         meta = read_gguf_metadata(path)
         arch = str(meta.get("general.architecture", ""))
         fmt = get_format("gemma" if arch.startswith("gemma") else "chatml")
-        return ModelSpec(str(path), path, fmt, instruction_tuned=True)
+        # An instruction-tuned GGUF carries the chat template it was tuned on; a base model's
+        # file has none. The file says which: not every .gguf is instruction-tuned.
+        tuned = bool(meta.get("tokenizer.chat_template"))
+        note = (
+            ""
+            if tuned
+            else "no chat template in the file: likely a base model, whose scores may mean nothing"
+        )
+        return ModelSpec(str(path), path, fmt, instruction_tuned=tuned, note=note)
     known = ", ".join(KNOWN_MODELS)
     raise ModelNotFound(f"unknown model {name!r}: use one of {known}, or a path to a .gguf file")
