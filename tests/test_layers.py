@@ -36,6 +36,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.csvfile",
         "harness.workload",
         "harness.scoring",
+        "harness.agreement",
     ),
     # 2: model servers, behind one contract
     ("harness.backends",),
@@ -63,6 +64,7 @@ FLOORS: list[tuple[str, ...]] = [
         "harness.batch",
         "harness.batchfiles",
         "harness.scoresfile",
+        "harness.labels",
         "harness.scoremode",
         "harness.rayexec",
         "harness.doctor",
