@@ -19,10 +19,12 @@ How it is written, so that it can be opened at any time and is whole after a SIG
   order and replaces the file atomically.
 
 The results file stays the record: a row retried with `--retry-failed` can be in the file twice
-while the run goes (its last line is final), never after. A SIGKILL inside the one `write` of a
-line crossing a page boundary is the one way a line can be cut short; the next run rebuilds the
-file. Memory: the rebuild keeps one offset per id of the results file (`index_results`), never
-the lines.
+while the run goes (its last line is final), never after. A line is written within one 4 KiB
+page (one that would cross a page boundary starts on the next, after blank lines, which CSV
+readers skip), and a write within one page is copied whole or not at all when the process is
+killed: a SIGKILL leaves no line cut short, but for a line over 4 KiB (long kept columns),
+which the next run's rebuild repairs. Memory: the rebuild keeps one offset per id of the
+results file (`index_results`), never the lines.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = [
     "ScoresLayout",
     "index_results",
     "kept_columns",
+    "write_review",
     "write_scores",
 ]
 
@@ -277,6 +280,8 @@ class ScoresAppender:
         self.layout = layout
         self.kept = kept or {}
         self._fd: int | None = None
+        self._end = 0
+        """Where the next write lands (this process is the file's one writer)."""
         self.lines = 0
 
     def add(self, rec: RequestRecord) -> None:
@@ -285,9 +290,19 @@ class ScoresAppender:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-                if os.fstat(self._fd).st_size == 0:
+                self._end = os.fstat(self._fd).st_size
+                if self._end == 0:
                     data = _csv_line(self.layout.header).encode("utf-8") + data
+            # A write that stays within one page is copied whole or not at all when the process
+            # is killed (the kernel checks for a fatal signal between pages): a line that would
+            # cross a page boundary starts on the next page, after blank lines (no CSV row).
+            # A line longer than a page can still be cut: the next run rebuilds the file.
+            at = self._end % PAGE
+            if at and at + len(data) > PAGE and len(data) <= PAGE:
+                _write_all(self._fd, b"\n" * (PAGE - at))
+                self._end += PAGE - at
             _write_all(self._fd, data)
+            self._end += len(data)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.lines += 1
@@ -299,8 +314,70 @@ class ScoresAppender:
             self._fd = None
 
 
+PAGE = 4096
+"""The page a line is kept within while the run appends (see `ScoresAppender.add`)."""
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+REVIEW_MARGIN = 0.05
+"""A row whose two most probable scores are this close (p of the first minus the second) is a
+near-tie: which it got can turn on what the server's cache held (the quality phase's margin)."""
+
+REVIEW_P = 0.5
+"""A row whose score has a probability under this is not confident."""
+
+REVIEW_COLUMNS = ("score", "score_p", "runner_up", "runner_up_p", "margin", "score_expected", "why")
+
+
+def write_review(
+    rows: Iterable[tuple[str, Sequence[str]]],
+    id_name: str,
+    results: Path,
+    path: Path,
+) -> tuple[int, int]:
+    """`<stem>_review.csv` of a logprobs run: the rows to read by hand, least confident first
+    (a near-tie within `REVIEW_MARGIN`, or a score with p under `REVIEW_P`), each with its score,
+    p, the runner-up and its p, the margin and the expected score. Returns (rows written, rows
+    with a distribution read). Replaced atomically; streamed over the results' offsets."""
+    index = index_results(results)
+    picked: list[tuple[float, list[str]]] = []
+    read = 0
+    if index:
+        with results.open("rb") as src:
+            for cid, _ in rows:
+                at = index.get(cid)
+                if at is None or at[1]:
+                    continue
+                src.seek(at[0])
+                h = _decode(results, 0, src.readline()).get("harness") or {}
+                scoring = h.get("scoring")
+                dist = scoring.get("distribution") if isinstance(scoring, Mapping) else None
+                if not isinstance(dist, Mapping) or not dist:
+                    continue
+                read += 1
+                ranked = sorted(
+                    ((str(k), float(v)) for k, v in dist.items()), key=lambda kv: -kv[1]
+                )
+                (top, p1), (second, p2) = ranked[0], ranked[1] if len(ranked) > 1 else ("", 0.0)
+                margin = p1 - p2
+                why = [
+                    *(["near-tie"] if margin <= REVIEW_MARGIN else []),
+                    *(["low p"] if p1 < REVIEW_P else []),
+                ]
+                if why:
+                    expected = scoring.get("expected") if isinstance(scoring, Mapping) else None
+                    cells = [cid, top, f"{p1:.4f}", second, f"{p2:.4f}", f"{margin:.4f}",
+                             _cell(_rounded(expected)), " and ".join(why)]  # fmt: skip
+                    picked.append((p1, cells))
+    picked.sort(key=lambda pc: pc[0])
+    with atomic_writer(path) as out:
+        out.write(_csv_line([id_name, *REVIEW_COLUMNS]).encode("utf-8"))
+        for _, cells in picked:
+            out.write(_csv_line(cells).encode("utf-8"))
+    return len(picked), read

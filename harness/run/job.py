@@ -42,7 +42,7 @@ from harness.run.rows import (
     set_aside,
 )
 from harness.run.settings import RunConfig
-from harness.scoresfile import ScoresAppender, ScoresLayout, index_results
+from harness.scoresfile import ScoresAppender, ScoresLayout, index_results, write_review
 from harness.validate import Validation, validation_status
 
 __all__ = ["INPUT_KEYS", "Job", "job_fingerprint", "job_path", "prepare", "write_job"]
@@ -116,9 +116,23 @@ class Job:
                 self.data.scored_rows(), self.layout, self.results, self.scores
             )
 
+    def write_review(self) -> tuple[Path, int] | None:
+        """`<stem>_review.csv` in logprobs mode: the rows to read by hand, least confident
+        first (`scoresfile.write_review`); None when no row has a distribution."""
+        if self.layout.logprobs is False or not self.results.exists():
+            return None
+        stem = self.scores.stem.removesuffix("_scores")
+        path = self.scores.with_name(f"{stem}_review.csv")
+        written, read = write_review(self.data.scored_rows(), self.data.id_name, self.results, path)
+        if not read:
+            path.unlink(missing_ok=True)
+            return None
+        return path, written
+
     def finish(self, *, interrupted: bool = False) -> BatchResult:
         if self.counts is None:
             self.write_scores()
+        review = self.write_review()
         counts = self.counts or ScoreCounts()
         ids = self.data.items
         t = self.tally
@@ -155,6 +169,8 @@ class Job:
             interrupted=interrupted,
             rejected=len(self.data.rejected),
             rejects_path=self.rejects,
+            review_path=review[0] if review else None,
+            review_rows=review[1] if review else 0,
             stopped_by=(self.stopped_by or signal.SIGINT) if interrupted else None,
             server=self.server,
             endpoints=endpoints,

@@ -65,6 +65,9 @@ class BatchResult:
     rejected: int = 0
     """Bad input rows set aside (`--on-bad-row skip`): not in `total`."""
     rejects_path: Path | None = None
+    review_path: Path | None = None
+    """`<stem>_review.csv` (logprobs mode): the least confident rows, to read by hand."""
+    review_rows: int = 0
     stopped_by: signal.Signals | None = None
     """What interrupted the run: SIGINT (Ctrl-C) or SIGTERM."""
     server: str = ""
@@ -125,6 +128,12 @@ class BatchResult:
             f"mean latency {ms(self.mean_latency_ms)}, "
             f"mean server decode {ms(self.mean_decode_ms)} per request{alarms}; "
             f"scores: {self.scores_path}; results: {self.results_path}"
+            + (
+                f"; review: {self.review_rows} rows to read by hand, least confident first "
+                f"({self.review_path})"
+                if self.review_path is not None
+                else ""
+            )
         )
 
     def endpoint_lines(self) -> list[str]:
