@@ -7,8 +7,8 @@ wrong number of fields, empty or repeated id); `row_at(offset)` reads one row ag
 is never held whole: `harness run` keeps an offset per row and reads a row again when it is
 sent (`batchfiles.RowItems`), so its memory does not grow with the rows' text.
 
-Lines end in LF or CRLF (a file whose lines end in CR alone, as classic Mac OS wrote them, is
-refused naming the fix); the text is UTF-8, a byte-order mark skipped.
+Lines end in LF, CRLF or CR alone (Excel's "CSV (Macintosh)"); the text is UTF-8, a
+byte-order mark skipped.
 """
 
 from __future__ import annotations
@@ -39,19 +39,40 @@ def _looks_like_value(text: str) -> bool:
 
 
 class _Lines:
-    """The file's lines, decoded, with the offset of the next one (`pos`)."""
+    """The file's lines, decoded, with the offset of the next one (`pos`). Lines end at `sep`:
+    LF (which CRLF ends in too), or CR alone for a file written that way."""
 
-    def __init__(self, fh: IO[bytes], pos: int, path: Path) -> None:
+    def __init__(self, fh: IO[bytes], pos: int, path: Path, sep: bytes = b"\n") -> None:
         self.fh = fh
         self.pos = pos
         self.path = path
+        self.sep = sep
+        self._buf = b""
         fh.seek(pos)
 
     def __iter__(self) -> _Lines:
         return self
 
+    def _readline(self) -> bytes:
+        if self.sep == b"\n":
+            return self.fh.readline()
+        parts = []
+        while True:
+            if not self._buf:
+                self._buf = self.fh.read(65536)
+                if not self._buf:
+                    break
+            i = self._buf.find(self.sep)
+            if i >= 0:
+                parts.append(self._buf[: i + 1])
+                self._buf = self._buf[i + 1 :]
+                break
+            parts.append(self._buf)
+            self._buf = b""
+        return b"".join(parts)
+
     def __next__(self) -> str:
-        raw = self.fh.readline()
+        raw = self._readline()
         if not raw:
             raise StopIteration
         at = self.pos
@@ -93,13 +114,9 @@ class CsvFile:
             raise InputError("input file is empty", path=str(p))
         self.start = 3 if head.startswith(b"\xef\xbb\xbf") else 0
         cr = head.find(b"\r")
-        if cr >= 0 and b"\n" not in head[: cr + 2]:
-            raise InputError(
-                "its lines end in CR alone (classic Mac OS line ends); save it with LF or CRLF "
-                "line ends",
-                path=str(p),
-                line=1,
-            )
+        # Lines that end in CR alone (Excel's "CSV (Macintosh)", classic Mac OS) are read as
+        # such; LF and CRLF files end their lines at LF.
+        self.sep = b"\r" if cr >= 0 and b"\n" not in head[: cr + 2] else b"\n"
         text = head[self.start :].decode("utf-8", errors="replace")[:4096]
         try:
             self.dialect: Any = csv.Sniffer().sniff(text, delimiters=",;\t")
@@ -113,7 +130,7 @@ class CsvFile:
     def _header(self) -> tuple[tuple[str, ...], int]:
         p, id_column = self.path, self.id_column
         with p.open("rb") as fh:
-            lines = _Lines(fh, self.start, p)
+            lines = _Lines(fh, self.start, p, self.sep)
             reader = csv.reader(lines, self.dialect)
             try:
                 header = next(reader)
@@ -160,7 +177,7 @@ class CsvFile:
         id_idx = header.index(self.id_column)
         seen: dict[str, int] = {}
         with p.open("rb") as fh:
-            lines = _Lines(fh, self.data_start, p)
+            lines = _Lines(fh, self.data_start, p, self.sep)
             reader = csv.reader(lines, self.dialect)
             line_no = 1
             while True:
@@ -202,7 +219,7 @@ class Cursor:
     def __init__(self, csvfile: CsvFile, offset: int) -> None:
         self.csvfile = csvfile
         self._fh = csvfile.path.open("rb")
-        self._lines = _Lines(self._fh, offset, csvfile.path)
+        self._lines = _Lines(self._fh, offset, csvfile.path, csvfile.sep)
         self._reader = csv.reader(self._lines, csvfile.dialect)
 
     @property

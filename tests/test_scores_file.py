@@ -379,12 +379,18 @@ def test_a_row_edited_during_the_run_fails_naming_it_instead_of_sending_other_te
     assert data.items[0].custom_id == "K00000"  # rows before it are where they were
 
 
-def test_a_csv_with_lines_ending_in_cr_alone_is_refused_naming_the_fix(
-    job: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    Path("mac.csv").write_bytes(b"candidate_id,name,years,skills,resume\rK1,a,1,b,c\r")
-    assert main(["run", "mac.csv", *ARGS]) == 2
-    assert "lines end in CR alone" in capsys.readouterr().err
+def test_a_csv_whose_lines_end_in_cr_alone_runs_like_any_other(job: Path) -> None:
+    """Excel's "CSV (Macintosh)" ends lines in CR alone (a quoted field may hold a newline)."""
+    Path("mac.csv").write_bytes(
+        b'candidate_id,name,years,skills,resume\rK1,a,1,b,"two\nlines"\rK2,c,2,d,e\rK3,f,3,g,h\r'
+    )
+    assert main(["run", "mac.csv", *ARGS, "--keep-columns", "resume"]) == 0
+    got = read_csv(Path("mac_scores.csv"))
+    assert [(r["candidate_id"], r["resume"]) for r in got] == [
+        ("K1", "two\nlines"),
+        ("K2", "e"),
+        ("K3", "h"),
+    ]
 
 
 # -- the rows to review (logprobs mode) -----------------------------------------------------------
