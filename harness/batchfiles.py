@@ -44,7 +44,6 @@ from harness.workload import (
     items_from_batch,
     items_from_table,
     load_prompt,
-    read_batch_jsonl,
     read_batch_lines,
     read_candidates_csv,
     sample_rows,
@@ -309,10 +308,9 @@ def _load_batch(options: BatchOptions, path: Path) -> BatchInput:
             "CSV has custom_id and the reply's fields)"
         )
     lines, bad = read_batch_lines(path)
-    if bad and options.on_bad_row != "skip":
-        lines = read_batch_jsonl(path)  # raises: every bad line in one error
-    if not lines:
-        read_batch_jsonl(path, on_bad="skip")  # raises: no good line
+    check_bad_rows(
+        path, bad, len(lines), options.on_bad_row, what="line", empty="input has no batch lines"
+    )
     chosen = sample_rows(lines, options.sample, options.seed)
     items = items_from_batch(chosen)
     fields = _schema_fields([it.output_schema for it in items])

@@ -302,8 +302,9 @@ def _add_labels(sub: argparse._SubParsersAction[Parser]) -> None:
         "overwritten.",
     )
     p.add_argument("input", metavar="INPUT.csv", help="the candidates CSV harness run scores")
-    p.add_argument("--sample", type=count, default=200, help="rows to label (default 200: a "
-                   "95%% CI about ±0.1 wide on a κ near 0.6; 50 gives about ±0.2)")  # fmt: skip
+    p.add_argument("--sample", type=count, default=200, help="rows to label (default 200: by the "
+                   "usual analytic width, not measured here, a 95%% CI about ±0.1 on a κ near "
+                   "0.6; 50 give about ±0.2; harness agree says what yours needs)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the sample")
     p.add_argument("--id-column", default="id", help="the CSV's id column (default: id)")
     p.add_argument("--raters", type=count, default=1, help="score columns, one per rater")

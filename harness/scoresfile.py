@@ -210,7 +210,7 @@ def index_results(path: str | Path) -> dict[str, tuple[int, bool]]:
                 break  # cut short by a crash
             if not raw.strip():
                 continue
-            line = _decode(p, n, raw)
+            line = _decode(p, f"line {n}", raw)
             cid = line.get("custom_id")
             if isinstance(cid, str):
                 out.pop(cid, None)  # keep the order of final lines (`read_final`'s)
@@ -218,13 +218,13 @@ def index_results(path: str | Path) -> dict[str, tuple[int, bool]]:
     return out
 
 
-def _decode(path: Path, n: int, raw: bytes) -> dict[str, Any]:
+def _decode(path: Path, where: str, raw: bytes) -> dict[str, Any]:
     try:
         line = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise OutputError(f"{path}:{n}: results line is corrupt ({exc.reason})") from None
+        raise OutputError(f"{path} ({where}): results line is corrupt ({exc.reason})") from None
     except json.JSONDecodeError as exc:
-        raise OutputError(f"{path}:{n}: results line is corrupt ({exc.msg})") from None
+        raise OutputError(f"{path} ({where}): results line is corrupt ({exc.msg})") from None
     return line if isinstance(line, dict) else {}
 
 
@@ -259,7 +259,7 @@ def write_scores(
                 continue
             matched += 1
             src.seek(at[0])
-            text, ok, scored = layout.line(_decode(results, 0, src.readline()), kept)
+            text, ok, scored = layout.line(_decode(results, f"byte {at[0]}", src.readline()), kept)
             counts.done += ok
             counts.failed += not ok
             counts.scored += scored
@@ -355,7 +355,7 @@ def write_review(
                 if at is None or at[1]:
                     continue
                 src.seek(at[0])
-                h = _decode(results, 0, src.readline()).get("harness") or {}
+                h = _decode(results, f"byte {at[0]}", src.readline()).get("harness") or {}
                 scoring = h.get("scoring")
                 dist = scoring.get("distribution") if isinstance(scoring, Mapping) else None
                 if not isinstance(dist, Mapping) or not dist:

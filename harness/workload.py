@@ -335,17 +335,26 @@ def read_candidates_csv(
     return CandidateTable(str(p), f.columns, id_column, tuple(rows), tuple(lines), tuple(bad))
 
 
-def check_bad_rows(path: Path, bad: Sequence[Rejected], good: int, on_bad: str) -> None:
-    """Raise for bad rows unless they are skipped, and for an input without a good row."""
-    if bad and on_bad == "refuse":
+def check_bad_rows(
+    path: Path,
+    bad: Sequence[Rejected],
+    good: int,
+    on_bad: str,
+    *,
+    what: str = "row",
+    empty: str = "input has a header but no rows",
+) -> None:
+    """Raise for bad rows (a batch file's: `what="line"`) unless they are skipped, and for an
+    input without a good one (`empty` when there is no bad one either)."""
+    if bad and on_bad != "skip":
         raise bad_rows(path, [(r.line, r.reason) for r in bad])
     if not good:
         if bad:
             raise InputError(
-                f"every row is bad ({len(bad)}); the first: line {bad[0].line}: {bad[0].reason}",
+                f"every {what} is bad ({len(bad)}); the first: line {bad[0].line}: {bad[0].reason}",
                 path=str(path),
             )
-        raise InputError("input has a header but no rows", path=str(path))
+        raise InputError(empty, path=str(path))
 
 
 BAD_ROWS_LISTED = 50
@@ -474,16 +483,9 @@ def read_batch_jsonl(
     are that line's error, never a traceback). Raises InputError naming the line: every bad
     line in one error, unless `on_bad="skip"` (then `batch_rejects` lists them)."""
     lines, bad = read_batch_lines(path, max_line_bytes=max_line_bytes)
-    p = Path(path)
-    if bad and on_bad != "skip":
-        raise bad_rows(p, [(r.line, r.reason) for r in bad])
-    if not lines:
-        if bad:
-            raise InputError(
-                f"every line is bad ({len(bad)}); the first: line {bad[0].line}: {bad[0].reason}",
-                path=str(p),
-            )
-        raise InputError("input has no batch lines", path=str(p))
+    check_bad_rows(
+        Path(path), bad, len(lines), on_bad, what="line", empty="input has no batch lines"
+    )
     return lines
 
 

@@ -463,16 +463,7 @@ def test_the_projection_says_what_the_run_sent(tmp_path: Path) -> None:
 
 def test_a_no_go_of_failed_scale_runs_still_shows_the_time_labelled(tmp_path: Path) -> None:
     """Issue 38: a NO-GO (throughput 3.1, needs > 6) gave no time estimate at all."""
-    reports = complete()
-    failing = {"metric": "throughput_rps", "op": ">", "threshold": 6, "value": 3.1,
-               "passed": False}  # fmt: skip
-    for base in ("performance_benchmarks_100.json", "performance_benchmarks_1000.json",
-                 "performance_benchmarks_10000.json"):  # fmt: skip
-        reports[base].update(
-            passed=False, result="FAIL", throughput_rps=3.1,
-            criteria=[c for c in reports[base]["criteria"] if c["metric"] != "throughput_rps"]
-            + [failing],
-        )  # fmt: skip
+    reports = _slow_scale_set()
     v = decide(tmp_path, reports)
     assert v.decision == "NO-GO"
     (line, *_) = v.projection

@@ -46,7 +46,7 @@ class BatchResult:
     ran: int = 0
     """Requests finished by this run."""
     foreign: int = 0
-    """Results lines for ids that are not in this input (ignored)."""
+    """Ids in the results file that are not rows of this input (ignored)."""
     elapsed_s: float = 0.0
     throughput_rps: float = 0.0
     token_savings: float | None = None

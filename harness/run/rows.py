@@ -12,9 +12,9 @@ a run starts. A resumed run compares it with the input as it is now (`check_rows
   lines then move to `<results stem>.replaced.jsonl` (`set_aside`) and it is scored again.
 
 A results file without a rows file (written before the harness kept one) resumes by id as
-before, and the banner says its rows were not checked; a finished id without a recorded
-identity (a SIGKILL between its results line and the rows file... or that older format) is
-counted as unchecked and takes the input's identity from then on.
+before, and the banner says its rows were not checked; a finished id the rows file does not
+name (finished by a run of that older format, then resumed with --sample) is counted as
+unchecked and takes the input's identity from then on.
 
 Memory: the map holds one id and 16 hex digits per row.
 """
